@@ -1,0 +1,300 @@
+"""The feature schema: the one contract between the trainer, the feature store and the service.
+
+Encoding happens here, outside the ONNX graph, and every stage calls the same functions:
+the trainer encodes its joined training tables, `ranker features load` encodes the user and
+item tables before writing them to Redis, and the service encodes the request's context
+features. The graph therefore takes only integer indices and normalised floats, Redis holds
+records that decode straight into model input arrays with no per-feature Python work, and
+there is no training/serving skew because there is one implementation.
+
+Conventions:
+- categorical index 0 is the out-of-vocabulary / missing bucket; vocabulary entry i is index i+1;
+  raw values are compared as strings (``7`` and ``"7"`` are the same value);
+- dense values are ``(transform(x) - mean) / std`` with the optional transform ``log1p``;
+  a missing dense value takes the feature's raw ``default`` (the train mean unless the spec says
+  otherwise), encoded like any other value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+ENTITIES = ("user", "item", "context")
+OOV_INDEX = 0
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Raw categorical values in index order (index = position + 1; 0 is out-of-vocabulary)."""
+
+    values: tuple[str, ...]
+    _lookup: dict[str, int] = field(init=False, repr=False, compare=False)
+    _array: pa.Array = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_lookup", {v: i + 1 for i, v in enumerate(self.values)})
+        object.__setattr__(self, "_array", pa.array(self.values, type=pa.string()))
+
+    @property
+    def size(self) -> int:
+        """Number of embedding rows: the vocabulary plus the out-of-vocabulary bucket."""
+        return len(self.values) + 1
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256("\n".join(self.values).encode()).hexdigest()
+
+    def encode_one(self, value: Any) -> int:
+        if value is None:
+            return OOV_INDEX
+        return self._lookup.get(_as_key(value), OOV_INDEX)
+
+    def encode(self, values: Any) -> np.ndarray:
+        """Vectorised lookup of raw values (pyarrow array, numpy array or list) -> int32 indices."""
+        if isinstance(values, pa.Array | pa.ChunkedArray):
+            arr = values
+        else:  # from_pandas: NaN counts as missing
+            arr = pa.array(values, from_pandas=True)
+        if pa.types.is_floating(arr.type):
+            # ids read back as floats (1.0) must match their integer spelling ("1")
+            arr = pc.cast(arr, pa.int64(), safe=False)
+        if not pa.types.is_string(arr.type):
+            arr = pc.cast(arr, pa.string())
+        idx = pc.index_in(arr, value_set=self._array)
+        out = pc.fill_null(pc.add(idx, 1), OOV_INDEX)
+        return np.asarray(out.to_numpy(zero_copy_only=False), dtype=np.int32)
+
+
+def _as_key(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+@dataclass(frozen=True)
+class CategoricalFeature:
+    name: str
+    vocab: Vocabulary
+    embedding_dim: int
+
+    @property
+    def vocab_size(self) -> int:
+        return self.vocab.size
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "vocab_size": self.vocab_size,
+            "embedding_dim": self.embedding_dim,
+            "vocab_sha256": self.vocab.sha256,
+            "default": OOV_INDEX,
+        }
+
+
+@dataclass(frozen=True)
+class DenseFeature:
+    name: str
+    mean: float
+    std: float
+    default: float  # raw value used when the feature is missing
+    log1p: bool = False
+
+    def encode(self, values: Any) -> np.ndarray:
+        """Raw values (NaN or None = missing) -> normalised float32."""
+        x = np.asarray(values, dtype=np.float64)
+        x = np.where(np.isnan(x), self.default, x)
+        if self.log1p:
+            x = np.log1p(np.maximum(x, 0.0))
+        return ((x - self.mean) / self.std).astype(np.float32)
+
+    def encode_one(self, value: Any) -> float:
+        x = self.default if value is None or _is_nan(value) else float(value)
+        if self.log1p:
+            x = math.log1p(max(x, 0.0))
+        return float(np.float32((x - self.mean) / self.std))
+
+    @property
+    def encoded_default(self) -> float:
+        return self.encode_one(None)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "mean": self.mean,
+            "std": self.std,
+            "log1p": self.log1p,
+            "default": self.default,
+            "encoded_default": self.encoded_default,
+        }
+
+
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+@dataclass(frozen=True)
+class GroupSchema:
+    """The features of one entity (user, item or context), in model input order."""
+
+    entity: str
+    key: str | None  # id column of the entity's table; None for context
+    categorical: tuple[CategoricalFeature, ...]
+    dense: tuple[DenseFeature, ...]
+
+    @property
+    def n_cat(self) -> int:
+        return len(self.categorical)
+
+    @property
+    def n_dense(self) -> int:
+        return len(self.dense)
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [f.name for f in self.categorical] + [f.name for f in self.dense]
+
+    def record_dtype(self) -> np.dtype:
+        """Packed little-endian binary record of one entity in the feature store."""
+        return np.dtype(
+            [
+                ("written_at", "<f8"),
+                ("cat", "<i4", (self.n_cat,)),
+                ("dense", "<f4", (self.n_dense,)),
+            ]
+        )
+
+    def default_row(self) -> tuple[np.ndarray, np.ndarray]:
+        """Encoded values used when the whole entity is missing: ([n_cat] int32, [n_dense] f32)."""
+        cat = np.full(self.n_cat, OOV_INDEX, dtype=np.int32)
+        dense = np.array([f.encoded_default for f in self.dense], dtype=np.float32)
+        return cat, dense
+
+    def encode_columns(self, columns: Mapping[str, Any], n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """Raw columns -> (cat [n, n_cat] int32, dense [n, n_dense] float32); absent columns default."""
+        cat = np.full((n_rows, self.n_cat), OOV_INDEX, dtype=np.int32)
+        for j, cf in enumerate(self.categorical):
+            if cf.name in columns:
+                cat[:, j] = cf.vocab.encode(columns[cf.name])
+        dense = np.empty((n_rows, self.n_dense), dtype=np.float32)
+        for j, df in enumerate(self.dense):
+            if df.name in columns:
+                dense[:, j] = df.encode(_to_float_array(columns[df.name]))
+            else:
+                dense[:, j] = df.encoded_default
+        return cat, dense
+
+    def encode_row(self, values: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """One entity's raw values (e.g. a request's context) -> ([n_cat] int32, [n_dense] f32)."""
+        cat = np.array([f.vocab.encode_one(values.get(f.name)) for f in self.categorical], np.int32)
+        dense = np.array([f.encode_one(values.get(f.name)) for f in self.dense], np.float32)
+        return cat, dense
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "entity": self.entity,
+            "key": self.key,
+            "categorical": [f.describe() for f in self.categorical],
+            "dense": [f.describe() for f in self.dense],
+        }
+
+
+def _to_float_array(values: Any) -> np.ndarray:
+    if isinstance(values, pa.Array | pa.ChunkedArray):
+        return np.asarray(pc.cast(values, pa.float64()).to_numpy(zero_copy_only=False))
+    return np.asarray([np.nan if v is None else v for v in values], dtype=np.float64) if isinstance(
+        values, list
+    ) else np.asarray(values, dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class FeatureSchema:
+    """All feature groups a model takes, in the order user, item, context (empty groups omitted)."""
+
+    groups: tuple[GroupSchema, ...]
+
+    def __post_init__(self) -> None:
+        entities = [g.entity for g in self.groups]
+        if entities != [e for e in ENTITIES if e in entities]:
+            raise ValueError(f"groups must be ordered {ENTITIES} and unique, got {entities}")
+
+    def group(self, entity: str) -> GroupSchema | None:
+        return next((g for g in self.groups if g.entity == entity), None)
+
+    @property
+    def version(self) -> str:
+        """Short hash of everything that decides how a stored record is laid out and encoded."""
+        canon = json.dumps([g.describe() for g in self.groups], sort_keys=True)
+        return hashlib.sha256(canon.encode()).hexdigest()[:12]
+
+    def input_specs(self) -> list[tuple[str, str, int]]:
+        """The ONNX model's inputs: (name, dtype, width), e.g. ("user_cat", "int64", 3).
+
+        Every input has shape [batch, width]; the batch of user and context inputs may be 1
+        (broadcast over the candidates, so user-only work is done once per request) or N.
+        """
+        specs: list[tuple[str, str, int]] = []
+        for g in self.groups:
+            if g.n_cat:
+                specs.append((f"{g.entity}_cat", "int64", g.n_cat))
+            if g.n_dense:
+                specs.append((f"{g.entity}_dense", "float32", g.n_dense))
+        return specs
+
+    def describe(self) -> dict[str, Any]:
+        return {"version": self.version, "groups": [g.describe() for g in self.groups]}
+
+    def vocabularies(self) -> dict[str, list[str]]:
+        return {
+            f"{g.entity}.{f.name}": list(f.vocab.values) for g in self.groups for f in g.categorical
+        }
+
+    @classmethod
+    def from_description(
+        cls, desc: Mapping[str, Any], vocabularies: Mapping[str, Sequence[str]]
+    ) -> FeatureSchema:
+        """Rebuild from `describe()` output plus `vocabularies()`; checks vocab hashes and version."""
+        groups = []
+        for gd in desc["groups"]:
+            cats = []
+            for fd in gd["categorical"]:
+                vocab = Vocabulary(tuple(vocabularies[f"{gd['entity']}.{fd['name']}"]))
+                if vocab.sha256 != fd["vocab_sha256"] or vocab.size != fd["vocab_size"]:
+                    raise ValueError(f"vocabulary of {gd['entity']}.{fd['name']} does not match")
+                cats.append(CategoricalFeature(fd["name"], vocab, int(fd["embedding_dim"])))
+            dense = [
+                DenseFeature(fd["name"], fd["mean"], fd["std"], fd["default"], fd["log1p"])
+                for fd in gd["dense"]
+            ]
+            groups.append(GroupSchema(gd["entity"], gd["key"], tuple(cats), tuple(dense)))
+        schema = cls(tuple(groups))
+        if "version" in desc and desc["version"] != schema.version:
+            raise ValueError(f"schema version {desc['version']} != recomputed {schema.version}")
+        return schema
+
+
+def vocabulary_from_counts(values: Iterable[Any], min_count: int = 1, max_size: int | None = None) -> Vocabulary:
+    """Build a vocabulary from training values: most frequent first, ties by value, so it is stable."""
+    arr = pa.array(list(values) if not isinstance(values, pa.Array | pa.ChunkedArray) else values)
+    if not pa.types.is_string(arr.type):
+        arr = pc.cast(arr, pa.string())
+    counts = pc.value_counts(pc.drop_null(arr))
+    pairs = [
+        (int(c), str(v))
+        for v, c in zip(
+            counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True
+        )
+        if c >= min_count
+    ]
+    pairs.sort(key=lambda p: (-p[0], p[1]))
+    if max_size is not None:
+        pairs = pairs[:max_size]
+    return Vocabulary(tuple(v for _, v in pairs))
