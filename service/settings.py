@@ -1,0 +1,78 @@
+"""Service configuration: one pydantic-settings class, read from `RANKER_*` environment vars."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_PRESETS: dict[str, dict[str, float]] = {
+    "engagement": {"click": 1.0, "like": 4.0, "share": 8.0},
+    "click": {"click": 1.0, "like": 0.0, "share": 0.0},
+    "like": {"click": 0.0, "like": 1.0, "share": 0.0},
+    "share": {"click": 0.0, "like": 0.0, "share": 1.0},
+}
+
+
+class Settings(BaseSettings):
+    """Everything the service can be told; see docs/api.md for the table."""
+
+    model_config = SettingsConfigDict(env_prefix="RANKER_", extra="ignore", protected_namespaces=())
+
+    # model repository
+    model_repo: Path = Path("models")
+    model_name: str = "mmoe"
+    model_watch_interval_s: float = Field(default=0.0, ge=0)  # 0 = no background watcher
+    warmup_batch_sizes: list[int] = [1, 100, 500, 1000]
+    ort_intra_op_threads: int = Field(default=1, ge=0)
+    ort_inter_op_threads: int = Field(default=1, ge=0)
+    inference_workers: int = Field(default=2, ge=1)  # threads of the dedicated inference executor
+
+    # feature store
+    redis_url: str | None = None
+    redis_cluster: bool = False
+    redis_password: str | None = None
+    redis_prefix: str = "rk"
+    redis_max_connections: int = Field(default=32, ge=1)
+    redis_connect_timeout_s: float = Field(default=0.05, gt=0)
+    redis_socket_timeout_s: float = Field(default=0.1, gt=0)
+    feature_max_age_s: float | None = None
+    redis_failure_mode: Literal["fail", "degrade"] = "fail"
+    retry_after_s: int = Field(default=1, ge=0)
+
+    # request limits
+    max_candidates: int = Field(default=1000, ge=1)
+    max_body_bytes: int = Field(default=1_000_000, ge=1024)
+    # deadline for the feature fetch and inference together
+    request_timeout_s: float = Field(default=0.5, gt=0)
+    # 0 = unlimited; beyond it requests get a 503 (overload)
+    max_inflight: int = Field(default=0, ge=0)
+
+    # scoring
+    default_weights: dict[str, float] = {"click": 1.0, "like": 1.0, "share": 1.0}
+    weight_min: float = 0.0
+    weight_max: float = 100.0
+    presets: dict[str, dict[str, float]] = Field(default_factory=lambda: dict(DEFAULT_PRESETS))
+    scoring: Literal["weighted_sum", "weighted_product"] = "weighted_sum"
+    # candidates per request observed in ranker_task_score (bounded: it is on the hot path)
+    score_sample_size: int = Field(default=32, ge=0)
+
+    # admin and server
+    admin_api_key: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> Settings:
+        if not 0 <= self.weight_min <= self.weight_max:
+            raise ValueError("need 0 <= weight_min <= weight_max")
+        return self
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment once."""
+    return Settings()
