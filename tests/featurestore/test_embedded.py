@@ -1,0 +1,73 @@
+"""The embedded redis-server: starts, answers, restarts on the same port, stops without orphans."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from service.featurestore.embedded import RedisServer, redis_url_or_embedded
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie still answers kill(0); check its state
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split()[2] != "Z"
+
+
+def test_session_server_answers(redis_url: str) -> None:
+    c = redis.Redis.from_url(redis_url)
+    c.set("k", b"v")
+    assert c.get("k") == b"v"
+    assert c.dbsize() == 1
+    c.close()
+
+
+def test_stop_and_restart_on_same_port() -> None:
+    with RedisServer() as srv:
+        port, pid = srv.port, srv.pid
+        assert pid is not None
+        srv.stop()
+        assert not srv.running and not _alive(pid)
+        with pytest.raises(redis.ConnectionError):
+            redis.Redis.from_url(srv.url, socket_connect_timeout=0.2).ping()
+        srv.start()
+        assert srv.port == port and srv.pid != pid
+        assert redis.Redis.from_url(srv.url).ping()
+        srv.kill()
+        assert not srv.running
+        srv.start()
+        assert redis.Redis.from_url(srv.url).ping()
+        last = srv.pid
+    assert last is not None and not _alive(last)
+
+
+def test_no_persistence_and_password() -> None:
+    with RedisServer(password="s3cret") as srv:
+        assert srv.url.startswith("redis://:s3cret@127.0.0.1:")
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(
+                host="127.0.0.1", port=srv.port, password="wrong", retry=Retry(NoBackoff(), 0)
+            ).ping()
+        c = redis.Redis.from_url(srv.url)
+        assert c.config_get("save")["save"] == ""
+        assert c.config_get("appendonly")["appendonly"] == "no"
+        assert c.config_get("bind")["bind"] == "127.0.0.1"
+        c.close()
+
+
+def test_url_given_never_starts_a_server(redis_url: str) -> None:
+    with redis_url_or_embedded(redis_url) as url:
+        assert url == redis_url
+    with redis_url_or_embedded(None) as url:
+        assert url != redis_url
+        assert redis.Redis.from_url(url).ping()
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis.from_url(url, socket_connect_timeout=0.2).ping()
