@@ -20,7 +20,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ),
     ("features", "load"): ("service.featurestore.cli:load_main", "load feature tables into Redis"),
     ("serve",): ("service.cli:serve_main", "serve the ranking API"),
-    ("run",): ("service.cli:run_main", "the main job: train if needed, embedded Redis, load, serve"),
+    ("run",): ("service.mainjob:main", "the main job: train if needed, embedded Redis, load, serve"),
     ("bench",): ("bench.run:main", "run the benchmark suite and write a report"),
 }
 
