@@ -1,0 +1,113 @@
+"""Model lifecycle without a server: load, check, refuse bad versions, swap."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.registry import ModelRegistry, NoModelError, load_version
+from tests.service.conftest import MODEL_NAME, add_version, flip_byte
+
+FAST = (1, 10)
+
+
+def registry(repo: Path, **kw) -> ModelRegistry:
+    return ModelRegistry(repo, MODEL_NAME, warmup_sizes=FAST, **kw)
+
+
+def test_loads_newest_and_runs_a_broadcast_batch(model_repo, pristine_repo):
+    add_version(pristine_repo, model_repo, 2)
+    reg = registry(model_repo)
+    res = reg.reload()
+    assert res.result == "success" and res.version == 2
+    model = reg.current
+    assert model is not None and model.version == 2
+    inputs = model.synthetic_inputs(7)
+    assert inputs["user_cat"].shape[0] == 1 and inputs["item_cat"].shape[0] == 7
+    scores, gates = model.run(inputs)
+    assert scores.shape == (7, 3)
+    assert gates is not None and gates.shape == (7, 3, 4)
+    np.testing.assert_allclose(gates.sum(axis=-1), 1.0, atol=1e-5)
+    assert reg.reload().result == "unchanged"
+
+
+def test_empty_repo_raises(tmp_path):
+    with pytest.raises(NoModelError):
+        registry(tmp_path).reload()
+
+
+def test_swap_keeps_old_object_intact(model_repo, pristine_repo):
+    swaps = []
+    reg = registry(model_repo, on_swap=lambda old, new: swaps.append((old, new)))
+    reg.reload()
+    held = reg.current  # a request in flight holds this
+    add_version(pristine_repo, model_repo, 2)
+    assert reg.reload().result == "success"
+    assert reg.current is not held and reg.current.version == 2
+    assert held.version == 1
+    held.run(held.synthetic_inputs(3))  # still usable after the swap
+    assert [(o.version if o else None, n.version) for o, n in swaps] == [(None, 1), (1, 2)]
+    # the two versions really are different models
+    x = held.synthetic_inputs(3)
+    assert not np.allclose(held.run(x)[0], reg.current.run(x)[0])
+
+
+def test_corrupt_file_refused_old_keeps_serving(model_repo, pristine_repo):
+    failures = []
+    reg = registry(model_repo, on_failure=lambda v, why: failures.append((v, why)))
+    reg.reload()
+    bad = add_version(pristine_repo, model_repo, 2)
+    flip_byte(bad / "model.onnx")
+    res = reg.reload()
+    assert res.result == "failure" and "sha256" in res.detail
+    assert reg.current.version == 1
+    assert failures and failures[0][0] == 2
+    # a watcher does not retry it forever; an explicit reload does
+    assert reg.reload(retry_failed=False).result == "unchanged"
+    assert reg.reload().result == "failure"
+
+
+def test_schema_mismatch_refused(model_repo, pristine_repo):
+    reg = registry(model_repo)
+    reg.reload()
+    bad = add_version(pristine_repo, model_repo, 2)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["inputs"][1]["shape"] = ["user_batch", 5]  # user_dense width 1 -> 5
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    res = reg.reload()
+    assert res.result == "failure" and "inputs" in res.detail
+    assert reg.current.version == 1
+
+
+def test_golden_mismatch_refused(model_repo, pristine_repo):
+    bad = add_version(pristine_repo, model_repo, 2)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["golden"]["outputs"]["click"][0] += 0.01
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(Exception, match="golden output 'click'"):
+        load_version(bad, warmup_sizes=FAST)
+
+
+def test_graph_from_another_version_refused(model_repo, pristine_repo):
+    """A model.onnx whose manifest hashes were rewritten to match still fails the golden check."""
+    from ranker.manifest import file_entry
+
+    bad = add_version(pristine_repo, model_repo, 2)
+    (bad / "model.onnx").write_bytes((model_repo / MODEL_NAME / "1" / "model.onnx").read_bytes())
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["files"]["model.onnx"] = file_entry(bad / "model.onnx").model_dump()
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(Exception, match="golden"):
+        load_version(bad, warmup_sizes=FAST)
+
+
+def test_context_encoding_is_batch_one(model_repo):
+    reg = registry(model_repo)
+    reg.reload()
+    ctx = reg.current.context_inputs({"hour": 7, "surface": "search"})
+    assert ctx["context_cat"].shape == (1, 2) and ctx["context_cat"].dtype == np.int64
+    assert ctx["context_cat"].tolist() == [[8, 2]]
+    assert reg.current.context_inputs(None)["context_cat"].tolist() == [[0, 0]]
