@@ -1,0 +1,221 @@
+"""From a dataset spec to model inputs: read the splits, join, build the schema, encode.
+
+Training examples are the log joined with the user and item tables on their keys, the same join
+the service does online against Redis. The `FeatureSchema` (vocabularies and dense statistics)
+is fitted on the train split only, then `GroupSchema.encode_columns` (shared with the feature
+loader and the service) encodes every split.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ranker.manifest import sha256_file
+from ranker.schema import (
+    ENTITIES,
+    CategoricalFeature,
+    DenseFeature,
+    FeatureSchema,
+    GroupSchema,
+    vocabulary_from_counts,
+)
+from training.spec import DatasetSpec, SpecError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class RawData:
+    """The log splits plus entity tables, as pyarrow tables of raw values."""
+
+    splits: dict[str, pa.Table]
+    users: pa.Table | None
+    items: pa.Table | None
+    sha256: str  # of the source files
+
+    def row_counts(self) -> dict[str, int]:
+        return {k: t.num_rows for k, t in self.splits.items()}
+
+
+@dataclass
+class Encoded:
+    """One split, encoded: model inputs (tiled, every group has N rows), labels [N, T], oracle."""
+
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray  # (N, T) float32
+    oracle: np.ndarray | None  # (N, T) true probabilities, synthetic data only
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, idx: np.ndarray) -> Encoded:
+        return Encoded(
+            {k: v[idx] for k, v in self.inputs.items()},
+            self.labels[idx],
+            None if self.oracle is None else self.oracle[idx],
+        )
+
+
+def load_raw(spec: DatasetSpec, data_dir: Path | None = None) -> RawData:
+    """Read a spec's source: parquet tables, or a delimited file split with a fixed seed."""
+    if spec.source.kind == "tables":
+        return _load_tables(spec, spec.data_dir(data_dir))
+    return _load_csv(spec)
+
+
+def _load_tables(spec: DatasetSpec, base: Path) -> RawData:
+    src = spec.source
+    files = {k: base / v for k, v in src.splits.items()}
+    users = base / src.users if src.users else None
+    items = base / src.items if src.items else None
+    h = hashlib.sha256()
+    for p in [*files.values(), users, items]:
+        if p is not None:
+            if not p.is_file():
+                raise FileNotFoundError(f"{p}: missing (run `ranker data --out {base}`)")
+            h.update(sha256_file(p).encode())
+    return RawData(
+        splits={k: pq.read_table(files[k]) for k in SPLITS},
+        users=pq.read_table(users) if users else None,
+        items=pq.read_table(items) if items else None,
+        sha256=h.hexdigest(),
+    )
+
+
+def _load_csv(spec: DatasetSpec) -> RawData:
+    src = spec.source
+    path = spec.csv_path()
+    opener = gzip.open if path.suffix == ".gz" else open
+    cols: list[list[str | None]] = [[] for _ in src.columns]
+    with opener(path, "rt") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line:
+                continue
+            values = line.split(src.separator)
+            if len(values) != len(src.columns):
+                raise SpecError(
+                    f"{path}:{lineno}: {len(values)} fields, spec declares {len(src.columns)}"
+                )
+            for c, v in zip(cols, values, strict=True):
+                v = v.strip()
+                c.append(None if v == src.na else v)
+    table = pa.table(
+        {n: pa.array(c, type=pa.string()) for n, c in zip(src.columns, cols, strict=True)}
+    )
+    rng = np.random.default_rng(src.split.seed)
+    order = rng.permutation(table.num_rows)
+    n_train = round(src.split.train * table.num_rows)
+    n_val = round(src.split.val * table.num_rows)
+    parts = {"train": order[:n_train], "val": order[n_train : n_train + n_val],
+             "test": order[n_train + n_val :]}
+    if src.max_train_rows:
+        parts["train"] = parts["train"][: src.max_train_rows]
+    return RawData(
+        splits={k: table.take(pa.array(np.sort(v))) for k, v in parts.items()},
+        users=None,
+        items=None,
+        sha256=sha256_file(path),
+    )
+
+
+def joined_columns(spec: DatasetSpec, raw: RawData, log: pa.Table, entity: str) -> dict[str, Any]:
+    """Raw columns of `entity` for each log row: a left join on the entity key; misses are null."""
+    names = [f.name for f in spec.features_of(entity)]
+    if entity == "context":
+        return {n: log[n] for n in names if n in log.column_names}
+    table = raw.users if entity == "user" else raw.items
+    key = spec.source.user_key if entity == "user" else spec.source.item_key
+    assert table is not None and key is not None  # checked by the spec parser
+    idx = pc.index_in(log[key], value_set=table[key].combine_chunks())  # null: unknown id
+    picked = table.select([n for n in names if n in table.column_names]).take(idx)
+    return {n: picked[n] for n in picked.column_names}
+
+
+def _dense_stats(values: Any, log1p: bool) -> tuple[float, float]:
+    x = np.asarray(pc.cast(values, pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
+    x = x[~np.isnan(x)]
+    if log1p:
+        x = np.log1p(np.maximum(x, 0.0))
+    if not len(x):
+        return 0.0, 1.0
+    std = float(x.std())
+    return float(x.mean()), std if std > 1e-12 else 1.0
+
+
+def build_schema(spec: DatasetSpec, raw: RawData) -> FeatureSchema:
+    """Fit vocabularies and dense statistics on the train split (joined), in spec order."""
+    train = raw.splits["train"]
+    groups = []
+    for entity in ENTITIES:
+        feats = spec.features_of(entity)
+        if not feats:
+            continue
+        cols = joined_columns(spec, raw, train, entity)
+        cats, dense = [], []
+        for f in feats:
+            if f.name not in cols:
+                raise SpecError(f"feature {entity}.{f.name}: no such column in the {entity} data")
+            if f.type == "categorical":
+                vocab = vocabulary_from_counts(cols[f.name], f.min_count, f.max_vocab)
+                cats.append(CategoricalFeature(f.name, vocab, f.embedding_dim))
+            else:
+                mean, std = _dense_stats(cols[f.name], f.log1p)
+                # default: the raw value that encodes to 0 (the train mean after the transform)
+                default = f.default if f.default is not None else (
+                    float(np.expm1(mean)) if f.log1p else mean
+                )
+                dense.append(DenseFeature(f.name, mean, std, default, f.log1p))
+        key = {"user": spec.source.user_key, "item": spec.source.item_key}.get(entity)
+        groups.append(GroupSchema(entity, key, tuple(cats), tuple(dense)))
+    return FeatureSchema(tuple(groups))
+
+
+def labels_of(spec: DatasetSpec, log: pa.Table) -> np.ndarray:
+    """(N, T) float32 labels: the 0/1 column, or column == positive."""
+    out = np.empty((log.num_rows, len(spec.tasks)), dtype=np.float32)
+    for j, t in enumerate(spec.tasks):
+        col = log[t.column]
+        if t.positive is not None:
+            out[:, j] = np.asarray(pc.fill_null(pc.equal(col, t.positive), False), dtype=np.float32)
+        else:
+            out[:, j] = np.asarray(pc.cast(col, pa.float32()).to_numpy(zero_copy_only=False))
+    return out
+
+
+def encode_split(spec: DatasetSpec, schema: FeatureSchema, raw: RawData, split: str) -> Encoded:
+    """Join and encode one split with the shared schema encoder."""
+    log = raw.splits[split]
+    n = log.num_rows
+    inputs: dict[str, np.ndarray] = {}
+    for g in schema.groups:
+        cat, dense = g.encode_columns(joined_columns(spec, raw, log, g.entity), n)
+        if g.n_cat:
+            inputs[f"{g.entity}_cat"] = cat.astype(np.int64)
+        if g.n_dense:
+            inputs[f"{g.entity}_dense"] = dense
+    oracle = None
+    if spec.source.oracle:
+        oracle = np.stack(
+            [log[spec.source.oracle[t]].to_numpy().astype(np.float32) for t in spec.task_names], 1
+        )
+    return Encoded(inputs, labels_of(spec, log), oracle)
+
+
+def training_data_info(spec: DatasetSpec, raw: RawData) -> dict[str, Any]:
+    """What the manifest records about the data: dataset, sha256 of the source, row counts."""
+    info: dict[str, Any] = {"dataset": spec.name, "sha256": raw.sha256, "rows": raw.row_counts()}
+    if spec.source.kind == "csv":
+        s = spec.source.split
+        info["split"] = {"train": s.train, "val": s.val, "test": s.test, "seed": s.seed,
+                         "max_train_rows": spec.source.max_train_rows}
+    return info
