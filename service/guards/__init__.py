@@ -1,0 +1,1 @@
+"""Guards for the ranking service: in-flight limit, request deadline, API-key auth (pure ASGI)."""

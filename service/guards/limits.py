@@ -1,0 +1,143 @@
+"""In-flight limit and per-request deadline for the ranking route(s), as pure ASGI middleware.
+
+Both reject with a JSON error instead of queueing: a request beyond `max_inflight` is answered
+at once with 503 + Retry-After (no unbounded queue in front of the model), and a request whose
+deadline passes before its answer starts is cancelled and answered 503 `deadline_exceeded`
+(a late answer is useless to a page that has already rendered without it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.guards.responses import send_error
+
+RejectHook = Callable[[str], None]  # called with the reason: "overload" | "deadline"
+
+DEFAULT_PATHS = ("/rank",)
+
+
+def _noop(_reason: str) -> None:
+    return None
+
+
+def _matches(scope: Scope, paths: frozenset[str]) -> bool:
+    return scope["type"] == "http" and scope.get("path", "") in paths
+
+
+def deadline_of(scope: Scope) -> float | None:
+    """The request's deadline on the event loop's clock (`loop.time()`), if one was set."""
+    state = scope.get("state")
+    value = state.get("deadline") if isinstance(state, dict) else None
+    return float(value) if value is not None else None
+
+
+def remaining_s(scope: Scope) -> float | None:
+    """Seconds left before the request's deadline (may be negative), or None without one."""
+    deadline = deadline_of(scope)
+    if deadline is None:
+        return None
+    return deadline - asyncio.get_running_loop().time()
+
+
+class InflightLimitMiddleware:
+    """At most `max_inflight` requests on `paths` at once (per worker); 0 = no limit."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_inflight: int,
+        retry_after_s: int = 1,
+        paths: Iterable[str] = DEFAULT_PATHS,
+        on_reject: RejectHook = _noop,
+    ) -> None:
+        if max_inflight < 0:
+            raise ValueError("max_inflight must be >= 0")
+        self.app = app
+        self.max_inflight = max_inflight
+        self.retry_after = str(max(0, int(retry_after_s))).encode()
+        self.paths = frozenset(paths)
+        self.on_reject = on_reject
+        self.inflight = 0  # one event loop per worker: a plain int is race-free
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self.max_inflight or not _matches(scope, self.paths):
+            await self.app(scope, receive, send)
+            return
+        if self.inflight >= self.max_inflight:
+            self.on_reject("overload")
+            await send_error(
+                send, scope, 503, "overloaded",
+                f"more than {self.max_inflight} requests in flight (max_inflight); retry later",
+                [(b"retry-after", self.retry_after)],
+            )
+            return
+        self.inflight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.inflight -= 1
+
+
+class DeadlineMiddleware:
+    """Cancel a request on `paths` whose answer has not started `timeout_s` after arrival.
+
+    The deadline (event-loop clock) is stored in `scope["state"]["deadline"]` so the route can
+    size its own Redis and inference timeouts with `remaining_s(scope)`. Once the response has
+    started it is let finish: a half-sent answer cannot be replaced by an error.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        timeout_s: float,
+        retry_after_s: int = 1,
+        paths: Iterable[str] = DEFAULT_PATHS,
+        on_reject: RejectHook = _noop,
+    ) -> None:
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be > 0")
+        self.app = app
+        self.timeout_s = timeout_s
+        self.retry_after = str(max(0, int(retry_after_s))).encode()
+        self.paths = frozenset(paths)
+        self.on_reject = on_reject
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not _matches(scope, self.paths):
+            await self.app(scope, receive, send)
+            return
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        scope.setdefault("state", {})["deadline"] = deadline
+        started = False
+        guard = asyncio.timeout_at(deadline)
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start" and not started:
+                if guard.expired():  # the cancellation is on its way: do not start an answer
+                    raise asyncio.CancelledError
+                started = True
+                guard.reschedule(None)  # the answer is ready: let it be sent whole
+            await send(message)
+
+        try:
+            async with guard:
+                await self.app(scope, receive, send_wrapper)
+        except TimeoutError:
+            if not guard.expired():
+                raise  # a TimeoutError of the app's own, not our deadline
+            if started:
+                return  # cannot happen unless the app swallowed the cancellation
+            self.on_reject("deadline")
+            await send_error(
+                send, scope, 503, "deadline_exceeded",
+                f"no answer within the request deadline of {self.timeout_s:g}s "
+                "(request_timeout_s)",
+                [(b"retry-after", self.retry_after)],
+            )
