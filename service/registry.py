@@ -215,6 +215,11 @@ class ModelRegistry:
         self._on_swap = on_swap
         self._on_failure = on_failure
 
+    def set_callbacks(self, on_swap: Any = None, on_failure: Any = None) -> None:
+        """on_swap(old, new) runs after a swap, on_failure(version, why) after a refusal."""
+        self._on_swap = on_swap
+        self._on_failure = on_failure
+
     @property
     def current(self) -> LoadedModel | None:
         """The serving model; take it once per request and keep the reference."""

@@ -8,10 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.registry import ModelRegistry, NoModelError, load_version
+from service.registry import LoadedModel, ModelRegistry, NoModelError, load_version
 from tests.service.conftest import MODEL_NAME, add_version, flip_byte
 
 FAST = (1, 10)
+
+
+def cur(reg: ModelRegistry) -> LoadedModel:
+    model = reg.current
+    assert model is not None
+    return model
 
 
 def registry(repo: Path, **kw) -> ModelRegistry:
@@ -43,16 +49,16 @@ def test_swap_keeps_old_object_intact(model_repo, pristine_repo):
     swaps = []
     reg = registry(model_repo, on_swap=lambda old, new: swaps.append((old, new)))
     reg.reload()
-    held = reg.current  # a request in flight holds this
+    held = cur(reg)  # a request in flight holds this
     add_version(pristine_repo, model_repo, 2)
     assert reg.reload().result == "success"
-    assert reg.current is not held and reg.current.version == 2
+    assert reg.current is not held and cur(reg).version == 2
     assert held.version == 1
     held.run(held.synthetic_inputs(3))  # still usable after the swap
     assert [(o.version if o else None, n.version) for o, n in swaps] == [(None, 1), (1, 2)]
     # the two versions really are different models
     x = held.synthetic_inputs(3)
-    assert not np.allclose(held.run(x)[0], reg.current.run(x)[0])
+    assert not np.allclose(held.run(x)[0], cur(reg).run(x)[0])
 
 
 def test_corrupt_file_refused_old_keeps_serving(model_repo, pristine_repo):
@@ -63,7 +69,7 @@ def test_corrupt_file_refused_old_keeps_serving(model_repo, pristine_repo):
     flip_byte(bad / "model.onnx")
     res = reg.reload()
     assert res.result == "failure" and "sha256" in res.detail
-    assert reg.current.version == 1
+    assert cur(reg).version == 1
     assert failures and failures[0][0] == 2
     # a watcher does not retry it forever; an explicit reload does
     assert reg.reload(retry_failed=False).result == "unchanged"
@@ -79,7 +85,7 @@ def test_schema_mismatch_refused(model_repo, pristine_repo):
     (bad / "manifest.json").write_text(json.dumps(manifest))
     res = reg.reload()
     assert res.result == "failure" and "inputs" in res.detail
-    assert reg.current.version == 1
+    assert cur(reg).version == 1
 
 
 def test_golden_mismatch_refused(model_repo, pristine_repo):
@@ -107,7 +113,7 @@ def test_graph_from_another_version_refused(model_repo, pristine_repo):
 def test_context_encoding_is_batch_one(model_repo):
     reg = registry(model_repo)
     reg.reload()
-    ctx = reg.current.context_inputs({"hour": 7, "surface": "search"})
+    ctx = cur(reg).context_inputs({"hour": 7, "surface": "search"})
     assert ctx["context_cat"].shape == (1, 2) and ctx["context_cat"].dtype == np.int64
     assert ctx["context_cat"].tolist() == [[8, 2]]
-    assert reg.current.context_inputs(None)["context_cat"].tolist() == [[0, 0]]
+    assert cur(reg).context_inputs(None)["context_cat"].tolist() == [[0, 0]]

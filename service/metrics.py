@@ -1,0 +1,94 @@
+"""Prometheus metrics of the ranking service (names are a contract with the dashboards).
+
+Metrics live in prometheus_client's default registry. When `PROMETHEUS_MULTIPROC_DIR` is set
+(several uvicorn workers), prometheus_client writes values to files there and `/metrics`
+aggregates every worker's files; gauges declare how they aggregate. Label values always come
+from fixed sets (route templates, stage names, task and expert names from the manifest), never
+from the request.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1,
+                   0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
+STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25,
+                 0.5, 1.0)
+CANDIDATE_BUCKETS = (1, 10, 25, 50, 100, 200, 300, 500, 750, 1000, 2000, 5000)
+# probabilities of rare tasks (shares) sit far below 0.1, so the low end is fine-grained
+SCORE_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)
+
+STAGES = ("validate", "fetch", "decode", "inference", "combine", "serialize")
+
+REQUESTS = Counter("ranker_requests", "HTTP requests by route template and status",
+                   ["route", "status"])
+REQUEST_DURATION = Histogram("ranker_request_duration_seconds", "End-to-end request latency",
+                             ["route"], buckets=LATENCY_BUCKETS)
+STAGE_DURATION = Histogram("ranker_stage_duration_seconds", "Latency of one stage of /rank",
+                           ["stage"], buckets=STAGE_BUCKETS)
+CANDIDATES = Histogram("ranker_candidates_per_request", "Candidates per /rank request",
+                       buckets=CANDIDATE_BUCKETS)
+DEFAULTED = Counter("ranker_defaulted_entities", "Entities scored with default features",
+                    ["entity"])
+SCORED = Counter("ranker_candidates_scored", "Candidates scored by the model")
+TASK_SCORE = Histogram("ranker_task_score",
+                       "Per-task scores of a deterministic subset of candidates per request",
+                       ["task"], buckets=SCORE_BUCKETS)
+GATE_WEIGHT_SUM = Counter("ranker_gate_weight_sum",
+                          "Sum over scored candidates of the gate weight of (task, expert)",
+                          ["task", "expert"])
+DEGRADED = Counter("ranker_degraded_responses", "Responses ranked with default features",
+                   ["reason"])
+MODEL_INFO = Gauge("ranker_model_info", "1 for the model version being served",
+                   ["name", "version"], multiprocess_mode="livemax")
+MODEL_RELOADS = Counter("ranker_model_reloads", "Model version loads by result", ["result"])
+REJECTED = Counter("ranker_rejected_requests", "Requests refused before ranking", ["reason"])
+INFLIGHT = Gauge("ranker_inflight_requests", "Requests being processed",
+                 multiprocess_mode="livesum")
+
+
+def observe_scores(tasks: list[str], scores: np.ndarray, positions: np.ndarray) -> None:
+    """Observe the per-task scores [N, T] of the given candidate positions."""
+    sub = scores[positions]
+    for j, task in enumerate(tasks):
+        hist = TASK_SCORE.labels(task)
+        for v in sub[:, j].tolist():
+            hist.observe(v)
+
+
+def add_gate_sums(tasks: list[str], gates: np.ndarray) -> None:
+    """One increment per (task, expert): the gate weights [N, T, M] summed over candidates."""
+    sums = gates.sum(axis=0, dtype=np.float64)
+    for j, task in enumerate(tasks):
+        for m, v in enumerate(sums[j].tolist()):
+            GATE_WEIGHT_SUM.labels(task, str(m)).inc(v)
+
+
+def set_model_info(name: str, version: int, old: tuple[str, int] | None) -> None:
+    """Mark `version` as serving and the previous one (if any) as not."""
+    if old is not None and old != (name, version):
+        MODEL_INFO.labels(old[0], str(old[1])).set(0)
+    MODEL_INFO.labels(name, str(version)).set(1)
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text: this process, or every worker's files in multiprocess mode."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -1,0 +1,106 @@
+"""Operational routes: /healthz, /readyz, /model, /metrics and POST /admin/reload."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from service import metrics
+from service.errors import ModelUnavailable, Unauthorized, json_response
+from service.registry import NoModelError, ReloadResult
+from service.state import AppState, StateDep
+
+router = APIRouter()
+
+READY_PING_TIMEOUT_S = 0.25
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is alive and serving HTTP (no dependency is checked)."""
+    return {"status": "ok"}
+
+
+async def redis_ok(state: AppState) -> tuple[bool, str]:
+    """Whether the feature store answers a PING quickly."""
+    serving = state.serving
+    if state.client is None or serving is None or serving.store is None:
+        return True, "no feature store configured"
+    try:
+        ok = await asyncio.wait_for(serving.store.ping(), READY_PING_TIMEOUT_S)
+    except Exception as e:  # any failure to answer means not ready
+        return False, f"feature store unreachable: {type(e).__name__}"
+    return bool(ok), "feature store reachable" if ok else "feature store did not answer PING"
+
+
+@router.get("/readyz")
+async def readyz(state: StateDep) -> Response:
+    """200 when a model is loaded and warmed and Redis answers; else 503 with the reason."""
+    serving = state.serving
+    if serving is None:
+        return json_response(503, {"status": "not_ready", "reason": "no model loaded",
+                                   "last_reload": state.last_reload})
+    ok, why = await redis_ok(state)
+    body = {"model": {"name": serving.model.name, "version": serving.model.version}}
+    if not ok:
+        return json_response(503, {"status": "not_ready", "reason": why, **body})
+    return json_response(200, {"status": "ready", "feature_store": why, **body})
+
+
+@router.get("/model")
+async def model_info(state: StateDep) -> Response:
+    """The serving model's manifest (without the golden sample) and when it was loaded."""
+    serving = state.serving
+    if serving is None:
+        raise ModelUnavailable("no model loaded yet", headers={"Retry-After": "1"})
+    m = serving.model
+    body = m.manifest.model_dump(mode="json", exclude={"golden"})
+    body["serving"] = {"path": str(m.path), "loaded_at": m.loaded_at,
+                       "load_seconds": round(m.load_seconds, 4)}
+    return json_response(200, body)
+
+
+@router.get("/metrics")
+async def metrics_route() -> Response:
+    """Prometheus exposition (all workers' metrics in multiprocess mode)."""
+    data, content_type = metrics.render()
+    return Response(data, media_type=content_type)
+
+
+def check_admin(state: AppState, key: str | None, authorization: str | None) -> None:
+    """If an admin key is configured, require it (X-Admin-Key or Authorization: Bearer)."""
+    want = state.settings.admin_api_key
+    if not want:
+        return
+    given = key or (authorization or "").removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(given.encode(), want.encode()):
+        raise Unauthorized("admin key required (X-Admin-Key header)")
+
+
+def reload_body(res: ReloadResult, state: AppState) -> dict[str, Any]:
+    serving = state.serving
+    return {"result": res.result, "version": res.version, "detail": res.detail,
+            "serving_version": serving.model.version if serving else None}
+
+
+@router.post("/admin/reload")
+async def admin_reload(
+    state: StateDep,
+    version: int | None = None,
+    x_admin_key: Annotated[str | None, Header()] = None,
+    authorization: Annotated[str | None, Header()] = None,
+) -> Response:
+    """Load the newest (or the given) version in a worker thread and swap it in if it passes."""
+    check_admin(state, x_admin_key, authorization)
+    try:
+        res = await run_in_threadpool(state.registry.reload, version)
+    except NoModelError as e:
+        res = ReloadResult("failure", version, str(e))
+    state.last_reload = {"result": res.result, "version": res.version, "detail": res.detail}
+    status = 409 if res.result == "failure" else 200
+    return json_response(status, reload_body(res, state))
