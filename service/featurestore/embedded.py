@@ -281,8 +281,13 @@ class RedisClusterServer:
         while time.monotonic() < deadline:
             states = []
             for node in self.nodes:
-                c = redis.Redis(host=HOST, port=node.port, password=self.password,
-                                socket_timeout=0.5, socket_connect_timeout=0.5)
+                c = redis.Redis(
+                    host=HOST,
+                    port=node.port,
+                    password=self.password,
+                    socket_timeout=0.5,
+                    socket_connect_timeout=0.5,
+                )
                 try:
                     states.append(c.cluster("INFO").get("cluster_state"))
                 except redis.RedisError:

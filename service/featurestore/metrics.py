@@ -1,0 +1,24 @@
+"""Prometheus metrics of the feature store reader (registered once, in the default registry)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+FETCH_SECONDS = Histogram(
+    "ranker_featurestore_fetch_seconds",
+    "Feature store fetch latency: one round trip plus decoding",
+    buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25),
+)
+DEFAULTED = Counter(
+    "ranker_featurestore_defaulted_total",
+    "Entities that got default features, by entity and reason (missing, stale, corrupt)",
+    ["entity", "reason"],
+)
+ERRORS = Counter(
+    "ranker_featurestore_errors_total",
+    "Fetches that failed with FeatureStoreUnavailable, by reason (timeout, connection, error)",
+    ["reason"],
+)
+RETRIES = Counter(
+    "ranker_featurestore_retries_total", "Fetch attempts retried within the request deadline"
+)

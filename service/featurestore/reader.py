@@ -1,0 +1,288 @@
+"""The hot-path reader: a user and all N candidates in one round trip, decoded straight to arrays.
+
+One MGET (on a cluster: one pipeline of per-slot MGETs per node, the nodes concurrently) brings
+back the user's record, every candidate's record and the schema's load pointer. The records are
+fixed-size packed binary (`GroupSchema.record_dtype()`), so decoding is one `b"".join` and one
+`np.frombuffer` per group; missing, stale and malformed records are swapped for the group's
+default record, vectorised. The pointer rides along in the same MGET, so a new load is noticed on
+the next request without an extra round trip and without a background task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import redis.asyncio as aredis
+from redis.asyncio.cluster import RedisCluster
+from redis.backoff import NoBackoff
+from redis.exceptions import ClusterDownError, ConnectionError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ranker.schema import FeatureSchema, GroupSchema
+from service.featurestore import metrics
+from service.featurestore.keys import DEFAULT_PREFIX, pointer_key, record_key_prefix
+
+T = TypeVar("T")
+# Worth another attempt within the deadline: the connection broke or the cluster is resharding.
+_RETRYABLE = (ConnectionError, RedisTimeoutError, ClusterDownError)
+
+
+class FeatureStoreUnavailable(Exception):
+    """Redis is down, timed out or the cluster is down; the message says which."""
+
+
+@dataclass
+class FetchResult:
+    """Model inputs of the user and item groups, and what had to be defaulted."""
+
+    inputs: dict[str, np.ndarray]
+    user_defaulted: bool
+    items_defaulted: int
+    item_defaulted_mask: np.ndarray
+    stale: int
+
+
+def make_client(
+    url: str,
+    *,
+    cluster: bool = False,
+    max_connections: int = 32,
+    connect_timeout_s: float = 0.05,
+    socket_timeout_s: float = 0.1,
+    password: str | None = None,
+) -> aredis.Redis | RedisCluster:
+    """A `redis.asyncio` client: hiredis parser, bounded pool, ms timeouts, no client retries.
+
+    Retries are the FeatureStore's job (within each request's deadline), so the client's own
+    retry is off. `max_connections` bounds the pool (per node on a cluster); a request waits at
+    most `socket_timeout_s` for a free connection, then fails.
+    """
+    extra: dict[str, Any] = {} if password is None else {"password": password}
+    if cluster:
+        return RedisCluster.from_url(
+            url,
+            max_connections=max_connections,
+            socket_connect_timeout=connect_timeout_s,
+            socket_timeout=socket_timeout_s,
+            retry=aredis.retry.Retry(NoBackoff(), 0),
+            cluster_error_retry_attempts=1,
+            **extra,
+        )
+    pool = aredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=socket_timeout_s,
+        socket_connect_timeout=connect_timeout_s,
+        socket_timeout=socket_timeout_s,
+        retry=aredis.retry.Retry(NoBackoff(), 0),
+        **extra,
+    )
+    return aredis.Redis(connection_pool=pool)
+
+
+@dataclass(frozen=True)
+class _GroupCodec:
+    """Precomputed decoding state of one entity group."""
+
+    group: GroupSchema
+    dtype: np.dtype
+    default_bytes: bytes
+    default_cat: np.ndarray
+    default_dense: np.ndarray
+
+    @classmethod
+    def of(cls, group: GroupSchema) -> _GroupCodec:
+        dtype = group.record_dtype()
+        cat, dense = group.default_row()
+        rec = np.zeros(1, dtype)
+        rec["written_at"] = np.inf  # never stale: the default is used only where flagged
+        rec["cat"] = cat
+        rec["dense"] = dense
+        return cls(group, dtype, rec.tobytes(), cat.astype(np.int64), dense)
+
+    def decode(
+        self, values: Sequence[bytes | None], now: float, max_age_s: float | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """Raw values -> (cat int64 [n,k], dense f32 [n,d], defaulted bool [n], stale count)."""
+        n, size, default = len(values), self.dtype.itemsize, self.default_bytes
+        ok = [v is not None and len(v) == size for v in values]
+        rec = np.frombuffer(
+            b"".join([v if good else default for v, good in zip(values, ok, strict=True)]),  # type: ignore[misc]
+            self.dtype,
+            count=n,
+        )
+        defaulted = ~np.fromiter(ok, dtype=bool, count=n)
+        corrupt = int(sum(1 for v, good in zip(values, ok, strict=True) if not good and v))
+        stale = 0
+        if max_age_s is not None and n:
+            stale_mask = (now - rec["written_at"]) > max_age_s
+            stale = int(stale_mask.sum())
+            defaulted |= stale_mask
+        cat = rec["cat"].astype(np.int64)  # a contiguous copy, as onnxruntime wants
+        dense = np.array(rec["dense"], dtype=np.float32, order="C")
+        if stale:
+            cat[stale_mask] = self.default_cat
+            dense[stale_mask] = self.default_dense
+        entity = self.group.entity
+        missing = int(defaulted.sum()) - stale - corrupt
+        for reason, count in (("missing", missing), ("stale", stale), ("corrupt", corrupt)):
+            if count:
+                metrics.DEFAULTED.labels(entity, reason).inc(count)
+        return cat, dense, defaulted, stale
+
+
+class FeatureStore:
+    """Reads user and candidate features of one schema from Redis (single node or cluster)."""
+
+    def __init__(
+        self,
+        client: aredis.Redis | RedisCluster,
+        schema: FeatureSchema,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        max_age_s: float | None = None,
+        max_retries: int = 1,
+    ) -> None:
+        self.client = client
+        self.schema = schema
+        self.prefix = prefix
+        self.max_age_s = max_age_s
+        self.max_retries = max_retries
+        self.cluster = isinstance(client, RedisCluster)
+        self._pointer = pointer_key(prefix, schema.version)
+        self._user = _maybe_codec(schema.group("user"))
+        self._item = _maybe_codec(schema.group("item"))
+        self._load_id: str | None = None
+
+    @property
+    def load_id(self) -> str | None:
+        """The load this reader currently reads (None until a load was found)."""
+        return self._load_id
+
+    async def fetch(
+        self, user_id: str, item_ids: Sequence[str], *, timeout_s: float | None = None
+    ) -> FetchResult:
+        """Features of one user and N candidates in one round trip; missing/stale -> defaults."""
+        start = time.perf_counter()
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        if self._load_id is None:
+            # No load seen yet: look for the pointer first. Until a load exists this GET is the
+            # request's only round trip (all defaults); the first request after one appears
+            # takes two, every later one takes one.
+            self._set_load_id(
+                await self._call(lambda: self.client.get(self._pointer), deadline, timeout_s)
+            )
+        n = len(item_ids)
+        values: list[bytes | None]
+        if self._load_id is None:
+            values = [None] * (1 + n)  # nothing loaded for this schema: everything defaults
+        else:
+            keys = [self._pointer]
+            if self._user is not None:
+                keys.append(self._key("user", user_id))
+            if self._item is not None:
+                base = record_key_prefix(self.prefix, self.schema.version, self._load_id, "item")
+                keys.extend([base + str(i) for i in item_ids])
+            raw = await self._call(lambda: self._mget(keys), deadline, timeout_s)
+            self._set_load_id(raw[0])  # values of this request are from the load we asked for
+            values = raw[1:] if self._user is not None else [None, *raw[1:]]
+        result = self._decode(values[0], values[1:] if self._item is not None else [None] * n)
+        metrics.FETCH_SECONDS.observe(time.perf_counter() - start)
+        return result
+
+    def _key(self, entity: str, entity_id: str) -> str:
+        assert self._load_id is not None
+        return record_key_prefix(self.prefix, self.schema.version, self._load_id, entity) + str(
+            entity_id
+        )
+
+    def _set_load_id(self, raw: bytes | str | None) -> None:
+        self._load_id = raw.decode() if isinstance(raw, bytes) else raw
+
+    async def _mget(self, keys: list[str]) -> list[Any]:
+        if self.cluster:
+            return list(await self.client.mget_nonatomic(keys))  # type: ignore[union-attr]
+        return list(await self.client.mget(keys))
+
+    def _decode(self, user_value: bytes | None, item_values: Sequence[bytes | None]) -> FetchResult:
+        now = time.time()
+        inputs: dict[str, np.ndarray] = {}
+        user_defaulted, stale = True, 0
+        if self._user is not None:
+            cat, dense, defaulted, user_stale = self._user.decode([user_value], now, self.max_age_s)
+            self._put(inputs, "user", cat, dense)
+            user_defaulted, stale = bool(defaulted[0]), user_stale
+        mask = np.ones(len(item_values), dtype=bool)
+        if self._item is not None:
+            cat, dense, mask, item_stale = self._item.decode(item_values, now, self.max_age_s)
+            self._put(inputs, "item", cat, dense)
+            stale += item_stale
+        return FetchResult(inputs, user_defaulted, int(mask.sum()), mask, stale)
+
+    @staticmethod
+    def _put(
+        inputs: dict[str, np.ndarray], entity: str, cat: np.ndarray, dense: np.ndarray
+    ) -> None:
+        if cat.shape[1]:
+            inputs[f"{entity}_cat"] = cat
+        if dense.shape[1]:
+            inputs[f"{entity}_dense"] = dense
+
+    async def _call(
+        self, op: Callable[[], Awaitable[T]], deadline: float | None, timeout_s: float | None
+    ) -> T:
+        """Run one Redis operation; retry broken connections only while the deadline allows."""
+        attempt = 0
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                metrics.ERRORS.labels("timeout").inc()
+                raise FeatureStoreUnavailable(
+                    f"Redis: request deadline of {_ms(timeout_s)} passed after {attempt} attempt(s)"
+                )
+            try:
+                async with asyncio.timeout(remaining):
+                    return await op()
+            except TimeoutError as exc:  # the request's deadline, not a socket timeout
+                metrics.ERRORS.labels("timeout").inc()
+                raise FeatureStoreUnavailable(
+                    f"Redis did not answer within the request deadline of {_ms(timeout_s)}"
+                ) from exc
+            except _RETRYABLE as exc:
+                attempt += 1
+                if attempt > self.max_retries:
+                    kind = "timeout" if isinstance(exc, RedisTimeoutError) else "connection"
+                    metrics.ERRORS.labels(kind).inc()
+                    what = "cluster down" if isinstance(exc, ClusterDownError) else kind
+                    raise FeatureStoreUnavailable(
+                        f"Redis {what} after {attempt} attempt(s): {exc}"
+                    ) from exc
+                metrics.RETRIES.inc()
+            except RedisError as exc:
+                metrics.ERRORS.labels("error").inc()
+                raise FeatureStoreUnavailable(f"Redis error: {exc}") from exc
+
+    async def ping(self, timeout_s: float = 0.25) -> bool:
+        """True if Redis answers PING within `timeout_s`."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                return bool(await self.client.ping())
+        except (TimeoutError, RedisError, OSError):
+            return False
+
+    async def aclose(self) -> None:
+        """Close the client's connections."""
+        await self.client.aclose()
+
+
+def _maybe_codec(group: GroupSchema | None) -> _GroupCodec | None:
+    return None if group is None else _GroupCodec.of(group)
+
+
+def _ms(timeout_s: float | None) -> str:
+    return "none" if timeout_s is None else f"{timeout_s * 1000:.1f} ms"
