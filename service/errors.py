@@ -99,11 +99,13 @@ def _validation_detail(exc: RequestValidationError) -> list[dict[str, str]]:
     detail = []
     for err in exc.errors()[:20]:  # bounded: a 1000-item body could produce 1000 errors
         msg = str(err.get("msg", "invalid"))
+        loc = tuple(err.get("loc", ()))
         if err.get("type") == "finite_number":
             msg = "must be a finite number (NaN and infinity are not accepted)"
         elif err.get("type") == "json_invalid":
-            msg = "body is not valid JSON"
-        detail.append({"field": field_name(tuple(err.get("loc", ()))), "message": msg})
+            where = f" at character {loc[-1]}" if loc and isinstance(loc[-1], int) else ""
+            msg, loc = f"body is not valid JSON{where}", ()
+        detail.append({"field": field_name(loc), "message": msg})
     return detail
 
 
