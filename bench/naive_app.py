@@ -1,0 +1,91 @@
+"""The implementation a user would write first, as the baseline the service is compared with.
+
+Deliberately straightforward, not deliberately slow: a FastAPI endpoint that reads the user's
+and each candidate's features with one HGETALL per entity, encodes them feature by feature in a
+Python loop with the same schema functions, stacks them into tensors, runs the same weights in
+eager PyTorch, and returns plain dicts through FastAPI's default serialisation.
+
+    NAIVE_MODEL_DIR=models/mmoe/1 NAIVE_REDIS_URL=redis://127.0.0.1:6379/0 \
+        uvicorn --factory bench.naive_app:create_app
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import redis
+import torch
+from fastapi import FastAPI
+from pydantic import BaseModel, Field
+
+from bench.data import naive_key
+from bench.eager import load_eager
+from ranker.manifest import load_manifest, load_schema
+
+
+class RankRequest(BaseModel):
+    user_id: str
+    candidates: list[str] = Field(min_length=1, max_length=1000)
+    weights: dict[str, float] | None = None
+    context: dict[str, Any] | None = None
+    top_k: int | None = None
+
+
+def create_app() -> FastAPI:
+    """The naive app for the model version in NAIVE_MODEL_DIR and the Redis at NAIVE_REDIS_URL."""
+    version_dir = Path(os.environ["NAIVE_MODEL_DIR"])
+    manifest = load_manifest(version_dir)
+    schema = load_schema(version_dir, manifest)
+    model = load_eager(version_dir)
+    tasks = list(manifest.tasks)
+    r = redis.Redis.from_url(os.environ["NAIVE_REDIS_URL"], decode_responses=True)
+    app = FastAPI(title="naive ranker")
+
+    def encode(entity: str, values: dict[str, Any]) -> tuple[list[int], list[float]]:
+        g = schema.group(entity)
+        if g is None:
+            return [], []
+        return ([f.vocab.encode_one(values.get(f.name)) for f in g.categorical],
+                [f.encode_one(values.get(f.name)) for f in g.dense])
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/rank")
+    def rank(req: RankRequest) -> dict[str, Any]:
+        user = r.hgetall(naive_key("user", req.user_id))
+        user_cat, user_dense = encode("user", user)  # type: ignore[arg-type]
+        ctx_cat, ctx_dense = encode("context", req.context or {})
+        rows: dict[str, list[Any]] = {k: [] for k in
+                                      ("user_cat", "user_dense", "item_cat", "item_dense",
+                                       "context_cat", "context_dense")}
+        for item_id in req.candidates:
+            item = r.hgetall(naive_key("item", item_id))
+            item_cat, item_dense = encode("item", item)  # type: ignore[arg-type]
+            rows["user_cat"].append(user_cat)
+            rows["user_dense"].append(user_dense)
+            rows["item_cat"].append(item_cat)
+            rows["item_dense"].append(item_dense)
+            rows["context_cat"].append(ctx_cat)
+            rows["context_dense"].append(ctx_dense)
+        inputs = {}
+        for name, _dtype, _width in schema.input_specs():
+            dtype = torch.int64 if name.endswith("_cat") else torch.float32
+            inputs[name] = torch.tensor(rows[name], dtype=dtype)
+        with torch.no_grad():
+            out = model(inputs)
+        weights = {t: (req.weights or {}).get(t, 1.0) for t in tasks}
+        items: list[dict[str, Any]] = []
+        for i, item_id in enumerate(req.candidates):
+            scores = {t: float(out[t][i]) for t in tasks}
+            items.append({"item_id": item_id, "score": sum(weights[t] * scores[t] for t in tasks),
+                          "scores": scores})
+        items.sort(key=lambda x: x["score"], reverse=True)
+        if req.top_k is not None:
+            items = items[: req.top_k]
+        return {"model_version": manifest.version, "items": items}
+
+    return app
