@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import random
 import shutil
 import signal
 import socket
@@ -56,6 +57,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_cluster_port(attempts: int = 200) -> int:
+    """A free port p <= 55535 whose cluster bus port p + 10000 is free too (Redis needs both)."""
+    rng = random.Random()
+    for _ in range(attempts):
+        port = rng.randint(20000, 55535)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind((HOST, port))
+                b.bind((HOST, port + 10000))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError(f"no free cluster port pair found in {attempts} attempts")
+
+
 def _die_with_parent() -> None:
     # Runs in the child before exec: SIGKILL it when the parent thread dies (Linux only).
     with contextlib.suppress(Exception):
@@ -88,7 +104,7 @@ class RedisServer:
         extra_args: tuple[str, ...] = (),
         binary: str | None = None,
     ) -> None:
-        self.port = port or free_port()
+        self.port = port or (free_cluster_port() if cluster else free_port())
         self.password = password
         self.cluster = cluster
         self.startup_timeout_s = startup_timeout_s
@@ -271,10 +287,11 @@ class RedisClusterServer:
         if res.returncode != 0:
             self.stop()
             raise RuntimeError(f"cluster create failed: {res.stdout!r} {res.stderr!r}")
-        self._wait_ok()
+        self.wait_ok()
         return self
 
-    def _wait_ok(self) -> None:
+    def wait_ok(self) -> None:
+        """Wait (bounded) until every node reports cluster_state:ok."""
         import redis
 
         deadline = time.monotonic() + self.ready_timeout_s

@@ -70,7 +70,6 @@ def make_client(
             socket_connect_timeout=connect_timeout_s,
             socket_timeout=socket_timeout_s,
             retry=aredis.retry.Retry(NoBackoff(), 0),
-            cluster_error_retry_attempts=1,
             **extra,
         )
     pool = aredis.BlockingConnectionPool.from_url(

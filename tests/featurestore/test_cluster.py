@@ -1,0 +1,104 @@
+"""The same writer and reader against a real 3-master Redis Cluster started on loopback ports."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from redis.cluster import RedisCluster
+
+from service.featurestore.embedded import RedisClusterServer
+from service.featurestore.keys import record_key_prefix
+from service.featurestore.reader import FeatureStore, FeatureStoreUnavailable, make_client
+from service.featurestore.writer import load_tables, make_sync_client
+from tests.featurestore.tables import items_table, users_table
+from tests.tiny import tiny_schema
+
+SCHEMA = tiny_schema()
+ITEMS = [f"i{i}" for i in range(30)]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisClusterServer]:
+    with RedisClusterServer(masters=3) as c:
+        yield c
+
+
+@pytest.fixture
+def cluster_client(cluster: RedisClusterServer) -> Iterator[RedisCluster]:
+    client = make_sync_client(cluster.url)  # detects cluster mode by itself
+    assert isinstance(client, RedisCluster)
+    client.flushall(target_nodes=RedisCluster.PRIMARIES)
+    yield client
+    client.close()
+
+
+def _expected_item_cat() -> np.ndarray:
+    cat = np.array([[i + 1, i % 8 + 1] for i in range(30)], dtype=np.int64)
+    cat[3, 1] = 0  # "c99" is out of vocabulary
+    return cat
+
+
+async def test_load_and_fetch_across_slots(
+    cluster: RedisClusterServer, cluster_client: RedisCluster
+) -> None:
+    rep = load_tables(cluster_client, SCHEMA, users_table(), items_table())
+    assert (rep.users, rep.items) == (10, 30)
+    prefix = record_key_prefix("rk", SCHEMA.version, rep.load_id, "item")
+    nodes = {cluster_client.get_node_from_key(prefix + i).port for i in ITEMS}
+    assert len(nodes) == 3  # the request's keys really span the three masters
+    fs = FeatureStore(make_client(cluster.url, cluster=True), SCHEMA)
+    try:
+        res = await fs.fetch("u3", [*ITEMS, "unknown"], timeout_s=1.0)
+        np.testing.assert_array_equal(res.inputs["user_cat"], [[4, 4]])
+        np.testing.assert_array_equal(res.inputs["item_cat"][:30], _expected_item_cat())
+        np.testing.assert_allclose(
+            res.inputs["item_dense"][:30, 0], (np.arange(30) - 30) / 20, rtol=1e-6
+        )
+        assert res.items_defaulted == 1 and bool(res.item_defaulted_mask[30])
+        assert not res.user_defaulted
+    finally:
+        await fs.aclose()
+
+
+async def test_switch_and_idempotent_reload_on_cluster(
+    cluster: RedisClusterServer, cluster_client: RedisCluster
+) -> None:
+    first = load_tables(cluster_client, SCHEMA, users_table(), items_table())
+    again = load_tables(cluster_client, SCHEMA, users_table(), items_table())
+    assert again.load_id == first.load_id and again.old_keys_expiring == 0
+    second = load_tables(
+        cluster_client, SCHEMA, users_table(activity_scale=3.0), items_table(), old_load_grace_s=30
+    )
+    assert second.old_keys_expiring == 40  # SCAN found the old load on every master
+    fs = FeatureStore(make_client(cluster.url, cluster=True), SCHEMA)
+    try:
+        await fs.fetch("u1", ["i1"])
+        assert fs.load_id == second.load_id
+        res = await fs.fetch("u1", ["i1"])
+        np.testing.assert_allclose(
+            res.inputs["user_dense"], [[(np.log1p(3.0) - 1.5) / 0.8]], rtol=1e-6
+        )
+    finally:
+        await fs.aclose()
+
+
+async def test_cluster_node_down_is_a_typed_error(
+    cluster: RedisClusterServer, cluster_client: RedisCluster
+) -> None:
+    load_tables(cluster_client, SCHEMA, users_table(), items_table())
+    fs = FeatureStore(make_client(cluster.url, cluster=True), SCHEMA)
+    victim = cluster.nodes[2]
+    try:
+        await fs.fetch("u1", ITEMS)
+        victim.kill()
+        t0 = time.perf_counter()
+        with pytest.raises(FeatureStoreUnavailable, match="connection"):
+            await fs.fetch("u1", ITEMS, timeout_s=0.5)
+        assert time.perf_counter() - t0 < 0.6
+    finally:
+        victim.start()  # same port and dir (nodes.conf): it rejoins with its slots
+        await fs.aclose()
+    cluster.wait_ok()
