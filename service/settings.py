@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
     # deadline for the feature fetch and inference together
     request_timeout_s: float = Field(default=0.5, gt=0)
+    # part of the deadline kept for inference: the fetch gets the rest, so a degraded ranking
+    # still has time to run after a feature store timeout
+    inference_budget_s: float = Field(default=0.1, gt=0)
     # 0 = unlimited; beyond it requests get a 503 (overload)
     max_inflight: int = Field(default=0, ge=0)
 

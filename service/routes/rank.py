@@ -138,6 +138,8 @@ async def rank(req: RankRequest, state: StateDep, request: Request) -> Response:
     t0 = time.perf_counter()
     settings = state.settings
     deadline = t0 + settings.request_timeout_s
+    # the fetch may use the deadline minus the inference budget; inference always gets its budget
+    fetch_deadline = deadline - min(settings.inference_budget_s, settings.request_timeout_s / 2)
     serving = state.serving  # held to the end: the response names exactly this version
     if serving is None:
         raise ModelUnavailable("no model loaded yet", headers={"Retry-After": "1"})
@@ -148,7 +150,7 @@ async def rank(req: RankRequest, state: StateDep, request: Request) -> Response:
     t1 = time.perf_counter()
     stage.labels("validate").observe(t1 - t0)
 
-    feats = await fetch_features(state, serving, req, deadline)
+    feats = await fetch_features(state, serving, req, fetch_deadline)
     t2 = time.perf_counter()
     stage.labels("fetch").observe(t2 - t1)
 
@@ -157,11 +159,7 @@ async def rank(req: RankRequest, state: StateDep, request: Request) -> Response:
     t3 = time.perf_counter()
     stage.labels("decode").observe(t3 - t2)
 
-    remaining = deadline - t3
-    if remaining <= 0:
-        metrics.REJECTED.labels("deadline").inc()
-        raise DeadlineExceeded("request deadline passed before inference",
-                               headers={"Retry-After": str(settings.retry_after_s)})
+    remaining = max(deadline - t3, settings.inference_budget_s)
     future = asyncio.get_running_loop().run_in_executor(state.executor, model.run, inputs)
     try:
         scores, gates = await asyncio.wait_for(future, remaining)

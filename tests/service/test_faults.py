@@ -1,0 +1,108 @@
+"""Redis faults against the real server: stopped, or paused past the deadline; then recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+import redis
+
+from tests.service.helpers import load_features, metric, running_app, settings_for
+
+pytestmark = pytest.mark.asyncio
+
+BODY = {"user_id": "u1", "candidates": ["i1", "i2", "i3"]}
+DEADLINE_S = 0.3
+
+
+async def wait_until_ok(client: httpx.AsyncClient, timeout_s: float = 5.0) -> httpx.Response:
+    """Post /rank until it answers 200 non-degraded (bounded in time)."""
+    end = time.monotonic() + timeout_s
+    while True:
+        r = await client.post("/rank", json=BODY)
+        if r.status_code == 200 and not r.json()["degraded"]:
+            return r
+        assert time.monotonic() < end, f"did not recover: {r.status_code} {r.text}"
+        await asyncio.sleep(0.05)
+
+
+def pause_redis(url: str, ms: int) -> None:
+    """CLIENT PAUSE: the real server stops answering every client for `ms` milliseconds."""
+    c = redis.Redis.from_url(url, socket_timeout=2)
+    try:
+        c.execute_command("CLIENT", "PAUSE", str(ms), "ALL")
+    finally:
+        c.close()
+
+
+async def test_fail_mode_stopped_redis_gives_fast_503_then_recovers(model_repo, redis_server,
+                                                                    redis_url):
+    load_features(redis_url, model_repo / "mmoe" / "1")
+    settings = settings_for(model_repo, redis_url, redis_failure_mode="fail",
+                            request_timeout_s=DEADLINE_S, retry_after_s=2)
+    async with running_app(settings) as client:
+        await wait_until_ok(client)
+        redis_server.stop()
+        try:
+            t0 = time.perf_counter()
+            r = await client.post("/rank", json=BODY)
+            elapsed = time.perf_counter() - t0
+            assert r.status_code == 503, r.text
+            assert r.json()["error"] == "feature_store_unavailable"
+            assert r.headers["retry-after"] == "2"
+            assert elapsed < DEADLINE_S + 0.2
+            ready = await client.get("/readyz")
+            assert ready.status_code == 503 and "unreachable" in ready.json()["reason"]
+            assert (await client.get("/healthz")).status_code == 200
+        finally:
+            redis_server.start()
+        load_features(redis_url, model_repo / "mmoe" / "1")  # the server kept nothing
+        r = await wait_until_ok(client)
+        assert r.json()["defaulted"]["items"] == 0
+        assert (await client.get("/readyz")).status_code == 200
+
+
+async def test_degrade_mode_ranks_with_defaults_when_redis_is_down(model_repo, redis_server,
+                                                                   redis_url):
+    load_features(redis_url, model_repo / "mmoe" / "1")
+    settings = settings_for(model_repo, redis_url, redis_failure_mode="degrade",
+                            request_timeout_s=DEADLINE_S)
+    async with running_app(settings) as client:
+        healthy = (await wait_until_ok(client)).json()
+        degraded = metric("ranker_degraded_responses_total", {"reason": "redis_unavailable"})
+        redis_server.stop()
+        try:
+            r = await client.post("/rank", json=BODY)
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["degraded"] is True and body["degraded_reason"] == "redis_unavailable"
+            assert body["defaulted"] == {"user": 1, "items": 3, "stale": 0}
+            assert body["items"] != healthy["items"]
+            assert metric("ranker_degraded_responses_total",
+                          {"reason": "redis_unavailable"}) == degraded + 1
+        finally:
+            redis_server.start()
+        load_features(redis_url, model_repo / "mmoe" / "1")
+        assert (await wait_until_ok(client)).json()["items"] == healthy["items"]
+
+
+@pytest.mark.parametrize("mode", ["fail", "degrade"])
+async def test_redis_slower_than_deadline(model_repo, redis_url, mode):
+    load_features(redis_url, model_repo / "mmoe" / "1")
+    settings = settings_for(model_repo, redis_url, redis_failure_mode=mode,
+                            request_timeout_s=DEADLINE_S, redis_socket_timeout_s=2.0)
+    async with running_app(settings) as client:
+        await wait_until_ok(client)
+        pause_redis(redis_url, 1500)
+        t0 = time.perf_counter()
+        r = await client.post("/rank", json=BODY)
+        elapsed = time.perf_counter() - t0
+        assert elapsed < DEADLINE_S + 0.3, elapsed  # never a hang
+        if mode == "fail":
+            assert r.status_code == 503 and "retry-after" in r.headers
+        else:
+            assert r.status_code == 200 and r.json()["degraded_reason"] == "redis_timeout"
+        await asyncio.sleep(1.3)  # the pause ends; the next requests are normal again
+        await wait_until_ok(client)
