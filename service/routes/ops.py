@@ -35,7 +35,9 @@ async def redis_ok(state: AppState) -> tuple[bool, str]:
         ok = await asyncio.wait_for(serving.store.ping(), READY_PING_TIMEOUT_S)
     except Exception as e:  # any failure to answer means not ready
         return False, f"feature store unreachable: {type(e).__name__}"
-    return bool(ok), "feature store reachable" if ok else "feature store unreachable (no PING answer)"
+    if not ok:
+        return False, "feature store unreachable (no PING answer)"
+    return True, "feature store reachable"
 
 
 @router.get("/readyz")
