@@ -45,6 +45,7 @@ class Processes:
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.started: list[dict[str, object]] = []  # every child ever started: name, pid
 
     def start(
         self, name: str, cmd: list[str], env: dict[str, str] | None = None
@@ -57,6 +58,7 @@ class Processes:
         )
         log.close()  # the child holds its own descriptor
         self.children.append((name, proc))
+        self.started.append({"name": name, "pid": proc.pid})
         return proc
 
     def stop(self, proc: subprocess.Popen[bytes], timeout_s: float = 5.0) -> None:

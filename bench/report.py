@@ -1,0 +1,275 @@
+"""Turn a benchmark's raw results into ratios against the targets, a Markdown report and a plot."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+STAGE_ORDER = ("validate", "fetch", "decode", "inference", "combine", "serialize")
+
+
+def machine() -> dict[str, Any]:
+    """CPU, cores and the versions of everything on the measured path."""
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {"python": platform.python_version()}
+    for pkg in ("onnxruntime", "torch", "fastapi", "uvicorn", "redis", "hiredis", "numpy",
+                "orjson", "uvloop", "httptools"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = "not installed"
+    versions["redis-server"] = _redis_server_version()
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+            "loadavg_1m_at_end": os.getloadavg()[0], "versions": versions}
+
+
+def _redis_server_version() -> str:
+    from service.featurestore.embedded import find_binary
+
+    try:
+        out = subprocess.run([find_binary(), "--version"], capture_output=True, text=True,
+                             timeout=10, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return next((w.split("=", 1)[1] for w in out.split() if w.startswith("v=")), out.strip())
+
+
+def _runs(results: dict[str, Any], **match: Any) -> list[dict[str, Any]]:
+    return [r for r in results.get("runs", [])
+            if all(r.get(k) == v for k, v in match.items())]
+
+
+def _c1(results: dict[str, Any], system: str, n: int) -> dict[str, Any] | None:
+    rows = _runs(results, system=system, workers=1, n=n, kind="sweep", concurrency=1)
+    return rows[0] if rows else None
+
+
+def summarise(results: dict[str, Any], targets: dict[str, float]) -> dict[str, Any]:
+    """Overhead per N, ratios to the naive app, saturation vs the inference floor, pass/fail."""
+    plan = results["plan"]
+    cores = os.cpu_count() or 1
+    per_n: dict[str, Any] = {}
+    for n in plan["ns"]:
+        fl = results["floors"][str(n)]
+        noop = results["floors_http"][str(n)]
+        floor_sum = fl["mget"]["p50_ms"] + fl["inference"]["p50_ms"] + noop["p50_ms"]
+        svc, naive = _c1(results, "service", n), _c1(results, "naive", n)
+        row: dict[str, Any] = {
+            "mget_p50_ms": fl["mget"]["p50_ms"], "inference_p50_ms": fl["inference"]["p50_ms"],
+            "noop_http_p50_ms": noop["p50_ms"], "floor_sum_ms": floor_sum,
+        }
+        if svc:
+            row |= {"service_p50_ms": svc["p50_ms"], "service_p99_ms": svc["p99_ms"],
+                    "overhead_ratio": svc["p50_ms"] / floor_sum}
+        if naive:
+            row |= {"naive_p50_ms": naive["p50_ms"], "naive_p99_ms": naive["p99_ms"]}
+        sat = results.get("saturation_rps", {})
+        for key, by_n in sat.items():
+            if str(n) in by_n:
+                row[f"saturation_rps_{key}"] = by_n[str(n)]
+        # inference alone could do cores / t_inference requests per second on this machine
+        row["inference_floor_rps"] = cores / (fl["inference"]["p50_ms"] / 1e3)
+        svc_sat = [v for k, v in row.items() if k.startswith("saturation_rps_service")]
+        naive_sat = [v for k, v in row.items() if k.startswith("saturation_rps_naive")]
+        if svc_sat:
+            row["saturation_vs_inference_floor"] = max(svc_sat) / row["inference_floor_rps"]
+        if svc_sat and naive_sat:
+            row["throughput_ratio_best"] = max(svc_sat) / max(naive_sat)
+        w1s, w1n = row.get("saturation_rps_service-w1"), row.get("saturation_rps_naive-w1")
+        if w1s and w1n:
+            row["throughput_ratio_w1"] = w1s / w1n
+        per_n[str(n)] = row
+
+    key = per_n[str(plan["key_n"])]
+    same = {r["system"]: r for r in _runs(results, kind="same_load")}
+    out: dict[str, Any] = {"per_n": per_n, "key_n": plan["key_n"], "targets": []}
+    if "service" in same and "naive" in same:
+        out["same_load"] = {
+            "offered_rps": same["service"]["offered_rps"],
+            "service_p99_ms": same["service"]["p99_ms"], "naive_p99_ms": same["naive"]["p99_ms"],
+            "p99_ratio": same["service"]["p99_ms"] / same["naive"]["p99_ms"],
+        }
+
+    def target(name: str, value: float | None, limit: float, at_most: bool) -> None:
+        ok = None if value is None else (value <= limit if at_most else value >= limit)
+        out["targets"].append({"name": name, "value": value, "limit": limit,
+                               "at_most": at_most, "pass": ok})
+
+    kn = plan["key_n"]
+    target(f"overhead ratio at N={kn}, c=1 (service p50 / sum of floors)",
+           key.get("overhead_ratio"), targets["overhead_ratio_max"], True)
+    target(f"throughput vs naive at N={kn} (best workers each)",
+           key.get("throughput_ratio_best"), targets["throughput_ratio_min"], False)
+    target(f"p99 vs naive at N={kn}, same offered load",
+           out.get("same_load", {}).get("p99_ratio"), targets["p99_ratio_max"], True)
+    target(f"saturation vs inference floor at N={kn}",
+           key.get("saturation_vs_inference_floor"),
+           targets["saturation_vs_inference_floor_min"], False)
+    return out
+
+
+def _f(x: Any, digits: int = 2) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:,.{digits}f}"
+    return str(x)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The human-readable report: machine, command, every figure, targets."""
+    meta, summ, plan = results["meta"], results["summary"], results["plan"]
+    lines = [f"# Benchmark {meta['started_at']}", ""]
+    lines += [f"Command: `{meta['command']}` (wall time {results['wall_s']:.0f} s)", "",
+              f"Machine: {meta['cpu']}, {meta['cores']} cores, {meta['platform']}; 1-minute load "
+              f"average {meta.get('loadavg_1m_at_start', float('nan')):.1f} at the start, "
+              f"{meta['loadavg_1m_at_end']:.1f} at the end (other processes share the cores).",
+              "",
+              "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), ""]
+    m = results["model"]
+    lines += [f"Model: {m['name']} v{m['version']} ({m['model_type']}, tasks "
+              f"{', '.join(m['tasks'])}) from `{m['dir']}`. Data: {results['data']['users']} "
+              f"users, {results['data']['items']} items ({results['data']['source']}).", "",
+              f"Each point: {plan['duration_s']} s measured after {plan['warmup_s']} s warm-up; "
+              "load generator = bench/loadgen.py (asyncio + uvloop, raw HTTP/1.1 keep-alive, "
+              "own process). The load generator, Redis and the server share the same cores.", ""]
+    lines += ["## Targets", "", "| target | value | limit | pass |", "|---|---|---|---|"]
+    for t in summ["targets"]:
+        op = "≤" if t["at_most"] else "≥"
+        lines.append(f"| {t['name']} | {_f(t['value'])} | {op} {t['limit']} | "
+                     f"{ {True: 'PASS', False: 'FAIL', None: 'not measured'}[t['pass']]} |")
+    lines += ["", "## Latency at concurrency 1 and the floors (p50, ms)", "",
+              "| N | service p50 | service p99 | MGET floor | inference floor | noop HTTP floor "
+              "| sum of floors | overhead ratio | naive p50 | naive p99 |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for n, r in summ["per_n"].items():
+        lines.append(
+            f"| {n} | {_f(r.get('service_p50_ms'))} | {_f(r.get('service_p99_ms'))} | "
+            f"{_f(r['mget_p50_ms'], 3)} | {_f(r['inference_p50_ms'], 3)} | "
+            f"{_f(r['noop_http_p50_ms'], 3)} | {_f(r['floor_sum_ms'])} | "
+            f"{_f(r.get('overhead_ratio'))} | {_f(r.get('naive_p50_ms'))} | "
+            f"{_f(r.get('naive_p99_ms'))} |")
+    lines += ["", "## Saturation (closed loop, best req/s over the concurrency sweep)", ""]
+    keys = sorted({k for r in summ["per_n"].values() for k in r if k.startswith("saturation_rps")})
+    lines += ["| N | " + " | ".join(k.removeprefix("saturation_rps_") for k in keys)
+              + " | inference floor (cores / t_inf) | service / floor | service / naive |",
+              "|---|" + "---|" * (len(keys) + 3)]
+    for n, r in summ["per_n"].items():
+        lines.append(f"| {n} | " + " | ".join(_f(r.get(k), 0) for k in keys)
+                     + f" | {_f(r['inference_floor_rps'], 0)} | "
+                     f"{_f(r.get('saturation_vs_inference_floor'))} | "
+                     f"{_f(r.get('throughput_ratio_best'))} |")
+    if "same_load" in summ:
+        s = summ["same_load"]
+        lines += ["", f"Same offered load (open loop, {s['offered_rps']:.0f} req/s = 80 % of the "
+                  f"naive app's saturation, N={summ['key_n']}): service p99 "
+                  f"{s['service_p99_ms']:.2f} ms, naive p99 {s['naive_p99_ms']:.2f} ms, "
+                  f"ratio {s['p99_ratio']:.3f}."]
+    lines += ["", "## All load points", "",
+              "| system | workers | N | kind | mode | c / rate | req/s | cand/s | p50 | p95 | p99 "
+              "| errors | client CPU |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results["runs"]:
+        load = r["concurrency"] if r["mode"] == "closed" else f"{r['offered_rps']:.0f}/s"
+        kind = r["kind"] + "".join(f" {k}={r[k]}" for k in ("top_k", "intra_op") if k in r)
+        lines.append(
+            f"| {r['system']} | {r['workers']} | {r['n']} | {kind} | {r['mode']} | {load} | "
+            f"{_f(r['rps'], 1)} | {_f(r['candidates_per_s'], 0)} | {_f(r.get('p50_ms'))} | "
+            f"{_f(r.get('p95_ms'))} | {_f(r.get('p99_ms'))} | {r['errors'] or 0} | "
+            f"{r['client_cpu_util']:.0%} |")
+    lines += _stage_lines(results) + _knob_lines(results)
+    return "\n".join(lines) + "\n"
+
+
+def _stage_lines(results: dict[str, Any]) -> list[str]:
+    kn = str(results["plan"]["key_n"])
+    stages = results.get("stages_metrics_ms", {})
+    lines = ["", f"## Stage breakdown of one request (N={kn}, concurrency 1)", "",
+             "Mean ms per request from the service's `ranker_stage_duration_seconds` histograms "
+             "(sum/count scraped from /metrics before and after the concurrency-1 run); "
+             "`parse` (JSON body -> RankRequest, before the handler runs) timed in-process.", "",
+             "| stage | ms |", "|---|---|",
+             f"| parse (in-process) | {_f(results['parse'][kn]['p50_ms'], 3)} |"]
+    lines += [f"| {s} | {_f(stages[s], 3)} |" for s in STAGE_ORDER if s in stages]
+    return lines
+
+
+def _knob_lines(results: dict[str, Any]) -> list[str]:
+    kn = str(results["plan"]["key_n"])
+    lines = ["", f"## Knobs (N={kn})", "", "onnxruntime session, one run (p50 ms):", "",
+             "| intra-op threads | graph optimisation | p50 | p99 |", "|---|---|---|---|"]
+    lines += [f"| {r['intra_op']} | {r['opt']} | {_f(r['p50_ms'], 3)} | {_f(r['p99_ms'], 3)} |"
+              for r in results["ort_knobs"]]
+    lines += ["", "User features once per request (U=1, broadcast in the graph) vs tiled per "
+              "candidate (U=N), same graph:", "",
+              "| N | U=1 p50 | U=N p50 | speed-up | max abs diff |", "|---|---|---|---|---|"]
+    for n, u in results["user_once"].items():
+        lines.append(f"| {n} | {_f(u['user_once']['p50_ms'], 3)} | {_f(u['tiled']['p50_ms'], 3)}"
+                     f" | {u['tiled']['p50_ms'] / u['user_once']['p50_ms']:.2f}x | "
+                     f"{u['max_abs_diff']:.2e} |")
+    e = results["eager_vs_onnx"]
+    lines += ["", f"Naive app's eager PyTorch model vs the served ONNX graph: max abs diff "
+              f"{e['golden_max_abs_diff']:.2e} on the golden sample, "
+              f"{e['batches_max_abs_diff']:.2e} on real batches (same weights).", "",
+              "Response serialisation (p50 ms):", "",
+              "| items | bytes | orjson | json.dumps | FastAPI default (jsonable_encoder + json) |",
+              "|---|---|---|---|---|"]
+    for k, s in results["serialisation"].items():
+        lines.append(f"| {k} | {s['bytes']} | {_f(s['orjson']['p50_ms'], 3)} | "
+                     f"{_f(s['json']['p50_ms'], 3)} | {_f(s['fastapi_default']['p50_ms'], 3)} |")
+    return lines
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """p99 latency against throughput, one panel per N, service vs naive (closed-loop sweeps)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = results["plan"]["ns"]
+    fig, axes = plt.subplots(1, len(ns), figsize=(5 * len(ns), 4), squeeze=False)
+    styles = {"service": "-o", "naive": "--s"}
+    for ax, n in zip(axes[0], ns, strict=True):
+        for system in ("service", "naive"):
+            for w in results["plan"]["workers"]:
+                pts = [(r["rps"], r["p99_ms"]) for r in
+                       _runs(results, system=system, workers=w, n=n, kind="sweep") if "p99_ms" in r]
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), styles[system], label=f"{system} {w}w")
+            same = _runs(results, system=system, n=n, kind="same_load")
+            for r in same:
+                if "p99_ms" in r:
+                    ax.plot(r["rps"], r["p99_ms"], "*", markersize=12,
+                            label=f"{system} same load")
+        ax.set_xlabel("throughput (requests/s)")
+        ax.set_ylabel("p99 latency (ms)")
+        ax.set_yscale("log")
+        ax.set_title(f"N = {n} candidates")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"p99 latency vs throughput ({results['meta']['started_at']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(results: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
+    """<stem>.json, <stem>.md and <stem>-p99.png in out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / f"{stem}-p99.png"]
+    paths[0].write_text(json.dumps(results, indent=1, default=str) + "\n")
+    paths[1].write_text(markdown(results))
+    plot(results, paths[2])
+    return paths
