@@ -1,0 +1,116 @@
+"""Reliability fixtures: two real exported model versions, a feature-loaded redis-server, and
+the expected scores of every (user, item) pair computed directly with onnxruntime."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+
+from service.featurestore.embedded import RedisServer
+from tests.reliability.oracle import Oracle
+
+MODEL_NAME = "mmoe"
+
+
+@pytest.fixture(scope="session")
+def pristine_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """mmoe/1 and mmoe/2: two real tiny MMoEs (same schema, different weights)."""
+    from tests.tiny import export_tiny_model
+
+    repo = tmp_path_factory.mktemp("rel_pristine")
+    export_tiny_model(repo, name=MODEL_NAME, seed=0)
+    export_tiny_model(repo, name=MODEL_NAME, seed=1)
+    return repo
+
+
+@pytest.fixture
+def model_repo(pristine_models: Path, tmp_path: Path) -> Path:
+    """A private repository holding only version 1."""
+    repo = tmp_path / "models"
+    (repo / MODEL_NAME).mkdir(parents=True)
+    shutil.copytree(pristine_models / MODEL_NAME / "1", repo / MODEL_NAME / "1")
+    return repo
+
+
+def install_version(pristine: Path, repo: Path, version: int, source: int = 2,
+                    corrupt: str | None = None) -> Path:
+    """Copy a pristine version in as `version`, atomically (copy aside, then one rename).
+
+    corrupt="byte" flips one byte of model.onnx; corrupt="schema" widens an input in the manifest.
+    """
+    tmp = repo / MODEL_NAME / f".incoming-{version}"
+    shutil.copytree(pristine / MODEL_NAME / str(source), tmp)
+    manifest = json.loads((tmp / "manifest.json").read_text())
+    manifest["version"] = version
+    if corrupt == "schema":
+        manifest["inputs"][1]["shape"] = [manifest["inputs"][1]["shape"][0], 5]
+    (tmp / "manifest.json").write_text(json.dumps(manifest))
+    if corrupt == "byte":
+        data = bytearray((tmp / "model.onnx").read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (tmp / "model.onnx").write_bytes(bytes(data))
+    dst = repo / MODEL_NAME / str(version)
+    os.rename(tmp, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def oracle(pristine_models: Path) -> Oracle:
+    """Expected scores of every (version, user, item), computed without the service."""
+    return Oracle.build(pristine_models / MODEL_NAME, versions=(1, 2))
+
+
+@pytest.fixture(scope="session")
+def feature_redis(pristine_models: Path) -> Iterator[RedisServer]:
+    """A private redis-server with the test feature tables loaded (tests may kill/restart it)."""
+    from tests.service.helpers import load_features
+
+    with RedisServer() as server:
+        load_features(server.url, pristine_models / MODEL_NAME / "1")
+        client = redis.Redis.from_url(server.url, socket_timeout=5)
+        try:
+            client.save()  # dump.rdb in its directory: a restart on the same dir reloads the data
+        finally:
+            client.close()
+        yield server
+
+
+@pytest.fixture
+def live_redis(feature_redis: RedisServer) -> RedisServer:
+    """The feature server, running (restarted if an earlier test left it down)."""
+    if not feature_redis.running:
+        feature_redis.start()
+    return feature_redis
+
+
+def service_env(repo: Path, redis_url: str | None, **settings: object) -> dict[str, str]:
+    """RANKER_* environment for a server process: quick warm-up, the test Redis."""
+    env = {
+        "RANKER_MODEL_REPO": str(repo),
+        "RANKER_MODEL_NAME": MODEL_NAME,
+        "RANKER_WARMUP_BATCH_SIZES": "[1, 64]",
+        "RANKER_REQUEST_TIMEOUT_S": "1.0",
+        "RANKER_REDIS_CONNECT_TIMEOUT_S": "0.2",
+        "RANKER_REDIS_SOCKET_TIMEOUT_S": "0.2",
+    }
+    if redis_url:
+        env["RANKER_REDIS_URL"] = redis_url
+    for key, value in settings.items():
+        env[f"RANKER_{key.upper()}"] = value if isinstance(value, str) else json.dumps(value)
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    return env
+
+
+def rank_body(i: int, n: int = 20, n_users: int = 10, n_items: int = 60) -> dict[str, Any]:
+    """Request i: user u{i % n_users}, n distinct items chosen by i (deterministic)."""
+    rng = np.random.default_rng(i)
+    items = rng.choice(n_items, size=min(n, n_items), replace=False)
+    return {"user_id": f"u{i % n_users}", "candidates": [f"i{j}" for j in items]}
