@@ -13,8 +13,10 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from service import metrics
+from service.cors import add_cors
 from service.errors import install_handlers
 from service.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from service.playground import playground_router
 from service.registry import LoadedModel, ModelRegistry, NoModelError
 from service.routes import ops, rank
 from service.settings import Settings, get_settings
@@ -139,6 +141,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # added last = outermost: the request id exists before the body limit answers
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware, routes=ROUTES, max_inflight=settings.max_inflight)
+    if settings.playground_enabled:
+        app.include_router(playground_router)
+    # outermost of all: preflights are answered before limits, and 4xx/5xx carry CORS headers
+    add_cors(app, settings)
     return app
 
 

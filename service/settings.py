@@ -68,6 +68,11 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
 
+    # browser clients (service/cors.py, docs/playground.md)
+    cors_origins: list[str] = []  # RANKER_CORS_ORIGINS='["https://app.example.com"]'; none = off
+    cors_allow_credentials: bool = False  # never with "*": refused at startup
+    playground_enabled: bool = False  # the /playground page; the local main job turns it on
+
     @model_validator(mode="after")
     def _check_bounds(self) -> Settings:
         if not 0 <= self.weight_min <= self.weight_max:

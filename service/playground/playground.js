@@ -96,7 +96,7 @@ function currentContext() {
 function updateCandidateCount() {
   const { ids, dupes } = parseIds($("candidates").value);
   $("n-candidates").textContent =
-    `${ids.length} candidates` + (dupes ? ` (${dupes} duplicates dropped)` : "");
+    `${ids.length} candidates` + (dupes ? ` (${dupes} duplicate${dupes > 1 ? "s" : ""} dropped)` : "");
 }
 
 function buildSliders() {
