@@ -242,11 +242,14 @@ def serve(args: argparse.Namespace, redis_url: str, vdir: Path, body: dict[str, 
     env = {**os.environ, "RANKER_REDIS_URL": redis_url,
            "RANKER_MODEL_REPO": str(vdir.parent.parent.resolve()),
            "RANKER_MODEL_NAME": vdir.parent.name}
+    env.setdefault("RANKER_PLAYGROUND_ENABLED", "true")  # local run: the page is on
     proc = start_server(args.host, port, env)
     try:
         wait_ready(base_url, proc, args.startup_timeout)
         say(f"serving {vdir.parent.name} v{vdir.name} on {base_url}  (Ctrl-C to stop)")
         print("\nTry it:\n\n  " + curl_command(base_url, body) + "\n", flush=True)
+        if env["RANKER_PLAYGROUND_ENABLED"].lower() in ("1", "true", "yes", "on"):
+            say(f"playground: open {base_url}/playground in a browser")
         if args.smoke:
             smoke(base_url, body)
             return
