@@ -32,11 +32,13 @@ class AppState:
     last_reload: dict[str, Any] = field(default_factory=dict)
 
 
-def get_state(request: Request) -> AppState:
+# async on purpose: FastAPI runs plain `def` dependencies in its threadpool (a thread hop
+# per request on the hot path)
+async def get_state(request: Request) -> AppState:
     return request.app.state.ranker
 
 
-def get_settings_dep(request: Request) -> Settings:
+async def get_settings_dep(request: Request) -> Settings:
     return request.app.state.ranker.settings
 
 
