@@ -106,3 +106,23 @@ async def test_redis_slower_than_deadline(model_repo, redis_url, mode):
             assert r.status_code == 200 and r.json()["degraded_reason"] == "redis_timeout"
         await asyncio.sleep(1.3)  # the pause ends; the next requests are normal again
         await wait_until_ok(client)
+
+
+async def test_overload_beyond_max_inflight_is_refused_at_once(model_repo, redis_url):
+    load_features(redis_url, model_repo / "mmoe" / "1")
+    settings = settings_for(model_repo, redis_url, max_inflight=1, request_timeout_s=2.0,
+                            redis_socket_timeout_s=2.0)
+    async with running_app(settings) as client:
+        await wait_until_ok(client)
+        overload = metric("ranker_rejected_requests_total", {"reason": "overload"})
+        pause_redis(redis_url, 400)  # holds the first request inside its feature fetch
+        first = asyncio.create_task(client.post("/rank", json=BODY))
+        await asyncio.sleep(0.1)
+        t0 = time.perf_counter()
+        second = await client.post("/rank", json=BODY)
+        assert time.perf_counter() - t0 < 0.2
+        assert second.status_code == 503 and second.json()["error"] == "overloaded"
+        assert second.headers["retry-after"] == "1"
+        assert (await first).status_code == 200
+        assert metric("ranker_rejected_requests_total", {"reason": "overload"}) == overload + 1
+        assert (await client.post("/rank", json=BODY)).status_code == 200
