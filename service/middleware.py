@@ -89,6 +89,23 @@ class RequestContextMiddleware:
             metrics.REQUEST_DURATION.labels(route).observe(time.perf_counter() - t0)
 
 
+DRAIN_MAX_BYTES = 4 * 1024 * 1024
+
+
+async def drain(receive: Receive, message: Message) -> None:
+    """Read and drop the rest of a rejected body, at most DRAIN_MAX_BYTES (reliability guard).
+
+    Closing a socket with unread data makes the kernel send a reset, which the client sees
+    instead of the 413 that is already on its way.
+    """
+    dropped = 0
+    while message.get("more_body", False) and dropped < DRAIN_MAX_BYTES:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        dropped += len(message.get("body", b""))
+
+
 class BodyLimitMiddleware:
     """413 for bodies over `max_bytes`: by Content-Length up front, else while counting chunks.
 
@@ -131,6 +148,7 @@ class BodyLimitMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
+                await drain(receive, message)  # else the client gets a reset, not the 413
                 await self._reject(scope, send)
                 return
             chunks.append(chunk)

@@ -1,0 +1,83 @@
+"""Limits before work: 413 (with and without Content-Length) and 422 for too many candidates,
+answered before any Redis call, with flat memory under a stream of them (real uvicorn)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import orjson
+import redis
+
+from service.featurestore.embedded import RedisServer
+from tests.reliability.conftest import service_env
+from tests.reliability.procs import ServerProcess, run_load
+
+MAX_BODY = 4096
+MAX_CANDIDATES = 50
+
+
+def redis_calls(url: str) -> int:
+    """Commands that touch features (MGET, GET) executed by the server so far."""
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("mget", "get"))
+
+
+def big_body(n_bytes: int) -> bytes:
+    ids = [f"i{j % 60}-{j}" for j in range(n_bytes // 8)]
+    return orjson.dumps({"user_id": "u1", "candidates": ids})
+
+
+async def chunks(data: bytes, size: int = 1024) -> AsyncIterator[bytes]:
+    for k in range(0, len(data), size):
+        yield data[k : k + size]
+
+
+async def send_hostile(client: httpx.AsyncClient, i: int) -> httpx.Response:
+    """Three kinds in turn: sized oversize body, chunked oversize body, too many candidates."""
+    kind = i % 3
+    if kind == 0:
+        return await client.post("/rank", content=big_body(20_000),
+                                 headers={"content-type": "application/json"})
+    if kind == 1:  # no Content-Length: Transfer-Encoding: chunked
+        return await client.post("/rank", content=chunks(big_body(20_000)),
+                                 headers={"content-type": "application/json"})
+    ids = [f"i{j}" for j in range(MAX_CANDIDATES + 1)]
+    return await client.post("/rank", json={"user_id": "u1", "candidates": ids})
+
+
+async def test_413_and_422_before_any_redis_call_with_flat_memory(
+    model_repo: Path, live_redis: RedisServer
+) -> None:
+    env = service_env(model_repo, live_redis.url, max_body_bytes=MAX_BODY,
+                      max_candidates=MAX_CANDIDATES)
+    with ServerProcess(env) as server:
+        calls_before = redis_calls(live_redis.url)
+        async with httpx.AsyncClient(base_url=server.url, timeout=5) as c:
+            sized = await send_hostile(c, 0)
+            chunked = await send_hostile(c, 1)
+            many = await send_hostile(c, 2)
+        assert sized.status_code == 413, sized.text
+        assert chunked.status_code == 413, chunked.text
+        for r in (sized, chunked):
+            assert r.json()["error"] == "payload_too_large"
+            assert f"at most {MAX_BODY} bytes" in r.text
+        assert many.status_code == 422
+        assert many.json()["detail"][0]["field"] == "candidates"
+        assert f"at most {MAX_CANDIDATES}" in many.json()["detail"][0]["message"]
+
+        warm = await run_load(server.url, send_hostile, total=150, concurrency=4, duration_s=30)
+        rss_warm = server.rss_kib()
+        stream = await run_load(server.url, send_hostile, total=600, concurrency=4, duration_s=60)
+        rss_after = server.rss_kib()
+        calls_after = redis_calls(live_redis.url)
+    print(f"{stream.summary()} RSS {rss_warm} -> {rss_after} KiB")
+    assert warm.answered == warm.sent and stream.answered == stream.sent == 600
+    assert set(stream.by_status) == {413, 422}, stream.summary()
+    assert calls_after == calls_before, "a rejected request reached Redis"
+    assert rss_after - rss_warm < 8 * 1024, f"RSS grew {rss_after - rss_warm} KiB"
