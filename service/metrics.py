@@ -85,7 +85,7 @@ def set_model_info(name: str, version: int, old: tuple[str, int] | None) -> None
 
 def render() -> tuple[bytes, str]:
     """The exposition text: this process, or every worker's files in multiprocess mode."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:  # the same test prometheus_client makes
         from prometheus_client import multiprocess
 
         registry = CollectorRegistry()

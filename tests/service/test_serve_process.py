@@ -39,14 +39,13 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 60.0) -> Non
 def test_ranker_serve(model_repo: Path, redis_url: str, tmp_path: Path, workers: int) -> None:
     load_features(redis_url, model_repo / "mmoe" / "1")
     port = free_port()
-    env = {
-        **os.environ,
-        "RANKER_WARMUP_BATCH_SIZES": "[1, 8]",
-        "RANKER_REQUEST_TIMEOUT_S": "2.0",
-        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom") if workers > 1 else "",
-    }
+    env = {**os.environ, "RANKER_WARMUP_BATCH_SIZES": "[1, 8]", "RANKER_REQUEST_TIMEOUT_S": "2.0"}
+    # prometheus_client switches to multiprocess mode when the variable merely exists (even
+    # empty: then it writes its files into the cwd), so it is set only for several workers
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     if workers > 1:
         (tmp_path / "prom").mkdir()
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "prom")
     cmd = [sys.executable, "-m", "ranker.cli", "serve", "--host", "127.0.0.1", "--port",
            str(port), "--workers", str(workers), "--model-repo", str(model_repo),
            "--model-name", "mmoe", "--redis-url", redis_url, "--log-level", "warning"]
