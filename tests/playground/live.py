@@ -20,6 +20,12 @@ from ranker.schema import FeatureSchema
 from service.featurestore.embedded import free_port
 
 HOST = "127.0.0.1"
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's package; never `playwright install`
+# Without the background-networking flags Chromium's own connections fail on a closed network.
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 FACTORY = "service.app:create_app_from_env"

@@ -19,14 +19,8 @@ import redis
 
 from ranker.manifest import load_manifest, load_schema
 from service.featurestore.embedded import RedisServer
-from tests.playground.live import load_features, run_service
+from tests.playground.live import CHROMIUM, CHROMIUM_ARGS, load_features, run_service
 
-CHROMIUM = Path("/usr/bin/chromium")
-# Without the background-networking flags Chromium's own connections fail on a closed network.
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 TIMEOUT_MS = 15_000
 
