@@ -109,14 +109,17 @@ class _GroupCodec:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         """Raw values -> (cat int64 [n,k], dense f32 [n,d], defaulted bool [n], stale count)."""
         n, size, default = len(values), self.dtype.itemsize, self.default_bytes
-        ok = [v is not None and len(v) == size for v in values]
-        rec = np.frombuffer(
-            b"".join([v if good else default for v, good in zip(values, ok, strict=True)]),  # type: ignore[misc]
-            self.dtype,
-            count=n,
-        )
-        defaulted = ~np.fromiter(ok, dtype=bool, count=n)
-        corrupt = int(sum(1 for v, good in zip(values, ok, strict=True) if not good and v))
+        missing = [v is None for v in values]
+        parts: list[bytes] = [default if m else v for v, m in zip(values, missing, strict=True)]  # type: ignore[misc]
+        joined = b"".join(parts)
+        corrupt = 0
+        if len(joined) != n * size:  # rare: some value has the wrong size; find and default it
+            bad = [len(p) != size for p in parts]
+            corrupt = sum(bad)
+            missing = [m or b for m, b in zip(missing, bad, strict=True)]
+            joined = b"".join([default if b else p for p, b in zip(parts, bad, strict=True)])
+        rec = np.frombuffer(joined, self.dtype, count=n)
+        defaulted = np.fromiter(missing, dtype=bool, count=n)
         stale = 0
         if max_age_s is not None and n:
             stale_mask = (now - rec["written_at"]) > max_age_s
@@ -128,8 +131,8 @@ class _GroupCodec:
             cat[stale_mask] = self.default_cat
             dense[stale_mask] = self.default_dense
         entity = self.group.entity
-        missing = int(defaulted.sum()) - stale - corrupt
-        for reason, count in (("missing", missing), ("stale", stale), ("corrupt", corrupt)):
+        absent = int(defaulted.sum()) - stale - corrupt
+        for reason, count in (("missing", absent), ("stale", stale), ("corrupt", corrupt)):
             if count:
                 metrics.DEFAULTED.labels(entity, reason).inc(count)
         return cat, dense, defaulted, stale
@@ -153,10 +156,12 @@ class FeatureStore:
         self.max_age_s = max_age_s
         self.max_retries = max_retries
         self.cluster = isinstance(client, RedisCluster)
-        self._pointer = pointer_key(prefix, schema.version)
+        self._version = schema.version  # a hash of the schema: compute it once, not per request
+        self._pointer = pointer_key(prefix, self._version)
         self._user = _maybe_codec(schema.group("user"))
         self._item = _maybe_codec(schema.group("item"))
         self._load_id: str | None = None
+        self._user_prefix = self._item_prefix = ""
 
     @property
     def load_id(self) -> str | None:
@@ -183,9 +188,9 @@ class FeatureStore:
         else:
             keys = [self._pointer]
             if self._user is not None:
-                keys.append(self._key("user", user_id))
+                keys.append(self._user_prefix + str(user_id))
             if self._item is not None:
-                base = record_key_prefix(self.prefix, self.schema.version, self._load_id, "item")
+                base = self._item_prefix
                 keys.extend([base + str(i) for i in item_ids])
             raw = await self._call(lambda: self._mget(keys), deadline, timeout_s)
             self._set_load_id(raw[0])  # values of this request are from the load we asked for
@@ -194,14 +199,12 @@ class FeatureStore:
         metrics.FETCH_SECONDS.observe(time.perf_counter() - start)
         return result
 
-    def _key(self, entity: str, entity_id: str) -> str:
-        assert self._load_id is not None
-        return record_key_prefix(self.prefix, self.schema.version, self._load_id, entity) + str(
-            entity_id
-        )
-
     def _set_load_id(self, raw: bytes | str | None) -> None:
-        self._load_id = raw.decode() if isinstance(raw, bytes) else raw
+        load_id = raw.decode() if isinstance(raw, bytes) else raw
+        if load_id != self._load_id and load_id is not None:
+            self._user_prefix = record_key_prefix(self.prefix, self._version, load_id, "user")
+            self._item_prefix = record_key_prefix(self.prefix, self._version, load_id, "item")
+        self._load_id = load_id
 
     async def _mget(self, keys: list[str]) -> list[Any]:
         if self.cluster:

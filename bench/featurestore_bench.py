@@ -1,0 +1,294 @@
+"""Feature store read path: raw MGET (the floor) vs FeatureStore.fetch vs a hash per entity.
+
+One run, one private redis-server (and optionally a 3-master cluster) on loopback:
+
+    python -m bench.featurestore_bench [--reps 300] [--no-cluster] [--out results.json]
+
+For 1 user + N candidates (N = 100, 500, 1000) each iteration draws N item ids (5% unknown) and
+times, back to back on the same asyncio client (hiredis parser):
+  mget      one MGET of the N+1 record keys, values left as bytes (the floor)
+  fetch     FeatureStore.fetch: one MGET (+ the load pointer) and decoding into model arrays
+  hash      the Feast-like layout: HGETALL per entity in one pipeline, decoded into the same arrays
+On the cluster: FeatureStore.fetch with `mget_nonatomic` (per-slot MGETs, pipelined per node,
+nodes concurrently) vs a cluster pipeline of one GET per key (no decoding: a lower bound for it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import redis
+
+from ranker.schema import CategoricalFeature, DenseFeature, FeatureSchema, GroupSchema, Vocabulary
+from service.featurestore.embedded import RedisClusterServer, RedisServer
+from service.featurestore.keys import record_key_prefix
+from service.featurestore.reader import FeatureStore, make_client
+from service.featurestore.writer import load_tables, make_sync_client
+
+N_USERS, N_ITEMS = 2_000, 20_000
+SIZES = (100, 500, 1000)
+
+
+def bench_schema() -> FeatureSchema:
+    """A production-like width: user 4 cat + 8 dense, item 6 cat + 12 dense."""
+
+    def cats(prefix: str, n: int, vocab: int) -> tuple[CategoricalFeature, ...]:
+        return tuple(
+            CategoricalFeature(f"{prefix}c{j}", Vocabulary(tuple(str(v) for v in range(vocab))), 8)
+            for j in range(n)
+        )
+
+    def dense(prefix: str, n: int) -> tuple[DenseFeature, ...]:
+        return tuple(
+            DenseFeature(f"{prefix}d{j}", 1.0, 2.0, 0.0, log1p=j % 2 == 0) for j in range(n)
+        )
+
+    return FeatureSchema(
+        (
+            GroupSchema("user", "user_id", cats("u", 4, 100), dense("u", 8)),
+            GroupSchema("item", "item_id", cats("i", 6, 100), dense("i", 12)),
+        )
+    )
+
+
+def bench_tables(schema: FeatureSchema, seed: int = 0) -> tuple[pa.Table, pa.Table]:
+    """Random raw user and item tables for `bench_schema`."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for entity, n in (("user", N_USERS), ("item", N_ITEMS)):
+        g = schema.group(entity)
+        assert g is not None and g.key is not None
+        cols: dict[str, Any] = {g.key: [f"{entity[0]}{i}" for i in range(n)]}
+        for f in g.categorical:
+            cols[f.name] = rng.integers(0, 120, n).astype(str)  # ~17% out of vocabulary
+        for d in g.dense:
+            cols[d.name] = rng.exponential(3.0, n)
+        out.append(pa.table(cols))
+    return out[0], out[1]
+
+
+def write_hash_layout(url: str, schema: FeatureSchema, users: pa.Table, items: pa.Table) -> None:
+    """The comparison layout: one Redis hash per entity, one field per encoded feature."""
+    client = redis.Redis.from_url(url)
+    for entity, table in (("user", users), ("item", items)):
+        g = schema.group(entity)
+        assert g is not None and g.key is not None
+        cols = {n: table.column(n) for n in g.feature_names}
+        cat, dense = g.encode_columns(cols, table.num_rows)
+        ids = table.column(g.key).to_pylist()
+        pipe = client.pipeline(transaction=False)
+        for row, entity_id in enumerate(ids):
+            mapping: dict[Any, Any] = {"written_at": time.time()}
+            mapping.update({f.name: int(cat[row, j]) for j, f in enumerate(g.categorical)})
+            mapping.update({f.name: float(dense[row, j]) for j, f in enumerate(g.dense)})
+            pipe.hset(f"h:{entity[0]}:{entity_id}", mapping=mapping)
+            if len(pipe) >= 2000:
+                pipe.execute()
+        pipe.execute()
+    client.close()
+
+
+def decode_hashes(g: GroupSchema, rows: list[dict[bytes, bytes]]) -> tuple[np.ndarray, np.ndarray]:
+    """HGETALL replies -> (cat int64 [n,k], dense f32 [n,d]) with defaults for empty replies."""
+    dcat, ddense = g.default_row()
+    cat = np.empty((len(rows), g.n_cat), np.int64)
+    dense = np.empty((len(rows), g.n_dense), np.float32)
+    cat_names = [f.name.encode() for f in g.categorical]
+    dense_names = [f.name.encode() for f in g.dense]
+    for i, row in enumerate(rows):
+        if row:
+            cat[i] = [int(row[n]) for n in cat_names]
+            dense[i] = [float(row[n]) for n in dense_names]
+        else:
+            cat[i], dense[i] = dcat, ddense
+    return cat, dense
+
+
+def summarize(samples_ns: list[int]) -> dict[str, float]:
+    a = np.asarray(samples_ns, dtype=np.float64) / 1e6
+    return {"median_ms": float(np.median(a)), "p99_ms": float(np.percentile(a, 99))}
+
+
+async def timed(fn: Callable[..., Awaitable[Any]], *args: Any) -> tuple[int, int]:
+    """(wall time, this thread's CPU time) of one awaited call, in ns.
+
+    The CPU time is the client's own work (packing, parsing, decoding) and is far less disturbed
+    than the wall time when other processes compete for the cores.
+    """
+    t0, c0 = time.perf_counter_ns(), time.thread_time_ns()
+    await fn(*args)
+    return time.perf_counter_ns() - t0, time.thread_time_ns() - c0
+
+
+async def bench_single(url: str, schema: FeatureSchema, reps: int, seed: int) -> dict[str, Any]:
+    """mget vs fetch vs hash on one redis-server, interleaved per iteration."""
+    client = make_client(url, socket_timeout_s=1.0)
+    fs = FeatureStore(client, schema)
+    await fs.fetch("u0", ["i0"])  # learn the load pointer
+    assert fs.load_id is not None
+    uprefix = record_key_prefix("rk", schema.version, fs.load_id, "user")
+    iprefix = record_key_prefix("rk", schema.version, fs.load_id, "item")
+    item_group = schema.group("item")
+    user_group = schema.group("user")
+    assert item_group is not None and user_group is not None
+    rng = np.random.default_rng(seed)
+    results: dict[str, Any] = {}
+    for n in SIZES:
+        samples: dict[str, list[int]] = {
+            k: [] for k in ("mget", "fetch", "hash", "decode_only", "mget_cpu", "fetch_cpu")
+        }
+        for rep in range(reps + 10):  # the first 10 are warm-up
+            ids = [f"i{i}" for i in rng.integers(0, int(N_ITEMS * 1.05), n)]  # ~5% unknown
+            user = f"u{rng.integers(0, N_USERS)}"
+            keys = [uprefix + user] + [iprefix + i for i in ids]
+
+            async def hash_fetch(ids: list[str] = ids, user: str = user) -> None:
+                pipe = client.pipeline(transaction=False)
+                pipe.hgetall(f"h:u:{user}")
+                for i in ids:
+                    pipe.hgetall(f"h:i:{i}")
+                rows = await pipe.execute()
+                decode_hashes(user_group, rows[:1])
+                decode_hashes(item_group, rows[1:])
+
+            calls: list[tuple[str, Callable[..., Awaitable[Any]], tuple[Any, ...]]] = [
+                ("mget", client.mget, (keys,)),
+                ("fetch", fs.fetch, (user, ids)),
+                ("hash", hash_fetch, ()),
+            ]
+            times: dict[str, tuple[int, int]] = {}
+            for k in range(3):  # rotate the order so no method always runs first
+                name, fn, args = calls[(rep + k) % 3]
+                times[name] = await timed(fn, *args)
+            values: list[Any] = await client.mget(keys)
+            t0 = time.perf_counter_ns()
+            fs._decode(values[0], values[1:])
+            t_dec = time.perf_counter_ns() - t0
+            if rep >= 10:
+                for name, (wall, cpu) in times.items():
+                    samples[name].append(wall)
+                    if name + "_cpu" in samples:
+                        samples[name + "_cpu"].append(cpu)
+                samples["decode_only"].append(t_dec)
+        row: dict[str, Any] = {k: summarize(v) for k, v in samples.items()}
+        m, f, h = (row[k]["median_ms"] for k in ("mget", "fetch", "hash"))
+        row["fetch_minus_mget_ms"] = f - m
+        row["fetch_over_mget"] = f / m
+        row["hash_over_fetch"] = h / f
+        row["cpu_fetch_minus_mget_ms"] = (
+            row["fetch_cpu"]["median_ms"] - row["mget_cpu"]["median_ms"]
+        )
+        results[str(n)] = row
+    await fs.aclose()
+    return results
+
+
+async def bench_cluster(url: str, schema: FeatureSchema, reps: int, seed: int) -> dict[str, Any]:
+    """FeatureStore.fetch (mget_nonatomic) vs a pipeline of GETs on a 3-master cluster."""
+    client = make_client(url, cluster=True, socket_timeout_s=1.0)
+    fs = FeatureStore(client, schema)
+    await fs.fetch("u0", ["i0"])
+    assert fs.load_id is not None
+    iprefix = record_key_prefix("rk", schema.version, fs.load_id, "item")
+    rng = np.random.default_rng(seed)
+    results: dict[str, Any] = {}
+    for n in SIZES:
+        samples: dict[str, list[int]] = {"fetch_mget_nonatomic": [], "pipeline_get": []}
+        for rep in range(reps + 10):
+            ids = [f"i{i}" for i in rng.integers(0, N_ITEMS, n)]
+
+            async def pipe_get(ids: list[str] = ids) -> None:
+                pipe = client.pipeline()
+                for i in ids:
+                    pipe.get(iprefix + i)
+                await pipe.execute()
+
+            if rep % 2:  # alternate which runs first
+                t_pipe, _ = await timed(pipe_get)
+                t_fetch, _ = await timed(fs.fetch, "u1", ids)
+            else:
+                t_fetch, _ = await timed(fs.fetch, "u1", ids)
+                t_pipe, _ = await timed(pipe_get)
+            if rep >= 10:
+                samples["fetch_mget_nonatomic"].append(t_fetch)
+                samples["pipeline_get"].append(t_pipe)
+        row: dict[str, Any] = {k: summarize(v) for k, v in samples.items()}
+        row["pipeline_over_fetch"] = (
+            row["pipeline_get"]["median_ms"] / row["fetch_mget_nonatomic"]["median_ms"]
+        )
+        results[str(n)] = row
+    await fs.aclose()
+    return results
+
+
+def _cell(stats: dict[str, float]) -> str:
+    return f"{stats['median_ms']:.3f} / {stats['p99_ms']:.3f}"
+
+
+def print_tables(report: dict[str, Any]) -> None:
+    """Markdown tables of the run, as pasted into docs/featurestore.md."""
+    print(f"\nsingle redis-server ({report['reps']} reps; median / p99, ms)\n")
+    head = ["N", "MGET (floor)", "fetch+decode", "hash+HGETALL", "decode only"]
+    head += ["fetch - MGET", "fetch / MGET", "hash / fetch", "client CPU: MGET / fetch"]
+    print("| " + " | ".join(head) + " |\n" + "|---" * len(head) + "|")
+    for n, r in report["single"].items():
+        cells = [n, *(_cell(r[k]) for k in ("mget", "fetch", "hash", "decode_only"))]
+        cells += [f"{r['fetch_minus_mget_ms']:+.3f} ms", f"{r['fetch_over_mget']:.2f}x"]
+        cells += [f"{r['hash_over_fetch']:.1f}x"]
+        cells += [f"{r['mget_cpu']['median_ms']:.3f} / {r['fetch_cpu']['median_ms']:.3f}"]
+        print("| " + " | ".join(cells) + " |")
+    if "cluster" in report:
+        print(f"\n3-master cluster ({report['reps']} reps; median / p99, ms)\n")
+        print("| N | fetch (mget_nonatomic) | pipeline of GETs | pipeline / fetch |")
+        print("|---|---|---|---|")
+        for n, r in report["cluster"].items():
+            a, b = _cell(r["fetch_mget_nonatomic"]), _cell(r["pipeline_get"])
+            print(f"| {n} | {a} | {b} | {r['pipeline_over_fetch']:.2f}x |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--reps", type=int, default=300, help="timed iterations per N and method")
+    p.add_argument("--no-cluster", action="store_true", help="skip the 3-master cluster part")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="also write the results as JSON here")
+    args = p.parse_args(argv)
+    schema = bench_schema()
+    users, items = bench_tables(schema, args.seed)
+    report: dict[str, Any] = {
+        "reps": args.reps,
+        "python": platform.python_version(),
+        "redis_py": redis.__version__,
+        "records": {"users": N_USERS, "items": N_ITEMS},
+    }
+    with RedisServer() as server:
+        client = redis.Redis.from_url(server.url)
+        load_tables(client, schema, users, items)
+        client.close()
+        write_hash_layout(server.url, schema, users, items)
+        report["single"] = asyncio.run(bench_single(server.url, schema, args.reps, args.seed))
+    if not args.no_cluster:
+        with RedisClusterServer(masters=3) as cluster:
+            sync = make_sync_client(cluster.url, cluster=True)
+            load_tables(sync, schema, users, items)
+            sync.close()
+            report["cluster"] = asyncio.run(
+                bench_cluster(cluster.url, schema, args.reps, args.seed)
+            )
+    print_tables(report)
+    if args.out is not None:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
