@@ -126,3 +126,31 @@ async def test_overload_beyond_max_inflight_is_refused_at_once(model_repo, redis
         assert (await first).status_code == 200
         assert metric("ranker_rejected_requests_total", {"reason": "overload"}) == overload + 1
         assert (await client.post("/rank", json=BODY)).status_code == 200
+
+
+async def test_inference_past_the_deadline_is_a_503(model_repo, redis_url, monkeypatch):
+    """A stuck inference cannot be caused for real with a tiny model: the one injected fault."""
+    from service.registry import LoadedModel
+
+    load_features(redis_url, model_repo / "mmoe" / "1")
+    settings = settings_for(model_repo, redis_url, request_timeout_s=0.3, inference_budget_s=0.1)
+    async with running_app(settings) as client:
+        await wait_until_ok(client)
+        real_run = LoadedModel.run
+
+        def slow_run(self, inputs):
+            time.sleep(0.6)
+            return real_run(self, inputs)
+
+        monkeypatch.setattr(LoadedModel, "run", slow_run)
+        deadline = metric("ranker_rejected_requests_total", {"reason": "deadline"})
+        t0 = time.perf_counter()
+        r = await client.post("/rank", json=BODY)
+        assert time.perf_counter() - t0 < 0.5
+        assert r.status_code == 503 and r.json()["error"] == "deadline_exceeded"
+        assert "retry-after" in r.headers
+        assert metric("ranker_rejected_requests_total", {"reason": "deadline"}) == deadline + 1
+        assert (await client.get("/healthz")).status_code == 200  # the loop was never blocked
+        monkeypatch.setattr(LoadedModel, "run", real_run)
+        await asyncio.sleep(0.7)
+        await wait_until_ok(client)
