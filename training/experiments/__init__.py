@@ -1,0 +1,1 @@
+"""Offline experiments that check the model against published results."""
