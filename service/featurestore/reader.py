@@ -214,7 +214,7 @@ class FeatureStore:
     def _decode(self, user_value: bytes | None, item_values: Sequence[bytes | None]) -> FetchResult:
         now = time.time()
         inputs: dict[str, np.ndarray] = {}
-        user_defaulted, stale = True, 0
+        user_defaulted, stale = False, 0  # a schema without user features defaults nothing
         if self._user is not None:
             cat, dense, defaulted, user_stale = self._user.decode([user_value], now, self.max_age_s)
             self._put(inputs, "user", cat, dense)

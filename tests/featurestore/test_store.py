@@ -240,3 +240,24 @@ async def test_slow_redis_hits_the_deadline_without_desync(redis_url: str) -> No
         np.testing.assert_array_equal(r.inputs["item_cat"][:, 0], [6, 7, 8])
     finally:
         await fs.aclose()
+
+
+async def test_client_is_bounded_and_uses_hiredis(redis_url: str) -> None:
+    _load(redis_url)
+    client = make_client(redis_url, max_connections=1, socket_timeout_s=0.1)
+    fs = FeatureStore(client, SCHEMA)
+    try:
+        await fs.fetch("u0", [])
+        conn = await client.connection_pool.get_connection()  # type: ignore[union-attr]
+        assert type(conn._parser).__name__ == "_AsyncHiredisParser"
+        assert conn.socket_timeout == 0.1 and conn.socket_connect_timeout == 0.05
+        # the pool's only connection is taken: the next fetch waits at most the pool timeout
+        t0 = time.perf_counter()
+        with pytest.raises(FeatureStoreUnavailable, match="No connection available"):
+            await fs.fetch("u1", ["i1"], timeout_s=1.0)
+        assert time.perf_counter() - t0 < 0.5  # 2 attempts x 0.1 s pool timeout
+        await client.connection_pool.release(conn)  # type: ignore[union-attr]
+        res = await fs.fetch("u1", ["i1"])  # the released connection serves again
+        assert not res.user_defaulted and res.items_defaulted == 0
+    finally:
+        await fs.aclose()
