@@ -20,9 +20,10 @@ RUN python -m venv /opt/venv \
 WORKDIR /app
 
 # ---- deps: the service's dependencies only (base install = no extras = no torch) ---------------
-# Copy only what pip needs to resolve and build the package, so code edits keep this layer cached.
+# Copy only what pip needs to build the package (README.md is not: the image needs no long
+# description, and the build only warns without it).
 FROM base AS deps
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
 COPY ranker ./ranker
 COPY service ./service
 COPY training ./training
@@ -47,18 +48,16 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
 CMD ["sh", "-c", "mkdir -p \"$PROMETHEUS_MULTIPROC_DIR\" && exec ranker serve --host 0.0.0.0 --port 8000 --workers 2"]
 
 # ---- trainer: torch (CPU wheels) for the one-shot data/train/export/features-load job ----------
-FROM base AS trainer
-# The CPU wheel index keeps the image free of CUDA libraries.
+# Built on `deps`, so only the train extra is added on top of the service's dependencies.
+FROM deps AS trainer
+# The CPU wheel index keeps the image free of CUDA libraries (torch==2.13.0+cpu sorts above
+# torch==2.13.0, so pip takes the CPU build).
 ENV PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
-COPY pyproject.toml README.md ./
-COPY ranker ./ranker
-COPY service ./service
-COPY training ./training
-COPY bench ./bench
-RUN pip install ".[train]"
-RUN mkdir -p /models /data && chown ranker:ranker /models /data
+RUN pip install ".[train]" \
+ && mkdir -p /models /data \
+ && chown ranker:ranker /models /data
 ENV RANKER_MODEL_REPO=/models \
     RANKER_MODEL_NAME=mmoe \
     HOME=/tmp
 USER ranker:ranker
-CMD ["ranker", "--help"]
+CMD ["ranker", "run", "--no-serve", "--data-dir", "/data"]
