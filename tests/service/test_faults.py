@@ -52,7 +52,7 @@ async def test_fail_mode_stopped_redis_gives_fast_503_then_recovers(model_repo, 
             assert r.status_code == 503, r.text
             assert r.json()["error"] == "feature_store_unavailable"
             assert r.headers["retry-after"] == "2"
-            assert elapsed < DEADLINE_S + 0.2
+            assert elapsed < DEADLINE_S + 0.5  # bounded by the deadline, with slack for a busy CI
             ready = await client.get("/readyz")
             assert ready.status_code == 503 and "unreachable" in ready.json()["reason"]
             assert (await client.get("/healthz")).status_code == 200
@@ -99,7 +99,7 @@ async def test_redis_slower_than_deadline(model_repo, redis_url, mode):
         t0 = time.perf_counter()
         r = await client.post("/rank", json=BODY)
         elapsed = time.perf_counter() - t0
-        assert elapsed < DEADLINE_S + 0.3, elapsed  # never a hang
+        assert elapsed < DEADLINE_S + 0.5, elapsed  # never a hang (pause is 1.5 s)
         if mode == "fail":
             assert r.status_code == 503 and "retry-after" in r.headers
         else:
@@ -120,7 +120,7 @@ async def test_overload_beyond_max_inflight_is_refused_at_once(model_repo, redis
         await asyncio.sleep(0.1)
         t0 = time.perf_counter()
         second = await client.post("/rank", json=BODY)
-        assert time.perf_counter() - t0 < 0.2
+        assert time.perf_counter() - t0 < 0.3  # answered while the first is still held
         assert second.status_code == 503 and second.json()["error"] == "overloaded"
         assert second.headers["retry-after"] == "1"
         assert (await first).status_code == 200
@@ -146,7 +146,7 @@ async def test_inference_past_the_deadline_is_a_503(model_repo, redis_url, monke
         deadline = metric("ranker_rejected_requests_total", {"reason": "deadline"})
         t0 = time.perf_counter()
         r = await client.post("/rank", json=BODY)
-        assert time.perf_counter() - t0 < 0.5
+        assert time.perf_counter() - t0 < 0.55  # did not wait for the 0.6 s inference
         assert r.status_code == 503 and r.json()["error"] == "deadline_exceeded"
         assert "retry-after" in r.headers
         assert metric("ranker_rejected_requests_total", {"reason": "deadline"}) == deadline + 1
