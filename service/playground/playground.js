@@ -231,7 +231,11 @@ async function rank() {
   if (seq !== state.seq) return; // a newer request was sent meanwhile: its answer wins
   const ms = performance.now() - t0;
   const key = JSON.stringify([user, ids, context]);
+  const t1 = performance.now();
   render(resp, key);
+  // Timings of this re-rank (fetch incl. JSON parse, then DOM render), for measure scripts.
+  $("ranked").dataset.fetchMs = ms.toFixed(2);
+  $("ranked").dataset.renderMs = (performance.now() - t1).toFixed(2);
   const d = resp.defaulted || {};
   const notes = [];
   if (d.user) notes.push("unknown user → default features");

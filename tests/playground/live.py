@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -29,6 +31,7 @@ CHROMIUM_ARGS = [
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 FACTORY = "service.app:create_app_from_env"
+PR_SET_PDEATHSIG = 1
 
 
 def feature_tables(schema: FeatureSchema, seed: int = 0) -> tuple[pa.Table, pa.Table]:
@@ -84,7 +87,9 @@ def run_service(
     ]  # fmt: skip
     base = f"http://{HOST}:{port}"
     with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(cmd, env=environ, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            cmd, env=environ, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+        )
         try:
             _wait_ready(proc, base, log)
             yield base
@@ -95,6 +100,12 @@ def run_service(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(STOP_TIMEOUT_S)
+
+
+def _die_with_parent() -> None:
+    # In the child before exec: SIGKILL it if the test process dies without cleaning up (Linux).
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], base: str, log: IO[bytes]) -> None:

@@ -1,0 +1,69 @@
+"""How long a slider move takes to re-rank in a real browser, by candidate count.
+
+    python -m tests.playground.latency --url http://127.0.0.1:8000 --sizes 20 100 1000
+
+For each size it samples that many items, then moves the `share` slider one step at a time
+(waiting for each re-rank) and reads the page's own timings: the `/rank` fetch as the browser
+saw it (request to parsed JSON) and the time to rebuild the list. Prints medians and p95.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from typing import Any
+
+from playwright.sync_api import sync_playwright
+
+from tests.playground.live import CHROMIUM, CHROMIUM_ARGS
+from tests.playground.screenshot import rendered_count, wait_rendered_after
+
+
+def pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+def measure(page: Any, size: int, repeats: int) -> tuple[list[float], list[float]]:
+    """Fetch and render milliseconds of `repeats` single-step slider moves with `size` items."""
+    page.fill("#n-items", str(size))
+    n = rendered_count(page)
+    page.click("#sample-btn")
+    wait_rendered_after(page, n)
+    page.focus("#w-share")
+    page.keyboard.press("Home")
+    fetch, render = [], []
+    for _ in range(repeats):
+        n = rendered_count(page)
+        page.keyboard.press("ArrowRight")
+        wait_rendered_after(page, n)
+        fetch.append(float(page.get_attribute("#ranked", "data-fetch-ms") or "nan"))
+        render.append(float(page.get_attribute("#ranked", "data-render-ms") or "nan"))
+    return fetch, render
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--url", default="http://127.0.0.1:8000")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[20, 100, 1000])
+    ap.add_argument("--repeats", type=int, default=30)
+    a = ap.parse_args(argv)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(f"{a.url.rstrip('/')}/playground")
+            page.wait_for_selector("#ranked li")
+            print("| candidates | fetch p50 ms | fetch p95 ms | render p50 ms | render p95 ms |")
+            print("|---:|---:|---:|---:|---:|")
+            for size in a.sizes:
+                f, r = measure(page, size, min(a.repeats, 99))  # the slider has 100 steps
+                print(f"| {size} | {statistics.median(f):.1f} | {pct(f, 0.95):.1f} | "
+                      f"{statistics.median(r):.1f} | {pct(r, 0.95):.1f} |")
+        finally:
+            browser.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
