@@ -161,7 +161,30 @@ def results_markdown(meta: dict[str, Any], runs: list[dict[str, Any]]) -> str:
         for f in findings(summary[metric], models, corrs):
             mark = "reproduced" if f["holds"] else "NOT reproduced"
             lines.append(f"- **{mark}**: {f['claim']}. {f['detail']}")
+    lines += ["", *curve_table(runs, models, corrs)]
     return "\n".join(lines) + "\n"
+
+
+def curve_table(runs: list[dict[str, Any]], models: list[str], corrs: list[float]) -> list[str]:
+    """Mean training loss at a few points of the curve: where in training the models differ."""
+    groups = group(runs)
+    steps = runs[0]["curve_steps"]
+    picks = sorted({max(0, round(len(steps) * f) - 1) for f in (0.05, 0.1, 0.25, 0.5, 1.0)})
+    lines = [
+        "## Training loss along the way",
+        "",
+        "Mean over runs of the mean minibatch loss in the logging window ending at each step.",
+        "",
+        "| model | p | " + " | ".join(f"step {steps[i]}" for i in picks) + " |",
+        "|---|---:|" + "---:|" * len(picks),
+    ]
+    for m in models:
+        for p in corrs:
+            curves = np.asarray([r["train_curve"] for r in groups[(m, p)]])
+            mu = curves.mean(axis=0)
+            cells = " | ".join(f"{mu[i]:.4f}" for i in picks)
+            lines.append(f"| {LABELS[m]} | {p:g} | {cells} |")
+    return lines
 
 
 def plot_curves(runs: list[dict[str, Any]], path: Path, by: str = "correlation") -> None:

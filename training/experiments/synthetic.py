@@ -21,7 +21,6 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
@@ -202,39 +201,47 @@ def _job(args: tuple[str, float, int, int, TrainConfig, DataConfig]) -> dict[str
 
 
 def run_all(
-    models: Iterable[str],
-    correlations: Iterable[float],
+    models: list[str],
+    correlations: list[float],
     repeats: int,
     seed: int,
     train: TrainConfig,
     data: DataConfig,
     workers: int,
+    max_seconds: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Every (repeat, correlation, model) run, over `workers` processes; progress on stderr."""
+    """Every (repeat, correlation, model) run over `workers` processes, repeat by repeat.
+
+    With `max_seconds`, no result is awaited past the budget and only whole repeats are kept,
+    so every model and correlation still has the same, paired repeats.
+    """
     jobs = [
         (m, p, r, seed, train, data) for r in range(repeats) for p in correlations for m in models
     ]
+    deadline = time.perf_counter() + (max_seconds if max_seconds else math.inf)
     results: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    if workers <= 1:
-        outputs: Iterable[dict[str, Any]] = map(_job, jobs)
-        pool = None
-    else:
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
-        outputs = pool.map(_job, jobs)
+    pool = (
+        ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
+        if workers > 1
+        else None
+    )
     try:
-        for i, res in enumerate(outputs, 1):
-            results.append(res)
-            if i % 10 == 0 or i == len(jobs):
-                print(
-                    f"[{time.perf_counter() - t0:7.1f}s] {i}/{len(jobs)} runs",
-                    file=sys.stderr,
-                    flush=True,
-                )
+        futures = [pool.submit(_job, j) for j in jobs] if pool is not None else []
+        for i, job in enumerate(jobs):
+            if time.perf_counter() > deadline:
+                print(f"time budget of {max_seconds:.0f} s spent; stopping", file=sys.stderr)
+                break
+            results.append(futures[i].result() if pool is not None else _job(job))
+            if (i + 1) % 10 == 0 or i + 1 == len(jobs):
+                elapsed = time.perf_counter() - t0
+                print(f"[{elapsed:7.1f}s] {i + 1}/{len(jobs)} runs", file=sys.stderr, flush=True)
     finally:
         if pool is not None:
-            pool.shutdown()
-    return results
+            pool.shutdown(cancel_futures=True)
+    per_repeat = len(models) * len(correlations)
+    done = [r for r in range(repeats) if sum(x["repeat"] == r for x in results) == per_repeat]
+    return [x for x in results if x["repeat"] in done]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -259,6 +266,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--noise-var", type=float, default=d.noise_var)
     ap.add_argument("--sin-seed", type=int, default=d.sin_seed, help="seed of α, β")
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument(
+        "--max-minutes",
+        type=float,
+        help="time budget: stop after this long and keep the repeats completed by then",
+    )
     ap.add_argument(
         "--from-runs", type=Path, help="skip training: rebuild the report from this runs.json"
     )
@@ -305,16 +317,21 @@ def _run(args: argparse.Namespace, argv: list[str]) -> tuple[dict[str, Any], lis
         shared_bottom_width=args.shared_bottom_width,
     )
     t0 = time.perf_counter()
+    budget = args.max_minutes * 60 if args.max_minutes else None
     runs = run_all(
-        args.models, args.correlations, args.repeats, args.seed, train, data, args.workers
+        args.models, args.correlations, args.repeats, args.seed, train, data, args.workers, budget
     )
+    if not runs:
+        raise SystemExit("no repeat completed within the time budget")
     meta = {
         "command": " ".join(["ranker experiment mmoe-synthetic", *argv]),
         "data": asdict(data),
         "train": asdict(train),
         "models": list(args.models),
         "correlations": list(args.correlations),
-        "repeats": args.repeats,
+        "repeats": len({r["repeat"] for r in runs}),
+        "repeats_requested": args.repeats,
+        "max_minutes": args.max_minutes,
         "seed": args.seed,
         "workers": args.workers,
         "wall_seconds": round(time.perf_counter() - t0, 1),
