@@ -235,3 +235,18 @@ async def test_ops_routes(client):
     assert "golden" not in body and "sha256" in body["files"]["model.onnx"]
     r = await client.get("/nope/123")
     assert r.status_code == 404 and r.json()["error"] == "not_found"
+
+
+async def test_explain_on_a_model_without_gates(tmp_path, redis_url):
+    from tests.tiny import export_tiny_model
+
+    vdir = export_tiny_model(tmp_path, name="mmoe", model_type="shared_bottom",
+                             bottom_hidden=[8])
+    load_features(redis_url, vdir)
+    async with running_app(settings_for(tmp_path, redis_url)) as c:
+        scored = metric("ranker_candidates_scored_total")
+        r = await c.post("/rank", json={"user_id": "u1", "candidates": ["i1", "i2"],
+                                        "explain": True})
+        assert r.status_code == 200, r.text
+        assert all("gates" not in it for it in r.json()["items"])
+        assert metric("ranker_candidates_scored_total") == scored + 2

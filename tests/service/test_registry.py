@@ -117,3 +117,15 @@ def test_context_encoding_is_batch_one(model_repo):
     assert ctx["context_cat"].shape == (1, 2) and ctx["context_cat"].dtype == np.int64
     assert ctx["context_cat"].tolist() == [[8, 2]]
     assert cur(reg).context_inputs(None)["context_cat"].tolist() == [[0, 0]]
+
+
+def test_model_without_gates_loads_and_runs(tmp_path):
+    from tests.tiny import export_tiny_model
+
+    export_tiny_model(tmp_path, name=MODEL_NAME, model_type="shared_bottom", bottom_hidden=[8])
+    reg = registry(tmp_path)
+    assert reg.reload().result == "success"
+    model = cur(reg)
+    assert not model.has_gates and model.output_names == ["click", "like", "share"]
+    scores, gates = model.run(model.synthetic_inputs(5))
+    assert scores.shape == (5, 3) and gates is None
