@@ -189,3 +189,51 @@ def parse_time(bodies: list[bytes]) -> dict[str, float]:
 
     return time_calls(lambda i: RankRequest.model_validate(json.loads(bodies[i % len(bodies)])),
                       300, 1.0)
+
+
+def stages_in_process(url: str, model: Any, requests: list[dict[str, Any]],
+                      bodies: list[bytes]) -> dict[str, dict[str, float]]:
+    """Each /rank stage alone, with the service's own functions, on the request mix."""
+    from types import SimpleNamespace
+
+    from service.featurestore.reader import FeatureStore
+    from service.ranking import combine, rank_order
+    from service.routes.rank import build_body
+    from service.schemas import RankRequest
+
+    store = FeatureStore(None, model.schema)  # type: ignore[arg-type]  # decode needs no client
+    client = redis.Redis.from_url(url)
+    try:
+        load_id = client.get(pointer_key(DEFAULT_PREFIX, model.schema.version))
+        if load_id is None:
+            raise RuntimeError("no feature load in Redis for the model's schema")
+        lid = load_id.decode() if isinstance(load_id, bytes) else str(load_id)
+        keys = [store_keys(model.schema, lid, r["user_id"], r["candidates"])[1:]
+                for r in requests]
+        raw: list[list[Any]] = [list(client.mget(k)) for k in keys]
+    finally:
+        client.close()
+    reqs = [RankRequest.model_validate_json(b) for b in bodies]
+    inputs = [{**store._decode(v[0], v[1:]).inputs, **model.context_inputs(r.context)}
+              for v, r in zip(raw, reqs, strict=True)]
+    outs = [model.run(x) for x in inputs[:20]]
+    w = np.ones(len(model.tasks))
+    serving = SimpleNamespace(model=model)
+    feats = SimpleNamespace(user_defaulted=0, items_defaulted=0, stale=0, degraded_reason=None)
+
+    def serialise(i: int) -> bytes:
+        scores = outs[i % len(outs)][0]
+        final = combine(scores, w)
+        order = rank_order(final)
+        req = reqs[i % len(outs)]
+        body = build_body(req, serving, "x" * 32, dict.fromkeys(model.tasks, 1.0),  # type: ignore[arg-type]
+                          "weighted_sum", scores, final, order, None, feats)  # type: ignore[arg-type]
+        return orjson.dumps(body)
+
+    return {
+        "parse": time_calls(lambda i: RankRequest.model_validate_json(bodies[i % len(bodies)])),
+        "decode": time_calls(lambda i: store._decode(raw[i % len(raw)][0], raw[i % len(raw)][1:])),
+        "inference": time_calls(lambda i: model.run(inputs[i % len(inputs)])),
+        "combine": time_calls(lambda i: rank_order(combine(outs[i % len(outs)][0], w))),
+        "serialize": time_calls(serialise),
+    }

@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import resource
 import sys
 import time
@@ -255,7 +256,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rec, seconds = asyncio.run(coro)
     out = summarise(rec, seconds, args.candidates, _cpu_seconds() - cpu0)
     out.update(mode=args.mode, concurrency=args.concurrency, offered_rps=args.rate,
-               url=args.url, candidates=args.candidates)
+               url=args.url, candidates=args.candidates, loadavg_1m=os.getloadavg()[0])
     return out
 
 

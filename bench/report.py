@@ -195,13 +195,24 @@ def markdown(results: dict[str, Any]) -> str:
 def _stage_lines(results: dict[str, Any]) -> list[str]:
     kn = str(results["plan"]["key_n"])
     stages = results.get("stages_metrics_ms", {})
+    alone = results.get("stages_in_process_ms", {})
+    fl = results["floors"][kn]
     lines = ["", f"## Stage breakdown of one request (N={kn}, concurrency 1)", "",
-             "Mean ms per request from the service's `ranker_stage_duration_seconds` histograms "
-             "(sum/count scraped from /metrics before and after the concurrency-1 run); "
-             "`parse` (JSON body -> RankRequest, before the handler runs) timed in-process.", "",
-             "| stage | ms |", "|---|---|",
-             f"| parse (in-process) | {_f(results['parse'][kn]['p50_ms'], 3)} |"]
-    lines += [f"| {s} | {_f(stages[s], 3)} |" for s in STAGE_ORDER if s in stages]
+             "In the service: mean ms per request from its `ranker_stage_duration_seconds` "
+             "histograms (sum/count scraped from /metrics before and after the concurrency-1 "
+             "run; `fetch` includes the record decode, `decode` is the context encoding). "
+             "Alone: the same functions timed in-process on the same requests (p50; `fetch` = "
+             "the raw MGET floor; `parse` = JSON body -> RankRequest, which FastAPI does before "
+             "the handler and no histogram covers).", "",
+             "| stage | in the service (mean ms) | alone (p50 ms) |", "|---|---|---|"]
+    rows = [("parse", None, alone.get("parse")), ("validate", stages.get("validate"), None),
+            ("fetch", stages.get("fetch"), fl["mget"]), ("decode", stages.get("decode"),
+                                                         alone.get("decode")),
+            ("inference", stages.get("inference"), alone.get("inference")),
+            ("combine", stages.get("combine"), alone.get("combine")),
+            ("serialize", stages.get("serialize"), alone.get("serialize"))]
+    for name, in_svc, al in rows:
+        lines.append(f"| {name} | {_f(in_svc, 3)} | {_f(al['p50_ms'], 3) if al else '–'} |")
     return lines
 
 

@@ -285,6 +285,8 @@ def in_process(env: Env, requests: dict[int, list[dict[str, Any]]], bodies: dict
     opts = ("disable", "basic", "all") if plan.service_knobs else ("all",)
     results["ort_knobs"] = floors.ort_knobs(model_path, batches[key], opts=opts)
     results["serialisation"] = floors.serialisation(key, model.tasks)
+    results["stages_in_process_ms"] = floors.stages_in_process(
+        env.redis_url, model, requests[key], bodies[key])
     results["eager_vs_onnx"] = eager_check(env.version_dir, batches[key][:5])
 
 
