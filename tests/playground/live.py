@@ -68,10 +68,10 @@ def load_features(redis_url: str, schema: FeatureSchema) -> None:
 
 @contextlib.contextmanager
 def run_service(
-    model_dir: Path, redis_url: str, factory: str = FACTORY, **env: str
+    model_dir: Path, redis_url: str, factory: str = FACTORY, port: int | None = None, **env: str
 ) -> Iterator[str]:
-    """`uvicorn` serving the app factory on a free loopback port; yields its base URL."""
-    port = free_port()
+    """`uvicorn` serving the app factory on a (free) loopback port; yields its base URL."""
+    port = port or free_port()
     environ = {
         **os.environ,
         "RANKER_MODEL_REPO": str(model_dir.parent.parent),

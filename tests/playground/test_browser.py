@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from ranker.manifest import load_manifest, load_schema
-from service.featurestore.embedded import RedisServer
+from service.featurestore.embedded import RedisServer, free_port
 from tests.playground.live import CHROMIUM, CHROMIUM_ARGS, load_features, run_service
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
@@ -71,7 +71,7 @@ class Tab:
 
 
 @pytest.fixture
-def tab(service: str) -> Iterator[Tab]:
+def tab() -> Iterator[Tab]:
     """A fresh Chromium page (headless, Debian's binary) that records errors and requests."""
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
@@ -202,3 +202,47 @@ def test_typed_user_and_pasted_ids_are_ranked(tab: Tab, service: str) -> None:
     page.click("#apply-candidates")
     wait_until(page, "() => document.body.dataset.state === 'error'")
     assert "422" in page.text_content("#status") and "candidates" in page.text_content("#status")
+
+
+FETCH_RANK = """async url => {
+    try {
+        const r = await fetch(url + '/rank', {
+            method: 'POST',
+            headers: {'Content-Type': 'application/json', 'X-Request-ID': 'from-a-browser'},
+            body: JSON.stringify({user_id: 'u1', candidates: ['i1', 'i2', 'i3']}),
+        });
+        const body = await r.json();
+        return {status: r.status, rid: r.headers.get('x-request-id'), n: body.items.length};
+    } catch (e) {
+        return {error: String(e)};
+    }
+}"""
+
+
+@pytest.fixture(scope="module")
+def cors_service(service: str, tiny_model_dir: Path, redis_server: RedisServer) -> Iterator[str]:
+    """A second instance (same model and features) that allows the origin http://localhost:P."""
+    port = free_port()
+    origins = json.dumps([f"http://localhost:{port}"])
+    with run_service(
+        tiny_model_dir, redis_server.url, port=port, RANKER_CORS_ORIGINS=origins
+    ) as base:
+        yield base
+
+
+def test_a_page_on_an_allowed_origin_calls_rank_and_others_are_blocked(
+    tab: Tab, service: str, cors_service: str
+) -> None:
+    """Real CORS in a real browser: http://localhost:P and http://127.0.0.1:P are two origins."""
+    page = tab.page
+    port = urlsplit(cors_service).port
+    page.goto(f"http://localhost:{port}/healthz")  # a page whose origin is on the allow-list
+    got = page.evaluate(FETCH_RANK, cors_service)  # cross-origin: preflighted (JSON, X-Request-ID)
+    assert got == {"status": 200, "rid": "from-a-browser", "n": 3}, got
+
+    # The same call from a page on another loopback origin (the first service's), not listed:
+    # the browser must refuse it. Both pages are loopback, so only CORS differs between them.
+    page.goto(f"{service}/healthz")
+    blocked = page.evaluate(FETCH_RANK, cors_service)
+    assert "error" in blocked and "Failed to fetch" in blocked["error"], blocked
+    assert any("blocked by CORS policy" in e for e in tab.errors), tab.errors
