@@ -239,6 +239,30 @@ def _knob_lines(results: dict[str, Any]) -> list[str]:
     for k, s in results["serialisation"].items():
         lines.append(f"| {k} | {s['bytes']} | {_f(s['orjson']['p50_ms'], 3)} | "
                      f"{_f(s['json']['p50_ms'], 3)} | {_f(s['fastapi_default']['p50_ms'], 3)} |")
+    return lines + _int8_lines(results)
+
+
+def _int8_lines(results: dict[str, Any]) -> list[str]:
+    q = results.get("int8")
+    if not q:
+        return []
+    inf = q["inference"]
+    lines = ["", "int8 weights (onnxruntime dynamic quantisation) vs float32:", "",
+             "| graph | file bytes | inference p50 ms | inference p99 ms |", "|---|---|---|---|"]
+    lines += [f"| {k} | {q['bytes'][k]:,} | {_f(inf[k]['p50_ms'], 3)} | "
+              f"{_f(inf[k]['p99_ms'], 3)} |" for k in ("fp32", "int8")]
+    lines += ["", f"Max abs score difference on the bench batches: {q['max_abs_diff']:.2e}."]
+    auc = q.get("auc")
+    if auc:
+        tasks = list(auc["fp32"])
+        lines += ["", f"Test-split AUC ({auc['rows']:,} rows):", "",
+                  "| graph | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        lines += [f"| {k} | " + " | ".join(f"{auc[k][t]:.4f}" for t in tasks) + " |"
+                  for k in ("fp32", "int8")]
+        lines.append("| change | " + " | ".join(f"{auc['int8'][t] - auc['fp32'][t]:+.4f}"
+                                              for t in tasks) + " |")
+    elif "auc_error" in q:
+        lines += ["", f"AUC not measured: {q['auc_error']}"]
     return lines
 
 
@@ -259,11 +283,12 @@ def plot(results: dict[str, Any], path: Path) -> None:
                        _runs(results, system=system, workers=w, n=n, kind="sweep") if "p99_ms" in r]
                 if pts:
                     ax.plot(*zip(*pts, strict=True), styles[system], label=f"{system} {w}w")
-            same = _runs(results, system=system, n=n, kind="same_load")
-            for r in same:
-                if "p99_ms" in r:
-                    ax.plot(r["rps"], r["p99_ms"], "*", markersize=12,
-                            label=f"{system} same load")
+            for kind in ("same_load", "high_load"):
+                for r in _runs(results, system=system, n=n, kind=kind):
+                    if "p99_ms" in r:
+                        ax.plot(r["rps"], r["p99_ms"], "*" if kind == "same_load" else "P",
+                                markersize=12,
+                                label=f"{system} open loop {r['offered_rps']:.0f}/s")
         ax.set_xlabel("throughput (requests/s)")
         ax.set_ylabel("p99 latency (ms)")
         ax.set_yscale("log")

@@ -70,6 +70,7 @@ class Env:
     workdir: Path
     procs: Processes
     plan: Plan
+    data_dir: Path | None = None  # the trainer's dataset, when the tables came from it
     body_files: dict[int, Path] = field(default_factory=dict)
     topk_files: dict[int, Path] = field(default_factory=dict)
     runs: list[dict[str, Any]] = field(default_factory=list)
@@ -171,21 +172,23 @@ def record(env: Env, system: str, workers: int, n: int, res: dict[str, Any], **t
 
 def sweep(env: Env, base: str, system: str, workers: int, n: int,
           scrape: dict[str, Any] | None = None) -> float:
-    """Closed loop at rising concurrency until throughput stops growing (>5 %); best req/s.
+    """Closed loop at rising concurrency until throughput stops growing; best req/s.
 
     With `scrape`, the service's stage histograms are read around the concurrency-1 point and
     the mean per stage is stored in it under "stages_metrics_ms".
     """
-    best = 0.0
+    best, flat = 0.0, 0
     for c in env.plan.concurrencies:
         before = scrape_stages(base) if scrape is not None and c == 1 else None
         res = loadgen(base + "/rank", env.body_files[n], n, env.plan, concurrency=c)
         if before is not None and scrape is not None:
             scrape["stages_metrics_ms"] = stage_delta(before, scrape_stages(base))
         record(env, system, workers, n, res, kind="sweep")
-        if res["rps"] < best * 1.05:
-            break
+        # saturated once two points in a row add < 5 %: one noisy point does not end the sweep
+        flat = flat + 1 if res["rps"] < best * 1.05 else 0
         best = max(best, res["rps"])
+        if flat >= 2:
+            break
     return best
 
 
@@ -245,6 +248,10 @@ def http_runs(env: Env, results: dict[str, Any]) -> None:
                     res = loadgen(base + "/rank", env.body_files[plan.key_n], plan.key_n, plan,
                                   rate=offered)
                     record(env, system, w, plan.key_n, res, kind="same_load")
+                    if system == "service":  # and at 80 % of its own saturation
+                        res = loadgen(base + "/rank", env.body_files[plan.key_n], plan.key_n,
+                                      plan, rate=0.8 * saturation[key][str(plan.key_n)])
+                        record(env, system, w, plan.key_n, res, kind="high_load")
                 if system == "service" and w == 1 and plan.service_knobs:
                     for c in (1, 8):
                         res = loadgen(base + "/rank", env.topk_files[plan.key_n], plan.key_n,
@@ -288,6 +295,10 @@ def in_process(env: Env, requests: dict[int, list[dict[str, Any]]], bodies: dict
     results["stages_in_process_ms"] = floors.stages_in_process(
         env.redis_url, model, requests[key], bodies[key])
     results["eager_vs_onnx"] = eager_check(env.version_dir, batches[key][:5])
+    if plan.service_knobs:
+        from bench.quantize import int8_knob
+
+        results["int8"] = int8_knob(env.version_dir, env.data_dir, batches[key])
 
 
 def eager_check(version_dir: Path, batches: list[dict[str, Any]]) -> dict[str, float]:
@@ -324,7 +335,8 @@ def run_all(args: argparse.Namespace, plan: Plan, workdir: Path) -> dict[str, An
         "dir": str(version_dir), "name": manifest.name, "version": manifest.version,
         "model_type": manifest.model_type, "tasks": manifest.tasks, "config": manifest.config}}
     with RedisServer() as rs, Processes(workdir / "logs") as procs:
-        env = Env(version_dir, schema, rs.url, workdir, procs, plan)
+        env = Env(version_dir, schema, rs.url, workdir, procs, plan,
+                  data_dir=Path(args.data_dir) if source == str(args.data_dir) else None)
         client = redis.Redis.from_url(rs.url)
         rep = store_load(client, schema, tables["user"], tables["item"])
         n_hashes = data.write_naive_hashes(client, schema, tables)
