@@ -34,8 +34,14 @@ function el(tag, attrs = {}, children = []) {
   return node;
 }
 
-async function getJSON(url, options) {
-  const resp = await fetch(url, options);
+function apiKeyHeader() {
+  const key = $("api-key").value.trim();
+  return key ? { "X-API-Key": key } : {};
+}
+
+async function getJSON(url, options = {}) {
+  const headers = { ...(options.headers || {}), ...apiKeyHeader() };
+  const resp = await fetch(url, { ...options, headers });
   let body = null;
   try {
     body = await resp.json();
@@ -353,6 +359,13 @@ function renderHeatmap() {
 // ---------- start ----------
 
 async function start() {
+  // The key lives in this tab's sessionStorage only: gone when the tab is closed.
+  const keyInput = $("api-key");
+  keyInput.value = sessionStorage.getItem("ranker-api-key") || "";
+  keyInput.addEventListener("change", () => {
+    sessionStorage.setItem("ranker-api-key", keyInput.value.trim());
+    scheduleRank(0);
+  });
   try {
     const [manifest, config] = await Promise.all([getJSON("/model"), getJSON("/playground/config")]);
     state.tasks = manifest.tasks;

@@ -19,6 +19,7 @@ import redis
 
 from ranker.manifest import load_manifest, load_schema
 from service.featurestore.embedded import RedisServer, free_port
+from service.settings import Settings
 from tests.playground.live import CHROMIUM, CHROMIUM_ARGS, load_features, run_service
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
@@ -70,21 +71,31 @@ class Tab:
             self.errors.append(text)
 
 
-@pytest.fixture
-def tab() -> Iterator[Tab]:
-    """A fresh Chromium page (headless, Debian's binary) that records errors and requests."""
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """One headless Chromium (Debian's binary) for the module; each test gets its own context."""
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.set_default_timeout(TIMEOUT_MS)
-            t = Tab(page)
-            page.on("console", lambda m: t.on_console(m.type, m.text))
-            page.on("pageerror", lambda e: t.errors.append(str(e)))
-            page.on("request", lambda r: t.on_request(r.url))
-            yield t
+            yield b
         finally:
-            browser.close()
+            b.close()
+
+
+@pytest.fixture
+def tab(browser: Any) -> Iterator[Tab]:
+    """A fresh page (own cookies and storage) that records errors and requests."""
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    try:
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        t = Tab(page)
+        page.on("console", lambda m: t.on_console(m.type, m.text))
+        page.on("pageerror", lambda e: t.errors.append(str(e)))
+        page.on("request", lambda r: t.on_request(r.url))
+        yield t
+    finally:
+        context.close()
 
 
 def ranked(page: Any) -> list[dict[str, Any]]:
@@ -204,11 +215,13 @@ def test_typed_user_and_pasted_ids_are_ranked(tab: Tab, service: str) -> None:
     assert "422" in page.text_content("#status") and "candidates" in page.text_content("#status")
 
 
+API_KEY = "playground-test-key"
 FETCH_RANK = """async url => {
     try {
         const r = await fetch(url + '/rank', {
             method: 'POST',
-            headers: {'Content-Type': 'application/json', 'X-Request-ID': 'from-a-browser'},
+            headers: {'Content-Type': 'application/json', 'X-Request-ID': 'from-a-browser',
+                      'X-API-Key': 'API_KEY'},
             body: JSON.stringify({user_id: 'u1', candidates: ['i1', 'i2', 'i3']}),
         });
         const body = await r.json();
@@ -216,17 +229,19 @@ FETCH_RANK = """async url => {
     } catch (e) {
         return {error: String(e)};
     }
-}"""
+}""".replace("API_KEY", API_KEY)
 
 
 @pytest.fixture(scope="module")
 def cors_service(service: str, tiny_model_dir: Path, redis_server: RedisServer) -> Iterator[str]:
-    """A second instance (same model and features) that allows the origin http://localhost:P."""
+    """A second instance (same model and features) that allows the origin http://localhost:P
+    and requires an API key on /rank."""
     port = free_port()
     origins = json.dumps([f"http://localhost:{port}"])
     with run_service(
-        tiny_model_dir, redis_server.url, port=port, RANKER_CORS_ORIGINS=origins
-    ) as base:
+        tiny_model_dir, redis_server.url, port=port,
+        RANKER_CORS_ORIGINS=origins, RANKER_API_KEYS=json.dumps([API_KEY]),
+    ) as base:  # fmt: skip
         yield base
 
 
@@ -246,3 +261,17 @@ def test_a_page_on_an_allowed_origin_calls_rank_and_others_are_blocked(
     blocked = page.evaluate(FETCH_RANK, cors_service)
     assert "error" in blocked and "Failed to fetch" in blocked["error"], blocked
     assert any("blocked by CORS policy" in e for e in tab.errors), tab.errors
+
+
+@pytest.mark.skipif(
+    "api_keys" not in Settings.model_fields, reason="this build has no API keys (RANKER_API_KEYS)"
+)
+def test_playground_sends_the_api_key_where_auth_is_on(tab: Tab, cors_service: str) -> None:
+    page = tab.page
+    page.goto(f"{cors_service}/playground")
+    wait_until(page, "() => document.body.dataset.state === 'error'")
+    assert "401" in page.text_content("#status") and "X-API-Key" in page.text_content("#status")
+    page.fill("#api-key", API_KEY)
+    page.dispatch_event("#api-key", "change")
+    wait_until(page, "() => document.querySelectorAll('#ranked li').length > 0")
+    assert page.evaluate("() => document.body.dataset.state") == "ready"
