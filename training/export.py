@@ -58,7 +58,7 @@ def onnx_bytes(model: MultiTaskModel, example: dict[str, np.ndarray]) -> bytes:
         torch.onnx.export(
             PositionalWrapper(model),
             args,
-            buf,
+            buf,  # type: ignore[arg-type]  # a file object works; the stub says path only
             input_names=names,
             output_names=outputs,
             dynamic_axes=dynamic_axes,

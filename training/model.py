@@ -20,6 +20,7 @@ Single-task baselines are Shared-Bottom models with one task each.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -105,11 +106,12 @@ class GroupEncoder(nn.Module):
 
     def __init__(self, group: InputGroup) -> None:
         super().__init__()
-        self.embeddings = nn.ModuleList(
+        embs = [
             nn.Embedding(v, d) for v, d in zip(group.vocab_sizes, group.embedding_dims, strict=True)
-        )
-        for emb in self.embeddings:
+        ]
+        for emb in embs:
             nn.init.normal_(emb.weight, std=0.05)
+        self.embeddings = nn.ModuleList(embs)
 
     def forward(self, cat: Tensor | None, dense: Tensor | None) -> Tensor:
         parts = [emb(cat[:, j]) for j, emb in enumerate(self.embeddings)] if cat is not None else []
@@ -119,13 +121,13 @@ class GroupEncoder(nn.Module):
 
 
 class BatchedMLP(nn.Module):
-    """K independent MLPs (experts or towers) evaluated as batched matmuls: (K, B, i) -> (K, B, o)."""
+    """K independent MLPs (experts or towers) as batched matmuls: (K, B, i) -> (K, B, o)."""
 
     def __init__(self, k: int, widths: list[int], last_activation: bool) -> None:
         super().__init__()
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
-        for w_in, w_out in zip(widths[:-1], widths[1:], strict=True):
+        for w_in, w_out in itertools.pairwise(widths):
             self.weights.append(_uniform_(nn.Parameter(torch.empty(k, w_in, w_out)), w_in))
             self.biases.append(_uniform_(nn.Parameter(torch.empty(k, 1, w_out)), w_in))
         self.last_activation = last_activation

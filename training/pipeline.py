@@ -1,0 +1,206 @@
+"""End-to-end jobs: train a model and its baselines into a run directory, export a run, and
+`ensure_default_model` for the main job (data -> train -> export when the repository is empty).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ranker.manifest import list_versions, version_dir
+from ranker.schema import FeatureSchema
+from training.data import (
+    Encoded,
+    build_schema,
+    encode_split,
+    load_raw,
+    training_data_info,
+)
+from training.export import export_model
+from training.metrics import auc
+from training.model import ModelConfig, MultiTaskModel, inputs_from_schema
+from training.report import write_report
+from training.spec import DatasetSpec, load_spec
+from training.synthetic import SyntheticConfig, read_dataset_info, write_dataset
+from training.train import TrainConfig, evaluate, fit, load_checkpoint, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "model.pt"
+GOLDEN_ROWS = 8
+DEFAULT_SPEC = "synthetic"
+
+
+def golden_from(
+    schema: FeatureSchema, data: Encoded, n: int = GOLDEN_ROWS
+) -> dict[str, np.ndarray]:
+    """Real encoded test rows as the service sends them: one user and context over n items.
+
+    Without an item group (census) every group carries the same n rows.
+    """
+    has_items = schema.group("item") is not None
+    out = {}
+    for name, arr in data.inputs.items():
+        rows = 1 if has_items and not name.startswith("item_") else n
+        out[name] = np.ascontiguousarray(arr[:rows])
+    return out
+
+
+def baseline_configs(main: ModelConfig) -> dict[str, ModelConfig]:
+    """Shared-Bottom, one single-task model per task, and OMoE, sized like the main model."""
+    out = {}
+    if main.model_type != "shared_bottom":
+        out["shared_bottom"] = dataclasses.replace(main, model_type="shared_bottom")
+    if len(main.tasks) > 1:
+        for t in main.tasks:
+            out[f"single_{t}"] = dataclasses.replace(main, model_type="shared_bottom", tasks=[t])
+    if main.model_type != "omoe":
+        out["omoe"] = dataclasses.replace(main, model_type="omoe")
+    return out
+
+
+def run_training(
+    spec: DatasetSpec,
+    out: Path,
+    model_kw: dict[str, Any],
+    train_cfg: TrainConfig,
+    *,
+    data_dir: Path | None = None,
+    baselines: bool = True,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """Train the main model (and baselines) on `spec`, evaluate on test, write the run directory."""
+    # one intra-op thread: these matmuls are small, and on a busy 2-core box a second spinning
+    # thread made steps ~30x slower (measured: 490 ms vs 15 ms per batch of 512)
+    torch.set_num_threads(threads)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    raw = load_raw(spec, data_dir)
+    schema = build_schema(spec, raw)
+    train, val, test = (encode_split(spec, schema, raw, s) for s in ("train", "val", "test"))
+    main_cfg = ModelConfig(inputs=inputs_from_schema(schema), tasks=spec.task_names, **model_kw)
+    configs: dict[str, ModelConfig] = {main_cfg.model_type: main_cfg}
+    if baselines:
+        configs.update(baseline_configs(main_cfg))
+    models: dict[str, Any] = {}
+    main_model: MultiTaskModel | None = None
+    for name, cfg in configs.items():
+        log.info("training %s", name)
+        tc = train_cfg
+        if set(cfg.tasks) != set(main_cfg.tasks):
+            tc = dataclasses.replace(
+                train_cfg, loss_weights={t: train_cfg.loss_weights.get(t, 1.0) for t in cfg.tasks}
+            )
+        model, hist = fit(cfg, _select(train, main_cfg, cfg), _select(val, main_cfg, cfg), tc)
+        models[name] = {
+            "model_type": cfg.model_type,
+            "tasks": cfg.tasks,
+            "history": hist.to_dict(),
+            "test": evaluate(model, _select(test, main_cfg, cfg)),
+        }
+        if main_model is None:
+            main_model = model
+    assert main_model is not None
+    info = training_data_info(spec, raw)
+    report: dict[str, Any] = {
+        "dataset": spec.name,
+        "spec": str(spec.path) if spec.path else None,
+        "tasks": spec.task_names,
+        "main": main_cfg.model_type,
+        "model_name": spec.model_name,
+        "config": main_cfg.to_dict(),
+        "train_config": train_cfg.to_dict(),
+        "training_data": info,
+        "models": models,
+    }
+    if test.oracle is not None:
+        report["oracle_auc"] = {
+            t: auc(test.labels[:, j], test.oracle[:, j]) for j, t in enumerate(spec.task_names)
+        }
+    save_checkpoint(
+        out / CHECKPOINT,
+        main_model,
+        features=schema.describe(),
+        vocab=schema.vocabularies(),
+        model_name=spec.model_name,
+        metrics={
+            "test": models[main_cfg.model_type]["test"],
+            "oracle_auc": report.get("oracle_auc"),
+        },
+        training_data=info,
+        golden={k: torch.from_numpy(v) for k, v in golden_from(schema, test).items()},
+    )
+    write_report(report, out)
+    return report
+
+
+def _select(data: Encoded, main: ModelConfig, cfg: ModelConfig) -> Encoded:
+    """The label columns a (single-task) model trains on."""
+    if cfg.tasks == main.tasks:
+        return data
+    cols = [main.tasks.index(t) for t in cfg.tasks]
+    return Encoded(
+        data.inputs,
+        np.ascontiguousarray(data.labels[:, cols]),
+        None if data.oracle is None else data.oracle[:, cols],
+    )
+
+
+def export_run(run_dir: Path, repo: Path, name: str | None = None) -> Path:
+    """Export a run's checkpoint as a new version of `name` (default: the dataset's model name)."""
+    run_dir = Path(run_dir)
+    model, ckpt = load_checkpoint(run_dir / CHECKPOINT)
+    schema = FeatureSchema.from_description(ckpt["features"], ckpt["vocab"])
+    golden = {k: v.numpy() for k, v in ckpt["golden"].items()}
+    extra = {
+        p.name: p
+        for p in sorted(run_dir.iterdir())
+        if p.is_file() and p.suffix in (".md", ".json", ".png") and p.name != "manifest.json"
+    }
+    return export_model(
+        model,
+        schema,
+        repo,
+        name or ckpt["model_name"],
+        golden,
+        metrics=ckpt["metrics"],
+        training_data=ckpt["training_data"],
+        extra_files=extra,
+    )
+
+
+DEFAULT_MODEL = {"model_type": "mmoe", "n_experts": 8, "expert_hidden": [64, 32],
+                 "tower_hidden": [16]}
+
+
+def ensure_default_model(
+    repo: Path,
+    data_dir: Path,
+    name: str = "mmoe",
+    small: bool = False,
+    run_dir: Path | None = None,
+) -> Path:
+    """The newest version of `name` in `repo`; if none, generate data (if absent), train, export.
+
+    Used by the main job on a fresh checkout. No baselines; a short run (see docs/training.md).
+    """
+    versions = list_versions(repo, name)
+    if versions:
+        return version_dir(repo, name, versions[-1])
+    data_dir = Path(data_dir)
+    if read_dataset_info(data_dir) is None:
+        log.info("generating synthetic data into %s", data_dir)
+        write_dataset(SyntheticConfig.small() if small else SyntheticConfig(), data_dir)
+    spec = load_spec(DEFAULT_SPEC)
+    train_cfg = TrainConfig(epochs=2 if small else 4, batch_size=1024, progress=False)
+    with tempfile.TemporaryDirectory(prefix="ranker-run-") as tmp:
+        out = Path(run_dir) if run_dir else Path(tmp)
+        run_training(spec, out, DEFAULT_MODEL, train_cfg, data_dir=data_dir, baselines=False)
+        return export_run(out, repo, name)
+
