@@ -160,3 +160,25 @@ def test_missing_tables_is_a_clear_error(tiny_model_dir: Path, tmp_path: Path) -
                           env=clean_env(), capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert "feature tables missing" in done.stdout and "users.parquet" in done.stdout
+
+
+def test_smoke_on_an_empty_repository_trains_first(tmp_path: Path) -> None:
+    """The newcomer's path: no model, no data -> synthetic data, training, export, serve, 200."""
+    repo, data = tmp_path / "models", tmp_path / "data" / "synthetic"
+    cmd = [sys.executable, "-m", "ranker.cli", "run", "--smoke", "--small", "--port", "0",
+           "--repo", str(repo), "--data-dir", str(data)]
+    done = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True,
+                          timeout=600)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert "training one on the synthetic data" in out
+    assert (repo / "mmoe" / "1" / "manifest.json").is_file()
+    assert (data / "users.parquet").is_file() and (data / "items.parquet").is_file()
+    assert "smoke: POST /rank -> 200" in out
+    assert not port_open(embedded_redis_port(out))
+    # a second run finds the model and does not train again
+    again = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "model: using" in again.stdout and "training one" not in again.stdout
+    assert sorted(p.name for p in (repo / "mmoe").iterdir()) == ["1"]
