@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from service import metrics
 from service.cors import add_cors
 from service.errors import install_handlers
+from service.guards.wiring import install_guards
 from service.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from service.playground import playground_router
 from service.registry import LoadedModel, ModelRegistry, NoModelError
@@ -140,6 +141,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ops.router)
     # added last = outermost: the request id exists before the body limit answers
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    install_guards(app, settings)  # deadline backstop, API keys, operator port
     app.add_middleware(RequestContextMiddleware, routes=ROUTES, max_inflight=settings.max_inflight)
     if settings.playground_enabled:
         app.include_router(playground_router)

@@ -39,21 +39,15 @@ def serve_main(argv: list[str]) -> int:
         if value is not None:
             os.environ[env] = str(value)
 
-    import uvicorn
-
     from service.settings import Settings
 
     settings = Settings()  # validates the whole configuration before any worker starts
     host = args.host or settings.host
     port = args.port if args.port is not None else settings.port
-    if args.workers > 1:
-        # each worker is its own process: metrics go through files that /metrics aggregates
-        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="ranker-prom-")
-        uvicorn.run("service.app:create_app_from_env", factory=True, host=host, port=port,
-                    workers=args.workers, log_level=args.log_level)
-        return 0
-    from service.app import create_app
+    # each worker is its own process: metrics go through files that /metrics aggregates
+    if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="ranker-prom-")
+    # sockets (+ metrics_port), graceful shutdown, metrics dir cleanup, ORT threads per worker
+    from service.guards.wiring import serve
 
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=args.log_level)
-    return 0
+    return serve(settings, host, port, args.workers, args.log_level)

@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_PRESETS: dict[str, dict[str, float]] = {
@@ -67,6 +67,12 @@ class Settings(BaseSettings):
     admin_api_key: str | None = None
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+
+    # reliability and access guards (service/guards, docs/reliability.md)
+    api_keys: list[SecretStr] = []  # RANKER_API_KEYS='["k1","k2"]'; none = /rank is open
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)  # /metrics, /admin only there
+    graceful_shutdown_s: int = Field(default=10, ge=1)  # SIGTERM: in-flight requests get this
+    request_hard_timeout_s: float | None = Field(default=None, gt=0)  # None = 2×request_timeout_s
 
     # browser clients (service/cors.py, docs/playground.md)
     cors_origins: list[str] = []  # RANKER_CORS_ORIGINS='["https://app.example.com"]'; none = off

@@ -76,7 +76,7 @@ class ApiKeyMiddleware:
         self.on_deny = on_deny
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope.get("method") == "OPTIONS":  # CORS preflight
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")

@@ -65,6 +65,7 @@ class ServerProcess:
         port: int | None = None,
         extra_args: Sequence[str] = (),
         app: str = APP_FACTORY,
+        cli: bool = False,
         ready_path: str = "/readyz",
         ready_timeout_s: float = 30.0,
         stop_timeout_s: float = 10.0,
@@ -75,6 +76,7 @@ class ServerProcess:
         self.workers = workers
         self.extra_args = list(extra_args)
         self.app = app
+        self.cli = cli  # `ranker serve` (the production entry point) instead of bare uvicorn
         self.ready_path = ready_path
         self.ready_timeout_s = ready_timeout_s
         self.stop_timeout_s = stop_timeout_s
@@ -92,6 +94,10 @@ class ServerProcess:
         return self.proc.pid
 
     def command(self) -> list[str]:
+        if self.cli:
+            return [sys.executable, "-m", "ranker.cli", "serve", "--host", HOST, "--port",
+                    str(self.port), "--workers", str(self.workers), "--log-level", "warning",
+                    *self.extra_args]
         cmd = [sys.executable, "-m", "uvicorn", "--factory", self.app, "--host", HOST,
                "--port", str(self.port), "--log-level", "warning", "--no-access-log"]
         if self.workers > 1:
