@@ -1,0 +1,165 @@
+"""`ranker serve` as a real process: graceful shutdown on SIGTERM, several workers with summed
+metrics, API keys, and the operator port for /metrics and /admin."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from service.featurestore.embedded import RedisServer
+from service.guards.wiring import clean_multiproc_dir, ort_threads_per_worker
+from tests.reliability.conftest import rank_body, service_env
+from tests.reliability.procs import ServerProcess, children_of, free_port, post_json, run_load
+from tests.reliability.test_overload_redis import pause_redis
+from tests.reliability.test_readiness_swap import metric_value
+
+
+def redis_clients(url: str) -> int:
+    """Clients connected to redis-server, not counting the one asking."""
+    c = redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        return int(c.info("clients")["connected_clients"]) - 1
+    finally:
+        c.close()
+
+
+async def test_sigterm_finishes_inflight_refuses_new_exits_zero(
+    model_repo: Path, live_redis: RedisServer
+) -> None:
+    env = service_env(model_repo, live_redis.url, request_timeout_s=4.0,
+                      redis_socket_timeout_s=3.0, graceful_shutdown_s=5)
+    server = ServerProcess(env, cli=True)
+    with server:
+        assert redis_clients(live_redis.url) >= 1  # the service holds a pooled connection
+        pause_redis(live_redis.url, 1200)  # the in-flight requests wait on Redis
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as c:
+            inflight = [asyncio.create_task(c.post("/rank", json=rank_body(i)))
+                        for i in range(4)]
+            await asyncio.sleep(0.3)
+            t_term = time.monotonic()
+            server.signal(signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            with pytest.raises(httpx.ConnectError):  # no longer accepting
+                await httpx.AsyncClient(base_url=server.url, timeout=2).get("/healthz")
+            done = await asyncio.gather(*inflight)
+        code = await asyncio.to_thread(server.wait, 10.0)
+        took = time.monotonic() - t_term
+    assert [r.status_code for r in done] == [200] * 4, [r.text[:100] for r in done]
+    assert code == 0, server.log_tail()
+    assert took < 5 + 2
+    assert redis_clients(live_redis.url) == 0, "Redis connections closed on shutdown"
+
+
+async def test_sigterm_cuts_requests_beyond_the_grace_time(
+    model_repo: Path, live_redis: RedisServer
+) -> None:
+    env = service_env(model_repo, live_redis.url, request_timeout_s=8.0,
+                      redis_socket_timeout_s=8.0, graceful_shutdown_s=1)
+    server = ServerProcess(env, cli=True)
+    with server:
+        pause_redis(live_redis.url, 4000)
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as c:
+            stuck = asyncio.create_task(c.post("/rank", json=rank_body(0)))
+            await asyncio.sleep(0.3)
+            t_term = time.monotonic()
+            server.signal(signal.SIGTERM)
+            code = await asyncio.to_thread(server.wait, 10.0)
+            took = time.monotonic() - t_term
+            outcome = await asyncio.gather(stuck, return_exceptions=True)
+    pause_redis(live_redis.url, 1)  # let the paused server go
+    assert code == 0 and took < 1 + 1.5, f"exit {code} after {took:.2f}s"
+    cut = outcome[0]
+    assert isinstance(cut, httpx.HTTPError) or (
+        isinstance(cut, httpx.Response) and cut.status_code >= 500), cut
+
+
+async def close_after(client: httpx.AsyncClient, i: int) -> httpx.Response:
+    """One request per connection, so the kernel hands each to any worker."""
+    return await client.post("/rank", json=rank_body(i), headers={"Connection": "close"})
+
+
+async def test_two_workers_metrics_are_summed_and_dir_is_cleaned(
+    model_repo: Path, live_redis: RedisServer, tmp_path: Path
+) -> None:
+    prom = tmp_path / "prom"
+    prom.mkdir()
+    (prom / "counter_999999.db").write_bytes(b"stale file of a dead worker")
+    env = service_env(model_repo, live_redis.url)
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(prom)
+    n = 80
+    file_counts = []
+    for _ in range(2):
+        with ServerProcess(env, cli=True, workers=2) as server:
+            assert len(children_of(server.pid)) >= 2
+            res = await run_load(server.url, close_after, total=n, concurrency=4, duration_s=30)
+            text = httpx.get(server.url + "/metrics", timeout=5).text
+            pids = {f.stem.rsplit("_", 1)[-1] for f in prom.glob("*.db")}
+            file_counts.append(len(list(prom.glob("*.db"))))
+        assert res.by_status == {200: n}, res.summary()
+        served = metric_value(text, "ranker_requests_total", 'route="/rank",status="200"')
+        assert served == n, f"/metrics says {served} of {n}: not the sum over workers"
+        assert "999999" not in pids and len(pids) >= 2, pids
+    assert file_counts[1] <= file_counts[0], f"dir grew across restarts: {file_counts}"
+
+
+def test_multiproc_dir_cleanup_and_thread_split(tmp_path: Path) -> None:
+    d = tmp_path / "m"
+    assert clean_multiproc_dir(d) == 0 and d.is_dir()
+    (d / "gauge_livesum_1.db").write_bytes(b"x")
+    (d / "keep.txt").write_text("not ours")
+    assert clean_multiproc_dir(d) == 1
+    assert [p.name for p in d.iterdir()] == ["keep.txt"]
+    assert ort_threads_per_worker(2, 2) == 1
+    assert ort_threads_per_worker(8, 2) == 4
+    assert ort_threads_per_worker(2, 4) == 1
+    assert ort_threads_per_worker(None, 1) == 1
+
+
+async def test_api_keys_admin_key_and_operator_port(
+    model_repo: Path, live_redis: RedisServer
+) -> None:
+    ops = free_port()
+    env = service_env(model_repo, live_redis.url, api_keys=["key-one", "key-two"],
+                      admin_api_key="adm-secret", metrics_port=ops)
+    with ServerProcess(env, cli=True) as server:
+        ops_url = f"http://127.0.0.1:{ops}"
+        async with httpx.AsyncClient(timeout=5) as c:
+            pub = server.url
+            no_key = await c.post(pub + "/rank", json=rank_body(0))
+            bad_key = await c.post(pub + "/rank", json=rank_body(0), headers={"X-API-Key": "nope"})
+            admin_as_api = await c.post(pub + "/rank", json=rank_body(0),
+                                        headers={"X-API-Key": "adm-secret"})
+            res = await run_load(pub, post_json("/rank", rank_body), total=20, concurrency=2,
+                                 headers={"X-API-Key": "key-two"})
+            metrics_public = await c.get(pub + "/metrics")
+            admin_public = await c.post(pub + "/admin/reload",
+                                        headers={"X-Admin-Key": "adm-secret"})
+            metrics_ops = await c.get(ops_url + "/metrics")
+            admin_ops_nokey = await c.post(ops_url + "/admin/reload")
+            admin_ops_apikey = await c.post(ops_url + "/admin/reload",
+                                            headers={"X-Admin-Key": "key-one"})
+            admin_ops = await c.post(ops_url + "/admin/reload",
+                                     headers={"X-Admin-Key": "adm-secret"})
+            rank_ops = await c.post(ops_url + "/rank", json=rank_body(0),
+                                    headers={"X-API-Key": "key-one"})
+            health = [(await c.get(u + "/healthz")).status_code for u in (pub, ops_url)]
+        log = server.log_text()
+    assert no_key.status_code == 401 and bad_key.status_code == 401
+    assert admin_as_api.status_code == 401
+    assert no_key.json()["error"] == "unauthorized"
+    assert res.by_status == {200: 20}, res.summary()
+    assert metrics_public.status_code == 404 and admin_public.status_code == 404
+    assert metrics_ops.status_code == 200 and "ranker_requests_total" in metrics_ops.text
+    assert 'reason="unauthorized"' in metrics_ops.text
+    assert admin_ops_nokey.status_code == 401 and admin_ops_apikey.status_code == 401
+    assert admin_ops.status_code == 200
+    assert rank_ops.status_code == 404
+    assert health == [200, 200]
+    for secret in ("key-one", "key-two", "adm-secret", "nope"):
+        assert secret not in log
