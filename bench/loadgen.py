@@ -120,8 +120,11 @@ class Connection:
 
 
 async def _one(conn: Connection, body: bytes, rec: Recorder, t_start: float,
-               timeout_s: float, measure: bool) -> None:
-    """Send one request; record its outcome (latency from `t_start`) if `measure`."""
+               timeout_s: float, measure: bool | tuple[float, float]) -> None:
+    """Send one request; record its outcome (latency from `t_start`) if `measure` says so.
+
+    `measure` is a flag, or a window (t0, t1): record only if the response arrives inside it.
+    """
     try:
         status, _ = await asyncio.wait_for(conn.request(body), timeout_s)
         outcome = str(status)
@@ -131,15 +134,21 @@ async def _one(conn: Connection, body: bytes, rec: Recorder, t_start: float,
     except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as e:
         outcome = type(e).__name__
         conn.close()
-    if measure:
-        rec.record(outcome, time.perf_counter() - t_start)
+    done = time.perf_counter()
+    if measure is True or (isinstance(measure, tuple) and measure[0] <= done <= measure[1]):
+        rec.record(outcome, done - t_start)
 
 
 async def closed_loop(
     target: Target, bodies: list[bytes], concurrency: int, duration_s: float, warmup_s: float,
     max_requests: int, timeout_s: float,
 ) -> tuple[Recorder, float]:
-    """`concurrency` workers, each one request at a time; returns (recorder, measured seconds)."""
+    """`concurrency` workers, each one request at a time; returns (recorder, measured seconds).
+
+    A response counts if it arrives inside the measured window, whenever it was sent, so a
+    server slower than the window still gets a throughput; in-flight requests at the end of the
+    window are drained but not counted.
+    """
     rec = Recorder()
     t0 = time.perf_counter()
     t_measure = t0 + warmup_s
@@ -151,14 +160,13 @@ async def closed_loop(
         try:
             while (now := time.perf_counter()) < t_end and rec.sent < max_requests:
                 i = next(counter)
-                measure = now >= t_measure
-                rec.sent += measure
-                await _one(conn, bodies[i % len(bodies)], rec, now, timeout_s, measure)
+                rec.sent += now >= t_measure
+                await _one(conn, bodies[i % len(bodies)], rec, now, timeout_s, (t_measure, t_end))
         finally:
             conn.close()
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return rec, max(min(time.perf_counter(), t_end) - t_measure, 1e-9)
+    return rec, duration_s
 
 
 async def open_loop(target: Target, bodies: list[bytes], rate: float, duration_s: float,
