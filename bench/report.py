@@ -145,6 +145,13 @@ def markdown(results: dict[str, Any]) -> str:
               f"Each point: {plan['duration_s']} s measured after {plan['warmup_s']} s warm-up; "
               "load generator = bench/loadgen.py (asyncio + uvloop, raw HTTP/1.1 keep-alive, "
               "own process). The load generator, Redis and the server share the same cores.", ""]
+    ceil = results.get("loadgen_ceiling")
+    max_rps = max((r["rps"] for r in results["runs"] if r["system"] != "noop"), default=0.0)
+    if ceil:
+        lines += [f"Load generator ceiling: {ceil['rps']:,.0f} req/s against the noop app at "
+                  f"concurrency {ceil['concurrency']} (N={ceil['n']} bodies), using "
+                  f"{ceil['client_cpu_util']:.0%} of a core itself; the fastest system below "
+                  f"reached {max_rps / ceil['rps']:.0%} of that.", ""]
     lines += ["## Targets", "", "| target | value | limit | pass |", "|---|---|---|---|"]
     for t in summ["targets"]:
         op = "≤" if t["at_most"] else "≥"
