@@ -1,0 +1,89 @@
+"""Model shapes, gates summing to 1, and the exactness of the split first layer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.tiny import golden_inputs, tiny_schema
+from training.model import ModelConfig, ModelType, MultiTaskModel, inputs_from_schema
+
+TASKS = ["click", "like", "share"]
+
+
+def make_model(model_type: ModelType = "mmoe", seed: int = 0) -> MultiTaskModel:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(inputs=inputs_from_schema(tiny_schema()), tasks=TASKS,
+                      model_type=model_type, n_experts=4, expert_hidden=[8, 6],
+                      bottom_hidden=[12, 6], tower_hidden=[4])
+    return MultiTaskModel(cfg).eval()
+
+
+def tiled(inputs: dict[str, np.ndarray], n: int) -> dict[str, torch.Tensor]:
+    """Every group repeated to n rows (the training layout, U = N)."""
+    return {k: torch.from_numpy(np.repeat(v, n // len(v), axis=0)) for k, v in inputs.items()}
+
+
+@pytest.mark.parametrize("model_type", ["mmoe", "omoe", "shared_bottom"])
+def test_output_shapes(model_type: ModelType) -> None:
+    model = make_model(model_type)
+    x = {k: torch.from_numpy(v) for k, v in golden_inputs(tiny_schema(), n=7).items()}
+    with torch.no_grad():
+        out = model(x)
+    for t in TASKS:
+        assert out[t].shape == (7,)
+        assert ((out[t] > 0) & (out[t] < 1)).all()
+    if model_type == "shared_bottom":
+        assert "gates" not in out
+    else:
+        assert out["gates"].shape == (7, 3, 4)
+    assert set(model.output_names()) == set(out)
+
+
+@pytest.mark.parametrize("model_type", ["mmoe", "omoe"])
+def test_gates_are_distributions(model_type: ModelType) -> None:
+    model = make_model(model_type)
+    x = {k: torch.from_numpy(v) for k, v in golden_inputs(tiny_schema(), n=33).items()}
+    with torch.no_grad():
+        gates = model(x)["gates"]
+    torch.testing.assert_close(gates.sum(-1), torch.ones(33, 3), atol=1e-6, rtol=0)
+    assert (gates >= 0).all()
+    if model_type == "omoe":  # one gate shared by every task
+        torch.testing.assert_close(gates[:, 0], gates[:, 2])
+    else:
+        assert not torch.allclose(gates[:, 0], gates[:, 2])
+
+
+def test_user_broadcast_equals_tiled_user() -> None:
+    model = make_model()
+    x = golden_inputs(tiny_schema(), n=9)
+    with torch.no_grad():
+        a = model({k: torch.from_numpy(v) for k, v in x.items()})
+        b = model(tiled(x, 9))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
+def test_split_first_layer_equals_one_linear_over_the_concatenation() -> None:
+    """sum_g x_g @ W_g + b == [x_user, x_item, x_context] @ [W_user; W_item; W_context] + b."""
+    model = make_model()
+    x = tiled(golden_inputs(tiny_schema(), n=16, seed=3), 16)
+    with torch.no_grad():
+        split = model.first_layer(x)
+        parts = [
+            model.encoders[g.entity](x.get(f"{g.entity}_cat"), x.get(f"{g.entity}_dense"))
+            for g in model.config.inputs
+        ]
+        concat = torch.cat(parts, dim=1)  # (B, sum of group widths)
+        linear = torch.nn.Linear(concat.shape[1], model.first_width)
+        linear.weight.copy_(torch.cat([model.first[g.entity] for g in model.config.inputs]).T)
+        linear.bias.copy_(model.first_bias)
+        torch.testing.assert_close(split, linear(concat), atol=1e-6, rtol=1e-6)
+    assert concat.shape[1] == sum(g.width for g in model.config.inputs)
+
+
+def test_first_layer_feeds_experts_and_gates() -> None:
+    model = make_model()
+    c = model.config
+    assert model.first_width == c.n_experts * c.expert_hidden[0] + len(TASKS) * c.n_experts
