@@ -179,6 +179,15 @@ def load_version(
     return model
 
 
+def dir_state(path: Path) -> tuple:
+    """(name, size, mtime) of every file in a version directory: changes when anything is edited."""
+    try:
+        return tuple(sorted((p.name, st.st_size, st.st_mtime_ns) for p in Path(path).iterdir()
+                            if p.is_file() for st in [p.stat()]))
+    except OSError:
+        return ()
+
+
 @dataclass
 class ReloadResult:
     """What a reload did: "success", "unchanged" or "failure", and for which version."""
@@ -211,7 +220,9 @@ class ModelRegistry:
         }
         self._current: LoadedModel | None = None
         self._lock = threading.Lock()  # one load at a time; serving never takes it
-        self._failed: dict[int, str] = {}  # versions refused, so a watcher does not retry them
+        # versions refused, with the state of their files then: a watcher retries one only
+        # when its files changed (e.g. a hand copy that was incomplete at the first look)
+        self._failed: dict[int, tuple[str, tuple]] = {}
         self._on_swap = on_swap
         self._on_failure = on_failure
 
@@ -227,7 +238,7 @@ class ModelRegistry:
 
     @property
     def failed_versions(self) -> dict[int, str]:
-        return dict(self._failed)
+        return {v: why for v, (why, _) in self._failed.items()}
 
     def newest_version(self) -> int | None:
         versions = list_versions(self.repo, self.name)
@@ -245,9 +256,10 @@ class ModelRegistry:
             cur = self._current
             if cur is not None and cur.version == target:
                 return ReloadResult("unchanged", target, "already serving")
-            if not retry_failed and target in self._failed:
-                return ReloadResult("unchanged", cur.version if cur else None, "refused before")
             path = version_dir(self.repo, self.name, target)
+            refused = self._failed.get(target)
+            if not retry_failed and refused is not None and refused[1] == dir_state(path):
+                return ReloadResult("unchanged", cur.version if cur else None, "refused before")
             try:
                 model = load_version(path, **self._load_kwargs)  # type: ignore[arg-type]
                 if model.name != self.name or model.version != target:
@@ -256,7 +268,7 @@ class ModelRegistry:
                         f"{self.name}/{target}"
                     )
             except ModelLoadError as e:
-                self._failed[target] = str(e)
+                self._failed[target] = (str(e), dir_state(path))
                 log.error("model %s version %s refused: %s", self.name, target, e)
                 if self._on_failure is not None:
                     self._on_failure(target, str(e))

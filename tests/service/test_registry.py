@@ -74,6 +74,10 @@ def test_corrupt_file_refused_old_keeps_serving(model_repo, pristine_repo):
     # a watcher does not retry it forever; an explicit reload does
     assert reg.reload(retry_failed=False).result == "unchanged"
     assert reg.reload().result == "failure"
+    # ... and the watcher does retry once the files change (the copy is fixed)
+    flip_byte(bad / "model.onnx")
+    assert reg.reload(retry_failed=False).result == "success"
+    assert cur(reg).version == 2 and reg.failed_versions == {}
 
 
 def test_schema_mismatch_refused(model_repo, pristine_repo):
