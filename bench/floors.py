@@ -96,6 +96,34 @@ def fetch_inputs(url: str, schema: FeatureSchema, requests: list[dict[str, Any]]
     return asyncio.run(go())
 
 
+def reader_fetch_time(url: str, schema: FeatureSchema, requests: list[dict[str, Any]],
+                      repeats: int = 300, max_s: float = 2.0) -> dict[str, float]:
+    """The service's own reader (redis.asyncio, one MGET + decode) timed alone, p50 etc."""
+    from service.featurestore.reader import FeatureStore, make_client
+
+    async def go() -> list[float]:
+        client = make_client(url, socket_timeout_s=5.0, connect_timeout_s=5.0)
+        store = FeatureStore(client, schema)
+        times: list[float] = []
+        try:
+            deadline = time.perf_counter() + max_s
+            for i in range(repeats + 5):
+                r = requests[i % len(requests)]
+                t0 = time.perf_counter()
+                await store.fetch(r["user_id"], r["candidates"])
+                if i >= 5:  # the first calls connect and find the load
+                    times.append(time.perf_counter() - t0)
+                if time.perf_counter() > deadline and len(times) >= 5:
+                    break
+        finally:
+            await client.aclose()
+        return times
+
+    ms = np.asarray(asyncio.run(go())) * 1e3
+    return {"p50_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99)),
+            "mean_ms": float(ms.mean()), "n": int(ms.size)}
+
+
 def make_session(model_path: Path, intra: int = 1, inter: int = 1,
                  opt: str = "all") -> ort.InferenceSession:
     opts = ort.SessionOptions()
@@ -232,6 +260,7 @@ def stages_in_process(url: str, model: Any, requests: list[dict[str, Any]],
 
     return {
         "parse": time_calls(lambda i: RankRequest.model_validate_json(bodies[i % len(bodies)])),
+        "fetch": reader_fetch_time(url, model.schema, requests),
         "decode": time_calls(lambda i: store._decode(raw[i % len(raw)][0], raw[i % len(raw)][1:])),
         "inference": time_calls(lambda i: model.run(inputs[i % len(inputs)])),
         "combine": time_calls(lambda i: rank_order(combine(outs[i % len(outs)][0], w))),
