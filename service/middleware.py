@@ -41,6 +41,12 @@ def request_id_from(scope: Scope) -> str:
     return uuid.uuid4().hex
 
 
+def matched_template(scope: Scope) -> str:
+    """The template of the route the router matched (e.g. "/playground/{name}"), else "other"."""
+    path = getattr(scope.get("route"), "path", None)
+    return path if isinstance(path, str) and path.startswith("/") else "other"
+
+
 class RequestContextMiddleware:
     """Assigns the request id, counts and times requests by route template, guards inflight."""
 
@@ -85,6 +91,8 @@ class RequestContextMiddleware:
         finally:
             self.inflight -= 1
             metrics.INFLIGHT.dec()
+            if route == "other":
+                route = matched_template(scope)
             metrics.REQUESTS.labels(route, str(status)).inc()
             metrics.REQUEST_DURATION.labels(route).observe(time.perf_counter() - t0)
 

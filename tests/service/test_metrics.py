@@ -75,3 +75,20 @@ async def test_metrics_present_and_moving(model_repo, redis_url):
         assert metric("ranker_inflight_requests") == 0
         # probability buckets reach down to rare-task scores
         assert f'ranker_task_score_bucket{{le="{SCORE_BUCKETS[0]}",task="share"}}' in text
+
+
+async def test_route_label_is_the_matched_template(model_repo, redis_url):
+    settings = settings_for(model_repo, redis_url, playground_enabled=True)
+    async with running_app(settings) as client:
+        def count(route: str, status: str) -> float:
+            return metric("ranker_requests_total", {"route": route, "status": status})
+
+        before = (count("/playground/{name}", "404"), count("other", "404"),
+                  count("/playground/config", "200"))
+        assert (await client.get("/playground/config")).status_code == 200
+        assert (await client.get("/playground/secret-u42")).status_code == 404
+        assert (await client.get("/secret-u42")).status_code == 404
+        assert count("/playground/config", "200") == before[2] + 1
+        assert count("/playground/{name}", "404") == before[0] + 1
+        assert count("other", "404") == before[1] + 1
+        assert "secret-u42" not in (await client.get("/metrics")).text
