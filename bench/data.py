@@ -57,6 +57,33 @@ def tables_from_schema(schema: FeatureSchema, n_users: int, n_items: int,
     return out
 
 
+def pad_entities(schema: FeatureSchema, table: pa.Table, entity: str, n_min: int,
+                 seed: int = 0) -> pa.Table:
+    """`table` (schema columns only) plus generated rows `bench-<entity>-<i>` up to n_min rows.
+
+    The largest candidate count needs that many distinct items with real records; a small
+    dataset is topped up with rows drawn like `tables_from_schema`'s rather than with ids that
+    are missing from Redis (which would exercise the default path instead of the normal one).
+    """
+    g = _group(schema, entity)
+    cols = [str(g.key), *[n for n in g.feature_names if n != g.key and n in table.column_names]]
+    table = table.select(cols)
+    if table.num_rows >= n_min:
+        return table
+    rng = np.random.default_rng(seed)
+    k = n_min - table.num_rows
+    new: dict[str, Any] = {str(g.key): [f"bench-{entity}-{i}" for i in range(k)]}
+    for f in g.categorical:
+        if f.name in cols and f.name != g.key:
+            new[f.name] = [f.vocab.values[i] for i in rng.integers(0, len(f.vocab.values), k)]
+    for d in g.dense:
+        if d.name in cols:
+            x = rng.normal(d.mean, d.std, k)
+            new[d.name] = np.expm1(np.maximum(x, 0.0)) if d.log1p else x
+    padded = pa.table({c: pa.array(new[c]).cast(table.schema.field(c).type) for c in cols})
+    return pa.concat_tables([table, padded])
+
+
 def _group(schema: FeatureSchema, entity: str) -> GroupSchema:
     g = schema.group(entity)
     if g is None or g.key is None:

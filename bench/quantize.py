@@ -50,11 +50,15 @@ def test_split_auc(version_dir: Path, data_dir: Path,
     manifest = load_manifest(version_dir)
     schema = load_schema(version_dir, manifest)
     spec = load_spec(manifest.training_data.get("dataset", "synthetic"))
-    enc = encode_split(spec, schema, load_raw(spec, data_dir), "test")
+    raw = load_raw(spec, data_dir)
+    enc = encode_split(spec, schema, raw, "test")
     rows = np.arange(min(len(enc), MAX_EVAL_ROWS))
     enc = enc.take(rows)
     tasks = list(manifest.tasks)
-    out: dict[str, Any] = {"rows": len(enc)}
+    # the data directory may have been regenerated since the model was trained
+    out: dict[str, Any] = {"rows": len(enc),
+                           "same_data_as_training": raw.sha256 == manifest.training_data.get(
+                               "sha256")}
     for name, sess in sessions.items():
         scores = predict(sess, enc.inputs, tasks)
         out[name] = {t: auc(enc.labels[:, j], scores[:, j]) for j, t in enumerate(tasks)}

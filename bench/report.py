@@ -141,7 +141,10 @@ def markdown(results: dict[str, Any]) -> str:
     m = results["model"]
     lines += [f"Model: {m['name']} v{m['version']} ({m['model_type']}, tasks "
               f"{', '.join(m['tasks'])}) from `{m['dir']}`. Data: {results['data']['users']} "
-              f"users, {results['data']['items']} items ({results['data']['source']}).", "",
+              f"users, {results['data']['items']} items ({results['data']['source']}"
+              + (f"; {results['data']['items_generated']} items generated from the schema to "
+                 "reach the largest N" if results["data"].get("items_generated") else "")
+              + ").", "",
               f"Each point: {plan['duration_s']} s measured after {plan['warmup_s']} s warm-up; "
               "load generator = bench/loadgen.py (asyncio + uvloop, raw HTTP/1.1 keep-alive, "
               "own process). The load generator, Redis and the server share the same cores.", ""]
@@ -266,7 +269,11 @@ def _int8_lines(results: dict[str, Any]) -> list[str]:
     auc = q.get("auc")
     if auc:
         tasks = list(auc["fp32"])
-        lines += ["", f"Test-split AUC ({auc['rows']:,} rows):", "",
+        same = auc.get("same_data_as_training")
+        note = "" if same else (" — the data directory no longer holds the data the model was "
+                                "trained on, so absolute AUCs are not the model's; the change is "
+                                "still a like-for-like comparison")
+        lines += ["", f"Test-split AUC ({auc['rows']:,} rows){note}:", "",
                   "| graph | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
         lines += [f"| {k} | " + " | ".join(f"{auc[k][t]:.4f}" for t in tasks) + " |"
                   for k in ("fp32", "int8")]

@@ -331,6 +331,8 @@ def run_all(args: argparse.Namespace, plan: Plan, workdir: Path) -> dict[str, An
     manifest = load_manifest(version_dir)
     schema = load_schema(version_dir, manifest)
     tables, source = load_tables(schema, Path(args.data_dir))
+    n_items = tables["item"].num_rows
+    tables["item"] = data.pad_entities(schema, tables["item"], "item", max(plan.ns))
     results: dict[str, Any] = {"plan": asdict(plan), "model": {
         "dir": str(version_dir), "name": manifest.name, "version": manifest.version,
         "model_type": manifest.model_type, "tasks": manifest.tasks, "config": manifest.config}}
@@ -344,6 +346,7 @@ def run_all(args: argparse.Namespace, plan: Plan, workdir: Path) -> dict[str, An
         user_ids = data.ids(tables["user"], schema, "user")
         item_ids = data.ids(tables["item"], schema, "item")
         results["data"] = {"source": source, "users": len(user_ids), "items": len(item_ids),
+                           "items_generated": len(item_ids) - n_items,
                            "records": rep.users + rep.items, "naive_hashes": n_hashes}
         ctx = context_of(schema)
         requests, bodies = {}, {}
