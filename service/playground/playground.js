@@ -22,6 +22,8 @@ const state = {
 };
 
 const $ = (id) => document.getElementById(id);
+// Three decimals, or three significant digits for small scores (share rates are often < 0.01).
+const fmt = (v) => (Math.abs(v) >= 0.1 || v === 0 ? v.toFixed(3) : v.toPrecision(3));
 
 function el(tag, attrs = {}, children = []) {
   const node = document.createElement(tag);
@@ -277,14 +279,14 @@ function render(resp, key) {
       return el("div", { class: "bar", "data-task": t, "data-score": String(v), title: `${t}: ${v}` }, [
         el("span", { class: "bar-label", text: t }),
         el("span", { class: "track" }, [fill]),
-        el("span", { class: "bar-value", text: v.toFixed(3) }),
+        el("span", { class: "bar-value", text: fmt(v) }),
       ]);
     });
     const li = el("li", { class: "item", "data-id": it.id, "data-score": String(it.score) }, [
       el("span", { class: "pos", text: String(pos + 1) }),
       moveBadge(it.id, pos, comparable),
       el("span", { class: "id", text: it.id }),
-      el("span", { class: "final", text: it.score.toFixed(3), title: "final score" }),
+      el("span", { class: "final", text: fmt(it.score), title: "final score" }),
       el("div", { class: "bars" }, bars),
     ]);
     if (it.id === state.selectedItem) li.classList.add("selected");
