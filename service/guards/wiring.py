@@ -48,6 +48,9 @@ def install_guards(app: FastAPI, settings: Settings) -> None:
     guards run inside request id/metrics/overload and before the body is read.
     """
     from service import metrics
+    from service.guards.openapi import document_errors
+
+    document_errors(app)
 
     def reject(reason: str) -> None:
         metrics.REJECTED.labels(reason).inc()

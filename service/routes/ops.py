@@ -6,7 +6,7 @@ import asyncio
 import hmac
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Query
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
@@ -93,7 +93,7 @@ def reload_body(res: ReloadResult, state: AppState) -> dict[str, Any]:
 @router.post("/admin/reload")
 async def admin_reload(
     state: StateDep,
-    version: int | None = None,
+    version: Annotated[int | None, Query(ge=0, le=2**31 - 1)] = None,  # orjson: 64-bit max
     x_admin_key: Annotated[str | None, Header()] = None,
     authorization: Annotated[str | None, Header()] = None,
 ) -> Response:

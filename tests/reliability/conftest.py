@@ -18,6 +18,17 @@ from service.featurestore.embedded import RedisServer
 from tests.reliability.oracle import Oracle
 
 MODEL_NAME = "mmoe"
+HERE = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`slow` tests here (soak, long fuzzing) run only when asked: `-m slow` or RANKER_SLOW=1."""
+    if "slow" in (config.getoption("-m") or "") or os.environ.get("RANKER_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with `pytest -m slow tests/reliability`")
+    for item in items:
+        if "slow" in item.keywords and HERE in Path(str(item.fspath)).parents:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
