@@ -67,7 +67,7 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("--out", type=Path, help="run directory (default runs/<dataset>)")
     p.add_argument("--model", choices=("mmoe", "omoe", "shared_bottom"), default="mmoe")
     p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--expert-hidden", type=_ints, default=[64, 32])
+    p.add_argument("--expert-hidden", type=_ints, default=[32, 16])
     p.add_argument("--bottom-hidden", type=_ints, default=[128, 64])
     p.add_argument("--tower-hidden", type=_ints, default=[16])
     p.add_argument("--epochs", type=int, default=20)

@@ -8,7 +8,6 @@ loader and the service) encodes every split.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from ranker.manifest import sha256_file
@@ -91,27 +91,30 @@ def _load_tables(spec: DatasetSpec, base: Path) -> RawData:
     )
 
 
+def _read_delimited(path: Path, columns: list[str], separator: str, na: str | None) -> pa.Table:
+    """All columns as trimmed strings, `na` as null. The separator's first character splits
+    (pyarrow's fast reader takes one character), then padding such as the space of ", " is
+    trimmed; a field containing the character itself would misalign and is reported."""
+    opts = pacsv.ParseOptions(delimiter=separator[0])
+    read = pacsv.ReadOptions(column_names=columns)
+    conv = pacsv.ConvertOptions(
+        column_types={c: pa.string() for c in columns}, strings_can_be_null=False
+    )
+    try:
+        table = pacsv.read_csv(path, read_options=read, parse_options=opts, convert_options=conv)
+    except pa.ArrowInvalid as e:
+        raise SpecError(f"{path}: does not match the spec's {len(columns)} columns: {e}") from e
+    out = {}
+    for name in columns:
+        col = pc.utf8_trim_whitespace(table[name])
+        out[name] = pc.if_else(pc.equal(col, na), None, col) if na is not None else col
+    return pa.table(out)
+
+
 def _load_csv(spec: DatasetSpec) -> RawData:
     src = spec.source
     path = spec.csv_path()
-    opener = gzip.open if path.suffix == ".gz" else open
-    cols: list[list[str | None]] = [[] for _ in src.columns]
-    with opener(path, "rt") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not line:
-                continue
-            values = line.split(src.separator)
-            if len(values) != len(src.columns):
-                raise SpecError(
-                    f"{path}:{lineno}: {len(values)} fields, spec declares {len(src.columns)}"
-                )
-            for c, v in zip(cols, values, strict=True):
-                v = v.strip()
-                c.append(None if v == src.na else v)
-    table = pa.table(
-        {n: pa.array(c, type=pa.string()) for n, c in zip(src.columns, cols, strict=True)}
-    )
+    table = _read_delimited(path, src.columns, src.separator, src.na)
     rng = np.random.default_rng(src.split.seed)
     order = rng.permutation(table.num_rows)
     n_train = round(src.split.train * table.num_rows)

@@ -43,9 +43,9 @@ DATASET_FILE = "dataset.json"
 class SyntheticConfig:
     """Sizes, rates and the relatedness knob of the synthetic dataset."""
 
-    n_users: int = 4000
-    n_items: int = 2000
-    n_impressions: int = 600_000
+    n_users: int = 1500
+    n_items: int = 800
+    n_impressions: int = 500_000
     split: tuple[float, float, float] = (0.7, 0.1, 0.2)  # train, val, test
     n_interests: int = 8
     n_categories: int = 24
@@ -56,6 +56,8 @@ class SyntheticConfig:
     share_rate: float = 0.004
     leak: float = 0.03  # like/share chance without a click, relative to with one
     signal: float = 1.1  # std of each score s_k: sets how predictable labels are
+    id_bias: float = 0.25  # std of the per-user and per-item propensities (shared score)
+    id_noise: float = 0.1  # per-id deviation of a user's/item's latent vector from its group
     seed: int = 0
 
     @classmethod
@@ -104,8 +106,8 @@ def generate(cfg: SyntheticConfig) -> dict[str, pa.Table]:
 
     interest_vec = rng.normal(size=(cfg.n_interests, cfg.latent_dim))
     category_vec = rng.normal(size=(cfg.n_categories, cfg.latent_dim))
-    u_lat = interest_vec[interest] + 0.3 * rng.normal(size=(nu, cfg.latent_dim))  # (U, L)
-    i_lat = category_vec[category] + 0.3 * rng.normal(size=(ni, cfg.latent_dim))  # (I, L)
+    u_lat = interest_vec[interest] + cfg.id_noise * rng.normal(size=(nu, cfg.latent_dim))  # (U,L)
+    i_lat = category_vec[category] + cfg.id_noise * rng.normal(size=(ni, cfg.latent_dim))  # (I,L)
 
     # impressions: active users see more; items have a popularity spread
     pu = activity + 1.0
@@ -121,11 +123,13 @@ def generate(cfg: SyntheticConfig) -> dict[str, pa.Table]:
     age_z = _standardize(np.log1p(age_days))[iid]
     dur_z = _standardize(np.log1p(duration))[iid]
 
-    def score() -> np.ndarray:
+    def score(id_bias: float) -> np.ndarray:
         """One random score function s_k of the features, scaled to std `signal`."""
         a = rng.normal(size=(cfg.latent_dim, cfg.latent_dim)) / np.sqrt(cfg.latent_dim)
         s = np.einsum("nl,lm,nm->n", u_lat[uid], a, i_lat[iid])  # user-item affinity
-        s = s + 0.4 * rng.normal(size=nu)[uid] + 0.4 * rng.normal(size=ni)[iid]  # id biases
+        # per-id propensities: only in the shared score, since a task-specific one could not be
+        # learned from a sparse task's few positives per id
+        s = s + id_bias * (rng.normal(size=nu)[uid] + rng.normal(size=ni)[iid])
         s = s + 0.3 * rng.normal(size=len(COUNTRIES))[country[uid]]
         s = s + 0.3 * rng.normal(size=len(DEVICES))[device[uid]]
         s = s + 0.2 * rng.normal(size=24)[hour] + 0.4 * rng.normal(size=len(SURFACES))[surface]
@@ -134,8 +138,8 @@ def generate(cfg: SyntheticConfig) -> dict[str, pa.Table]:
         return cfg.signal * _standardize(s)
 
     rho = float(np.clip(cfg.relatedness, 0.0, 1.0))
-    shared = score()
-    z = {t: rho * shared + np.sqrt(1 - rho**2) * score() for t in TASKS}
+    shared = score(cfg.id_bias)
+    z = {t: rho * shared + np.sqrt(1 - rho**2) * score(0.0) for t in TASKS}
     p_click = _sigmoid(z["click"] + _solve_intercept(z["click"], cfg.click_rate))
     reach = p_click + cfg.leak * (1 - p_click)  # chance the user engaged enough to like/share
     q = {

@@ -134,6 +134,8 @@ def fit(
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     model = MultiTaskModel(mcfg)
+    if mcfg.task_kind == "binary":
+        model.init_output_bias(train.labels.mean(axis=0).tolist())
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     w = np.array([cfg.loss_weights.get(t, 1.0) for t in mcfg.tasks], dtype=np.float64)
     weights = torch.tensor(w, dtype=torch.float32)
