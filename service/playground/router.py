@@ -73,7 +73,7 @@ def playground_page() -> Response:
 
 
 @router.get("/playground/sample")
-def playground_sample(
+async def playground_sample(
     request: Request,
     users: Annotated[int, Query(ge=1, le=MAX_SAMPLE_USERS)] = 20,
     items: Annotated[int, Query(ge=1, le=MAX_SAMPLE_ITEMS)] = 50,
@@ -96,7 +96,7 @@ def playground_sample(
 
 
 @router.get("/playground/config")
-def playground_config(request: Request) -> JSONResponse:
+async def playground_config(request: Request) -> JSONResponse:
     """What the page needs beyond /model: presets, default weights and their bounds."""
     settings = getattr(getattr(request.app.state, "ranker", None), "settings", None)
     out = {
@@ -125,7 +125,7 @@ def _sample_ids(schema: Any, entity: str, k: int, rng: random.Random) -> list[st
     vocab = next((f.vocab for f in group.categorical if f.name == group.key), None)
     if vocab is None:
         return []
-    values = list(vocab.values)
+    values = vocab.values  # a tuple: sampled in place, never copied (vocabularies can be big)
     return rng.sample(values, min(k, len(values)))
 
 
