@@ -323,11 +323,16 @@ function selectItem(id) {
 function renderHeatmap() {
   const box = $("heatmap-box");
   const withGates = state.lastItems.filter((it) => Array.isArray(it.gates));
-  if (!$("explain").checked || withGates.length === 0) {
+  if (!$("explain").checked || state.lastItems.length === 0) {
     box.hidden = true;
     return;
   }
   box.hidden = false;
+  if (withGates.length === 0) {
+    $("heatmap-title").textContent = "the serving model has no gates (not a mixture of experts)";
+    $("heatmap").replaceChildren();
+    return;
+  }
   const chosen = withGates.find((it) => it.id === state.selectedItem);
   const items = chosen ? [chosen] : withGates;
   const T = items[0].gates.length;
