@@ -73,6 +73,7 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--patience", type=int, default=2)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=1e-5)
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--loss-weights", type=_weights, default={}, help="e.g. click=1,like=2,share=4")
     p.add_argument("--seed", type=int, default=0)
@@ -99,6 +100,7 @@ def train_main(argv: list[str]) -> int:
         "tower_hidden": a.tower_hidden,
     }
     tc = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, patience=a.patience,
+                     weight_decay=a.weight_decay,
                      loss_weights=a.loss_weights, seed=a.seed, progress=not a.no_progress)
     out = a.out or Path("runs") / spec.name
     report = run_training(spec, out, model_kw, tc, data_dir=a.data, baselines=a.baselines)

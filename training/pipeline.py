@@ -175,7 +175,7 @@ def export_run(run_dir: Path, repo: Path, name: str | None = None) -> Path:
     )
 
 
-DEFAULT_MODEL = {"model_type": "mmoe", "n_experts": 8, "expert_hidden": [64, 32],
+DEFAULT_MODEL = {"model_type": "mmoe", "n_experts": 8, "expert_hidden": [32, 16],
                  "tower_hidden": [16]}
 
 

@@ -43,8 +43,8 @@ DATASET_FILE = "dataset.json"
 class SyntheticConfig:
     """Sizes, rates and the relatedness knob of the synthetic dataset."""
 
-    n_users: int = 1500
-    n_items: int = 800
+    n_users: int = 1000
+    n_items: int = 500
     n_impressions: int = 500_000
     split: tuple[float, float, float] = (0.7, 0.1, 0.2)  # train, val, test
     n_interests: int = 8
