@@ -60,6 +60,7 @@ class Recorder:
     latencies_s: list[float] = field(default_factory=list)
     statuses: Counter[str] = field(default_factory=Counter)
     sent: int = 0
+    completed_total: int = 0  # every response, measured or not (for CPU per request)
 
     def record(self, status: str, latency_s: float) -> None:
         self.statuses[status] += 1
@@ -135,6 +136,7 @@ async def _one(conn: Connection, body: bytes, rec: Recorder, t_start: float,
         outcome = type(e).__name__
         conn.close()
     done = time.perf_counter()
+    rec.completed_total += 1
     if measure is True or (isinstance(measure, tuple) and measure[0] <= done <= measure[1]):
         rec.record(outcome, done - t_start)
 
@@ -227,6 +229,7 @@ def summarise(rec: Recorder, seconds: float, candidates: int, cpu_s: float) -> d
     errors = {k: v for k, v in rec.statuses.items() if k != "200"}
     return {
         "sent": rec.sent,
+        "completed_total": rec.completed_total,
         "ok": ok,
         "errors": errors,
         "seconds": seconds,

@@ -1,6 +1,7 @@
 """The implementation a user would write first, as the baseline the service is compared with.
 
-Deliberately straightforward, not deliberately slow: a FastAPI endpoint that reads the user's
+Deliberately straightforward, not deliberately slow (torch gets one thread per worker, see
+`create_app`): a FastAPI endpoint that reads the user's
 and each candidate's features with one HGETALL per entity, encodes them feature by feature in a
 Python loop with the same schema functions, stacks them into tensors, runs the same weights in
 eager PyTorch, and returns plain dicts through FastAPI's default serialisation.
@@ -36,6 +37,10 @@ class RankRequest(BaseModel):
 def create_app() -> FastAPI:
     """The naive app for the model version in NAIVE_MODEL_DIR and the Redis at NAIVE_REDIS_URL."""
     version_dir = Path(os.environ["NAIVE_MODEL_DIR"])
+    # One intra-op thread per worker, the service's onnxruntime budget. torch's default (one
+    # per core) spins OpenMP threads that, on a shared 2-core machine, turned a 0.2 ms forward
+    # pass into 250 ms: that would be measuring the machine, not the design.
+    torch.set_num_threads(int(os.environ.get("NAIVE_TORCH_THREADS", "1")))
     manifest = load_manifest(version_dir)
     schema = load_schema(version_dir, manifest)
     model = load_eager(version_dir)

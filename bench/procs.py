@@ -95,6 +95,21 @@ class Processes:
         self.stop_all()
 
 
+def cpu_seconds(pids: set[int] | None = None, pgid: int | None = None) -> float:
+    """User+system CPU seconds of the live processes with these pids or in this process group."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited while we looked
+            continue
+        pid = int(stat.parent.name)
+        if (pids is not None and pid in pids) or (pgid is not None and int(fields[2]) == pgid):
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
 def uvicorn_cmd(app: str, port: int, workers: int = 1, factory: bool = False) -> list[str]:
     """uvicorn serving `app` on loopback with the same loop/protocol choices as the service."""
     cmd = [sys.executable, "-m", "uvicorn", app, "--host", HOST, "--port", str(port),

@@ -56,6 +56,33 @@ def _c1(results: dict[str, Any], system: str, n: int) -> dict[str, Any] | None:
     return rows[0] if rows else None
 
 
+def _cpu_capacity(results: dict[str, Any], n: int, cores: int,
+                  inference_floor_rps: float) -> dict[str, float]:
+    """Throughput on dedicated cores estimated from CPU time per request (server + Redis).
+
+    Taken at each sweep's best point. CPU time per request hardly depends on what else runs
+    on the machine, unlike wall-clock throughput on a shared one.
+    """
+    out: dict[str, float] = {}
+    for system in ("service", "naive"):
+        for w in results["plan"]["workers"]:
+            rows = [r for r in _runs(results, system=system, workers=w, n=n, kind="sweep")
+                    if r.get("server_cpu_ms_per_req") and r["ok"]]
+            if not rows:
+                continue
+            best = max(rows, key=lambda r: r["rps"])
+            cpu = best["server_cpu_ms_per_req"] + best["redis_cpu_ms_per_req"]
+            out[f"cpu_ms_per_req_{system}-w{w}"] = cpu
+            out[f"capacity_cpu_rps_{system}-w{w}"] = cores * 1e3 / cpu
+    svc = [v for k, v in out.items() if k.startswith("capacity_cpu_rps_service")]
+    naive = [v for k, v in out.items() if k.startswith("capacity_cpu_rps_naive")]
+    if svc:
+        out["saturation_vs_inference_floor_cpu"] = max(svc) / inference_floor_rps
+    if svc and naive:
+        out["throughput_ratio_cpu"] = max(svc) / max(naive)
+    return out
+
+
 def summarise(results: dict[str, Any], targets: dict[str, float]) -> dict[str, Any]:
     """Overhead per N, ratios to the naive app, saturation vs the inference floor, pass/fail."""
     plan = results["plan"]
@@ -90,6 +117,7 @@ def summarise(results: dict[str, Any], targets: dict[str, float]) -> dict[str, A
         w1s, w1n = row.get("saturation_rps_service-w1"), row.get("saturation_rps_naive-w1")
         if w1s and w1n:
             row["throughput_ratio_w1"] = w1s / w1n
+        row.update(_cpu_capacity(results, n, cores, row["inference_floor_rps"]))
         per_n[str(n)] = row
 
     key = per_n[str(plan["key_n"])]
@@ -116,6 +144,11 @@ def summarise(results: dict[str, Any], targets: dict[str, float]) -> dict[str, A
            out.get("same_load", {}).get("p99_ratio"), targets["p99_ratio_max"], True)
     target(f"saturation vs inference floor at N={kn}",
            key.get("saturation_vs_inference_floor"),
+           targets["saturation_vs_inference_floor_min"], False)
+    target(f"throughput vs naive at N={kn}, CPU-time estimate (dedicated cores)",
+           key.get("throughput_ratio_cpu"), targets["throughput_ratio_min"], False)
+    target(f"saturation vs inference floor at N={kn}, CPU-time estimate (dedicated cores)",
+           key.get("saturation_vs_inference_floor_cpu"),
            targets["saturation_vs_inference_floor_min"], False)
     return out
 
@@ -181,6 +214,25 @@ def markdown(results: dict[str, Any]) -> str:
                      + f" | {_f(r['inference_floor_rps'], 0)} | "
                      f"{_f(r.get('saturation_vs_inference_floor'))} | "
                      f"{_f(r.get('throughput_ratio_best'))} |")
+    ckeys = sorted({k for r in summ["per_n"].values() for k in r
+                    if k.startswith("cpu_ms_per_req_")})
+    if ckeys:
+        lines += ["", "CPU time per request at each sweep's best point (server processes + "
+                  "redis-server, ms) and the throughput it allows on the machine's cores "
+                  "(cores / CPU per request): an estimate that other load on the machine "
+                  "does not distort.", "",
+                  "| N | " + " | ".join(k.removeprefix("cpu_ms_per_req_") + " CPU ms"
+                                      for k in ckeys)
+                  + " | " + " | ".join(k.removeprefix("cpu_ms_per_req_") + " req/s"
+                                       for k in ckeys)
+                  + " | service / floor | service / naive |",
+                  "|---|" + "---|" * (2 * len(ckeys) + 2)]
+        for n, r in summ["per_n"].items():
+            caps = [r.get("capacity_cpu_rps_" + k.removeprefix("cpu_ms_per_req_")) for k in ckeys]
+            lines.append(f"| {n} | " + " | ".join(_f(r.get(k), 3) for k in ckeys) + " | "
+                         + " | ".join(_f(c, 0) for c in caps)
+                         + f" | {_f(r.get('saturation_vs_inference_floor_cpu'))} | "
+                         f"{_f(r.get('throughput_ratio_cpu'))} |")
     if "same_load" in summ:
         s = summ["same_load"]
         lines += ["", f"Same offered load (open loop, {s['offered_rps']:.0f} req/s = 80 % of the "
@@ -189,7 +241,8 @@ def markdown(results: dict[str, Any]) -> str:
                   f"ratio {s['p99_ratio']:.3f}."]
     lines += ["", "## All load points", "",
               "| system | workers | N | kind | mode | c / rate | req/s | cand/s | p50 | p95 | p99 "
-              "| errors | client CPU |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| errors | server CPU ms/req | redis CPU ms/req | client CPU | load avg |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["runs"]:
         load = r["concurrency"] if r["mode"] == "closed" else f"{r['offered_rps']:.0f}/s"
         kind = r["kind"] + "".join(f" {k}={r[k]}" for k in ("top_k", "intra_op") if k in r)
@@ -197,7 +250,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {r['system']} | {r['workers']} | {r['n']} | {kind} | {r['mode']} | {load} | "
             f"{_f(r['rps'], 1)} | {_f(r['candidates_per_s'], 0)} | {_f(r.get('p50_ms'))} | "
             f"{_f(r.get('p95_ms'))} | {_f(r.get('p99_ms'))} | {r['errors'] or 0} | "
-            f"{r['client_cpu_util']:.0%} |")
+            f"{_f(r.get('server_cpu_ms_per_req'), 3)} | {_f(r.get('redis_cpu_ms_per_req'), 3)} | "
+            f"{r['client_cpu_util']:.0%} | {_f(r.get('loadavg_1m'), 1)} |")
     lines += _stage_lines(results) + _knob_lines(results)
     return "\n".join(lines) + "\n"
 

@@ -32,7 +32,7 @@ from typing import Any
 import redis
 
 from bench import data, floors
-from bench.procs import HOST, Processes, free_port, uvicorn_cmd, wait_http
+from bench.procs import HOST, Processes, cpu_seconds, free_port, uvicorn_cmd, wait_http
 from ranker.manifest import MODEL_FILE, load_manifest, load_schema
 from ranker.schema import FeatureSchema
 
@@ -74,6 +74,8 @@ class Env:
     body_files: dict[int, Path] = field(default_factory=dict)
     topk_files: dict[int, Path] = field(default_factory=dict)
     runs: list[dict[str, Any]] = field(default_factory=list)
+    redis_pid: int | None = None
+    server_pgid: int | None = None  # the server being measured (its uvicorn process group)
 
 
 def log(msg: str) -> None:
@@ -111,20 +113,41 @@ def context_of(schema: FeatureSchema) -> dict[str, Any]:
     return {f.name: f.vocab.values[0] for f in g.categorical if f.vocab.values}
 
 
-def loadgen(url: str, bodies: Path, n: int, plan: Plan, *, concurrency: int = 1,
+def loadgen(env: Env, url: str, bodies: Path, n: int, *, concurrency: int = 1,
             rate: float | None = None) -> dict[str, Any]:
-    """One load-generator process; its JSON summary."""
+    """One load-generator process; its JSON summary plus the CPU the server and Redis used.
+
+    CPU per request (server process group, and redis-server, over every response of the run
+    including warm-up) does not depend on what else runs on the machine the way latency does.
+    """
+    plan = env.plan
     cmd = [sys.executable, "-m", "bench.loadgen", "--url", url, "--bodies", str(bodies),
            "--candidates", str(n), "--duration", str(plan.duration_s),
            "--warmup", str(plan.warmup_s), "--concurrency", str(concurrency)]
     if rate is not None:
         cmd += ["--mode", "open", "--rate", f"{rate:.3f}"]
+    redis_pids = {env.redis_pid} if env.redis_pid else set()
+    cpu0 = (cpu_seconds(pgid=env.server_pgid), cpu_seconds(pids=redis_pids))
     res = subprocess.run(cmd, capture_output=True, text=True, check=False,
                          timeout=plan.duration_s + plan.warmup_s + 60)
+    cpu1 = (cpu_seconds(pgid=env.server_pgid), cpu_seconds(pids=redis_pids))
     if res.returncode != 0:
         raise RuntimeError(f"load generator failed: {res.stderr[-2000:]}")
     out: dict[str, Any] = json.loads(res.stdout)
+    done = max(out.get("completed_total", 0), 1)
+    out["server_cpu_ms_per_req"] = (cpu1[0] - cpu0[0]) / done * 1e3
+    out["redis_cpu_ms_per_req"] = (cpu1[1] - cpu0[1]) / done * 1e3
     return out
+
+
+def warm(base: str, body_files: list[Path], per_file: int = 4) -> None:
+    """A few requests of every size first: lazy initialisation stays out of the measurements."""
+    for path in body_files:
+        for body in path.read_bytes().splitlines()[:per_file]:
+            req = urllib.request.Request(base + "/rank", data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                resp.read()
 
 
 @contextlib.contextmanager
@@ -147,17 +170,20 @@ def server(env: Env, system: str, workers: int, extra_env: dict[str, str] | None
         ready = "/readyz"
         penv = {"PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(dir=env.workdir, prefix="prom-")}
     proc = env.procs.start(name, cmd, {**penv, **(extra_env or {})})
+    env.server_pgid = proc.pid  # the child leads its own process group (procs._child_setup)
     base = f"http://{HOST}:{port}"
     try:
         wait_http(base + ready, proc, timeout_s=120)
     except Exception as e:
         env.procs.stop(proc)
         raise RuntimeError(f"{system} did not start: {e}\n{env.procs.log_tail(name)}") from e
+    warm(base, [env.body_files[n] for n in env.plan.ns])
     log(f"{system} ({workers} worker{'s' * (workers > 1)}) up on {base}")
     try:
         yield base
     finally:
         env.procs.stop(proc)
+        env.server_pgid = None
 
 
 def record(env: Env, system: str, workers: int, n: int, res: dict[str, Any], **tags: Any) -> dict:
@@ -180,7 +206,7 @@ def sweep(env: Env, base: str, system: str, workers: int, n: int,
     best, flat = 0.0, 0
     for c in env.plan.concurrencies:
         before = scrape_stages(base) if scrape is not None and c == 1 else None
-        res = loadgen(base + "/rank", env.body_files[n], n, env.plan, concurrency=c)
+        res = loadgen(env, base + "/rank", env.body_files[n], n, concurrency=c)
         if before is not None and scrape is not None:
             scrape["stages_metrics_ms"] = stage_delta(before, scrape_stages(base))
         record(env, system, workers, n, res, kind="sweep")
@@ -222,10 +248,10 @@ def http_runs(env: Env, results: dict[str, Any]) -> None:
     with server(env, "noop", 1) as base:
         results["floors_http"] = {}
         for n in plan.ns:
-            res = loadgen(base + "/rank", env.body_files[n], n, plan)
+            res = loadgen(env, base + "/rank", env.body_files[n], n)
             results["floors_http"][str(n)] = record(env, "noop", 1, n, res, kind="floor")
         if len(plan.concurrencies) > 1:  # what the client itself can push
-            res = loadgen(base + "/rank", env.body_files[plan.key_n], plan.key_n, plan,
+            res = loadgen(env, base + "/rank", env.body_files[plan.key_n], plan.key_n,
                           concurrency=plan.concurrencies[-1])
             results["loadgen_ceiling"] = record(env, "noop", 1, plan.key_n, res, kind="ceiling")
 
@@ -245,23 +271,23 @@ def http_runs(env: Env, results: dict[str, Any]) -> None:
                         # the same offered load for both: 80 % of what the naive app sustains
                         offered = 0.8 * saturation[key][str(plan.key_n)]
                     assert offered is not None
-                    res = loadgen(base + "/rank", env.body_files[plan.key_n], plan.key_n, plan,
+                    res = loadgen(env, base + "/rank", env.body_files[plan.key_n], plan.key_n,
                                   rate=offered)
                     record(env, system, w, plan.key_n, res, kind="same_load")
                     if system == "service":  # and at 80 % of its own saturation
-                        res = loadgen(base + "/rank", env.body_files[plan.key_n], plan.key_n,
-                                      plan, rate=0.8 * saturation[key][str(plan.key_n)])
+                        res = loadgen(env, base + "/rank", env.body_files[plan.key_n],
+                                      plan.key_n, rate=0.8 * saturation[key][str(plan.key_n)])
                         record(env, system, w, plan.key_n, res, kind="high_load")
                 if system == "service" and w == 1 and plan.service_knobs:
                     for c in (1, 8):
-                        res = loadgen(base + "/rank", env.topk_files[plan.key_n], plan.key_n,
-                                      plan, concurrency=c)
+                        res = loadgen(env, base + "/rank", env.topk_files[plan.key_n],
+                                      plan.key_n, concurrency=c)
                         record(env, system, w, plan.key_n, res, kind="knob", top_k=10)
     results["saturation_rps"] = saturation
     if plan.service_knobs:
         with server(env, "service", 1, {"RANKER_ORT_INTRA_OP_THREADS": "2"}) as base:
             for c in (1, 8):
-                res = loadgen(base + "/rank", env.body_files[plan.key_n], plan.key_n, plan,
+                res = loadgen(env, base + "/rank", env.body_files[plan.key_n], plan.key_n,
                               concurrency=c)
                 record(env, "service", 1, plan.key_n, res, kind="knob", intra_op=2)
 
@@ -338,7 +364,8 @@ def run_all(args: argparse.Namespace, plan: Plan, workdir: Path) -> dict[str, An
         "model_type": manifest.model_type, "tasks": manifest.tasks, "config": manifest.config}}
     with RedisServer() as rs, Processes(workdir / "logs") as procs:
         env = Env(version_dir, schema, rs.url, workdir, procs, plan,
-                  data_dir=Path(args.data_dir) if source == str(args.data_dir) else None)
+                  data_dir=Path(args.data_dir) if source == str(args.data_dir) else None,
+                  redis_pid=rs.pid)
         client = redis.Redis.from_url(rs.url)
         rep = store_load(client, schema, tables["user"], tables["item"])
         n_hashes = data.write_naive_hashes(client, schema, tables)
