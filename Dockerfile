@@ -14,6 +14,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
+# Numeric uid/gid in USER below: runtimes (and Kubernetes runAsNonRoot) can verify it is not 0.
 RUN python -m venv /opt/venv \
  && groupadd --system --gid 10001 ranker \
  && useradd --system --uid 10001 --gid ranker --home-dir /app --shell /usr/sbin/nologin ranker
@@ -39,7 +40,7 @@ ENV RANKER_MODEL_REPO=/models \
     RANKER_MODEL_NAME=mmoe \
     PROMETHEUS_MULTIPROC_DIR=/tmp/prometheus \
     HOME=/tmp
-USER ranker:ranker
+USER 10001:10001
 EXPOSE 8000
 # stdlib only: the slim image has no curl.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
@@ -53,11 +54,13 @@ FROM deps AS trainer
 # The CPU wheel index keeps the image free of CUDA libraries (torch==2.13.0+cpu sorts above
 # torch==2.13.0, so pip takes the CPU build).
 ENV PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
+# DL3013 (pin versions): this installs the local package; its pins live in pyproject.toml.
+# hadolint ignore=DL3013
 RUN pip install ".[train]" \
  && mkdir -p /models /data \
  && chown ranker:ranker /models /data
 ENV RANKER_MODEL_REPO=/models \
     RANKER_MODEL_NAME=mmoe \
     HOME=/tmp
-USER ranker:ranker
+USER 10001:10001
 CMD ["ranker", "run", "--no-serve", "--data-dir", "/data"]
