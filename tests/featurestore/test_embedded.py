@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 import redis
@@ -18,8 +21,11 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     # a zombie still answers kill(0); check its state
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split()[2] != "Z"
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_session_server_answers(redis_url: str) -> None:
@@ -71,3 +77,44 @@ def test_url_given_never_starts_a_server(redis_url: str) -> None:
         assert redis.Redis.from_url(url).ping()
     with pytest.raises(redis.ConnectionError):
         redis.Redis.from_url(url, socket_connect_timeout=0.2).ping()
+
+
+_CHILD = """
+import sys, time
+from service.featurestore.embedded import RedisServer
+srv = RedisServer().start()
+print(srv.pid, flush=True)
+if sys.argv[1] == "hang":
+    time.sleep(60)
+"""
+
+
+def _wait_gone(pid: int, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.parametrize("how", ["exit", "sigkill"])
+def test_server_never_outlives_its_owner(how: str) -> None:
+    """Normal interpreter exit (atexit) and a SIGKILLed owner (PDEATHSIG) both end redis."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, "hang" if how == "sigkill" else "exit"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        pid = int(proc.stdout.readline())
+        assert _alive(pid)
+        if how == "sigkill":
+            proc.kill()
+        proc.wait(timeout=10)
+        assert _wait_gone(pid), f"redis-server {pid} outlived its owner ({how})"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
