@@ -19,6 +19,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -169,6 +170,18 @@ def curl_command(base_url: str, body: dict[str, Any]) -> str:
             f"-d {shlex.quote(json.dumps(body))}")
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Fail with a hint before starting uvicorn if something already listens on the port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise MainJobError(
+                f"cannot listen on {host}:{port} ({exc.strerror}); is another server running? "
+                'pick another port: make run RUN_ARGS="--port 8080"'
+            ) from exc
+
+
 def start_server(host: str, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
     """`ranker serve` as a child process (same process group, so Ctrl-C reaches it too)."""
     cmd = [sys.executable, "-m", "ranker.cli", "serve", "--host", host, "--port", str(port)]
@@ -238,6 +251,7 @@ def serve(args: argparse.Namespace, redis_url: str, vdir: Path, body: dict[str, 
     from service.featurestore.embedded import free_port
 
     port = args.port or free_port()
+    check_port_free(args.host, port)
     base_url = f"http://{args.host}:{port}"
     env = {**os.environ, "RANKER_REDIS_URL": redis_url,
            "RANKER_MODEL_REPO": str(vdir.parent.parent.resolve()),

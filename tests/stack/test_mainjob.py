@@ -182,3 +182,19 @@ def test_smoke_on_an_empty_repository_trains_first(tmp_path: Path) -> None:
     assert again.returncode == 0, again.stdout + again.stderr
     assert "model: using" in again.stdout and "training one" not in again.stdout
     assert sorted(p.name for p in (repo / "mmoe").iterdir()) == ["1"]
+
+
+def test_a_busy_port_is_a_clear_error(tiny_model_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    write_tiny_tables(data)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        args = run_args(tiny_model_dir, data, "--smoke")
+        args[args.index("--port") + 1] = str(port)
+        done = subprocess.run(args, cwd=ROOT, env=clean_env(), capture_output=True, text=True,
+                              timeout=60)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stdout
+    assert not port_open(embedded_redis_port(done.stdout)), "Redis stopped after the failure"
