@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
 import time
@@ -259,5 +260,28 @@ async def test_client_is_bounded_and_uses_hiredis(redis_url: str) -> None:
         await client.connection_pool.release(conn)  # type: ignore[union-attr]
         res = await fs.fetch("u1", ["i1"])  # the released connection serves again
         assert not res.user_defaulted and res.items_defaulted == 0
+    finally:
+        await fs.aclose()
+
+
+async def test_cancelled_fetch_does_not_desync_the_connection(redis_url: str) -> None:
+    _load(redis_url)
+    fs = FeatureStore(make_client(redis_url, max_connections=1, socket_timeout_s=1.0), SCHEMA)
+    try:
+        await fs.fetch("u0", ["i0"])
+        blocker = threading.Thread(
+            target=lambda: redis.Redis.from_url(redis_url).execute_command("DEBUG", "SLEEP", 0.2)
+        )
+        blocker.start()
+        time.sleep(0.05)
+        task = asyncio.create_task(fs.fetch("u9", ["i9", "i8"]))
+        await asyncio.sleep(0.05)  # the MGET is sent; its reply is queued behind the sleep
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        blocker.join(timeout=5)
+        r = await fs.fetch("u1", ["i3"], timeout_s=1.0)  # same single connection slot
+        np.testing.assert_array_equal(r.inputs["user_cat"], [[2, 2]])
+        np.testing.assert_array_equal(r.inputs["item_cat"], [[4, 0]])
     finally:
         await fs.aclose()
