@@ -3,6 +3,8 @@ answered before any Redis call, with flat memory under a stream of them (real uv
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -81,3 +83,36 @@ async def test_413_and_422_before_any_redis_call_with_flat_memory(
     assert set(stream.by_status) == {413, 422}, stream.summary()
     assert calls_after == calls_before, "a rejected request reached Redis"
     assert rss_after - rss_warm < 8 * 1024, f"RSS grew {rss_after - rss_warm} KiB"
+
+
+async def test_slow_client_body_gets_deadline_exceeded(
+    model_repo: Path, live_redis: RedisServer
+) -> None:
+    """A client dribbling its body is answered at the whole-request deadline, not waited for.
+
+    A raw socket, because an HTTP client would only read the answer after sending all of it.
+    """
+    env = service_env(model_repo, live_redis.url, request_timeout_s=0.5,
+                      request_hard_timeout_s=0.6)
+    with ServerProcess(env) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"POST /rank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        first = b'{"user_id": "u1", "candidates": ['
+        writer.write(b"%x\r\n%s\r\n" % (len(first), first))
+        await writer.drain()
+        t0 = time.perf_counter()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)  # never finishes body
+        took = time.perf_counter() - t0
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))
+        body = orjson.loads(await asyncio.wait_for(reader.readexactly(length), 2.0))
+        writer.close()
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as c:
+            ok = await c.post("/rank", json={"user_id": "u1", "candidates": ["i1"]})
+            text = (await c.get("/metrics")).text
+    assert head.startswith(b"HTTP/1.1 503"), head
+    assert body["error"] == "deadline_exceeded", body
+    assert 0.5 < took < 0.6 + 0.4, f"answered after {took:.2f}s"
+    assert ok.status_code == 200
+    assert 'ranker_rejected_requests_total{reason="deadline"}' in text
