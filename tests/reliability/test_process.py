@@ -90,7 +90,8 @@ async def test_two_workers_metrics_are_summed_and_dir_is_cleaned(
     prom = tmp_path / "prom"
     prom.mkdir()
     (prom / "counter_999999.db").write_bytes(b"stale file of a dead worker")
-    env = service_env(model_repo, live_redis.url)
+    ops = free_port()  # and the operator port, served by every worker too
+    env = service_env(model_repo, live_redis.url, metrics_port=ops)
     env["PROMETHEUS_MULTIPROC_DIR"] = str(prom)
     n = 80
     file_counts = []
@@ -98,7 +99,8 @@ async def test_two_workers_metrics_are_summed_and_dir_is_cleaned(
         with ServerProcess(env, cli=True, workers=2) as server:
             assert len(children_of(server.pid)) >= 2
             res = await run_load(server.url, close_after, total=n, concurrency=4, duration_s=30)
-            text = httpx.get(server.url + "/metrics", timeout=5).text
+            assert httpx.get(server.url + "/metrics", timeout=5).status_code == 404
+            text = httpx.get(f"http://127.0.0.1:{ops}/metrics", timeout=5).text
             pids = {f.stem.rsplit("_", 1)[-1] for f in prom.glob("*.db")}
             file_counts.append(len(list(prom.glob("*.db"))))
         assert res.by_status == {200: n}, res.summary()
