@@ -31,6 +31,13 @@ HISTOGRAMS = {
     "ranker_candidates_per_request",
     "ranker_task_score",
 }
+# The feature store reader's own metrics (service/featurestore/metrics.py), beyond the contract.
+COUNTERS |= {
+    "ranker_featurestore_defaulted_total",
+    "ranker_featurestore_errors_total",
+    "ranker_featurestore_retries_total",
+}
+HISTOGRAMS |= {"ranker_featurestore_fetch_seconds"}
 GAUGES = {"ranker_model_info", "ranker_inflight_requests"}
 KNOWN_SERIES = (
     COUNTERS

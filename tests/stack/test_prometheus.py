@@ -27,9 +27,11 @@ import pytest
 import yaml
 
 from tests.stack.helpers import (
+    KNOWN_SERIES,
     PROM_CONFIG,
     ROOT,
     dashboard_queries,
+    metrics_in,
     rule_files,
     rule_name,
     rules,
@@ -278,3 +280,17 @@ def test_the_faults_raise_their_alerts_and_healthy_signals_do_not(traffic: Stack
     assert alerts.get("RankerRedisUnavailable") in ("pending", "firing")
     assert "RankerErrorRatioHigh" not in alerts  # degrade mode: no 5xx
     assert "RankerDown" not in alerts
+
+
+def test_service_exports_exactly_the_contract_and_the_dashboard_uses_it(traffic: Stack) -> None:
+    """Drift check: what Prometheus scraped from the service vs what the dashboard queries."""
+    scraped = {r["metric"]["__name__"]
+               for r in query(traffic.prom_url, 'group by (__name__) ({__name__=~"ranker_.*"})')}
+    scraped = {n for n in scraped if not n.endswith("_created")}
+    assert scraped <= KNOWN_SERIES, f"not in the metrics contract: {sorted(scraped - KNOWN_SERIES)}"
+    used = set().union(*(metrics_in(e) for _, e in dashboard_queries()))
+    families = {n.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count")
+                for n in scraped}
+    used_families = {n.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count")
+                     for n in used}
+    assert families <= used_families, f"not on the dashboard: {sorted(families - used_families)}"
