@@ -41,7 +41,8 @@ ENV RANKER_MODEL_REPO=/models \
     PROMETHEUS_MULTIPROC_DIR=/tmp/prometheus \
     HOME=/tmp
 USER 10001:10001
-EXPOSE 8000
+# 8000: the API; 9100: /metrics and /admin when RANKER_METRICS_PORT=9100 (docker-compose.yml)
+EXPOSE 8000 9100
 # stdlib only: the slim image has no curl.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
   CMD ["python", "-c", "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status == 200 else 1)"]

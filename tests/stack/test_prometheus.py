@@ -1,7 +1,8 @@
 """Every dashboard query and every rule, evaluated by a real Prometheus scraping the real service.
 
 Real parts: redis-server (embedded), the tiny exported model, `ranker serve` with 2 uvicorn
-workers (multiprocess metrics, as in the Docker image), and Debian's `prometheus` scraping it
+workers (multiprocess metrics) and /metrics + /admin on a separate operator port (as in
+docker-compose.yml), and Debian's `prometheus` scraping that port
 every second with deploy/prometheus/prometheus.yml (targets and intervals replaced) and the
 rule files. The traffic exercises every signal the dashboard shows: good requests, unknown
 users and items (defaulted), invalid and oversized bodies (rejected), an unknown path, a failed
@@ -53,6 +54,7 @@ MAX_BODY = 4096
 @dataclass
 class Stack:
     service_url: str
+    ops_url: str
     prom_url: str
     redis_stop: Callable[[], None]
     version2: Path
@@ -129,12 +131,12 @@ def stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         finally:
             client.close()
 
-        port = free_port()
+        port, ops_port = free_port(), free_port()
         (tmp / "multiproc").mkdir()
         env = {k: v for k, v in os.environ.items() if not k.startswith("RANKER_")}
         env.update(RANKER_MODEL_REPO=str(repo), RANKER_MODEL_NAME="ranker",
                    RANKER_REDIS_URL=redis.url, RANKER_REDIS_FAILURE_MODE="degrade",
-                   RANKER_MAX_BODY_BYTES=str(MAX_BODY),
+                   RANKER_MAX_BODY_BYTES=str(MAX_BODY), RANKER_METRICS_PORT=str(ops_port),
                    PROMETHEUS_MULTIPROC_DIR=str(tmp / "multiproc"))
         service = subprocess.Popen(
             [sys.executable, "-m", "ranker.cli", "serve", "--host", "127.0.0.1", "--port",
@@ -145,7 +147,7 @@ def stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
               90, service)
 
         prom_port = free_port()
-        config = _prometheus_config(f"127.0.0.1:{port}", tmp / "prometheus.yml")
+        config = _prometheus_config(f"127.0.0.1:{ops_port}", tmp / "prometheus.yml")
         assert PROMETHEUS is not None
         prom = subprocess.Popen(
             [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'tsdb'}",
@@ -157,7 +159,8 @@ def stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
               30, prom)
         _wait("the first scrape",
               lambda: bool(query(prom_url, 'up{job="ranker"} == 1')), 30, prom)
-        yield Stack(service_url, prom_url, redis.stop, repo / "ranker" / "2")
+        yield Stack(service_url, f"http://127.0.0.1:{ops_port}", prom_url, redis.stop,
+                    repo / "ranker" / "2")
     finally:
         for p in reversed(procs):
             _stop(p)
@@ -214,7 +217,8 @@ def traffic(stack: Stack) -> Stack:
     with open(stack.version2 / "model.onnx", "r+b") as f:
         f.seek(200)
         f.write(b"corrupted")
-    status, raw = _http("POST", f"{stack.service_url}/admin/reload")
+    assert _http("POST", f"{stack.service_url}/admin/reload")[0] == 404  # not on the API port
+    status, raw = _http("POST", f"{stack.ops_url}/admin/reload")
     assert status == 409, raw
     stack.redis_stop()
     for _ in range(2):
@@ -234,6 +238,12 @@ def _dashboard_exprs() -> list[tuple[str, str]]:
         tasks = TASKS if "$task" in raw else ("-",)
         out += [(f"{where} [task={t}]", substitute(raw, {"task": t})) for t in tasks]
     return out
+
+
+def test_metrics_only_on_the_operator_port(stack: Stack) -> None:
+    assert _http("GET", f"{stack.service_url}/metrics")[0] == 404
+    status, raw = _http("GET", f"{stack.ops_url}/metrics")
+    assert status == 200 and b"ranker_requests_total" in raw
 
 
 def test_promtool_accepts_the_live_config(tmp_path: Path) -> None:

@@ -88,6 +88,11 @@ def test_service_is_read_only_and_publishes_only_8000(compose: dict[str, Any]) -
     assert "/tmp" in svc["tmpfs"]
     assert svc["environment"]["PROMETHEUS_MULTIPROC_DIR"].startswith("/tmp/")
     assert svc["ports"] == ["8000:8000"]
+    # /metrics and /admin live on the operator port, exposed to the network but not published
+    ops = svc["environment"]["RANKER_METRICS_PORT"]
+    assert svc["expose"] == [ops]
+    prom = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
+    assert prom["scrape_configs"][0]["static_configs"][0]["targets"] == [f"ranker:{ops}"]
     assert "models:/models:ro" in svc["volumes"]
     assert "models:/models" in compose["services"]["trainer"]["volumes"]
 
