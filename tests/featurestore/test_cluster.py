@@ -49,7 +49,9 @@ async def test_load_and_fetch_across_slots(
     prefix = record_key_prefix("rk", SCHEMA.version, rep.load_id, "item")
     nodes = {cluster_client.get_node_from_key(prefix + i).port for i in ITEMS}
     assert len(nodes) == 3  # the request's keys really span the three masters
-    fs = FeatureStore(make_client(cluster.url, cluster=True), SCHEMA)
+    fs = FeatureStore(
+        make_client(cluster.url, cluster=True, connect_timeout_s=1.0, socket_timeout_s=1.0), SCHEMA
+    )
     try:
         res = await fs.fetch("u3", [*ITEMS, "unknown"], timeout_s=1.0)
         np.testing.assert_array_equal(res.inputs["user_cat"], [[4, 4]])
@@ -73,7 +75,9 @@ async def test_switch_and_idempotent_reload_on_cluster(
         cluster_client, SCHEMA, users_table(activity_scale=3.0), items_table(), old_load_grace_s=30
     )
     assert second.old_keys_expiring == 40  # SCAN found the old load on every master
-    fs = FeatureStore(make_client(cluster.url, cluster=True), SCHEMA)
+    fs = FeatureStore(
+        make_client(cluster.url, cluster=True, connect_timeout_s=1.0, socket_timeout_s=1.0), SCHEMA
+    )
     try:
         await fs.fetch("u1", ["i1"])
         assert fs.load_id == second.load_id
@@ -89,7 +93,9 @@ async def test_cluster_node_down_is_a_typed_error(
     cluster: RedisClusterServer, cluster_client: RedisCluster
 ) -> None:
     load_tables(cluster_client, SCHEMA, users_table(), items_table())
-    fs = FeatureStore(make_client(cluster.url, cluster=True), SCHEMA)
+    fs = FeatureStore(
+        make_client(cluster.url, cluster=True, connect_timeout_s=1.0, socket_timeout_s=1.0), SCHEMA
+    )
     victim = cluster.nodes[2]
     try:
         await fs.fetch("u1", ITEMS)

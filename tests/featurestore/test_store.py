@@ -25,6 +25,12 @@ from tests.tiny import tiny_schema
 SCHEMA = tiny_schema()
 
 
+def roomy_client(url: str, **kw: Any) -> Any:
+    """A client with 1 s timeouts: the test machine is shared and busy, and these tests check
+    behaviour, not the millisecond defaults (the tests that do check them say so)."""
+    return make_client(url, connect_timeout_s=1.0, socket_timeout_s=1.0, **kw)
+
+
 def _activity(x: float) -> float:
     return (math.log1p(x) - 1.5) / 0.8
 
@@ -42,7 +48,7 @@ def _load(
 
 @pytest.fixture
 async def store(redis_url: str) -> AsyncIterator[FeatureStore]:
-    fs = FeatureStore(make_client(redis_url), SCHEMA)
+    fs = FeatureStore(roomy_client(redis_url), SCHEMA)
     yield fs
     await fs.aclose()
 
@@ -95,8 +101,8 @@ async def test_nothing_loaded_means_all_defaults(redis_url: str, store: FeatureS
 
 async def test_stale_records_are_treated_as_missing(redis_url: str) -> None:
     _load(redis_url, now=time.time() - 100)
-    fresh = FeatureStore(make_client(redis_url), SCHEMA, max_age_s=1000)
-    strict = FeatureStore(make_client(redis_url), SCHEMA, max_age_s=50)
+    fresh = FeatureStore(roomy_client(redis_url), SCHEMA, max_age_s=1000)
+    strict = FeatureStore(roomy_client(redis_url), SCHEMA, max_age_s=50)
     try:
         r = await fresh.fetch("u1", ["i1", "i2"])
         assert not r.user_defaulted and r.items_defaulted == 0 and r.stale == 0
@@ -138,8 +144,8 @@ async def test_new_schema_never_decodes_old_records(redis_url: str) -> None:
     new = tiny_schema(n_users=60)  # a different vocabulary: a different schema version
     assert new.version != old.version
     _load(redis_url, old)
-    fs_new = FeatureStore(make_client(redis_url), new)
-    fs_old = FeatureStore(make_client(redis_url), old)
+    fs_new = FeatureStore(roomy_client(redis_url), new)
+    fs_old = FeatureStore(roomy_client(redis_url), old)
     try:
         r = await fs_new.fetch("u1", ["i1"])
         assert r.user_defaulted and r.items_defaulted == 1
@@ -203,7 +209,7 @@ async def test_null_and_duplicate_ids(redis_url: str, store: FeatureStore) -> No
 
 async def test_redis_down_is_a_quick_typed_error(redis_server: RedisServer, redis_url: str) -> None:
     _load(redis_url)
-    fs = FeatureStore(make_client(redis_url), SCHEMA)
+    fs = FeatureStore(roomy_client(redis_url), SCHEMA)
     try:
         assert (await fs.fetch("u1", ["i1"])).items_defaulted == 0
         redis_server.stop()
@@ -223,7 +229,7 @@ async def test_redis_down_is_a_quick_typed_error(redis_server: RedisServer, redi
 async def test_slow_redis_hits_the_deadline_without_desync(redis_url: str) -> None:
     _load(redis_url)
     # one connection only: a timed-out reply left on it would be read by the next request
-    fs = FeatureStore(make_client(redis_url, max_connections=1, socket_timeout_s=1.0), SCHEMA)
+    fs = FeatureStore(roomy_client(redis_url, max_connections=1), SCHEMA)
     try:
         await fs.fetch("u0", ["i0"])
         blocker = threading.Thread(
@@ -245,13 +251,15 @@ async def test_slow_redis_hits_the_deadline_without_desync(redis_url: str) -> No
 
 async def test_client_is_bounded_and_uses_hiredis(redis_url: str) -> None:
     _load(redis_url)
-    client = make_client(redis_url, max_connections=1, socket_timeout_s=0.1)
+    client = make_client(redis_url, max_connections=1, connect_timeout_s=1.0, socket_timeout_s=0.1)
     fs = FeatureStore(client, SCHEMA)
     try:
         await fs.fetch("u0", [])
         conn = await client.connection_pool.get_connection()  # type: ignore[union-attr]
         assert type(conn._parser).__name__ == "_AsyncHiredisParser"
-        assert conn.socket_timeout == 0.1 and conn.socket_connect_timeout == 0.05
+        assert conn.socket_timeout == 0.1 and conn.socket_connect_timeout == 1.0
+        defaults = make_client(redis_url).connection_pool.connection_kwargs  # type: ignore[union-attr]
+        assert (defaults["socket_connect_timeout"], defaults["socket_timeout"]) == (0.05, 0.1)
         # the pool's only connection is taken: the next fetch waits at most the pool timeout
         t0 = time.perf_counter()
         with pytest.raises(FeatureStoreUnavailable, match="No connection available"):
@@ -266,7 +274,7 @@ async def test_client_is_bounded_and_uses_hiredis(redis_url: str) -> None:
 
 async def test_cancelled_fetch_does_not_desync_the_connection(redis_url: str) -> None:
     _load(redis_url)
-    fs = FeatureStore(make_client(redis_url, max_connections=1, socket_timeout_s=1.0), SCHEMA)
+    fs = FeatureStore(roomy_client(redis_url, max_connections=1), SCHEMA)
     try:
         await fs.fetch("u0", ["i0"])
         blocker = threading.Thread(
