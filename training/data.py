@@ -77,12 +77,13 @@ def _load_tables(spec: DatasetSpec, base: Path) -> RawData:
     files = {k: base / v for k, v in src.splits.items()}
     users = base / src.users if src.users else None
     items = base / src.items if src.items else None
-    h = hashlib.sha256()
-    for p in [*files.values(), users, items]:
-        if p is not None:
-            if not p.is_file():
-                raise FileNotFoundError(f"{p}: missing (run `ranker data --out {base}`)")
-            h.update(sha256_file(p).encode())
+    paths = [p for p in (*files.values(), users, items) if p is not None]
+    h = hashlib.sha256()  # same recipe as the generator's dataset.json "sha256"
+    for p in sorted(paths, key=lambda p: p.stem):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: missing (run `ranker data --out {base}`)")
+        h.update(p.stem.encode())
+        h.update(p.read_bytes())
     return RawData(
         splits={k: pq.read_table(files[k]) for k in SPLITS},
         users=pq.read_table(users) if users else None,

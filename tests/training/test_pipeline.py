@@ -45,6 +45,7 @@ def test_train_writes_report_and_plots(trained_run: tuple[Path, Path]) -> None:
     np.testing.assert_allclose(gates.sum(1), 1.0, atol=1e-5)
     info = json.loads((data / "dataset.json").read_text())
     assert report["training_data"]["rows"]["train"] == info["sizes"]["impressions_train"]
+    assert report["training_data"]["sha256"] == info["sha256"]  # the data it was trained on
     md = (run / "report.md").read_text()
     assert "| mmoe |" in md and "| oracle (true p) |" in md and "| single_share |" in md
 
