@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from pathlib import Path
 from typing import Any
 
 from playwright.sync_api import sync_playwright
@@ -42,18 +43,52 @@ def measure(page: Any, size: int, repeats: int) -> tuple[list[float], list[float
     return fetch, render
 
 
+# Render synthetic responses straight into the page (no server round trip): rebuild + layout.
+SYNTHETIC_RENDER = """([n, repeats]) => {
+  const tasks = ['click', 'like', 'share'];
+  const items = Array.from({length: n}, (_, i) => ({id: 'i' + i, score: Math.random(),
+    scores: {click: Math.random(), like: Math.random() / 10, share: Math.random() / 100}}));
+  const resp = {tasks, items, weights: {click: 1, like: 1, share: 1},
+                model: {name: 'm', version: 1}, scoring: 'weighted_sum'};
+  const times = [];
+  for (let r = 0; r < repeats; r++) {
+    const t = performance.now();
+    render(resp, 'synthetic');
+    void document.body.offsetHeight;
+    times.push(performance.now() - t);
+  }
+  return times;
+}"""
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--url", default="http://127.0.0.1:8000")
     ap.add_argument("--sizes", type=int, nargs="+", default=[20, 100, 1000])
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--synthetic", action="store_true",
+                    help="only time the page's render + layout of synthetic lists")
+    ap.add_argument("--css", type=Path, default=None,
+                    help="swap in this stylesheet first (e.g. an older one from git show)")
     a = ap.parse_args(argv)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            # bypass_csp only to inject a stylesheet under test; the page itself is unchanged
+            context = browser.new_context(viewport={"width": 1280, "height": 900},
+                                          bypass_csp=a.css is not None)
+            page = context.new_page()
             page.goto(f"{a.url.rstrip('/')}/playground")
             page.wait_for_selector("#ranked li")
+            if a.css is not None:
+                page.evaluate("() => document.querySelector('link[rel=stylesheet]').remove()")
+                page.add_style_tag(content=a.css.read_text())
+            if a.synthetic:
+                print("| rows | render+layout p50 ms |\n|---:|---:|")
+                for size in a.sizes:
+                    times = page.evaluate(SYNTHETIC_RENDER, [size, a.repeats])
+                    print(f"| {size} | {statistics.median(times):.1f} |")
+                return 0
             print("| candidates | fetch p50 ms | fetch p95 ms | render p50 ms | render p95 ms |")
             print("|---:|---:|---:|---:|---:|")
             for size in a.sizes:
