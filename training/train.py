@@ -26,7 +26,7 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 512
     lr: float = 2e-3
-    weight_decay: float = 1e-5  # L2 on all weights: the id embeddings overfit without it
+    weight_decay: float = 1e-5  # Adam L2 on all weights: the id embeddings overfit without it
     patience: int = 2  # epochs without a better validation loss before stopping
     loss_weights: dict[str, float] = field(default_factory=dict)  # task -> weight (default 1)
     seed: int = 0
