@@ -81,12 +81,14 @@ def findings(
 
     hi, lo = corrs[0], corrs[-1]
     drop = {m: mean[(m, lo)] - mean[(m, hi)] for m in models}
+    # standard error of a difference of two independent means
+    drop_se = {m: math.hypot(table[(m, lo)]["sem"], table[(m, hi)]["sem"]) for m in models}
     least = min(drop, key=lambda m: drop[m])
     out.append(
         {
             "claim": f"MMoE loses least as the correlation drops (loss at p={lo:g} minus p={hi:g})",
             "holds": least == "mmoe",
-            "detail": "; ".join(f"{LABELS[m]}: {drop[m]:+.4f}" for m in models),
+            "detail": "; ".join(f"{LABELS[m]}: {drop[m]:+.4f} ± {drop_se[m]:.4f}" for m in models),
         }
     )
 
@@ -110,7 +112,11 @@ def findings(
                 "(std, every correlation)",
                 "holds": most,
                 "detail": "; ".join(
-                    f"p={p:g}: " + ", ".join(f"{LABELS[m]} {std[(m, p)]:.4f}" for m in models)
+                    f"p={p:g}: "
+                    + ", ".join(
+                        f"{LABELS[m]} {std[(m, p)]:.4f} (worst run {table[(m, p)]['worst']:.4f})"
+                        for m in models
+                    )
                     for p in corrs
                 ),
             }
