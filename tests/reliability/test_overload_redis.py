@@ -18,6 +18,7 @@ from service.featurestore.embedded import RedisServer
 from tests.reliability.conftest import rank_body, service_env
 from tests.reliability.oracle import Oracle
 from tests.reliability.procs import ServerProcess, post_json, run_load
+from tests.reliability.test_readiness_swap import metric_value
 
 
 def pause_redis(url: str, ms: int) -> None:
@@ -168,3 +169,61 @@ async def test_redis_killed_mid_load_then_restarted(
     late = [(s, b.get("degraded")) for t, s, b in after if t > restarted_at + recovery + 0.5]
     assert late and all(s == 200 and not d for s, d in late), "recovery did not stick"
     assert samples and max(samples) <= max_conns + 1, f"Redis connections {max(samples)}"
+
+
+@pytest.mark.slow
+async def test_redis_chaos_report(
+    model_repo: Path, live_redis: RedisServer, oracle: Oracle
+) -> None:
+    """Chaos: 6 cycles of SIGKILL / 1 s down / restart under 8 clients for ~20 s (fail mode);
+    writes runs/reliability/chaos.json with the counts and the worst latency."""
+    import json
+    import os
+
+    timeout = 0.5
+    env = service_env(model_repo, live_redis.url, request_timeout_s=timeout,
+                      redis_connect_timeout_s=0.05, redis_socket_timeout_s=0.1,
+                      redis_max_connections=8)
+    sent: dict[int, dict[str, Any]] = {}
+
+    def body_of(i: int) -> dict[str, Any]:
+        sent[i] = rank_body(i)
+        return sent[i]
+
+    def check(i: int, resp: httpx.Response) -> None:
+        if resp.status_code == 200:
+            oracle.check(resp.json(), sent[i]["user_id"], sent[i]["candidates"])
+        else:
+            assert resp.status_code == 503, resp.text[:200]
+
+    with ServerProcess(env) as server:
+        stop = asyncio.Event()
+        samples: list[int] = []
+        poller = asyncio.create_task(connected_clients(live_redis.url, samples, stop))
+        load = asyncio.create_task(run_load(
+            server.url, post_json("/rank", body_of), total=200_000, concurrency=8,
+            duration_s=20.0, timeout_s=5.0, check=check))
+        for _ in range(6):
+            await asyncio.sleep(1.5)
+            await asyncio.to_thread(live_redis.kill)
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(live_redis.start)
+        res = await load
+        stop.set()
+        await poller
+        text = httpx.get(server.url + "/metrics", timeout=5).text
+    # server-side truth: /rank requests the service itself took longer than the deadline over
+    over = metric_value(text, "ranker_request_duration_seconds_count", 'route="/rank"') - \
+        metric_value(text, "ranker_request_duration_seconds_bucket", 'le="0.5",route="/rank"')
+    report = {"server_side_over_deadline": int(over), "sent": res.sent,
+              "by_status": {str(k): v for k, v in res.by_status.items()},
+              "unanswered": dict(res.errors), "wrong_scores": len(res.problems),
+              "max_latency_s": round(res.max_s(), 3), "median_latency_s": round(res.median_s(), 4),
+              "max_redis_clients": max(samples, default=-1), "cycles": 6, "deadline_s": timeout}
+    out = Path(os.environ.get("RANKER_REPORT_DIR", "runs/reliability"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "chaos.json").write_text(json.dumps(report, indent=1))
+    print(report)
+    assert res.errors == {} and res.problems == [], res.summary()
+    assert res.max_s() < timeout + 0.5
+    assert max(samples) <= 8 + 1
