@@ -1,6 +1,7 @@
 """Extra statistics on a runs.json of the synthetic experiment: medians, IQRs, Welch t, paired wins.
 
 python -m training.experiments.synthetic_stats docs/experiments/mmoe-synthetic/runs.json
+python -m training.experiments.synthetic_stats --nonlinearity 1 2 3
 """
 
 from __future__ import annotations
@@ -13,10 +14,28 @@ from pathlib import Path
 import numpy as np
 
 from training.experiments.report import LABELS, METRICS
+from training.experiments.synthetic import DataConfig, sin_params
+
+
+def nonlinearity(c: float, n: int = 200_000) -> tuple[float, float]:
+    """(label variance, variance left after the best linear fit in wᵀx) of one noiseless task."""
+    alpha, beta = sin_params(DataConfig())
+    z = c * np.random.default_rng(1).standard_normal(n)  # wᵀx ~ N(0, c²) since |w| = c
+    y = z + np.sin(z[:, None] * alpha + beta).sum(axis=-1)
+    resid = y - np.polyval(np.polyfit(z, y, 1), z)
+    return float(y.var()), float(resid.var())
 
 
 def main(argv: list[str]) -> int:
     """Print, per metric and model, the medians and IQRs per correlation and Welch's t."""
+    if argv and argv[0] == "--nonlinearity":
+        for c in map(float, argv[1:]):
+            total, left = nonlinearity(c)
+            print(
+                f"c={c:g}: label variance {total:.3f}, non-linear part {left:.3f} "
+                f"({left / total:.1%})"
+            )
+        return 0
     runs = json.loads(Path(argv[0]).read_text())["runs"]
     models = [m for m in LABELS if any(r["model"] == m for r in runs)]
     corrs = sorted({float(r["correlation"]) for r in runs}, reverse=True)
