@@ -353,3 +353,32 @@ def test_hadolint_passes_on_the_dockerfile() -> None:
     done = subprocess.run([binary, "--no-color", "--failure-threshold", "info",
                            str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _make_commands(markdown: str) -> set[str]:
+    """`make ...` lines inside fenced code blocks (blockquoted or not), comments stripped."""
+    out: set[str] = set()
+    in_code = False
+    for line in markdown.splitlines():
+        text = line.lstrip("> ").rstrip()
+        if text.startswith("```"):
+            in_code = not in_code
+        elif in_code and text.startswith("make "):
+            out.add(text.split("#")[0].strip())
+    return out
+
+
+def test_the_readme_commands_are_make_targets_and_ci_runs_make_test() -> None:
+    """README.md (once the lead merges it) and its proposed text in docs/operations.md."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    docs = [ROOT / "docs" / "operations.md"] + [p for p in [ROOT / "README.md"] if p.exists()]
+    for doc in docs:
+        commands = _make_commands(doc.read_text())
+        assert {"make run", "make test"} <= commands, f"{doc.name}: {sorted(commands)}"
+        for cmd in commands:
+            target = cmd.split()[1]
+            done = subprocess.run(["make", "-n", target, "STAMP=/dev/null"], cwd=ROOT,
+                                  capture_output=True, text=True, timeout=30)
+            assert done.returncode == 0, f"{doc.name}: `{cmd}`: {done.stderr}"
+    assert "make test" in (ROOT / ".ci/run").read_text().splitlines()
