@@ -348,18 +348,21 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ns = results["plan"]["ns"]
     fig, axes = plt.subplots(1, len(ns), figsize=(5 * len(ns), 4), squeeze=False)
     styles = {"service": "-o", "naive": "--s"}
+    colors = {("service", 1): "tab:blue", ("service", 2): "tab:cyan",
+              ("naive", 1): "tab:red", ("naive", 2): "tab:orange"}
     for ax, n in zip(axes[0], ns, strict=True):
         for system in ("service", "naive"):
             for w in results["plan"]["workers"]:
                 pts = [(r["rps"], r["p99_ms"]) for r in
                        _runs(results, system=system, workers=w, n=n, kind="sweep") if "p99_ms" in r]
                 if pts:
-                    ax.plot(*zip(*pts, strict=True), styles[system], label=f"{system} {w}w")
+                    ax.plot(*zip(*pts, strict=True), styles[system], label=f"{system} {w}w",
+                            color=colors.get((system, w)))
             for kind in ("same_load", "high_load"):
                 for r in _runs(results, system=system, n=n, kind=kind):
                     if "p99_ms" in r:
                         ax.plot(r["rps"], r["p99_ms"], "*" if kind == "same_load" else "P",
-                                markersize=12,
+                                markersize=12, color="tab:green" if system == "service" else "k",
                                 label=f"{system} open loop {r['offered_rps']:.0f}/s")
         ax.set_xlabel("throughput (requests/s)")
         ax.set_ylabel("p99 latency (ms)")
