@@ -54,6 +54,14 @@ def main(argv: list[str]) -> int:
                 f"{np.percentile(v[p], 75) - np.percentile(v[p], 25):.4f}" for p in corrs
             )
             print(f"{LABELS[m]}: median {med}; IQR {iqr}; Welch t (p={lo:g} − p={hi:g}) {t:.2f}")
+            # a run that ends above twice its cell's median failed to train (a plateau)
+            failed = {p: v[p] > 2 * np.median(v[p]) for p in corrs}
+            print(
+                "  failed runs (> 2× median): "
+                + ", ".join(f"p={p:g}: {int(failed[p].sum())}" for p in corrs)
+                + "; mean of the others: "
+                + ", ".join(f"p={p:g}: {v[p][~failed[p]].mean():.4f}" for p in corrs)
+            )
         if "shared_bottom" not in models:
             continue
         by_key = {(r["model"], r["correlation"], r["repeat"]): r[metric] for r in runs}
