@@ -114,8 +114,8 @@ class ServerProcess:
         log.close()
         return self
 
-    def wait_ready(self, timeout_s: float | None = None) -> float:
-        """Poll the ready path until 200 (bounded); returns the seconds waited."""
+    def wait_ready(self, timeout_s: float | None = None, path: str | None = None) -> float:
+        """Poll `path` (default: the ready path) until 200 (bounded); returns seconds waited."""
         t0 = time.monotonic()
         deadline = t0 + (timeout_s or self.ready_timeout_s)
         while time.monotonic() < deadline:
@@ -123,7 +123,8 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log_tail()}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + self.ready_path, timeout=1.0).status_code == 200:
+                url = self.url + (path or self.ready_path)
+                if httpx.get(url, timeout=1.0).status_code == 200:
                     return time.monotonic() - t0
             time.sleep(0.05)
         raise TimeoutError(f"not ready after {timeout_s or self.ready_timeout_s}s: "

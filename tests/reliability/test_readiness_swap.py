@@ -38,7 +38,7 @@ def test_not_ready_without_model_then_ready_after_install(
         early = httpx.post(server.url + "/rank", json=rank_body(0), timeout=2)
         assert early.status_code == 503 and early.json()["error"] == "model_unavailable"
         install_version(pristine_models, repo, 1, source=1)
-        waited = server.wait_ready(timeout_s=10)  # the watcher loads, checks and warms it
+        waited = server.wait_ready(timeout_s=10, path="/readyz")  # the watcher loads it
         assert waited < 10
         first = httpx.post(server.url + "/rank", json=rank_body(1), timeout=2)
         assert first.status_code == 200, first.text
