@@ -188,6 +188,11 @@ def test_share_slider_at_max_ranks_by_share(tab: Tab, service: str) -> None:
         )
         assert len(cells) == n_experts
         assert sum(cells) == pytest.approx(1.0, abs=0.03)  # shown to 2 decimals
+    assert "mean gate weights over 20 items" in page.text_content("#heatmap-title")
+    first = after[0]["id"]
+    page.click(f"#ranked li[data-id='{first}']")  # one item's own gates
+    assert f"gate weights of item {first}" in page.text_content("#heatmap-title")
+    assert page.get_attribute(f"#ranked li[data-id='{first}']", "class") == "item selected"
 
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "playground.png"
