@@ -280,3 +280,22 @@ def test_playground_sends_the_api_key_where_auth_is_on(tab: Tab, cors_service: s
     page.dispatch_event("#api-key", "change")
     wait_until(page, "() => document.querySelectorAll('#ranked li').length > 0")
     assert page.evaluate("() => document.body.dataset.state") == "ready"
+
+
+def test_explain_on_a_model_without_gates_says_so(
+    tab: Tab, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from tests.tiny import export_tiny_model
+
+    vdir = export_tiny_model(tmp_path_factory.mktemp("sb"), name="sb",
+                             model_type="shared_bottom", bottom_hidden=[8])
+    # same tiny schema as the other model: features in Redis (or defaults) serve it as well
+    with run_service(vdir, redis_server.url) as base:
+        page = tab.page
+        page.goto(f"{base}/playground")
+        wait_until(page, "() => document.querySelectorAll('#ranked li').length === 20")
+        page.check("#explain")
+        wait_until(page, "() => !document.querySelector('#heatmap-box').hidden")
+        assert "has no gates" in page.text_content("#heatmap-title")
+        assert page.eval_on_selector_all("#heatmap .hm-cell", "cs => cs.length") == 0
+    assert tab.errors == [], tab.errors
