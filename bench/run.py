@@ -412,6 +412,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     plan = Plan.quick() if args.quick else Plan()
+    if args.quick:
+        floors.BUDGET_S = 0.25
     if args.duration:
         plan.duration_s = args.duration
     if args.ns:
