@@ -142,7 +142,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # added last = outermost: the request id exists before the body limit answers
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     install_guards(app, settings)  # deadline backstop, API keys, operator port
-    app.add_middleware(RequestContextMiddleware, routes=ROUTES, max_inflight=settings.max_inflight)
+    app.add_middleware(RequestContextMiddleware, routes=ROUTES, max_inflight=settings.max_inflight,
+                       retry_after_s=settings.retry_after_s)
     if settings.playground_enabled:
         app.include_router(playground_router)
     # outermost of all: preflights are answered before limits, and 4xx/5xx carry CORS headers

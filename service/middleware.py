@@ -50,10 +50,12 @@ def matched_template(scope: Scope) -> str:
 class RequestContextMiddleware:
     """Assigns the request id, counts and times requests by route template, guards inflight."""
 
-    def __init__(self, app: ASGIApp, routes: Iterable[str], max_inflight: int = 0) -> None:
+    def __init__(self, app: ASGIApp, routes: Iterable[str], max_inflight: int = 0,
+                 retry_after_s: int = 1) -> None:
         self.app = app
         self.routes = frozenset(routes)
         self.max_inflight = max_inflight
+        self.retry_after = str(retry_after_s).encode()
         self.inflight = 0  # this worker's count; the gauge aggregates workers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -80,8 +82,8 @@ class RequestContextMiddleware:
             status = 503
             await send_json(send, 503, {"error": "overloaded", "request_id": rid,
                                         "message": f"more than {self.max_inflight} requests "
-                                                   "in flight"},
-                            [(b"retry-after", b"1"), rid_header])
+                                                   "in flight (max_inflight); retry later"},
+                            [(b"retry-after", self.retry_after), rid_header])
             metrics.REQUESTS.labels(route, "503").inc()
             return
         self.inflight += 1

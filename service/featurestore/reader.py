@@ -33,7 +33,15 @@ _RETRYABLE = (ConnectionError, RedisTimeoutError, ClusterDownError)
 
 
 class FeatureStoreUnavailable(Exception):
-    """Redis is down, timed out or the cluster is down; the message says which."""
+    """Redis is down, timed out or the cluster is down; the message says which.
+
+    `timed_out` tells the two apart for callers (a timeout is reported as `redis_timeout`,
+    anything else as `redis_unavailable`).
+    """
+
+    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
 
 
 @dataclass
@@ -248,7 +256,8 @@ class FeatureStore:
             if remaining is not None and remaining <= 0:
                 metrics.ERRORS.labels("timeout").inc()
                 raise FeatureStoreUnavailable(
-                    f"Redis: request deadline of {_ms(timeout_s)} passed after {attempt} attempt(s)"
+                    f"Redis: deadline of {_ms(timeout_s)} passed after {attempt} attempt(s)",
+                    timed_out=True,
                 )
             try:
                 async with asyncio.timeout(remaining):
@@ -256,7 +265,8 @@ class FeatureStore:
             except TimeoutError as exc:  # the request's deadline, not a socket timeout
                 metrics.ERRORS.labels("timeout").inc()
                 raise FeatureStoreUnavailable(
-                    f"Redis did not answer within the request deadline of {_ms(timeout_s)}"
+                    f"Redis did not answer within the request deadline of {_ms(timeout_s)}",
+                    timed_out=True,
                 ) from exc
             except _RETRYABLE as exc:
                 attempt += 1
@@ -265,7 +275,8 @@ class FeatureStore:
                     metrics.ERRORS.labels(kind).inc()
                     what = "cluster down" if isinstance(exc, ClusterDownError) else kind
                     raise FeatureStoreUnavailable(
-                        f"Redis {what} after {attempt} attempt(s): {exc}"
+                        f"Redis {what} after {attempt} attempt(s): {exc}",
+                        timed_out=kind == "timeout",
                     ) from exc
                 metrics.RETRIES.inc()
             except RedisError as exc:

@@ -1,9 +1,9 @@
-"""In-flight limit and per-request deadline for the ranking route(s), as pure ASGI middleware.
+"""Per-request deadline for the ranking route(s), as pure ASGI middleware.
 
-Both reject with a JSON error instead of queueing: a request beyond `max_inflight` is answered
-at once with 503 + Retry-After (no unbounded queue in front of the model), and a request whose
-deadline passes before its answer starts is cancelled and answered 503 `deadline_exceeded`
-(a late answer is useless to a page that has already rendered without it).
+A request whose deadline passes before its answer starts is cancelled and answered 503
+`deadline_exceeded` (a late answer is useless to a page that has already rendered without it).
+The in-flight limit lives in `service.middleware.RequestContextMiddleware`, which also keeps
+the in-flight gauge.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.guards.responses import send_error
 
-RejectHook = Callable[[str], None]  # called with the reason: "overload" | "deadline"
+RejectHook = Callable[[str], None]  # called with the reason: "deadline"
 
 DEFAULT_PATHS = ("/rank",)
 
@@ -41,46 +41,6 @@ def remaining_s(scope: Scope) -> float | None:
     if deadline is None:
         return None
     return deadline - asyncio.get_running_loop().time()
-
-
-class InflightLimitMiddleware:
-    """At most `max_inflight` requests on `paths` at once (per worker); 0 = no limit."""
-
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        max_inflight: int,
-        retry_after_s: int = 1,
-        paths: Iterable[str] = DEFAULT_PATHS,
-        on_reject: RejectHook = _noop,
-    ) -> None:
-        if max_inflight < 0:
-            raise ValueError("max_inflight must be >= 0")
-        self.app = app
-        self.max_inflight = max_inflight
-        self.retry_after = str(max(0, int(retry_after_s))).encode()
-        self.paths = frozenset(paths)
-        self.on_reject = on_reject
-        self.inflight = 0  # one event loop per worker: a plain int is race-free
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not self.max_inflight or not _matches(scope, self.paths):
-            await self.app(scope, receive, send)
-            return
-        if self.inflight >= self.max_inflight:
-            self.on_reject("overload")
-            await send_error(
-                send, scope, 503, "overloaded",
-                f"more than {self.max_inflight} requests in flight (max_inflight); retry later",
-                [(b"retry-after", self.retry_after)],
-            )
-            return
-        self.inflight += 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.inflight -= 1
 
 
 class DeadlineMiddleware:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import orjson
 from starlette.types import Scope, Send
+
+from service.middleware import send_json
 
 
 def request_id_of(scope: Scope) -> str | None:
@@ -29,14 +30,4 @@ async def send_error(
     rid = request_id_of(scope)
     if rid is not None:
         body["request_id"] = rid
-    payload = orjson.dumps(body)
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(payload)).encode()),
-            *headers,
-        ],
-    })
-    await send({"type": "http.response.body", "body": payload})
+    await send_json(send, status, body, headers)

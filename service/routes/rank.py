@@ -60,9 +60,7 @@ async def fetch_features(state: AppState, serving: Serving, req: RankRequest,
         except TimeoutError:
             reason = "redis_timeout"
         except FeatureStoreUnavailable as e:
-            msg = str(e).lower()
-            timed_out = "deadline" in msg or "timeout" in msg or "within" in msg
-            reason = "redis_timeout" if timed_out else "redis_unavailable"
+            reason = "redis_timeout" if e.timed_out else "redis_unavailable"
         except (ConnectionError, OSError):
             reason = "redis_unavailable"
     if state.settings.redis_failure_mode == "degrade":
