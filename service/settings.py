@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     # still has time to run after a feature store timeout
     inference_budget_s: float = Field(default=0.1, gt=0)
     # 0 = unlimited; beyond it requests get a 503 (overload)
-    max_inflight: int = Field(default=0, ge=0)
+    max_inflight: int = Field(default=64, ge=0)  # per worker; 0 = unlimited
 
     # scoring
     default_weights: dict[str, float] = {"click": 1.0, "like": 1.0, "share": 1.0}
