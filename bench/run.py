@@ -168,7 +168,10 @@ def server(env: Env, system: str, workers: int, extra_env: dict[str, str] | None
                "--model-name", env.version_dir.parent.name, "--redis-url", env.redis_url,
                "--watch-interval", "0", "--log-level", "warning"]
         ready = "/readyz"
-        penv = {"PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(dir=env.workdir, prefix="prom-")}
+        # several workers share metrics through files; one worker keeps them in memory (with
+        # the variable set, one worker's /metrics showed no histograms at 07:07 UTC)
+        penv = ({"PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(dir=env.workdir, prefix="prom-")}
+                if workers > 1 else {})
     proc = env.procs.start(name, cmd, {**penv, **(extra_env or {})})
     env.server_pgid = proc.pid  # the child leads its own process group (procs._child_setup)
     base = f"http://{HOST}:{port}"
