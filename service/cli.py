@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
+
+from service import multiproc
 
 FLAG_TO_ENV = {
     "model_repo": "RANKER_MODEL_REPO",
@@ -44,10 +45,10 @@ def serve_main(argv: list[str]) -> int:
     settings = Settings()  # validates the whole configuration before any worker starts
     host = args.host or settings.host
     port = args.port if args.port is not None else settings.port
-    # each worker is its own process: metrics go through files that /metrics aggregates
-    if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="ranker-prom-")
-    # sockets (+ metrics_port), graceful shutdown, metrics dir cleanup, ORT threads per worker
+    # each worker is its own process: metrics go through files that /metrics aggregates; the
+    # directory is prepared before anything imports service.metrics
+    multiproc.prepare(args.workers)
+    # sockets (+ metrics_port), graceful shutdown, ORT threads per worker
     from service.guards.wiring import serve
 
     return serve(settings, host, port, args.workers, args.log_level)

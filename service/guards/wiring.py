@@ -8,11 +8,9 @@ and exits 0 after a SIGTERM/SIGINT shutdown.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from service.guards.auth import ApiKeyMiddleware
@@ -66,18 +64,6 @@ def install_guards(app: FastAPI, settings: Settings) -> None:
         app.add_middleware(OpsPortMiddleware, ops_port=ops_port)
 
 
-def clean_multiproc_dir(path: str | Path) -> int:
-    """Create the Prometheus multiprocess dir, or empty it of a previous run's files."""
-    directory = Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
-    removed = 0
-    for f in directory.glob("*.db"):
-        with contextlib.suppress(FileNotFoundError):
-            f.unlink()
-            removed += 1
-    return removed
-
-
 def ort_threads_per_worker(cpus: int | None, workers: int) -> int:
     """onnxruntime intra-op threads per worker so that workers together use the cores once."""
     return max(1, (cpus or 1) // max(1, workers))
@@ -102,10 +88,6 @@ def serve(settings: Settings, host: str, port: int, workers: int, log_level: str
         threads = ort_threads_per_worker(os.cpu_count(), workers)
         os.environ["RANKER_ORT_INTRA_OP_THREADS"] = str(threads)
         settings = settings.model_copy(update={"ort_intra_op_threads": threads})
-    if workers > 1 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        multiproc = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-        if multiproc:
-            clean_multiproc_dir(multiproc)  # files of dead pids would be summed forever
     app: Any
     if workers > 1:
         app = APP_FACTORY

@@ -13,7 +13,8 @@ import pytest
 import redis
 
 from service.featurestore.embedded import RedisServer
-from service.guards.wiring import clean_multiproc_dir, ort_threads_per_worker
+from service.guards.wiring import ort_threads_per_worker
+from service.multiproc import clean_multiproc_dir
 from tests.reliability.conftest import rank_body, service_env
 from tests.reliability.procs import ServerProcess, children_of, free_port, post_json, run_load
 from tests.reliability.test_overload_redis import pause_redis
@@ -110,6 +111,23 @@ async def test_two_workers_metrics_are_summed_and_dir_is_cleaned(
         assert len(pids) >= 2 and pids <= live, (pids, live)
         runs.append(pids)
     assert not runs[0] & runs[1], f"files of the previous run survived a restart: {runs}"
+
+
+async def test_one_worker_with_a_multiproc_dir_still_exports_histograms(
+    model_repo: Path, live_redis: RedisServer, tmp_path: Path
+) -> None:
+    # regression: the directory used to be emptied after service.metrics had created its files,
+    # so a single in-process worker wrote into deleted files and /metrics lost its histograms
+    prom = tmp_path / "prom"
+    env = service_env(model_repo, live_redis.url)
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(prom)
+    n = 10
+    with ServerProcess(env, cli=True, workers=1) as server:
+        res = await run_load(server.url, close_after, total=n, concurrency=2, duration_s=30)
+        text = httpx.get(server.url + "/metrics", timeout=5).text
+    assert res.by_status == {200: n}, res.summary()
+    assert metric_value(text, "ranker_candidates_per_request_count", "") == n, text[:2000]
+    assert metric_value(text, "ranker_requests_total", 'route="/rank",status="200"') == n
 
 
 def test_multiproc_dir_cleanup_and_thread_split(tmp_path: Path) -> None:
