@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 import redis
 
 from service.featurestore.embedded import RedisServer
+from tests.tiny import MODEL_NAME
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +39,23 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.tiny import export_tiny_model
 
     return export_tiny_model(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def pristine_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """mmoe/1 and mmoe/2: two real tiny MMoEs (same schema, different weights); never modified."""
+    from tests.tiny import export_tiny_model
+
+    repo = tmp_path_factory.mktemp("pristine_models")
+    export_tiny_model(repo, name=MODEL_NAME, seed=0)
+    export_tiny_model(repo, name=MODEL_NAME, seed=1)
+    return repo
+
+
+@pytest.fixture
+def model_repo(pristine_models: Path, tmp_path: Path) -> Path:
+    """A private repository holding only version 1 (tests add more with `install_version`)."""
+    repo = tmp_path / "models"
+    (repo / MODEL_NAME).mkdir(parents=True)
+    shutil.copytree(pristine_models / MODEL_NAME / "1", repo / MODEL_NAME / "1")
+    return repo

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,7 @@ from ranker.schema import (
 )
 
 TASKS = ["click", "like", "share"]
+MODEL_NAME = "mmoe"
 
 
 def tiny_schema(n_users: int = 50, n_items: int = 200) -> FeatureSchema:
@@ -85,3 +89,31 @@ def export_tiny_model(repo: Path, name: str = "ranker", seed: int = 0, **config:
         **config,  # type: ignore[arg-type]
     )
     return export_model(MultiTaskModel(cfg), schema, repo, name, golden_inputs(schema))
+
+
+def flip_byte(path: Path, offset: int | None = None) -> None:
+    """Corrupt a file in place by inverting one byte (in the middle unless told)."""
+    data = bytearray(path.read_bytes())
+    i = len(data) // 2 if offset is None else offset
+    data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def install_version(pristine: Path, repo: Path, version: int, source: int = 2,
+                    corrupt: str | None = None) -> Path:
+    """Copy pristine version `source` into `repo` as `version`, atomically (aside, then rename).
+
+    corrupt="byte" flips one byte of model.onnx; corrupt="schema" widens an input in the manifest.
+    """
+    tmp = repo / MODEL_NAME / f".incoming-{version}"
+    shutil.copytree(pristine / MODEL_NAME / str(source), tmp)
+    manifest = json.loads((tmp / "manifest.json").read_text())
+    manifest["version"] = version
+    if corrupt == "schema":
+        manifest["inputs"][1]["shape"] = [manifest["inputs"][1]["shape"][0], 5]
+    (tmp / "manifest.json").write_text(json.dumps(manifest))
+    if corrupt == "byte":
+        flip_byte(tmp / "model.onnx")
+    dst = repo / MODEL_NAME / str(version)
+    os.rename(tmp, dst)
+    return dst

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,8 @@ import redis
 
 from service.featurestore.embedded import RedisServer
 from tests.reliability.oracle import Oracle
+from tests.tiny import MODEL_NAME
 
-MODEL_NAME = "mmoe"
 HERE = Path(__file__).parent
 
 
@@ -29,48 +28,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords and HERE in Path(str(item.fspath)).parents:
             item.add_marker(skip)
-
-
-@pytest.fixture(scope="session")
-def pristine_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """mmoe/1 and mmoe/2: two real tiny MMoEs (same schema, different weights)."""
-    from tests.tiny import export_tiny_model
-
-    repo = tmp_path_factory.mktemp("rel_pristine")
-    export_tiny_model(repo, name=MODEL_NAME, seed=0)
-    export_tiny_model(repo, name=MODEL_NAME, seed=1)
-    return repo
-
-
-@pytest.fixture
-def model_repo(pristine_models: Path, tmp_path: Path) -> Path:
-    """A private repository holding only version 1."""
-    repo = tmp_path / "models"
-    (repo / MODEL_NAME).mkdir(parents=True)
-    shutil.copytree(pristine_models / MODEL_NAME / "1", repo / MODEL_NAME / "1")
-    return repo
-
-
-def install_version(pristine: Path, repo: Path, version: int, source: int = 2,
-                    corrupt: str | None = None) -> Path:
-    """Copy a pristine version in as `version`, atomically (copy aside, then one rename).
-
-    corrupt="byte" flips one byte of model.onnx; corrupt="schema" widens an input in the manifest.
-    """
-    tmp = repo / MODEL_NAME / f".incoming-{version}"
-    shutil.copytree(pristine / MODEL_NAME / str(source), tmp)
-    manifest = json.loads((tmp / "manifest.json").read_text())
-    manifest["version"] = version
-    if corrupt == "schema":
-        manifest["inputs"][1]["shape"] = [manifest["inputs"][1]["shape"][0], 5]
-    (tmp / "manifest.json").write_text(json.dumps(manifest))
-    if corrupt == "byte":
-        data = bytearray((tmp / "model.onnx").read_bytes())
-        data[len(data) // 2] ^= 0xFF
-        (tmp / "model.onnx").write_bytes(bytes(data))
-    dst = repo / MODEL_NAME / str(version)
-    os.rename(tmp, dst)
-    return dst
 
 
 @pytest.fixture(scope="session")

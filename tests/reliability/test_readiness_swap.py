@@ -10,9 +10,10 @@ from typing import Any
 import httpx
 
 from service.featurestore.embedded import RedisServer
-from tests.reliability.conftest import install_version, rank_body, service_env
+from tests.reliability.conftest import rank_body, service_env
 from tests.reliability.oracle import Oracle
 from tests.reliability.procs import LoadResult, ServerProcess, post_json, run_load
+from tests.tiny import install_version
 
 
 def metric_value(text: str, name: str, labels: str = "") -> float:

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from tests.service.conftest import add_version, flip_byte
 from tests.service.helpers import metric, running_app, settings_for
+from tests.tiny import flip_byte, install_version
 
 pytestmark = pytest.mark.asyncio
 
@@ -20,14 +20,14 @@ def info(version: int) -> float:
     return metric("ranker_model_info", {"name": "mmoe", "version": str(version)})
 
 
-async def test_admin_reload_swaps_and_refuses_bad_versions(model_repo, pristine_repo, redis_url):
+async def test_admin_reload_swaps_and_refuses_bad_versions(model_repo, pristine_models, redis_url):
     async with running_app(settings_for(model_repo, redis_url)) as client:
         assert (await client.get("/model")).json()["version"] == 1
         assert info(1) == 1
         r = await client.post("/admin/reload")
         assert r.status_code == 200 and r.json()["result"] == "unchanged"
 
-        add_version(pristine_repo, model_repo, 2)
+        install_version(pristine_models, model_repo, 2)
         success = metric("ranker_model_reloads_total", {"result": "success"})
         r = await client.post("/admin/reload")
         assert r.status_code == 200 and r.json()["result"] == "success", r.text
@@ -36,7 +36,7 @@ async def test_admin_reload_swaps_and_refuses_bad_versions(model_repo, pristine_
         assert info(2) == 1 and info(1) == 0
         assert metric("ranker_model_reloads_total", {"result": "success"}) == success + 1
 
-        bad = add_version(pristine_repo, model_repo, 3, source=1)
+        bad = install_version(pristine_models, model_repo, 3, source=1)
         flip_byte(bad / "model.onnx")
         failure = metric("ranker_model_reloads_total", {"result": "failure"})
         r = await client.post("/admin/reload")
@@ -47,7 +47,7 @@ async def test_admin_reload_swaps_and_refuses_bad_versions(model_repo, pristine_
         assert r.status_code == 200 and r.json()["model"]["version"] == 2
         assert (await client.get("/readyz")).status_code == 200
 
-        wrong = add_version(pristine_repo, model_repo, 4, source=1)
+        wrong = install_version(pristine_models, model_repo, 4, source=1)
         manifest = json.loads((wrong / "manifest.json").read_text())
         manifest["features"]["groups"][0]["dense"][0]["mean"] = 9.0  # schema no longer matches
         (wrong / "manifest.json").write_text(json.dumps(manifest))
@@ -71,7 +71,7 @@ async def test_admin_key_required_when_configured(model_repo, redis_url):
         assert r.status_code == 200
 
 
-async def test_watcher_swaps_while_requests_keep_succeeding(model_repo, pristine_repo, redis_url):
+async def test_watcher_swaps_while_requests_keep_succeeding(model_repo, pristine_models, redis_url):
     settings = settings_for(model_repo, redis_url, model_watch_interval_s=0.1)
     async with running_app(settings) as client:
         versions: list[int] = []
@@ -87,7 +87,7 @@ async def test_watcher_swaps_while_requests_keep_succeeding(model_repo, pristine
         stop = asyncio.Event()
         tasks = [asyncio.create_task(traffic(stop)) for _ in range(3)]
         await asyncio.sleep(0.2)
-        add_version(pristine_repo, model_repo, 2)
+        install_version(pristine_models, model_repo, 2)
         end = time.monotonic() + 10
         while (await client.get("/model")).json()["version"] != 2:
             assert time.monotonic() < end, "watcher did not pick up version 2"
@@ -99,7 +99,7 @@ async def test_watcher_swaps_while_requests_keep_succeeding(model_repo, pristine
         assert versions[0] == 1 and versions[-1] == 2 and set(versions) == {1, 2}
 
         # a corrupt newer version is refused once and not retried on every poll
-        bad = add_version(pristine_repo, model_repo, 3, source=1)
+        bad = install_version(pristine_models, model_repo, 3, source=1)
         flip_byte(bad / "model.onnx")
         failure = metric("ranker_model_reloads_total", {"result": "failure"})
         end = time.monotonic() + 5

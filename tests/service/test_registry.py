@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from service.registry import LoadedModel, ModelRegistry, NoModelError, load_version
-from tests.service.conftest import MODEL_NAME, add_version, flip_byte
+from tests.tiny import MODEL_NAME, flip_byte, install_version
 
 FAST = (1, 10)
 
@@ -24,8 +24,8 @@ def registry(repo: Path, **kw) -> ModelRegistry:
     return ModelRegistry(repo, MODEL_NAME, warmup_sizes=FAST, **kw)
 
 
-def test_loads_newest_and_runs_a_broadcast_batch(model_repo, pristine_repo):
-    add_version(pristine_repo, model_repo, 2)
+def test_loads_newest_and_runs_a_broadcast_batch(model_repo, pristine_models):
+    install_version(pristine_models, model_repo, 2)
     reg = registry(model_repo)
     res = reg.reload()
     assert res.result == "success" and res.version == 2
@@ -45,12 +45,12 @@ def test_empty_repo_raises(tmp_path):
         registry(tmp_path).reload()
 
 
-def test_swap_keeps_old_object_intact(model_repo, pristine_repo):
+def test_swap_keeps_old_object_intact(model_repo, pristine_models):
     swaps = []
     reg = registry(model_repo, on_swap=lambda old, new: swaps.append((old, new)))
     reg.reload()
     held = cur(reg)  # a request in flight holds this
-    add_version(pristine_repo, model_repo, 2)
+    install_version(pristine_models, model_repo, 2)
     assert reg.reload().result == "success"
     assert reg.current is not held and cur(reg).version == 2
     assert held.version == 1
@@ -61,11 +61,11 @@ def test_swap_keeps_old_object_intact(model_repo, pristine_repo):
     assert not np.allclose(held.run(x)[0], cur(reg).run(x)[0])
 
 
-def test_corrupt_file_refused_old_keeps_serving(model_repo, pristine_repo):
+def test_corrupt_file_refused_old_keeps_serving(model_repo, pristine_models):
     failures = []
     reg = registry(model_repo, on_failure=lambda v, why: failures.append((v, why)))
     reg.reload()
-    bad = add_version(pristine_repo, model_repo, 2)
+    bad = install_version(pristine_models, model_repo, 2)
     flip_byte(bad / "model.onnx")
     res = reg.reload()
     assert res.result == "failure" and "sha256" in res.detail
@@ -80,10 +80,10 @@ def test_corrupt_file_refused_old_keeps_serving(model_repo, pristine_repo):
     assert cur(reg).version == 2 and reg.failed_versions == {}
 
 
-def test_schema_mismatch_refused(model_repo, pristine_repo):
+def test_schema_mismatch_refused(model_repo, pristine_models):
     reg = registry(model_repo)
     reg.reload()
-    bad = add_version(pristine_repo, model_repo, 2)
+    bad = install_version(pristine_models, model_repo, 2)
     manifest = json.loads((bad / "manifest.json").read_text())
     manifest["inputs"][1]["shape"] = ["user_batch", 5]  # user_dense width 1 -> 5
     (bad / "manifest.json").write_text(json.dumps(manifest))
@@ -92,8 +92,8 @@ def test_schema_mismatch_refused(model_repo, pristine_repo):
     assert cur(reg).version == 1
 
 
-def test_golden_mismatch_refused(model_repo, pristine_repo):
-    bad = add_version(pristine_repo, model_repo, 2)
+def test_golden_mismatch_refused(model_repo, pristine_models):
+    bad = install_version(pristine_models, model_repo, 2)
     manifest = json.loads((bad / "manifest.json").read_text())
     manifest["golden"]["outputs"]["click"][0] += 0.01
     (bad / "manifest.json").write_text(json.dumps(manifest))
@@ -101,11 +101,11 @@ def test_golden_mismatch_refused(model_repo, pristine_repo):
         load_version(bad, warmup_sizes=FAST)
 
 
-def test_graph_from_another_version_refused(model_repo, pristine_repo):
+def test_graph_from_another_version_refused(model_repo, pristine_models):
     """A model.onnx whose manifest hashes were rewritten to match still fails the golden check."""
     from ranker.manifest import file_entry
 
-    bad = add_version(pristine_repo, model_repo, 2)
+    bad = install_version(pristine_models, model_repo, 2)
     (bad / "model.onnx").write_bytes((model_repo / MODEL_NAME / "1" / "model.onnx").read_bytes())
     manifest = json.loads((bad / "manifest.json").read_text())
     manifest["files"]["model.onnx"] = file_entry(bad / "model.onnx").model_dump()
