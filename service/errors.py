@@ -60,11 +60,6 @@ class ModelUnavailable(ServiceError):
     code = "model_unavailable"
 
 
-class Overloaded(ServiceError):
-    status = 503
-    code = "overloaded"
-
-
 class Unauthorized(ServiceError):
     status = 401
     code = "unauthorized"

@@ -14,6 +14,7 @@ from starlette.responses import Response
 
 from service import metrics
 from service.errors import DeadlineExceeded, FeatureStoreDown, ModelUnavailable
+from service.featurestore.reader import FeatureStoreUnavailable
 from service.ranking import combine, rank_order, sample_positions
 from service.registry import LoadedModel
 from service.schemas import ErrorResponse, RankRequest, RankResponse
@@ -46,8 +47,6 @@ async def fetch_features(state: AppState, serving: Serving, req: RankRequest,
     n = len(req.candidates)
     if store is None:
         return default_features(model, n, "no_feature_store")
-    from service.featurestore.reader import FeatureStoreUnavailable
-
     remaining = deadline - time.perf_counter()
     reason = "redis_timeout"
     if remaining > 0:
