@@ -20,17 +20,22 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
 
 
-@pytest.fixture
-def redis_url(redis_server: RedisServer) -> str:
-    """The session server's URL, emptied (FLUSHALL) so each test starts from nothing."""
-    if not redis_server.running:  # a previous test stopped it and failed before restarting
-        redis_server.start()
-    client = redis.Redis.from_url(redis_server.url, socket_timeout=2.0)
+def emptied_url(server: RedisServer) -> str:
+    """The server's URL, running (restarted if a test stopped it) and emptied with FLUSHALL."""
+    if not server.running:  # a previous test stopped it and failed before restarting
+        server.start()
+    client = redis.Redis.from_url(server.url, socket_timeout=2.0)
     try:
         client.flushall()
     finally:
         client.close()
-    return redis_server.url
+    return server.url
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The session server's URL, emptied so each test starts from nothing."""
+    return emptied_url(redis_server)
 
 
 @pytest.fixture(scope="session")

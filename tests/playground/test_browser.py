@@ -15,11 +15,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-import redis
 
 from ranker.manifest import load_manifest, load_schema
 from service.featurestore.embedded import RedisServer, free_port
 from service.settings import Settings
+from tests.conftest import emptied_url
 from tests.playground.live import CHROMIUM, CHROMIUM_ARGS, load_features, run_service
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
@@ -42,13 +42,7 @@ def service(tiny_model_dir: Path, redis_server: RedisServer) -> Iterator[str]:
     Module-scoped (one uvicorn start for the module), so it empties the session's Redis itself
     as the function-scoped `redis_url` fixture would.
     """
-    if not redis_server.running:
-        redis_server.start()
-    client = redis.Redis.from_url(redis_server.url, socket_timeout=2.0)
-    try:
-        client.flushall()
-    finally:
-        client.close()
+    emptied_url(redis_server)
     load_features(redis_server.url, load_schema(tiny_model_dir, load_manifest(tiny_model_dir)))
     with run_service(tiny_model_dir, redis_server.url) as base:
         yield base
