@@ -54,6 +54,8 @@ class LoadedModel:
     path: Path
     load_seconds: float = 0.0
     loaded_at: float = field(default_factory=time.time)
+    # (batch size, best seconds of one run) at the largest warm-up size; None without warm-up
+    timing: tuple[int, float] | None = None
 
     @property
     def name(self) -> str:
@@ -81,6 +83,14 @@ class LoadedModel:
         scores = np.stack(outs[: len(self.tasks)], axis=1)
         gates = outs[len(self.tasks)] if self.has_gates else None
         return scores, gates
+
+    def estimated_run_s(self, n: int) -> float:
+        """Seconds one run of n candidates should take, scaled from the warm-up timing (inf if
+        the model was not timed): decides whether a request can run inference inline."""
+        if self.timing is None:
+            return float("inf")
+        size, seconds = self.timing
+        return seconds * max(n, 1) / size
 
     def context_inputs(self, context: dict[str, Any] | None) -> dict[str, np.ndarray]:
         """The request's context features encoded as batch-1 inputs (the graph broadcasts them)."""
@@ -175,8 +185,21 @@ def load_version(
     model = LoadedModel(manifest, schema, session, Path(path))
     for n in warmup_sizes:  # first runs allocate arenas and pick kernels: keep that off requests
         model.run(model.synthetic_inputs(n))
+    if warmup_sizes:
+        model.timing = time_runs(model, max(warmup_sizes))
     model.load_seconds = time.perf_counter() - t0
     return model
+
+
+def time_runs(model: LoadedModel, n: int, repeats: int = 5) -> tuple[int, float]:
+    """(n, best seconds of `repeats` runs of a warmed n-candidate batch)."""
+    inputs = model.synthetic_inputs(n)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model.run(inputs)
+        best = min(best, time.perf_counter() - t0)
+    return n, best
 
 
 def dir_state(path: Path) -> tuple:

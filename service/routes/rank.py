@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from service import metrics
+from service.encode import ranked_items_json
 from service.errors import DeadlineExceeded, FeatureStoreDown, ModelUnavailable
 from service.featurestore.reader import FeatureStoreUnavailable
 from service.ranking import combine, rank_order, sample_positions
@@ -51,13 +52,10 @@ async def fetch_features(state: AppState, serving: Serving, req: RankRequest,
     reason = "redis_timeout"
     if remaining > 0:
         try:
-            res = await asyncio.wait_for(
-                store.fetch(req.user_id, req.candidates, timeout_s=remaining), remaining
-            )
+            # the reader enforces `timeout_s` on its Redis calls (no extra task per request)
+            res = await store.fetch(req.user_id, req.candidates, timeout_s=remaining)
             return Features(dict(res.inputs), int(res.user_defaulted), int(res.items_defaulted),
                             int(res.stale), None)
-        except TimeoutError:
-            reason = "redis_timeout"
         except FeatureStoreUnavailable as e:
             reason = "redis_timeout" if e.timed_out else "redis_unavailable"
         except (ConnectionError, OSError):
@@ -72,26 +70,41 @@ async def fetch_features(state: AppState, serving: Serving, req: RankRequest,
     )
 
 
+async def infer(state: AppState, model: LoadedModel, inputs: dict[str, np.ndarray],
+                remaining_s: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """One batched run: inline if the model's warm-up timing says it is short, else on the
+    inference executor within the remaining deadline.
+
+    Inline saves the thread hop (about 0.1 ms, as much as a 500-candidate run of the default
+    model); it blocks the event loop for at most `inline_inference_max_ms` and cannot be cut off
+    by the deadline, which is why longer runs go to the executor.
+    """
+    n = max((len(v) for v in inputs.values()), default=0)
+    if model.estimated_run_s(n) * 1e3 <= state.settings.inline_inference_max_ms:
+        metrics.INFERENCE_RUNS_INLINE.inc()
+        return model.run(inputs)
+    metrics.INFERENCE_RUNS_EXECUTOR.inc()
+    future = asyncio.get_running_loop().run_in_executor(state.executor, model.run, inputs)
+    try:
+        return await asyncio.wait_for(future, remaining_s)
+    except TimeoutError as e:
+        metrics.REJECTED.labels("deadline").inc()
+        raise DeadlineExceeded(
+            f"inference did not finish within {state.settings.request_timeout_s}s",
+            headers={"Retry-After": str(state.settings.retry_after_s)}) from e
+
+
 def build_body(req: RankRequest, serving: Serving, rid: str, weights: dict[str, float],
                formula: str, scores: np.ndarray, final: np.ndarray, order: np.ndarray,
                gates: np.ndarray | None, feats: Features) -> dict[str, Any]:
-    """The response body as plain Python values (orjson serialises it)."""
+    """The response body for orjson; the items are pre-encoded JSON unless gates are asked for."""
     model = serving.model
     tasks = model.tasks
-    ids = req.candidates
-    sel_scores = scores[order].tolist()
-    sel_final = final[order].tolist()
-    sel_gates = gates[order].tolist() if (req.explain and gates is not None) else None
-    items = []
-    for r, pos in enumerate(order.tolist()):
-        item: dict[str, Any] = {
-            "id": ids[pos],
-            "score": sel_final[r],
-            "scores": dict(zip(tasks, sel_scores[r], strict=True)),
-        }
-        if sel_gates is not None:
-            item["gates"] = sel_gates[r]
-        items.append(item)
+    items: Any
+    if req.explain and gates is not None:
+        items = explained_items(req.candidates, tasks, scores, final, order, gates)
+    else:
+        items = orjson.Fragment(ranked_items_json(req.candidates, order, final, scores, tasks))
     return {
         "request_id": rid,
         "model": {"name": model.name, "version": model.version},
@@ -104,6 +117,17 @@ def build_body(req: RankRequest, serving: Serving, rid: str, weights: dict[str, 
         "degraded": feats.degraded_reason is not None,
         "degraded_reason": feats.degraded_reason,
     }
+
+
+def explained_items(ids: list[str], tasks: list[str], scores: np.ndarray, final: np.ndarray,
+                    order: np.ndarray, gates: np.ndarray) -> list[dict[str, Any]]:
+    """Ranked items as dicts with their gate weights (the `explain` debugging path)."""
+    sel_scores = scores[order].tolist()
+    sel_final = final[order].tolist()
+    sel_gates = gates[order].tolist()
+    return [{"id": ids[pos], "score": sel_final[r],
+             "scores": dict(zip(tasks, sel_scores[r], strict=True)), "gates": sel_gates[r]}
+            for r, pos in enumerate(order.tolist())]
 
 
 def record_metrics(model: LoadedModel, scores: np.ndarray, gates: np.ndarray | None,
@@ -143,39 +167,33 @@ async def rank(req: RankRequest, state: StateDep, request: Request) -> Response:
     model = serving.model
     weights = check_rank_request(req, settings, model.tasks)
     formula = req.scoring or settings.scoring
-    stage = metrics.STAGE_DURATION
+    stage = metrics.STAGE
     t1 = time.perf_counter()
-    stage.labels("validate").observe(t1 - t0)
+    stage["validate"].observe(t1 - t0)
 
     feats = await fetch_features(state, serving, req, fetch_deadline)
     t2 = time.perf_counter()
-    stage.labels("fetch").observe(t2 - t1)
+    stage["fetch"].observe(t2 - t1)
 
     inputs = feats.inputs
     inputs.update(model.context_inputs(req.context))
     t3 = time.perf_counter()
-    stage.labels("decode").observe(t3 - t2)
+    stage["decode"].observe(t3 - t2)
 
     remaining = max(deadline - t3, settings.inference_budget_s)
-    future = asyncio.get_running_loop().run_in_executor(state.executor, model.run, inputs)
-    try:
-        scores, gates = await asyncio.wait_for(future, remaining)
-    except TimeoutError as e:
-        metrics.REJECTED.labels("deadline").inc()
-        raise DeadlineExceeded(f"inference did not finish within {settings.request_timeout_s}s",
-                               headers={"Retry-After": str(settings.retry_after_s)}) from e
+    scores, gates = await infer(state, model, inputs, remaining)
     t4 = time.perf_counter()
-    stage.labels("inference").observe(t4 - t3)
+    stage["inference"].observe(t4 - t3)
 
     w = np.array([weights[t] for t in model.tasks], dtype=np.float64)
     final = combine(scores, w, formula)
     order = rank_order(final, req.top_k)
     t5 = time.perf_counter()
-    stage.labels("combine").observe(t5 - t4)
+    stage["combine"].observe(t5 - t4)
 
     rid = request.state.request_id
     body = orjson.dumps(build_body(req, serving, rid, weights, formula, scores, final, order,
                                    gates, feats))
-    stage.labels("serialize").observe(time.perf_counter() - t5)
+    stage["serialize"].observe(time.perf_counter() - t5)
     record_metrics(model, scores, gates, feats, settings.score_sample_size)
     return Response(body, media_type="application/json")

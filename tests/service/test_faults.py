@@ -133,7 +133,9 @@ async def test_inference_past_the_deadline_is_a_503(model_repo, redis_url, monke
     from service.registry import LoadedModel
 
     load_features(redis_url, model_repo / "mmoe" / "1")
-    settings = settings_for(model_repo, redis_url, request_timeout_s=0.3, inference_budget_s=0.1)
+    # inline_inference_max_ms=0: every run on the executor, where the deadline applies
+    settings = settings_for(model_repo, redis_url, request_timeout_s=0.3, inference_budget_s=0.1,
+                            inline_inference_max_ms=0)
     async with running_app(settings) as client:
         await wait_until_ok(client)
         real_run = LoadedModel.run
@@ -154,3 +156,23 @@ async def test_inference_past_the_deadline_is_a_503(model_repo, redis_url, monke
         monkeypatch.setattr(LoadedModel, "run", real_run)
         await asyncio.sleep(0.7)
         await wait_until_ok(client)
+
+
+@pytest.mark.parametrize(("inline_max_ms", "path"), [(1000.0, "inline"), (0.0, "executor")])
+async def test_inference_runs_inline_only_when_the_model_is_timed_fast_enough(
+        model_repo, redis_url, inline_max_ms, path):
+    """The warm-up timing decides: a run estimated within inline_inference_max_ms skips the
+    executor's thread hop; with 0 every run goes to the executor. Same scores either way."""
+    load_features(redis_url, model_repo / "mmoe" / "1")
+    settings = settings_for(model_repo, redis_url, inline_inference_max_ms=inline_max_ms)
+    async with running_app(settings) as client:
+        await wait_until_ok(client)
+        before = {p: metric("ranker_inference_runs_total", {"path": p})
+                  for p in ("inline", "executor")}
+        r = await client.post("/rank", json=BODY)
+        assert r.status_code == 200
+        after = {p: metric("ranker_inference_runs_total", {"path": p})
+                 for p in ("inline", "executor")}
+        other = "executor" if path == "inline" else "inline"
+        assert after[path] == before[path] + 1 and after[other] == before[other]
+

@@ -133,3 +133,12 @@ def test_model_without_gates_loads_and_runs(tmp_path):
     assert not model.has_gates and model.output_names == ["click", "like", "share"]
     scores, gates = model.run(model.synthetic_inputs(5))
     assert scores.shape == (5, 3) and gates is None
+
+
+def test_unwarmed_model_is_never_estimated_fast(model_repo):
+    """Without warm-up there is no timing, so no request may be run inline."""
+    cold = load_version(model_repo / "mmoe" / "1", warmup_sizes=())
+    assert cold.timing is None and cold.estimated_run_s(1) == float("inf")
+    warm = load_version(model_repo / "mmoe" / "1", warmup_sizes=(1, 8))
+    assert warm.timing is not None and warm.timing[0] == 8
+    assert 0 < warm.estimated_run_s(4) < warm.estimated_run_s(16) < 1.0
