@@ -24,6 +24,7 @@ COUNTERS = {
     "ranker_degraded_responses_total",
     "ranker_model_reloads_total",
     "ranker_rejected_requests_total",
+    "ranker_inference_runs_total",
 }
 HISTOGRAMS = {
     "ranker_request_duration_seconds",
