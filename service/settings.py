@@ -63,8 +63,8 @@ class Settings(BaseSettings):
     weight_max: float = 100.0
     presets: dict[str, dict[str, float]] = Field(default_factory=lambda: dict(DEFAULT_PRESETS))
     scoring: Literal["weighted_sum", "weighted_product"] = "weighted_sum"
-    # candidates per request observed in ranker_task_score (bounded: it is on the hot path, about
-    # 1 µs per task per candidate; 8 per request still gives thousands of samples a second)
+    # candidates per request observed in ranker_task_score (bounded: one histogram observation per
+    # task per candidate on the hot path; 8 per request still gives thousands of samples a second)
     score_sample_size: int = Field(default=8, ge=0)
 
     # admin and server
