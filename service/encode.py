@@ -4,8 +4,8 @@ Each ranked item is `{"id":"<id>","score":<f>,"scores":{"<task1>":<f>,...}}`: co
 separators interleaved with the id text and 1 + T float texts. The floats are formatted by
 orjson one numpy column at a time (as float64: the same shortest round-trip text orjson gives a
 Python float), the ids are escaped in one `orjson.dumps` call, and the pieces are interleaved
-with list slice assignments and joined once. Building 500 dicts and serialising them costs about
-2.5x as much.
+with list slice assignments and joined once. Against building 500 dicts for orjson, the
+serialise stage at N=500 went from 0.83 to 0.22 ms (docs/benchmarks.md).
 
 The output is byte-identical to `orjson.dumps` of the per-item dicts; tests/service/
 test_encode.py checks that on random scores and on ids that need escaping.
