@@ -1,0 +1,240 @@
+"""The served log and the feedback events: one format for the service that writes them, the
+exporter that drains them to Parquet and the trainer that learns from them.
+
+What was served is written down with **the model inputs exactly as the model saw them** (the
+encoded arrays after feature fetch, defaults and context encoding), so a model trained from the
+log sees what the serving model saw: no training/serving skew, and no feature value written after
+the response can leak into training.
+
+Transport: two Redis streams per feature-store prefix (capped by the writer)::
+
+    {prefix}:log:served     one entry per logged /rank response      (encode_served)
+    {prefix}:log:feedback   one entry per feedback event              (encode_feedback)
+
+Exported Parquet (the exporter writes one file per stream batch and hour):
+
+- impressions: one row per served item: `IMPRESSION_COLUMNS`, then `score_<task>` per task,
+  then `in_<input name>` per model input, a fixed-size list of the input's row for that item
+  (user and context inputs are served once per request and repeated on each of its rows);
+- feedback: one row per event: `FEEDBACK_COLUMNS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+import pyarrow as pa
+
+FORMAT = 1
+STREAM_ID = "stream_id"
+IMPRESSION_COLUMNS = (
+    STREAM_ID, "ts", "request_id", "user_id", "item_id", "position", "model_name",
+    "model_version", "scoring", "weights", "context", "score", "experiment", "arm",
+)
+FEEDBACK_COLUMNS = (STREAM_ID, "ts", "request_id", "item_id", "event")
+INPUT_PREFIX = "in_"
+SCORE_PREFIX = "score_"
+
+
+class LogFormatError(ValueError):
+    """A stream entry that is not a record of this format; the message says what is wrong."""
+
+
+def served_stream(prefix: str) -> str:
+    """The stream of served responses under a feature-store key prefix."""
+    return f"{prefix}:log:served"
+
+
+def feedback_stream(prefix: str) -> str:
+    """The stream of feedback events under a feature-store key prefix."""
+    return f"{prefix}:log:feedback"
+
+
+@dataclass(frozen=True)
+class ServedRecord:
+    """One logged /rank response: who, which model, how it combined, what it returned."""
+
+    ts: float  # unix seconds when the response was built
+    request_id: str
+    user_id: str
+    model_name: str
+    model_version: int
+    scoring: str
+    weights: Mapping[str, float]
+    context: Mapping[str, Any]
+    tasks: tuple[str, ...]
+    item_ids: Sequence[str]  # returned items, served order: position p is item_ids[p]
+    scores: np.ndarray  # (K, T) per-task scores of the returned items, in served order
+    final: np.ndarray  # (K,) final scores
+    # model inputs as served: per-item inputs (K, width) in served order; user/context (1, width)
+    inputs: Mapping[str, np.ndarray] = field(default_factory=dict)
+    experiment: str | None = None
+    arm: str | None = None
+
+
+@dataclass(frozen=True)
+class FeedbackEvent:
+    """What a user did with a served item: one of the serving model's tasks."""
+
+    request_id: str
+    item_id: str
+    event: str
+    ts: float
+
+
+def encode_served(rec: ServedRecord) -> dict[bytes, bytes]:
+    """Stream fields of a served record: the metadata as JSON, each input's raw bytes apart."""
+    specs = {}
+    fields: dict[bytes, bytes] = {}
+    for name, arr in rec.inputs.items():
+        a = np.ascontiguousarray(arr)
+        specs[name] = [a.dtype.str, list(a.shape)]
+        fields[f"{INPUT_PREFIX}{name}".encode()] = a.tobytes()
+    meta = {
+        "v": FORMAT, "ts": rec.ts, "request_id": rec.request_id, "user_id": rec.user_id,
+        "model": [rec.model_name, rec.model_version], "scoring": rec.scoring,
+        "weights": dict(rec.weights), "context": dict(rec.context), "tasks": list(rec.tasks),
+        "items": list(rec.item_ids), "experiment": rec.experiment, "arm": rec.arm,
+        "inputs": specs,
+    }
+    fields[b"meta"] = orjson.dumps(meta)
+    fields[b"scores"] = np.ascontiguousarray(rec.scores, dtype="<f4").tobytes()
+    fields[b"final"] = np.ascontiguousarray(rec.final, dtype="<f8").tobytes()
+    return fields
+
+
+def _field(fields: Mapping[bytes, bytes], name: bytes) -> bytes:
+    try:
+        return fields[name]
+    except KeyError:
+        raise LogFormatError(f"served record has no field {name.decode()!r}") from None
+
+
+def decode_served(fields: Mapping[bytes, bytes]) -> ServedRecord:
+    """The record `encode_served` wrote; LogFormatError for anything else."""
+    try:
+        meta = orjson.loads(_field(fields, b"meta"))
+    except orjson.JSONDecodeError as e:
+        raise LogFormatError(f"served record meta is not JSON: {e}") from None
+    if meta.get("v") != FORMAT:
+        raise LogFormatError(f"served record format {meta.get('v')!r}, expected {FORMAT}")
+    items = list(meta["items"])
+    tasks = tuple(meta["tasks"])
+    k, t = len(items), len(tasks)
+    scores = np.frombuffer(_field(fields, b"scores"), dtype="<f4")
+    final = np.frombuffer(_field(fields, b"final"), dtype="<f8")
+    if scores.size != k * t or final.size != k:
+        raise LogFormatError(f"served record of {k} items has {scores.size} scores, "
+                             f"{final.size} final scores")
+    inputs = {}
+    for name, (dtype, shape) in meta["inputs"].items():
+        arr = np.frombuffer(_field(fields, f"{INPUT_PREFIX}{name}".encode()), dtype=dtype)
+        if arr.size != int(np.prod(shape)):
+            raise LogFormatError(f"input {name}: {arr.size} values for shape {shape}")
+        inputs[name] = arr.reshape(shape)
+    name, version = meta["model"]
+    return ServedRecord(
+        ts=float(meta["ts"]), request_id=meta["request_id"], user_id=meta["user_id"],
+        model_name=name, model_version=int(version), scoring=meta["scoring"],
+        weights=meta["weights"], context=meta["context"], tasks=tasks, item_ids=items,
+        scores=scores.reshape(k, t), final=final, inputs=inputs,
+        experiment=meta.get("experiment"), arm=meta.get("arm"),
+    )
+
+
+def encode_feedback(ev: FeedbackEvent) -> dict[bytes, bytes]:
+    """Stream fields of one feedback event."""
+    return {b"meta": orjson.dumps({"v": FORMAT, "request_id": ev.request_id,
+                                    "item_id": ev.item_id, "event": ev.event, "ts": ev.ts})}
+
+
+def decode_feedback(fields: Mapping[bytes, bytes]) -> FeedbackEvent:
+    """The event `encode_feedback` wrote; LogFormatError for anything else."""
+    try:
+        meta = orjson.loads(_field(fields, b"meta"))
+    except orjson.JSONDecodeError as e:
+        raise LogFormatError(f"feedback meta is not JSON: {e}") from None
+    if meta.get("v") != FORMAT:
+        raise LogFormatError(f"feedback format {meta.get('v')!r}, expected {FORMAT}")
+    return FeedbackEvent(str(meta["request_id"]), str(meta["item_id"]), str(meta["event"]),
+                         float(meta["ts"]))
+
+
+def impressions_table(records: Sequence[tuple[str, ServedRecord]]) -> pa.Table:
+    """One row per served item of (stream id, record) pairs; all records of one model schema."""
+    if not records:
+        return pa.table({c: [] for c in IMPRESSION_COLUMNS})
+    tasks = records[0][1].tasks
+    names = list(records[0][1].inputs)
+    cols: dict[str, list[Any]] = {c: [] for c in IMPRESSION_COLUMNS}
+    per_task: dict[str, list[np.ndarray]] = {t: [] for t in tasks}
+    per_input: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for sid, rec in records:
+        if rec.tasks != tasks or list(rec.inputs) != names:
+            raise LogFormatError(f"{sid}: tasks/inputs {rec.tasks}/{list(rec.inputs)} differ "
+                                 f"from the batch's {tasks}/{names}")
+        k = len(rec.item_ids)
+        cols[STREAM_ID] += [sid] * k
+        cols["ts"] += [rec.ts] * k
+        cols["request_id"] += [rec.request_id] * k
+        cols["user_id"] += [rec.user_id] * k
+        cols["item_id"] += list(rec.item_ids)
+        cols["position"] += list(range(k))
+        cols["model_name"] += [rec.model_name] * k
+        cols["model_version"] += [rec.model_version] * k
+        cols["scoring"] += [rec.scoring] * k
+        cols["weights"] += [orjson.dumps(dict(rec.weights)).decode()] * k
+        cols["context"] += [orjson.dumps(dict(rec.context)).decode()] * k
+        cols["score"] += rec.final.tolist()
+        cols["experiment"] += [rec.experiment] * k
+        cols["arm"] += [rec.arm] * k
+        for j, t in enumerate(tasks):
+            per_task[t].append(rec.scores[:, j])
+        for n in names:
+            arr = rec.inputs[n]
+            per_input[n].append(np.broadcast_to(arr, (k, arr.shape[1])) if arr.shape[0] == 1
+                                else arr)
+    table = pa.table({
+        **{c: pa.array(v) for c, v in cols.items()},
+        "ts": pa.array(cols["ts"], pa.float64()),
+        "model_version": pa.array(cols["model_version"], pa.int32()),
+        "position": pa.array(cols["position"], pa.int32()),
+        "experiment": pa.array(cols["experiment"], pa.string()),
+        "arm": pa.array(cols["arm"], pa.string()),
+    })
+    for t in tasks:
+        table = table.append_column(f"{SCORE_PREFIX}{t}",
+                                    pa.array(np.concatenate(per_task[t]), pa.float32()))
+    for n in names:
+        arr = np.ascontiguousarray(np.concatenate(per_input[n]))
+        flat = pa.array(arr.reshape(-1))
+        table = table.append_column(f"{INPUT_PREFIX}{n}",
+                                    pa.FixedSizeListArray.from_arrays(flat, arr.shape[1]))
+    return table
+
+
+def served_inputs(table: pa.Table) -> dict[str, np.ndarray]:
+    """The model inputs of every impression row of an impressions table: name -> (rows, width)."""
+    out = {}
+    for col in table.column_names:
+        if col.startswith(INPUT_PREFIX):
+            chunked = table[col].combine_chunks()
+            width = chunked.type.list_size
+            values = chunked.flatten().to_numpy(zero_copy_only=False)
+            out[col.removeprefix(INPUT_PREFIX)] = values.reshape(-1, width)
+    return out
+
+
+def feedback_table(events: Sequence[tuple[str, FeedbackEvent]]) -> pa.Table:
+    """One row per (stream id, event) pair."""
+    return pa.table({
+        STREAM_ID: pa.array([sid for sid, _ in events], pa.string()),
+        "ts": pa.array([e.ts for _, e in events], pa.float64()),
+        "request_id": pa.array([e.request_id for _, e in events], pa.string()),
+        "item_id": pa.array([e.item_id for _, e in events], pa.string()),
+        "event": pa.array([e.event for _, e in events], pa.string()),
+    })
