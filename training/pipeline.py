@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ranker.manifest import list_versions, version_dir
-from ranker.schema import FeatureSchema
+from ranker.schema import CANDIDATE_ENTITY, FeatureSchema
 from training.data import (
     Encoded,
     build_schema,
@@ -44,11 +44,11 @@ def golden_from(
 
     Without an item group (census) every group carries the same n rows.
     """
-    has_items = schema.group("item") is not None
+    has_items = schema.group(CANDIDATE_ENTITY) is not None
     out = {}
-    for name, arr in data.inputs.items():
-        rows = 1 if has_items and not name.startswith("item_") else n
-        out[name] = np.ascontiguousarray(arr[:rows])
+    for s in schema.input_specs():
+        rows = 1 if has_items and s.entity != CANDIDATE_ENTITY else n
+        out[s.name] = np.ascontiguousarray(data.inputs[s.name][:rows])
     return out
 
 
@@ -77,7 +77,7 @@ def run_training(
 ) -> dict[str, Any]:
     """Train the main model (and baselines) on `spec`, evaluate on test, write the run directory."""
     # one intra-op thread: these matmuls are small, and on a busy 2-core box a second spinning
-    # thread made steps ~30x slower (measured: 490 ms vs 15 ms per batch of 512)
+    # thread made steps much slower (measured in docs/training.md, "Model, training, evaluation")
     torch.set_num_threads(threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
