@@ -54,12 +54,15 @@ class InputGroup:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The network's shape. Its defaults are the project's default model: `ranker train` takes
+    its flag defaults from here and the main job's model (`ensure_default_model`) uses them."""
+
     inputs: list[InputGroup]
     tasks: list[str] = field(default_factory=lambda: ["click", "like", "share"])
     model_type: ModelType = "mmoe"
     task_kind: Literal["binary", "regression"] = "binary"
     n_experts: int = 8
-    expert_hidden: list[int] = field(default_factory=lambda: [64, 32])  # per expert
+    expert_hidden: list[int] = field(default_factory=lambda: [32, 16])  # per expert
     bottom_hidden: list[int] = field(default_factory=lambda: [128, 64])  # shared_bottom only
     tower_hidden: list[int] = field(default_factory=lambda: [16])
 

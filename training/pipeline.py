@@ -175,8 +175,10 @@ def export_run(run_dir: Path, repo: Path, name: str | None = None) -> Path:
     )
 
 
-DEFAULT_MODEL = {"model_type": "mmoe", "n_experts": 8, "expert_hidden": [32, 16],
-                 "tower_hidden": [16]}
+# The main job's model is the default model (`ModelConfig`'s defaults) trained by a short run:
+# `TrainConfig`'s defaults but these epochs, no baselines, no progress bar.
+DEFAULT_MODEL_EPOCHS = 4
+DEFAULT_MODEL_EPOCHS_SMALL = 2
 
 
 def ensure_default_model(
@@ -198,9 +200,10 @@ def ensure_default_model(
         log.info("generating synthetic data into %s", data_dir)
         write_dataset(SyntheticConfig.small() if small else SyntheticConfig(), data_dir)
     spec = load_spec(DEFAULT_SPEC)
-    train_cfg = TrainConfig(epochs=2 if small else 4, batch_size=1024, progress=False)
+    epochs = DEFAULT_MODEL_EPOCHS_SMALL if small else DEFAULT_MODEL_EPOCHS
+    train_cfg = TrainConfig(epochs=epochs, progress=False)
     with tempfile.TemporaryDirectory(prefix="ranker-run-") as tmp:
         out = Path(run_dir) if run_dir else Path(tmp)
-        run_training(spec, out, DEFAULT_MODEL, train_cfg, data_dir=data_dir, baselines=False)
+        run_training(spec, out, {}, train_cfg, data_dir=data_dir, baselines=False)
         return export_run(out, repo, name)
 
