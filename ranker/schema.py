@@ -315,6 +315,13 @@ class FeatureSchema:
             out.update(g.default_inputs(n if g.entity == CANDIDATE_ENTITY else 1))
         return out
 
+    def tiled_inputs(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The same inputs with the batch-1 groups repeated to the candidates' rows (U = N)."""
+        items = {s.name for s in self.input_specs() if s.entity == CANDIDATE_ENTITY}
+        n = max((inputs[k].shape[0] for k in items), default=0)
+        return {k: v if k in items or v.shape[0] == n else np.repeat(v, n, axis=0)
+                for k, v in inputs.items()}
+
     def context_inputs(self, context: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
         """A request's raw context encoded as batch-1 inputs (the graph broadcasts them)."""
         group = self.group("context")
