@@ -40,8 +40,8 @@ def create_app() -> FastAPI:
     """The naive app for the model version in NAIVE_MODEL_DIR and the Redis at NAIVE_REDIS_URL."""
     version_dir = Path(os.environ["NAIVE_MODEL_DIR"])
     # One intra-op thread per worker, the service's onnxruntime budget. torch's default (one
-    # per core) spins OpenMP threads that, on a shared 2-core machine, turned a 0.2 ms forward
-    # pass into 250 ms: that would be measuring the machine, not the design.
+    # per core) spins OpenMP threads that, on a shared machine, measure the machine rather than
+    # the design (the figure is in docs/benchmarks.md, "naive app").
     torch.set_num_threads(int(os.environ.get("NAIVE_TORCH_THREADS", "1")))
     manifest = load_manifest(version_dir)
     schema = load_schema(version_dir, manifest)
