@@ -148,18 +148,11 @@ def ort_time(session: ort.InferenceSession, batches: list[dict[str, np.ndarray]]
     return time_calls(lambda i: session.run(names, batches[i % len(batches)]), repeats)
 
 
-def tile_users(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Same request with the user and context rows repeated N times (U=N instead of U=1)."""
-    n = next(v.shape[0] for k, v in inputs.items() if k.startswith("item_"))
-    return {k: (v if k.startswith("item_") or v.shape[0] == n else np.repeat(v, n, axis=0))
-            for k, v in inputs.items()}
-
-
-def user_once_vs_tiled(session: ort.InferenceSession,
+def user_once_vs_tiled(session: ort.InferenceSession, schema: FeatureSchema,
                        batches: list[dict[str, np.ndarray]]) -> dict[str, Any]:
     """Latency of U=1 vs U=N through the same graph, and the max abs difference of outputs."""
     names = [o.name for o in session.get_outputs()]
-    tiled = [tile_users(b) for b in batches]
+    tiled = [schema.tiled_inputs(b) for b in batches]
     diff = 0.0
     for b, t in zip(batches[:10], tiled[:10], strict=True):
         for a, c in zip(session.run(names, b), session.run(names, t), strict=True):

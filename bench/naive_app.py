@@ -25,6 +25,8 @@ from bench.data import naive_key
 from bench.eager import load_eager
 from ranker.manifest import load_manifest, load_schema
 
+TORCH_DTYPES = {"int64": torch.int64, "float32": torch.float32}
+
 
 class RankRequest(BaseModel):
     user_id: str
@@ -38,13 +40,14 @@ def create_app() -> FastAPI:
     """The naive app for the model version in NAIVE_MODEL_DIR and the Redis at NAIVE_REDIS_URL."""
     version_dir = Path(os.environ["NAIVE_MODEL_DIR"])
     # One intra-op thread per worker, the service's onnxruntime budget. torch's default (one
-    # per core) spins OpenMP threads that, on a shared 2-core machine, turned a 0.2 ms forward
-    # pass into 250 ms: that would be measuring the machine, not the design.
+    # per core) spins OpenMP threads that, on a shared machine, measure the machine rather than
+    # the design (the figure is in docs/benchmarks.md, "naive app").
     torch.set_num_threads(int(os.environ.get("NAIVE_TORCH_THREADS", "1")))
     manifest = load_manifest(version_dir)
     schema = load_schema(version_dir, manifest)
     model = load_eager(version_dir)
     tasks = list(manifest.tasks)
+    specs = schema.input_specs()
     r = redis.Redis.from_url(os.environ["NAIVE_REDIS_URL"], decode_responses=True)
     app = FastAPI(title="naive ranker")
 
@@ -62,24 +65,15 @@ def create_app() -> FastAPI:
     @app.post("/rank")
     def rank(req: RankRequest) -> dict[str, Any]:
         user = r.hgetall(naive_key("user", req.user_id))
-        user_cat, user_dense = encode("user", user)  # type: ignore[arg-type]
-        ctx_cat, ctx_dense = encode("context", req.context or {})
-        rows: dict[str, list[Any]] = {k: [] for k in
-                                      ("user_cat", "user_dense", "item_cat", "item_dense",
-                                       "context_cat", "context_dense")}
+        parts = {"user": encode("user", user),  # type: ignore[arg-type]
+                 "context": encode("context", req.context or {})}
+        rows: dict[str, list[Any]] = {s.name: [] for s in specs}
         for item_id in req.candidates:
             item = r.hgetall(naive_key("item", item_id))
-            item_cat, item_dense = encode("item", item)  # type: ignore[arg-type]
-            rows["user_cat"].append(user_cat)
-            rows["user_dense"].append(user_dense)
-            rows["item_cat"].append(item_cat)
-            rows["item_dense"].append(item_dense)
-            rows["context_cat"].append(ctx_cat)
-            rows["context_dense"].append(ctx_dense)
-        inputs = {}
-        for name, _dtype, _width in schema.input_specs():
-            dtype = torch.int64 if name.endswith("_cat") else torch.float32
-            inputs[name] = torch.tensor(rows[name], dtype=dtype)
+            parts["item"] = encode("item", item)  # type: ignore[arg-type]
+            for s in specs:  # every row of every input: user and context repeated per candidate
+                rows[s.name].append(parts[s.entity][0 if s.kind == "cat" else 1])
+        inputs = {s.name: torch.tensor(rows[s.name], dtype=TORCH_DTYPES[s.dtype]) for s in specs}
         with torch.no_grad():
             out = model(inputs)
         weights = {t: (req.weights or {}).get(t, 1.0) for t in tasks}

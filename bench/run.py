@@ -314,7 +314,7 @@ def in_process(env: Env, requests: dict[int, list[dict[str, Any]]], bodies: dict
         results["floors"][str(n)] = {"mget": floors.mget_floor(env.redis_url, keys),
                                      "inference": floors.ort_time(session, batches[n])}
         results["parse"][str(n)] = floors.parse_time(bodies[n])
-        results["user_once"][str(n)] = floors.user_once_vs_tiled(session, batches[n])
+        results["user_once"][str(n)] = floors.user_once_vs_tiled(session, schema, batches[n])
         log(f"  floors N={n}: MGET {results['floors'][str(n)]['mget']['p50_ms']:.3f} ms, "
             f"inference {results['floors'][str(n)]['inference']['p50_ms']:.3f} ms")
     key = plan.key_n

@@ -126,10 +126,9 @@ def load_schema(version_dir: Path, manifest: Manifest) -> FeatureSchema:
     except (KeyError, ValueError) as e:
         raise ManifestError(f"{version_dir}: feature schema: {e}") from e
     expected = [(s.name, s.dtype, s.shape[-1]) for s in manifest.inputs]
-    if expected != schema.input_specs():
-        raise ManifestError(
-            f"{version_dir}: manifest inputs {expected} != schema inputs {schema.input_specs()}"
-        )
+    derived = [(s.name, s.dtype, s.width) for s in schema.input_specs()]
+    if expected != derived:
+        raise ManifestError(f"{version_dir}: manifest inputs {expected} != schema inputs {derived}")
     return schema
 
 

@@ -12,7 +12,12 @@ Conventions:
   raw values are compared as strings (``7`` and ``"7"`` are the same value);
 - dense values are ``(transform(x) - mean) / std`` with the optional transform ``log1p``;
   a missing dense value takes the feature's raw ``default`` (the train mean unless the spec says
-  otherwise), encoded like any other value.
+  otherwise), encoded like any other value;
+- a group's encoded features reach the model as two inputs named by `input_name`,
+  ``<entity>_cat`` (int64 indices) and ``<entity>_dense`` (float32), listed by
+  `FeatureSchema.input_specs`; the item group's batch is the candidates, the user's and the
+  context's is 1 at serving time. Everything that builds or reads model inputs (trainer,
+  export, loader, feature store reader, service, benchmark) asks this module for them.
 """
 
 from __future__ import annotations
@@ -22,14 +27,51 @@ import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 ENTITIES = ("user", "item", "context")
+CANDIDATE_ENTITY = "item"  # the group whose rows are the candidates; the others come once per user
 OOV_INDEX = 0
+InputKind = Literal["cat", "dense"]
+INPUT_DTYPES: dict[InputKind, str] = {"cat": "int64", "dense": "float32"}
+
+
+def input_name(entity: str, kind: InputKind) -> str:
+    """The model input tensor of one group's categorical indices or dense values: "user_cat"."""
+    return f"{entity}_{kind}"
+
+
+def batch_axis(entity: str) -> str:
+    """The name of a group's batch axis: the candidates' is "batch", the others' their own."""
+    return "batch" if entity == CANDIDATE_ENTITY else f"{entity}_batch"
+
+
+class InputSpec(NamedTuple):
+    """One model input: shape [batch, width], the batch named by `batch_axis(entity)`."""
+
+    name: str
+    dtype: str
+    width: int
+    entity: str
+    kind: InputKind
+
+    @property
+    def batch_axis(self) -> str:
+        return batch_axis(self.entity)
+
+
+def group_input_specs(entity: str, n_cat: int, n_dense: int) -> list[InputSpec]:
+    """The model inputs of one feature group: its categorical, then its dense tensor, if any."""
+    widths: dict[InputKind, int] = {"cat": n_cat, "dense": n_dense}
+    return [
+        InputSpec(input_name(entity, kind), INPUT_DTYPES[kind], width, entity, kind)
+        for kind, width in widths.items()
+        if width
+    ]
 
 
 @dataclass(frozen=True)
@@ -200,6 +242,24 @@ class GroupSchema:
         dense = np.array([f.encode_one(values.get(f.name)) for f in self.dense], np.float32)
         return cat, dense
 
+    def input_specs(self) -> list[InputSpec]:
+        """This group's model inputs (none if the group has no features of a kind)."""
+        return group_input_specs(self.entity, self.n_cat, self.n_dense)
+
+    def inputs(self, cat: np.ndarray, dense: np.ndarray) -> dict[str, np.ndarray]:
+        """Encoded arrays (cat [n, n_cat], dense [n, n_dense]) as this group's model inputs."""
+        out: dict[str, np.ndarray] = {}
+        if self.n_cat:
+            out[input_name(self.entity, "cat")] = cat.astype(np.int64, copy=False)
+        if self.n_dense:
+            out[input_name(self.entity, "dense")] = dense
+        return out
+
+    def default_inputs(self, rows: int) -> dict[str, np.ndarray]:
+        """The default row (`default_row`) repeated over `rows` rows, as model inputs."""
+        cat, dense = self.default_row()
+        return self.inputs(np.tile(cat.astype(np.int64), (rows, 1)), np.tile(dense, (rows, 1)))
+
     def describe(self) -> dict[str, Any]:
         return {
             "entity": self.entity,
@@ -237,19 +297,38 @@ class FeatureSchema:
         canon = json.dumps([g.describe() for g in self.groups], sort_keys=True)
         return hashlib.sha256(canon.encode()).hexdigest()[:12]
 
-    def input_specs(self) -> list[tuple[str, str, int]]:
-        """The ONNX model's inputs: (name, dtype, width), e.g. ("user_cat", "int64", 3).
+    def input_specs(self) -> list[InputSpec]:
+        """The ONNX model's inputs, e.g. ("user_cat", "int64", 3, "user", "cat"), in order.
 
         Every input has shape [batch, width]; the batch of user and context inputs may be 1
         (broadcast over the candidates, so user-only work is done once per request) or N.
         """
-        specs: list[tuple[str, str, int]] = []
+        return [s for g in self.groups for s in g.input_specs()]
+
+    def input_names(self) -> list[str]:
+        return [s.name for s in self.input_specs()]
+
+    def default_inputs(self, n: int) -> dict[str, np.ndarray]:
+        """Default-valued inputs for n candidates, the user and context at batch 1 (warm-up)."""
+        out: dict[str, np.ndarray] = {}
         for g in self.groups:
-            if g.n_cat:
-                specs.append((f"{g.entity}_cat", "int64", g.n_cat))
-            if g.n_dense:
-                specs.append((f"{g.entity}_dense", "float32", g.n_dense))
-        return specs
+            out.update(g.default_inputs(n if g.entity == CANDIDATE_ENTITY else 1))
+        return out
+
+    def tiled_inputs(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The same inputs with the batch-1 groups repeated to the candidates' rows (U = N)."""
+        items = {s.name for s in self.input_specs() if s.entity == CANDIDATE_ENTITY}
+        n = max((inputs[k].shape[0] for k in items), default=0)
+        return {k: v if k in items or v.shape[0] == n else np.repeat(v, n, axis=0)
+                for k, v in inputs.items()}
+
+    def context_inputs(self, context: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
+        """A request's raw context encoded as batch-1 inputs (the graph broadcasts them)."""
+        group = self.group("context")
+        if group is None:
+            return {}
+        cat, dense = group.encode_row(context or {})
+        return group.inputs(cat[None, :], dense[None, :])
 
     def describe(self) -> dict[str, Any]:
         return {"version": self.version, "groups": [g.describe() for g in self.groups]}

@@ -93,29 +93,12 @@ class LoadedModel:
         return seconds * max(n, 1) / size
 
     def context_inputs(self, context: dict[str, Any] | None) -> dict[str, np.ndarray]:
-        """The request's context features encoded as batch-1 inputs (the graph broadcasts them)."""
-        group = self.schema.group("context")
-        if group is None:
-            return {}
-        cat, dense = group.encode_row(context or {})
-        out: dict[str, np.ndarray] = {}
-        if group.n_cat:
-            out["context_cat"] = cat.astype(np.int64)[None, :]
-        if group.n_dense:
-            out["context_dense"] = dense[None, :]
-        return out
+        """The request's context features as batch-1 inputs (`FeatureSchema.context_inputs`)."""
+        return self.schema.context_inputs(context)
 
     def synthetic_inputs(self, n: int) -> dict[str, np.ndarray]:
-        """Default-valued inputs for n candidates (user and context at batch 1), for warm-up."""
-        out: dict[str, np.ndarray] = {}
-        for g in self.schema.groups:
-            rows = n if g.entity == "item" else 1
-            cat, dense = g.default_row()
-            if g.n_cat:
-                out[f"{g.entity}_cat"] = np.tile(cat.astype(np.int64), (rows, 1))
-            if g.n_dense:
-                out[f"{g.entity}_dense"] = np.tile(dense, (rows, 1))
-        return out
+        """Default-valued inputs for n candidates (`FeatureSchema.default_inputs`), for warm-up."""
+        return self.schema.default_inputs(n)
 
 
 def make_session(path: Path, intra_op: int, inter_op: int) -> ort.InferenceSession:

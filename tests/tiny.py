@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ranker.schema import (
+    CANDIDATE_ENTITY,
     CategoricalFeature,
     DenseFeature,
     FeatureSchema,
@@ -61,13 +62,16 @@ def golden_inputs(schema: FeatureSchema, n: int = 4, seed: int = 0) -> dict[str,
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
     for g in schema.groups:
-        rows = n if g.entity == "item" else 1
+        rows = n if g.entity == CANDIDATE_ENTITY else 1
+        cat = np.zeros((rows, 0), np.int64)
+        dense = np.zeros((rows, 0), np.float32)
         if g.n_cat:
-            out[f"{g.entity}_cat"] = np.stack(
+            cat = np.stack(
                 [rng.integers(0, f.vocab_size, rows) for f in g.categorical], axis=1
             ).astype(np.int64)
         if g.n_dense:
-            out[f"{g.entity}_dense"] = rng.normal(size=(rows, g.n_dense)).astype(np.float32)
+            dense = rng.normal(size=(rows, g.n_dense)).astype(np.float32)
+        out.update(g.inputs(cat, dense))
     return out
 
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from typing import get_args
 
 from training.spec import load_spec
 
@@ -57,26 +58,29 @@ def data_main(argv: list[str]) -> int:
 
 def train_main(argv: list[str]) -> int:
     """Train a model and its baselines, evaluate on test, write a run directory."""
-    from training.pipeline import run_training
+    from training.model import ModelConfig, ModelType
+    from training.pipeline import DEFAULT_SPEC, run_training
     from training.report import markdown
     from training.train import TrainConfig
 
+    m, t = ModelConfig(inputs=[]), TrainConfig()  # the defaults are declared there, once
     p = argparse.ArgumentParser(prog="ranker train", description=train_main.__doc__)
-    p.add_argument("--spec", default="synthetic", help="dataset spec (path or name in datasets/)")
+    p.add_argument("--spec", default=DEFAULT_SPEC, help="dataset spec (path or name in datasets/)")
     p.add_argument("--data", type=Path, help="data directory of a tables spec")
     p.add_argument("--out", type=Path, help="run directory (default runs/<dataset>)")
-    p.add_argument("--model", choices=("mmoe", "omoe", "shared_bottom"), default="mmoe")
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--expert-hidden", type=_ints, default=[32, 16])
-    p.add_argument("--bottom-hidden", type=_ints, default=[128, 64])
-    p.add_argument("--tower-hidden", type=_ints, default=[16])
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--patience", type=int, default=2)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--weight-decay", type=float, default=1e-5)
-    p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--loss-weights", type=_weights, default={}, help="e.g. click=1,like=2,share=4")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", choices=get_args(ModelType), default=m.model_type)
+    p.add_argument("--experts", type=int, default=m.n_experts)
+    p.add_argument("--expert-hidden", type=_ints, default=m.expert_hidden)
+    p.add_argument("--bottom-hidden", type=_ints, default=m.bottom_hidden)
+    p.add_argument("--tower-hidden", type=_ints, default=m.tower_hidden)
+    p.add_argument("--epochs", type=int, default=t.epochs)
+    p.add_argument("--patience", type=int, default=t.patience)
+    p.add_argument("--lr", type=float, default=t.lr)
+    p.add_argument("--weight-decay", type=float, default=t.weight_decay)
+    p.add_argument("--batch-size", type=int, default=t.batch_size)
+    p.add_argument("--loss-weights", type=_weights, default=t.loss_weights,
+                   help="e.g. click=1,like=2,share=4")
+    p.add_argument("--seed", type=int, default=t.seed)
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--max-train-rows", type=int, help="subsample the train split (csv specs)")
     p.add_argument("--no-progress", action="store_true")

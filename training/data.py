@@ -202,11 +202,7 @@ def encode_split(spec: DatasetSpec, schema: FeatureSchema, raw: RawData, split: 
     n = log.num_rows
     inputs: dict[str, np.ndarray] = {}
     for g in schema.groups:
-        cat, dense = g.encode_columns(joined_columns(spec, raw, log, g.entity), n)
-        if g.n_cat:
-            inputs[f"{g.entity}_cat"] = cat.astype(np.int64)
-        if g.n_dense:
-            inputs[f"{g.entity}_dense"] = dense
+        inputs.update(g.inputs(*g.encode_columns(joined_columns(spec, raw, log, g.entity), n)))
     oracle = None
     if spec.source.oracle:
         oracle = np.stack(

@@ -39,19 +39,15 @@ OPSET = 17
 GOLDEN_ATOL = 1e-5
 
 
-def batch_axis(input_name: str) -> str:
-    """Item inputs carry the candidate batch; user and context inputs have their own (1 or N)."""
-    entity = input_name.split("_")[0]
-    return "batch" if entity == "item" else f"{entity}_batch"
-
-
 def onnx_bytes(model: MultiTaskModel, example: dict[str, np.ndarray]) -> bytes:
     """The model as a self-contained ONNX file with named inputs/outputs and dynamic batch axes."""
     model = model.eval()
-    names = model.input_names()
+    specs = model.config.input_specs()
+    names = [s.name for s in specs]
     args = tuple(torch.from_numpy(np.ascontiguousarray(example[n])) for n in names)
     outputs = model.output_names()
-    dynamic_axes: dict[str, dict[int, str]] = {n: {0: batch_axis(n)} for n in names}
+    # item inputs carry the candidate batch; user and context inputs have their own (1 or N)
+    dynamic_axes: dict[str, dict[int, str]] = {s.name: {0: s.batch_axis} for s in specs}
     dynamic_axes.update({o: {0: "batch"} for o in outputs})
     buf = io.BytesIO()
     with torch.no_grad():
@@ -109,7 +105,7 @@ def export_model(
     """
     model = model.eval()
     cfg = model.config
-    if schema.input_specs() != model.input_specs():
+    if schema.input_specs() != cfg.input_specs():
         raise ValueError("model inputs do not match the feature schema")
     base = Path(repo) / name
     base.mkdir(parents=True, exist_ok=True)
@@ -135,8 +131,8 @@ def export_model(
             task_kind=cfg.task_kind,
             n_experts=0 if cfg.model_type == "shared_bottom" else cfg.n_experts,
             inputs=[
-                TensorSpec(name=n, dtype=d, shape=[batch_axis(n), w])
-                for n, d, w in schema.input_specs()
+                TensorSpec(name=s.name, dtype=s.dtype, shape=[s.batch_axis, s.width])
+                for s in schema.input_specs()
             ],
             outputs=[
                 TensorSpec(name=o.name, dtype="float32", shape=_shape(o.shape))

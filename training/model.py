@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ranker.manifest import GATES_OUTPUT
-from ranker.schema import FeatureSchema
+from ranker.schema import FeatureSchema, InputSpec, group_input_specs, input_name
 
 ModelType = Literal["mmoe", "omoe", "shared_bottom"]
 
@@ -47,15 +47,22 @@ class InputGroup:
     def width(self) -> int:
         return sum(self.embedding_dims) + self.n_dense
 
+    def input_specs(self) -> list[InputSpec]:
+        """The group's graph inputs, named by the feature contract."""
+        return group_input_specs(self.entity, len(self.vocab_sizes), self.n_dense)
+
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The network's shape. Its defaults are the project's default model: `ranker train` takes
+    its flag defaults from here and the main job's model (`ensure_default_model`) uses them."""
+
     inputs: list[InputGroup]
     tasks: list[str] = field(default_factory=lambda: ["click", "like", "share"])
     model_type: ModelType = "mmoe"
     task_kind: Literal["binary", "regression"] = "binary"
     n_experts: int = 8
-    expert_hidden: list[int] = field(default_factory=lambda: [64, 32])  # per expert
+    expert_hidden: list[int] = field(default_factory=lambda: [32, 16])  # per expert
     bottom_hidden: list[int] = field(default_factory=lambda: [128, 64])  # shared_bottom only
     tower_hidden: list[int] = field(default_factory=lambda: [16])
 
@@ -67,6 +74,10 @@ class ModelConfig:
         d = dict(d)
         d["inputs"] = [InputGroup(**g) for g in d["inputs"]]
         return cls(**d)
+
+    def input_specs(self) -> list[InputSpec]:
+        """The graph's inputs in order, as `FeatureSchema.input_specs` lists them."""
+        return [s for g in self.inputs for s in g.input_specs()]
 
     @property
     def hidden(self) -> list[int]:
@@ -164,25 +175,15 @@ class MultiTaskModel(nn.Module):
         self.shared = BatchedMLP(c.n_units, c.hidden, last_activation=True)
         self.towers = BatchedMLP(len(c.tasks), [c.hidden[-1], *c.tower_hidden, 1], False)
 
-    def input_specs(self) -> list[tuple[str, str, int]]:
-        """(name, dtype, width) of each input, in the order of `FeatureSchema.input_specs`."""
-        specs = []
-        for g in self.config.inputs:
-            if g.vocab_sizes:
-                specs.append((f"{g.entity}_cat", "int64", len(g.vocab_sizes)))
-            if g.n_dense:
-                specs.append((f"{g.entity}_dense", "float32", g.n_dense))
-        return specs
-
     def input_names(self) -> list[str]:
-        return [name for name, _, _ in self.input_specs()]
+        return [s.name for s in self.config.input_specs()]
 
     def first_layer(self, inputs: dict[str, Tensor]) -> Tensor:
         """Sum over groups of x_g @ W_g, broadcasting groups whose batch is 1: (B, first_width)."""
         h: Tensor = self.first_bias
         for g in self.config.inputs:
             x_g = self.encoders[g.entity](
-                inputs.get(f"{g.entity}_cat"), inputs.get(f"{g.entity}_dense")
+                inputs.get(input_name(g.entity, "cat")), inputs.get(input_name(g.entity, "dense"))
             )  # (B_g, width_g), B_g in {1, B}
             h = h + x_g @ self.first[g.entity]  # (B, first_width)
         return h
@@ -214,9 +215,9 @@ class MultiTaskModel(nn.Module):
     def init_output_bias(self, base_rates: list[float]) -> None:
         """Start each binary tower at logit(its task's base rate) instead of 0.5.
 
-        Without it the first epochs are spent walking the output bias down to a 0.4 % share
-        rate, and the large uniform gradient meanwhile kills ReLU units (we saw a plateau of
-        several epochs at the base-rate loss on the synthetic data).
+        Without it the first epochs are spent walking the output bias down to the rare tasks'
+        base rates, and the large uniform gradient meanwhile kills ReLU units (the plateau this
+        removed is in docs/training.md, "Model, training, evaluation").
         """
         p = torch.tensor(base_rates, dtype=torch.float32).clamp(1e-6, 1 - 1e-6)
         self.towers.biases[-1].copy_(torch.logit(p).view(-1, 1, 1))  # (T, 1, 1)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ranker.manifest import list_versions, version_dir
-from ranker.schema import FeatureSchema
+from ranker.schema import CANDIDATE_ENTITY, FeatureSchema
 from training.data import (
     Encoded,
     build_schema,
@@ -44,11 +44,11 @@ def golden_from(
 
     Without an item group (census) every group carries the same n rows.
     """
-    has_items = schema.group("item") is not None
+    has_items = schema.group(CANDIDATE_ENTITY) is not None
     out = {}
-    for name, arr in data.inputs.items():
-        rows = 1 if has_items and not name.startswith("item_") else n
-        out[name] = np.ascontiguousarray(arr[:rows])
+    for s in schema.input_specs():
+        rows = 1 if has_items and s.entity != CANDIDATE_ENTITY else n
+        out[s.name] = np.ascontiguousarray(data.inputs[s.name][:rows])
     return out
 
 
@@ -77,7 +77,7 @@ def run_training(
 ) -> dict[str, Any]:
     """Train the main model (and baselines) on `spec`, evaluate on test, write the run directory."""
     # one intra-op thread: these matmuls are small, and on a busy 2-core box a second spinning
-    # thread made steps ~30x slower (measured: 490 ms vs 15 ms per batch of 512)
+    # thread made steps much slower (measured in docs/training.md, "Model, training, evaluation")
     torch.set_num_threads(threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -175,8 +175,10 @@ def export_run(run_dir: Path, repo: Path, name: str | None = None) -> Path:
     )
 
 
-DEFAULT_MODEL = {"model_type": "mmoe", "n_experts": 8, "expert_hidden": [32, 16],
-                 "tower_hidden": [16]}
+# The main job's model is the default model (`ModelConfig`'s defaults) trained by a short run:
+# `TrainConfig`'s defaults but these epochs, no baselines, no progress bar.
+DEFAULT_MODEL_EPOCHS = 4
+DEFAULT_MODEL_EPOCHS_SMALL = 2
 
 
 def ensure_default_model(
@@ -198,9 +200,10 @@ def ensure_default_model(
         log.info("generating synthetic data into %s", data_dir)
         write_dataset(SyntheticConfig.small() if small else SyntheticConfig(), data_dir)
     spec = load_spec(DEFAULT_SPEC)
-    train_cfg = TrainConfig(epochs=2 if small else 4, batch_size=1024, progress=False)
+    epochs = DEFAULT_MODEL_EPOCHS_SMALL if small else DEFAULT_MODEL_EPOCHS
+    train_cfg = TrainConfig(epochs=epochs, progress=False)
     with tempfile.TemporaryDirectory(prefix="ranker-run-") as tmp:
         out = Path(run_dir) if run_dir else Path(tmp)
-        run_training(spec, out, DEFAULT_MODEL, train_cfg, data_dir=data_dir, baselines=False)
+        run_training(spec, out, {}, train_cfg, data_dir=data_dir, baselines=False)
         return export_run(out, repo, name)
 

@@ -23,8 +23,12 @@ EVAL_BATCH = 8192
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """How a model is trained. Its defaults are the project's: `ranker train` takes its flag
+    defaults from here and the main job's short run (`ensure_default_model`) changes only the
+    epochs."""
+
     epochs: int = 20
-    batch_size: int = 512
+    batch_size: int = 1024
     lr: float = 2e-3
     weight_decay: float = 1e-5  # Adam L2 on all weights: the id embeddings overfit without it
     patience: int = 2  # epochs without a better validation loss before stopping

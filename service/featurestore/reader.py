@@ -229,23 +229,14 @@ class FeatureStore:
         user_defaulted, stale = False, 0  # a schema without user features defaults nothing
         if self._user is not None:
             cat, dense, defaulted, user_stale = self._user.decode([user_value], now, self.max_age_s)
-            self._put(inputs, "user", cat, dense)
+            inputs.update(self._user.group.inputs(cat, dense))
             user_defaulted, stale = bool(defaulted[0]), user_stale
         mask = np.ones(len(item_values), dtype=bool)
         if self._item is not None:
             cat, dense, mask, item_stale = self._item.decode(item_values, now, self.max_age_s)
-            self._put(inputs, "item", cat, dense)
+            inputs.update(self._item.group.inputs(cat, dense))
             stale += item_stale
         return FetchResult(inputs, user_defaulted, int(mask.sum()), mask, stale)
-
-    @staticmethod
-    def _put(
-        inputs: dict[str, np.ndarray], entity: str, cat: np.ndarray, dense: np.ndarray
-    ) -> None:
-        if cat.shape[1]:
-            inputs[f"{entity}_cat"] = cat
-        if dense.shape[1]:
-            inputs[f"{entity}_dense"] = dense
 
     async def _call(
         self, op: Callable[[], Awaitable[T]], deadline: float | None, timeout_s: float | None

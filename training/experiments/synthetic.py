@@ -29,12 +29,15 @@ from typing import Any
 
 import numpy as np
 
+from ranker.schema import input_name
+
 MODELS = ("mmoe", "omoe", "shared_bottom")
 CORRELATIONS = (1.0, 0.9, 0.5, 0.0)
 # One hidden layer of 126 units gives Shared-Bottom 14,776 parameters, the closest any width
 # gets to MMoE's 14,834 (127 gives 14,893). The paper's "about 113" (13,255) matches MMoE's
 # experts + towers without its gates (13,218), so we count the gates too.
 SHARED_BOTTOM_WIDTH = 126
+CONTEXT_DENSE = input_name("context", "dense")  # the model's one input: x as dense context
 
 
 @dataclass(frozen=True)
@@ -142,7 +145,7 @@ def train_run(
     gen = torch.Generator().manual_seed(init_seed)
 
     def loss_of(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        out = model({"context_dense": xb})
+        out = model({CONTEXT_DENSE: xb})
         return ((out["t1"] - yb[:, 0]) ** 2).mean() + ((out["t2"] - yb[:, 1]) ** 2).mean()
 
     def full_loss(xb: torch.Tensor, yb: torch.Tensor) -> float:
