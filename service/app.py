@@ -34,27 +34,27 @@ def reject(reason: str) -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; resources are created in its lifespan, not here."""
     settings = settings or get_settings()
-    s = settings
     # Outermost first; each layer sees only what the ones above let through.
     # - CORS: answers preflights before any limit, and puts its headers on every answer below,
     #   errors included (a browser can read a 413 or 503 only with them).
     # - request context: every later answer, refusals included, carries the request id and is
     #   counted and timed; the in-flight limit refuses before any other work.
-    # - operator port, then keys: a route that is not served here is a 404 before a key is
-    #   asked for; both refuse before the body is read.
-    # - deadline backstop: covers reading the body (a slow client) and everything after.
+    # - operator port, then keys: a route that is not served on this port is a 404 before any
+    #   key is asked for; both refuse before the body is read.
+    # - deadline backstop: covers reading the body (a slow client) and everything after it.
     # - body limit: innermost, so an oversized body is never parsed.
     stack = [
-        cors_middleware(s),  # None without origins
-        Middleware(RequestContextMiddleware, routes=ROUTES, max_inflight=s.max_inflight,
-                   retry_after_s=s.retry_after_s),
-        Middleware(OpsPortMiddleware, ops_port=s.metrics_port) if s.metrics_port else None,
-        Middleware(ApiKeyMiddleware, api_keys=s.api_keys, admin_key=s.admin_api_key,
-                   on_deny=lambda _scope: reject("unauthorized"))
-        if s.api_keys or s.admin_api_key else None,
-        Middleware(DeadlineMiddleware, timeout_s=hard_timeout_s(s),
-                   retry_after_s=s.retry_after_s, on_reject=reject),
-        Middleware(BodyLimitMiddleware, max_bytes=s.max_body_bytes),
+        cors_middleware(settings),  # None without origins
+        Middleware(RequestContextMiddleware, routes=ROUTES, max_inflight=settings.max_inflight,
+                   retry_after_s=settings.retry_after_s),
+        Middleware(OpsPortMiddleware, ops_port=settings.metrics_port)
+        if settings.metrics_port else None,
+        Middleware(ApiKeyMiddleware, api_keys=settings.api_keys,
+                   admin_key=settings.admin_api_key, on_deny=lambda _: reject("unauthorized"))
+        if settings.api_keys or settings.admin_api_key else None,
+        Middleware(DeadlineMiddleware, timeout_s=hard_timeout_s(settings),
+                   retry_after_s=settings.retry_after_s, on_reject=reject),
+        Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes),
     ]
     app = FastAPI(
         title="mmoe-ranker",
