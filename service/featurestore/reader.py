@@ -184,7 +184,7 @@ class FeatureStore:
     ) -> FetchResult:
         """Features of one user and N candidates in one round trip; missing/stale -> defaults."""
         start = time.perf_counter()
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        deadline = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
         if self._load_id is None:
             # No load seen yet: look for the pointer first. Until a load exists this GET is the
             # request's only round trip (all defaults); the first request after one appears
@@ -244,7 +244,7 @@ class FeatureStore:
         """Run one Redis operation; retry broken connections only while the deadline allows."""
         attempt = 0
         while True:
-            remaining = None if deadline is None else deadline - time.monotonic()
+            remaining = None if deadline is None else deadline - asyncio.get_running_loop().time()
             if remaining is not None and remaining <= 0:
                 metrics.ERRORS.labels("timeout").inc()
                 raise FeatureStoreUnavailable(

@@ -1,1 +1,1 @@
-"""Guards for the ranking service: in-flight limit, request deadline, API-key auth (pure ASGI)."""
+"""Running the service in a process (`wiring.serve`); the middleware is `service.middleware`."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from fastapi import FastAPI
+from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
 ALLOW_METHODS = ("GET", "POST", "OPTIONS")
@@ -49,14 +49,14 @@ def check_cors_config(origins: Sequence[str], allow_credentials: bool) -> list[s
     return cleaned
 
 
-def add_cors(app: FastAPI, settings: Any) -> None:
-    """Install CORSMiddleware from settings.cors_origins/cors_allow_credentials; none if empty."""
+def cors_middleware(settings: Any) -> Middleware | None:
+    """CORSMiddleware from settings.cors_origins/cors_allow_credentials; None if no origins."""
     origins = list(getattr(settings, "cors_origins", []) or [])
     credentials = bool(getattr(settings, "cors_allow_credentials", False))
     allowed = check_cors_config(origins, credentials)
     if not allowed:
-        return  # same-origin only: no middleware, no CORS headers, nothing to get wrong
-    app.add_middleware(
+        return None  # same-origin only: no middleware, no CORS headers, nothing to get wrong
+    return Middleware(
         CORSMiddleware,
         allow_origins=allowed,
         allow_credentials=credentials,

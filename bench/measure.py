@@ -1,11 +1,13 @@
 """Measure /rank in-process: end-to-end and per-stage latency by candidate count.
 
-    python -m service.measure --candidates 100 500 1000 --requests 200
+    python -m bench.measure --candidates 100 500 1000 --requests 200
 
 Needs the `train` extra (it exports a fresh default-size MMoE over the tiny test schema with
 torch) and starts a private redis-server; the app, the Redis client and onnxruntime are the real
 ones, the HTTP layer is httpx's in-process ASGI transport (no sockets: see bench/ for that).
-Sequential requests, so the figures are service time, not throughput.
+Sequential requests, so the figures are service time, not throughput. The stage columns are
+the ranking pipeline's stages (`service.pipeline.RankingPipeline`, one public method each), as
+its stage timer records them in `ranker_stage_duration_seconds`.
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ def _stage_sum(stage: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m service.measure")
+    p = argparse.ArgumentParser(prog="python -m bench.measure")
     p.add_argument("--candidates", type=int, nargs="+", default=[100, 500, 1000])
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--warmup", type=int, default=20)
@@ -133,9 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         vdir = export_model(repo, args.items)
         load_features(server.url, vdir, args.items)
         rows = asyncio.run(run(args, repo, server.url))
-    stages = ("validate", "fetch", "decode", "inference", "combine", "serialize")
+    from service.metrics import STAGES
+
     cols = ["candidates", "p50_ms", "p99_ms", "server_p50_ms", "server_p99_ms",
-            *[f"{s}_p50_ms" for s in stages]]
+            *[f"{s}_p50_ms" for s in STAGES]]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for row in rows:

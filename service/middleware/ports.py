@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.guards.responses import send_error
+from service.errors import error_response, request_id_of
 
 OPS_PATHS = ("/metrics", "/admin")
 PROBES = ("/healthz", "/readyz")
@@ -49,4 +49,5 @@ class OpsPortMiddleware:
         if allowed:
             await self.app(scope, receive, send)
             return
-        await send_error(send, scope, 404, "not_found", "Not Found")
+        refusal = error_response(404, "not_found", "Not Found", request_id=request_id_of(scope))
+        await refusal(scope, receive, send)

@@ -1,23 +1,33 @@
-"""Per-request deadline for the ranking route(s), as pure ASGI middleware.
+"""The whole-request backstop deadline of the ranking route(s), as pure ASGI middleware.
 
 A request whose deadline passes before its answer starts is cancelled and answered 503
 `deadline_exceeded` (a late answer is useless to a page that has already rendered without it).
-The in-flight limit lives in `service.middleware.RequestContextMiddleware`, which also keeps
-the in-flight gauge.
+It covers reading the body too; the ranking pipeline's own, shorter deadline (fetch plus
+inference, `request_timeout_s`) is on the same clock, the event loop's.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.guards.responses import send_error
+from service.errors import error_response, request_id_of
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 RejectHook = Callable[[str], None]  # called with the reason: "deadline"
 
 DEFAULT_PATHS = ("/rank",)
+
+
+def hard_timeout_s(settings: Settings) -> float:
+    """The whole-request backstop: explicit, or twice the pipeline's own deadline."""
+    explicit = settings.request_hard_timeout_s
+    return float(explicit) if explicit else 2.0 * settings.request_timeout_s
 
 
 def _noop(_reason: str) -> None:
@@ -46,9 +56,9 @@ def remaining_s(scope: Scope) -> float | None:
 class DeadlineMiddleware:
     """Cancel a request on `paths` whose answer has not started `timeout_s` after arrival.
 
-    The deadline (event-loop clock) is stored in `scope["state"]["deadline"]` so the route can
-    size its own Redis and inference timeouts with `remaining_s(scope)`. Once the response has
-    started it is let finish: a half-sent answer cannot be replaced by an error.
+    The deadline (event-loop clock) is stored in `scope["state"]["deadline"]`, where
+    `remaining_s(scope)` reads it. Once the response has started it is let finish: a half-sent
+    answer cannot be replaced by an error.
     """
 
     def __init__(
@@ -64,7 +74,7 @@ class DeadlineMiddleware:
             raise ValueError("timeout_s must be > 0")
         self.app = app
         self.timeout_s = timeout_s
-        self.retry_after = str(max(0, int(retry_after_s))).encode()
+        self.retry_after = str(max(0, int(retry_after_s)))
         self.paths = frozenset(paths)
         self.on_reject = on_reject
 
@@ -95,9 +105,8 @@ class DeadlineMiddleware:
             if started:
                 return  # cannot happen unless the app swallowed the cancellation
             self.on_reject("deadline")
-            await send_error(
-                send, scope, 503, "deadline_exceeded",
-                f"no answer within the request deadline of {self.timeout_s:g}s "
-                "(request_timeout_s)",
-                [(b"retry-after", self.retry_after)],
-            )
+            refusal = error_response(
+                503, "deadline_exceeded", f"no answer within the request deadline of "
+                f"{self.timeout_s:g}s (request_timeout_s)", request_id=request_id_of(scope),
+                headers={"retry-after": self.retry_after})
+            await refusal(scope, receive, send)

@@ -1,8 +1,9 @@
 """Document in OpenAPI the error answers the middleware and handlers really give.
 
-FastAPI only knows the route's own responses; the guards add 401/404/413/503 and the error
-handlers replace FastAPI's 422 body, so a client (or schemathesis) reading the schema would be
-told the wrong thing. This patches the generated schema once, on first request of it.
+FastAPI only knows the route's own responses and parameters; the middleware adds 401/404/413/503
+(and reads the admin key headers), and the error handlers replace FastAPI's 422 body, so a
+client (or schemathesis) reading the schema would be told the wrong thing. This patches the
+generated schema once, on first request of it.
 """
 
 from __future__ import annotations
@@ -39,6 +40,13 @@ SPECIAL: dict[tuple[str, str, str], dict[str, Any]] = {
     ("/admin/reload", "post", "409"): {"type": "object", "required": ["result"]},
 }
 TEXT = {("/metrics", "get", "200")}
+# the headers service.middleware.auth reads on /admin/* (as FastAPI documents optional headers)
+ADMIN_PATHS = ("/admin/",)
+ADMIN_HEADERS = [
+    {"in": "header", "name": name, "required": False,
+     "schema": {"anyOf": [{"type": "string"}, {"type": "null"}], "title": title}}
+    for name, title in (("x-admin-key", "X-Admin-Key"), ("authorization", "Authorization"))
+]
 
 
 def _json(schema: dict[str, Any]) -> dict[str, Any]:
@@ -53,6 +61,8 @@ def patch_schema(schema: dict[str, Any]) -> dict[str, Any]:
             if not isinstance(op, dict) or "responses" not in op:
                 continue
             responses = op["responses"]
+            if path.startswith(ADMIN_PATHS):
+                op.setdefault("parameters", []).extend(ADMIN_HEADERS)
             codes = dict(COMMON)
             if "requestBody" in op:
                 codes.update(WITH_BODY)
