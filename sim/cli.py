@@ -103,6 +103,10 @@ def _check(a: argparse.Namespace) -> str | None:
     return None
 
 
+def _num(x: float | None) -> str:
+    return f"{x:8.5f}" if x is not None else f"{'-':>8}"
+
+
 def format_summary(s: dict[str, Any]) -> str:
     """The summary as a few readable lines."""
     run, pm, fb = s["run"], s["position_model"], s["feedback"]
@@ -116,12 +120,11 @@ def format_summary(s: dict[str, Any]) -> str:
         f"{fb['accepted_events']} events accepted"
         + ("" if fb["supported"] else " (feedback not supported by this server: 404)"),
         "per impression:      " + "  ".join(f"{t:>8}" for t in (*TASKS, "weighted")),
-        "  measured           " + "  ".join(f"{s['rates'][t]:8.5f}" for t in TASKS),
+        "  measured           " + "  ".join(_num(s["rates"][t]) for t in TASKS),
     ]
     for r in ("served", "oracle", "random"):
         er = s["expected_rates"][r]
-        lines.append(f"  expected {r:<9} " + "  ".join(f"{er[t]:8.5f}"
-                                                       for t in (*TASKS, "weighted")))
+        lines.append(f"  expected {r:<9} " + "  ".join(_num(er[t]) for t in (*TASKS, "weighted")))
     if s["problems"]:
         lines.append(f"problems ({len(s['problems'])} shown): {s['problems'][:3]}")
     return "\n".join(lines)

@@ -234,7 +234,10 @@ class Tally:
     def summary(self) -> dict[str, Any]:
         """Counts, measured and expected rates per impression (see the module docstring)."""
         n = self.impressions
-        rate = (lambda x: x / n) if n else (lambda x: float("nan"))
+
+        def rate(x: float) -> float | None:
+            return x / n if n else None
+
         return {
             "requests": self.requests,
             "rank_status": dict(sorted(self.rank_status.items())),
