@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -83,3 +85,11 @@ def test_nothing_listening_is_counted_not_a_crash(world_dir: Path, tmp_path: Pat
     assert s["requests"] == 3 and s["rank_status"] == {"ConnectError": 3}
     assert s["impressions"] == 0 and s["run"]["stopped_by"] == "requests"
     assert s["rates"]["click"] is None  # no impressions: no rate (valid JSON, not NaN)
+
+
+def test_runs_as_a_module(world_dir: Path) -> None:
+    """`python -m sim.cli` until the `ranker` dispatcher lists it."""
+    proc = subprocess.run([sys.executable, "-m", "sim.cli", "--base-url", "http://10.9.9.9",
+                           "--requests", "1", "--data-dir", str(world_dir)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "loopback" in proc.stderr, proc.stderr
