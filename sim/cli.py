@@ -126,7 +126,7 @@ def format_summary(s: dict[str, Any]) -> str:
         er = s["expected_rates"][r]
         lines.append(f"  expected {r:<9} " + "  ".join(_num(er[t]) for t in (*TASKS, "weighted")))
     if s["problems"]:
-        lines.append(f"problems ({len(s['problems'])} shown): {s['problems'][:3]}")
+        lines.append(f"problems: {s['problems_total']}, e.g. {s['problems'][:3]}")
     return "\n".join(lines)
 
 

@@ -42,6 +42,7 @@ import numpy as np
 from training.synthetic import SURFACE_P, SURFACES, TASKS, World, hour_probabilities
 
 RANKINGS = ("served", "oracle", "random")
+MAX_PROBLEMS = 20
 _SCALE = 10**15  # fixed-point accumulation: sums exact and independent of completion order
 
 
@@ -209,11 +210,18 @@ class Tally:
     events: Counter[str] = field(default_factory=lambda: Counter(dict.fromkeys(TASKS, 0)))
     feedback_status: Counter[str] = field(default_factory=Counter)
     feedback_events: int = 0  # events in batches the server accepted (202)
-    problems: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # the first MAX_PROBLEMS
+    problems_total: int = 0
     _expected: dict[str, dict[str, int]] = field(
         default_factory=lambda: {r: dict.fromkeys(TASKS, 0) for r in RANKINGS})
     _weighted: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RANKINGS, 0))
     _variance: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TASKS, 0))
+
+    def problem(self, message: str) -> None:
+        """An answer that could not be used: counted, and the first few kept."""
+        self.problems_total += 1
+        if len(self.problems) < MAX_PROBLEMS:
+            self.problems.append(message)
 
     def add(self, outcome: Outcome, weights: dict[str, float]) -> None:
         self.impressions += outcome.impressions
@@ -260,5 +268,6 @@ class Tally:
                 "accepted_events": self.feedback_events,
                 "supported": "404" not in self.feedback_status,
             },
-            "problems": self.problems[:20],
+            "problems": list(self.problems),
+            "problems_total": self.problems_total,
         }

@@ -28,7 +28,9 @@ class SimConfig:
     seed: int = 0
     concurrency: int = 4
     max_seconds: float = 60.0
-    timeout_s: float = 10.0  # per HTTP call; a run lasts at most max_seconds + timeout_s
+    # per HTTP call: a request in flight at max_seconds finishes its /rank and /feedback calls,
+    # so a run lasts at most max_seconds + 2 * timeout_s
+    timeout_s: float = 10.0
     weights: dict[str, float] | None = None
     api_key: str | None = None
 
@@ -49,19 +51,18 @@ async def _rank_and_feedback(client: httpx.AsyncClient, world: World, plan: Plan
         return
     tally.rank_status[str(r.status_code)] += 1
     if r.status_code != 200:
-        if len(tally.problems) < 20:
-            tally.problems.append(f"#{plan.index}: /rank {r.status_code}: {r.text[:200]}")
+        tally.problem(f"#{plan.index}: /rank {r.status_code}: {r.text[:200]}")
         return
-    body: dict[str, Any] = r.json()
-    model = body.get("model") or {}
-    tally.model_versions[f"{model.get('name')}/{model.get('version')}"] += 1
     try:
+        body: dict[str, Any] = r.json()
+        model = body["model"]
+        tally.model_versions[f"{model['name']}/{model['version']}"] += 1
         served = world.item_index([it["id"] for it in body["items"]]).reshape(-1)
         weights = {str(k): float(v) for k, v in body["weights"].items()}
         outcome = evaluate(world, plan, served, weights, body.get("scoring", "weighted_sum"),
                            position, cfg.seed)
-    except (KeyError, ValueError, TypeError) as e:
-        tally.problems.append(f"#{plan.index}: unusable /rank answer: {e}")
+    except (KeyError, ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
+        tally.problem(f"#{plan.index}: unusable /rank answer: {e!r}")
         return
     tally.add(outcome, weights)
     if not outcome.events:
@@ -77,13 +78,16 @@ async def _rank_and_feedback(client: httpx.AsyncClient, world: World, plan: Plan
     tally.feedback_status[str(fr.status_code)] += 1
     if fr.status_code == 202:
         tally.feedback_events += len(events)
-    elif fr.status_code != 404 and len(tally.problems) < 20:
-        tally.problems.append(f"#{plan.index}: /feedback {fr.status_code}: {fr.text[:200]}")
+    elif fr.status_code != 404:
+        tally.problem(f"#{plan.index}: /feedback {fr.status_code}: {fr.text[:200]}")
 
 
-async def simulate(world: World, base_url: str, cfg: SimConfig,
-                   position: PositionModel) -> RunResult:
-    """Run the simulated users against `base_url` (the caller checked it is loopback)."""
+async def simulate(world: World, base_url: str, cfg: SimConfig, position: PositionModel,
+                   transport: httpx.AsyncBaseTransport | None = None) -> RunResult:
+    """Run the simulated users against `base_url` (the caller checked it is loopback).
+
+    `transport` replaces the network (tests: an in-process fake of the server's answers).
+    """
     population = Population.draw(world, cfg.users, cfg.seed)
     tally = Tally()
     counter = iter(range(cfg.requests))
@@ -103,7 +107,8 @@ async def simulate(world: World, base_url: str, cfg: SimConfig,
             await _rank_and_feedback(client, world, plan, cfg, position, tally)
 
     async with httpx.AsyncClient(base_url=base_url, timeout=cfg.timeout_s, limits=limits,
-                                 headers=headers, trust_env=False) as client:
+                                 headers=headers, trust_env=False,
+                                 transport=transport) as client:
         await asyncio.gather(*(worker(client) for _ in range(cfg.concurrency)))
     elapsed = time.monotonic() - t0
     return RunResult(tally, elapsed, "requests" if tally.requests == cfg.requests else "time")
