@@ -109,7 +109,7 @@ WORLD_JSON = "world.json"
 WORLD_FORMAT = 1
 
 
-@dataclass
+@dataclass(eq=False)  # arrays: compare fields with numpy, not ==
 class World:
     """Everything the generator drew: users, items and the hidden parameters of the true
     probabilities, so that p_task(user, item, context) can be asked for any pair and context.
