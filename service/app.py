@@ -124,10 +124,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
             if state.client is not None:
-                close = getattr(state.client, "aclose", None)
-                if close is not None:
-                    with contextlib.suppress(Exception):
-                        await close()
+                from service.featurestore.reader import close_client
+
+                with contextlib.suppress(Exception):
+                    await close_client(state.client)  # the client and its pool
             executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
