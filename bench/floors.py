@@ -57,11 +57,12 @@ def time_calls(fn: Callable[[int], Any], repeats: int = 200, max_s: float = 2.0,
 
 def store_keys(schema: FeatureSchema, load_id: str, user_id: str, item_ids: list[str],
                prefix: str = DEFAULT_PREFIX) -> list[str]:
-    """The keys the service's single MGET asks for: pointer, user record, item records."""
+    """The keys the service's single MGET asks for: pointers, user record, item records."""
     v = schema.version
     user = record_key_prefix(prefix, v, load_id, "user") + user_id
     item = record_key_prefix(prefix, v, load_id, "item")
-    return [pointer_key(prefix, v), user, *[item + i for i in item_ids]]
+    pointers = [pointer_key(prefix, v, "user"), pointer_key(prefix, v, "item")]
+    return [*pointers, user, *[item + i for i in item_ids]]
 
 
 def mget_floor(url: str, key_lists: list[list[str]], repeats: int = 300) -> dict[str, float]:
@@ -232,11 +233,11 @@ def stages_in_process(url: str, model: Any, requests: list[dict[str, Any]],
     store = FeatureStore(None, model.schema)  # type: ignore[arg-type]  # decode needs no client
     client = redis.Redis.from_url(url)
     try:
-        load_id = client.get(pointer_key(DEFAULT_PREFIX, model.schema.version))
+        load_id = client.get(pointer_key(DEFAULT_PREFIX, model.schema.version, "item"))
         if load_id is None:
             raise RuntimeError("no feature load in Redis for the model's schema")
         lid = load_id.decode() if isinstance(load_id, bytes) else str(load_id)
-        keys = [store_keys(model.schema, lid, r["user_id"], r["candidates"])[1:]
+        keys = [store_keys(model.schema, lid, r["user_id"], r["candidates"])[2:]
                 for r in requests]
         raw: list[list[Any]] = [list(client.mget(k)) for k in keys]
     finally:
