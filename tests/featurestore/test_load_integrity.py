@@ -150,6 +150,40 @@ async def test_idle_reader_reads_the_current_load_after_the_old_one_expired(
         await store.aclose()
 
 
+async def test_a_switch_between_the_two_reads_serves_the_load_just_replaced(
+    redis_url: str, raw: redis.Redis
+) -> None:
+    """Load C lands between the re-read's two MGETs: that request gets load B's values (still
+    in their grace period, never defaults), and the next request reads C."""
+    load_tables(raw, SCHEMA, users_table(), items_table())
+    store = FeatureStore(roomy_client(redis_url), SCHEMA)
+    try:
+        await store.fetch("u3", ["i1"])  # saw load A
+        b = load_tables(raw, SCHEMA, users_table(activity_scale=2.0), items_table())
+        reads = 0
+        real_mget = store._mget
+
+        async def mget_then_load(*args: Any) -> list[Any]:
+            nonlocal reads
+            reads += 1
+            if reads == 2:  # the re-read under B is about to go out: C switches first
+                load_tables(raw, SCHEMA, users_table(activity_scale=3.0), items_table())
+            return await real_mget(*args)
+
+        store._mget = mget_then_load  # type: ignore[method-assign,assignment]
+        res = await store.fetch("u3", ["i1"], timeout_s=1.0)
+        assert reads == 2 and not res.user_defaulted and res.items_defaulted == 0
+        np.testing.assert_allclose(res.inputs["user_dense"], [[(np.log1p(6.0) - 1.5) / 0.8]],
+                                   rtol=1e-6)  # load B's value
+        assert store.load_ids["user"] not in (None, b.load_id)  # adopted C for the next one
+        res = await store.fetch("u3", ["i1"], timeout_s=1.0)
+        np.testing.assert_allclose(res.inputs["user_dense"], [[(np.log1p(9.0) - 1.5) / 0.8]],
+                                   rtol=1e-6)  # load C's value
+        assert reads == 3  # one round trip
+    finally:
+        await store.aclose()
+
+
 async def test_service_after_a_partial_load_ranks_on_loaded_features(
     model_repo: Path, redis_url: str, raw: redis.Redis
 ) -> None:
