@@ -79,11 +79,12 @@ def stats(times: list[float]) -> dict[str, float]:
 
 def store_keys(schema: FeatureSchema, load_id: str, user_id: str, item_ids: list[str],
                prefix: str = DEFAULT_PREFIX) -> list[str]:
-    """The keys the service's single MGET asks for: pointer, user record, item records."""
+    """The keys the service's single MGET asks for: pointers, user record, item records."""
     v = schema.version
     user = record_key_prefix(prefix, v, load_id, "user") + user_id
     item = record_key_prefix(prefix, v, load_id, "item")
-    return [pointer_key(prefix, v), user, *[item + i for i in item_ids]]
+    pointers = [pointer_key(prefix, v, "user"), pointer_key(prefix, v, "item")]
+    return [*pointers, user, *[item + i for i in item_ids]]
 
 
 def mget_floor(url: str, key_lists: list[list[str]], repeats: int = 300) -> dict[str, float]:

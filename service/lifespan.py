@@ -11,13 +11,12 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager
 
-import redis.asyncio as aredis
 from fastapi import FastAPI
 from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 
 from service import metrics
-from service.featurestore.reader import FeatureStore
+from service.featurestore.reader import FeatureStore, close_client
 from service.featurestore.reader import make_client as make_redis_client
 from service.pipeline import RankingPipeline, Serving
 from service.registry import LoadedModel, ModelRegistry, NoModelError
@@ -41,13 +40,10 @@ def make_client(settings: Settings) -> RedisClient | None:
     )
 
 
-async def close_client(client: RedisClient) -> None:
-    """Close the client and its pool: `aclose()` leaves a pool the client was given open."""
-    with contextlib.suppress(RedisError, OSError):  # shutting down: a dead Redis is no error
-        await client.aclose()
-    if isinstance(client, aredis.Redis):
-        with contextlib.suppress(RedisError, OSError):
-            await client.connection_pool.aclose()
+async def close_quietly(client: RedisClient) -> None:
+    """Close the client and its pool; shutting down, a dead Redis is no error."""
+    with contextlib.suppress(RedisError, OSError):
+        await close_client(client)
 
 
 def make_store(settings: Settings, client: RedisClient | None,
@@ -100,7 +96,7 @@ async def open_state(settings: Settings) -> AsyncIterator[AppState]:
         stack.callback(executor.shutdown, wait=False, cancel_futures=True)
         client = make_client(settings)
         if client is not None:
-            stack.push_async_callback(close_client, client)
+            stack.push_async_callback(close_quietly, client)
         pipeline = RankingPipeline(settings, executor)
 
         def on_swap(old: LoadedModel | None, new: LoadedModel) -> None:

@@ -15,6 +15,7 @@ from service.featurestore.keys import DEFAULT_PREFIX
 from service.featurestore.writer import (
     DEFAULT_BATCH,
     DEFAULT_OLD_LOAD_GRACE_S,
+    MissingColumnsError,
     load_tables,
     make_sync_client,
 )
@@ -46,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds the previous load's records live after the switch (default %(default)s)",
     )
     p.add_argument("--keep-old", action="store_true", help="leave the previous load untouched")
+    p.add_argument(
+        "--allow-missing-columns",
+        action="store_true",
+        help="write a feature column absent from a table as its default for every entity "
+        "(refused otherwise; the report lists such columns)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -95,14 +102,21 @@ def load_main(argv: list[str]) -> int:
             load_id=args.load_id,
             old_load_grace_s=None if args.keep_old else args.old_load_grace,
             progress=not args.no_progress,
+            allow_missing_columns=args.allow_missing_columns,
         )
+    except MissingColumnsError as e:
+        print(f"error: {e} (--allow-missing-columns)", file=sys.stderr)
+        return 2
     finally:
         client.close()
     print(
         f"loaded {report.users} users and {report.items} items "
         f"({report.bytes_written / 1e6:.2f} MB) for schema {report.schema_version} of {vdir} "
         f"as load {report.load_id} in {report.seconds:.2f}s"
-        + (f"; previous load {report.previous_load_id}" if report.previous_load_id else "")
+        + "".join(f"; previous {entity} load {lid}"
+                  for entity, lid in report.previous_load_ids.items() if lid)
+        + "".join(f"; {entity} columns defaulted: {', '.join(cols)}"
+                  for entity, cols in report.defaulted_columns.items())
         + (f", {report.old_keys_expiring} old keys expiring" if report.old_keys_expiring else "")
     )
     print(json.dumps(report.as_dict()))

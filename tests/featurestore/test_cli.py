@@ -41,8 +41,9 @@ def test_load_through_the_ranker_entry_point(
     version = load_manifest(tiny_model_dir).schema_version
     assert report["schema_version"] == version
     client = redis.Redis.from_url(redis_url)
-    assert client.get(pointer_key("rk", version)) == report["load_id"].encode()
-    assert client.dbsize() == 41
+    for entity in ("user", "item"):
+        assert client.get(pointer_key("rk", version, entity)) == report["load_id"].encode()
+    assert client.dbsize() == 42
     client.close()
 
 
@@ -60,7 +61,8 @@ def test_load_newest_of_repo_is_idempotent(
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert load_main(argv) == 0
     second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert first["load_id"] == second["load_id"] == second["previous_load_id"]
+    assert first["load_id"] == second["load_id"]
+    assert second["previous_load_ids"] == {"user": first["load_id"], "item": first["load_id"]}
     assert (second["users"], second["items"], second["ttl_s"]) == (10, 30, 600)
 
 
