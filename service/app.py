@@ -68,7 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ops.router)
     if settings.playground_enabled:
         app.include_router(playground_router)
-    document_errors(app)
+    document_errors(app, settings)
     return app
 
 

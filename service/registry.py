@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from ranker.manifest import (
     verify_files,
     version_dir,
 )
-from ranker.schema import FeatureSchema
+from ranker.schema import DenseFeature, FeatureSchema
 
 log = logging.getLogger("ranker.registry")
 
@@ -107,6 +108,12 @@ class LoadedModel:
             return float("inf")
         size, seconds = self.timing
         return seconds * max(n, 1) / size
+
+    @cached_property
+    def dense_context(self) -> dict[str, DenseFeature]:
+        """The model's dense context features by name (their request values must be numbers)."""
+        group = self.schema.group("context")
+        return {f.name: f for f in group.dense} if group is not None else {}
 
     def context_inputs(self, context: dict[str, Any] | None) -> dict[str, np.ndarray]:
         """The request's context features as batch-1 inputs (`FeatureSchema.context_inputs`)."""

@@ -1,4 +1,8 @@
-"""A real model version that passes every load check but fails during warm-up.
+"""Real tiny model versions with a twist, exported through the real exporter.
+
+- `export_brittle_version`: passes every load check but fails during warm-up.
+- `export_dense_context_version`: has a dense context feature (`temperature`), whose request
+  values the encoder turns into a float input.
 
 `BrittleMMoE` is the tiny MMoE plus a term that is zero for every batch of at most
 `max_batch` candidates and that onnxruntime cannot compute for a larger one: it gathers
@@ -16,7 +20,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ranker.schema import DenseFeature, FeatureSchema, GroupSchema
 from tests.tiny import MODEL_NAME, TASKS, golden_inputs, tiny_schema
+
+DENSE_CONTEXT = "temperature"
 
 
 def export_brittle_version(repo: Path, version: int, max_batch: int = 4, seed: int = 3) -> Path:
@@ -50,3 +57,27 @@ def export_brittle_version(repo: Path, version: int, max_batch: int = 4, seed: i
     out.rename(dst)
     shutil.rmtree(staging, ignore_errors=True)
     return dst
+
+
+def dense_context_schema() -> FeatureSchema:
+    """The tiny schema with a dense `temperature` in the context group."""
+    groups = []
+    for g in tiny_schema().groups:
+        if g.entity == "context":
+            g = GroupSchema(g.entity, g.key, g.categorical,
+                            (DenseFeature(DENSE_CONTEXT, mean=20.0, std=8.0, default=20.0),))
+        groups.append(g)
+    return FeatureSchema(tuple(groups))
+
+
+def export_dense_context_version(repo: Path, version: int = 1, seed: int = 5) -> Path:
+    """Export a tiny MMoE whose context has a dense feature as `repo/mmoe/<version>`."""
+    from training.export import export_model
+    from training.model import ModelConfig, MultiTaskModel, inputs_from_schema
+
+    torch.manual_seed(seed)
+    schema = dense_context_schema()
+    cfg = ModelConfig(inputs=inputs_from_schema(schema), tasks=TASKS, n_experts=4,
+                      expert_hidden=[8], tower_hidden=[4])
+    return export_model(MultiTaskModel(cfg), schema, repo, MODEL_NAME, golden_inputs(schema),
+                        version=version)
