@@ -260,7 +260,7 @@ def test_loader_matches_kubectl_kustomize(
 def test_every_pod_is_locked_down(rendered: dict[str, list[Obj]], overlay: str) -> None:
     specs = list(pod_specs(render(rendered, overlay)))
     names = {o["metadata"]["name"] for o, _ in specs}
-    assert {"ranker", "ranker-trainer", "ranker-features-load"} <= names
+    assert {"ranker", "ranker-trainer", "ranker-features-load", "ranker-model-retire"} <= names
     if overlay == "local":
         assert "redis" in names
     for obj, spec in specs:
@@ -425,6 +425,7 @@ def test_the_model_repository_is_shared_and_read_only_for_the_service(
     assert svc_volume["persistentVolumeClaim"].get("readOnly") is True
     assert trainer[repo] == (claim, False), "the trainer writes the versions the service reads"
     assert loader[repo] == (claim, True)
+    assert mounts["ranker-model-retire"][2][repo] == (claim, False)
     assert trainer["/data"][1] is False and loader["/data"] == (trainer["/data"][0], True)
     one(objects, "PersistentVolumeClaim", claim)
     one(objects, "PersistentVolumeClaim", trainer["/data"][0])
@@ -446,7 +447,8 @@ def test_jobs_use_the_right_images_and_commands(
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
     tags = {"ranker": compose["ranker"]["build"]["target"],
             "ranker-trainer": compose["trainer"]["build"]["target"],
-            "ranker-features-load": compose["ranker"]["build"]["target"]}
+            "ranker-features-load": compose["ranker"]["build"]["target"],
+            "ranker-model-retire": compose["ranker"]["build"]["target"]}
     for obj, spec in pod_specs(objects):
         name = obj["metadata"]["name"]
         if name not in tags:
@@ -456,8 +458,13 @@ def test_jobs_use_the_right_images_and_commands(
         assert image.endswith("mmoe-ranker") and tag == tags[name] and tag in stage_names()
     job = one(objects, "Job", "ranker-trainer")["spec"]["template"]["spec"]
     script = " ".join(job["containers"][0]["command"] + job["containers"][0]["args"])
-    for step in ("ranker data", "ranker train", "ranker export"):
-        assert step in script
+    steps = ["ranker data", "ranker train", "ranker export --run \"$run\" --repo /tmp/staging",
+             "ranker features load --repo /tmp/staging",
+             'ranker export --run "$run" --repo "$RANKER_MODEL_REPO"']
+    # features for the new schema are loaded before the version reaches the shared repository
+    assert [script.index(s) for s in steps] == sorted(script.index(s) for s in steps)
+    retire = one(objects, "CronJob", "ranker-model-retire")["spec"]
+    assert retire["suspend"] is True, "run on demand only"
     assert job["restartPolicy"] == "Never"
     cron = one(objects, "CronJob", "ranker-features-load")["spec"]
     assert cron["concurrencyPolicy"] == "Forbid"
