@@ -46,6 +46,9 @@ MERGE_KEYS = {
     "imagePullSecrets": "name",
     "topologySpreadConstraints": "topologyKey",
 }
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume",
+                  "StorageClass", "CustomResourceDefinition", "PriorityClass",
+                  "ValidatingWebhookConfiguration", "MutatingWebhookConfiguration"}
 PORT_KEYS = {"containerPort", "port"}  # container ports merge on containerPort, Service on port
 
 
@@ -89,6 +92,8 @@ def build(directory: Path) -> list[Obj]:
         _set_image(objects, image)
     if "namespace" in k:
         for obj in objects:
+            if obj["kind"] in CLUSTER_SCOPED:  # kustomize leaves these alone; so do we: refuse
+                raise KustomizeError(f"{kfile}: cluster-scoped {obj['kind']} not implemented")
             obj.setdefault("metadata", {})["namespace"] = k["namespace"]
     _check_unique(objects, kfile)
     return objects

@@ -591,3 +591,35 @@ def test_the_keda_variant_scales_on_the_exported_inflight_gauge(
     assert float(triggers["prometheus"]["metadata"]["threshold"]) > 0
     assert triggers["cpu"]["metadata"]["value"] == "60"
     assert so["metadata"]["namespace"] == "ranker"
+
+
+# ---- the operations page -----------------------------------------------------------------------
+
+
+def test_the_documented_commands_name_real_objects(rendered: dict[str, list[Obj]]) -> None:
+    """Every overlay, kind/name and label selector the Kubernetes section uses exists."""
+    text = (ROOT / "docs" / "operations.md").read_text()
+    section = text[text.index("## Deploy on Kubernetes"):]
+    section = section[:section.index("\n## ", 5)]
+    assert f"Kubernetes {KUBERNETES_VERSION}" in section
+    overlays = set(re.findall(r"-k (deploy/kubernetes/overlays/[\w-]+)", section))
+    for overlay in OVERLAYS:
+        assert f"overlays/{overlay}" in section, overlay
+    for path in overlays:
+        assert (ROOT / path / "kustomization.yaml").is_file(), path
+    production = rendered["production"] + rendered["production-keda"] + rendered["local"]
+    kinds = {"job": "Job", "cronjob": "CronJob", "deployment": "Deployment",
+             "service": "Service"}
+    refs = set(re.findall(r"(?<![\w/])(job|cronjob|deployment|service)/([a-z0-9-]+)(?![\w.])", section))
+    assert ("cronjob", "ranker-model-retire") in refs and ("job", "ranker-trainer") in refs
+    for kind, name in refs:
+        assert any(o["kind"] == kinds[kind] and o["metadata"]["name"] == name
+                   for o in production), f"{kind}/{name}"
+    for selector in re.findall(r"-l ([\w./-]+=[\w-]+)", section):
+        label, value = selector.split("=")
+        pods = [o for o, _ in pod_specs(production)
+                if o["kind"] == "Deployment" and o["spec"]["template"]["metadata"]["labels"]
+                .get(label) == value]
+        assert pods, selector
+    for env in re.findall(r'os\.environ\["(\w+)"\]', section):
+        assert env in {e["name"] for e in ranker_container(rendered["production"])["env"]}
