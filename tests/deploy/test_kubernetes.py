@@ -610,7 +610,8 @@ def test_the_documented_commands_name_real_objects(rendered: dict[str, list[Obj]
     production = rendered["production"] + rendered["production-keda"] + rendered["local"]
     kinds = {"job": "Job", "cronjob": "CronJob", "deployment": "Deployment",
              "service": "Service"}
-    refs = set(re.findall(r"(?<![\w/])(job|cronjob|deployment|service)/([a-z0-9-]+)(?![\w.])", section))
+    ref = r"(?<![\w/])(job|cronjob|deployment|service)/([a-z0-9-]+)(?![\w.])"
+    refs = set(re.findall(ref, section))
     assert ("cronjob", "ranker-model-retire") in refs and ("job", "ranker-trainer") in refs
     for kind, name in refs:
         assert any(o["kind"] == kinds[kind] and o["metadata"]["name"] == name
