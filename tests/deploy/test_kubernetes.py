@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from service import metrics
-from service.guards.ports import PROBES
+from service.middleware.ports import PROBES
 from service.routes.ops import router as ops_router
 from tests.deploy import kustomize_lite
 from tests.deploy.kustomize_lite import KustomizeError, build, key, split_image
