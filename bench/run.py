@@ -163,7 +163,7 @@ def server(env: Env, system: str, workers: int, extra_env: dict[str, str] | None
         ready = "/healthz"
         penv = {"NAIVE_MODEL_DIR": str(env.version_dir), "NAIVE_REDIS_URL": env.redis_url}
     else:
-        cmd = [sys.executable, "-m", "ranker.cli", "serve", "--host", HOST, "--port", str(port),
+        cmd = [sys.executable, "-m", "launch.cli", "serve", "--host", HOST, "--port", str(port),
                "--workers", str(workers), "--model-repo", str(env.version_dir.parents[1]),
                "--model-name", env.version_dir.parent.name, "--redis-url", env.redis_url,
                "--watch-interval", "0", "--log-level", "warning"]
@@ -352,7 +352,7 @@ def eager_check(version_dir: Path, batches: list[dict[str, Any]]) -> dict[str, f
 
 def run_all(args: argparse.Namespace, plan: Plan, workdir: Path) -> dict[str, Any]:
     """Set up, measure everything, tear down; the raw results."""
-    from service.featurestore.embedded import RedisServer
+    from launch.local_redis import RedisServer
     from service.featurestore.writer import load_tables as store_load
 
     t_start = time.perf_counter()

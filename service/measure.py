@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--items", type=int, default=5000)
     args = p.parse_args(argv)
 
-    from service.featurestore.embedded import RedisServer
+    from launch.local_redis import RedisServer
 
     with tempfile.TemporaryDirectory() as tmp, RedisServer() as server:
         repo = Path(tmp)

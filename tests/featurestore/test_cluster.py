@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from redis.cluster import RedisCluster
 
-from service.featurestore.embedded import RedisClusterServer
+from launch.local_redis import RedisClusterServer
 from service.featurestore.keys import record_key_prefix
 from service.featurestore.reader import FeatureStore, FeatureStoreUnavailable, make_client
 from service.featurestore.writer import load_tables, make_sync_client

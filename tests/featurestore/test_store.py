@@ -14,8 +14,8 @@ import pyarrow as pa
 import pytest
 import redis
 
+from launch.local_redis import RedisServer
 from ranker.schema import FeatureSchema
-from service.featurestore.embedded import RedisServer
 from service.featurestore.keys import pointer_key, record_key_prefix
 from service.featurestore.reader import FeatureStore, FeatureStoreUnavailable, make_client
 from service.featurestore.writer import LoadReport, load_tables

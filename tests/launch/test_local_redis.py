@@ -12,7 +12,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from service.featurestore.embedded import RedisServer, redis_url_or_embedded
+from launch.local_redis import RedisServer, redis_url_or_embedded
 
 
 def _alive(pid: int) -> bool:
@@ -81,7 +81,7 @@ def test_url_given_never_starts_a_server(redis_url: str) -> None:
 
 _CHILD = """
 import sys, time
-from service.featurestore.embedded import RedisServer
+from launch.local_redis import RedisServer
 srv = RedisServer().start()
 print(srv.pid, flush=True)
 if sys.argv[1] == "hang":

@@ -42,7 +42,7 @@ def write_tiny_tables(data_dir: Path) -> None:
 
 def run_args(model_dir: Path, data_dir: Path, *extra: str) -> list[str]:
     repo, name = model_dir.parent.parent, model_dir.parent.name
-    return [sys.executable, "-m", "ranker.cli", "run", "--port", "0", "--repo", str(repo),
+    return [sys.executable, "-m", "launch.cli", "run", "--port", "0", "--repo", str(repo),
             "--name", name, "--data-dir", str(data_dir), *extra]
 
 
@@ -165,7 +165,7 @@ def test_missing_tables_is_a_clear_error(tiny_model_dir: Path, tmp_path: Path) -
 def test_smoke_on_an_empty_repository_trains_first(tmp_path: Path) -> None:
     """The newcomer's path: no model, no data -> synthetic data, training, export, serve, 200."""
     repo, data = tmp_path / "models", tmp_path / "data" / "synthetic"
-    cmd = [sys.executable, "-m", "ranker.cli", "run", "--smoke", "--small", "--port", "0",
+    cmd = [sys.executable, "-m", "launch.cli", "run", "--smoke", "--small", "--port", "0",
            "--repo", str(repo), "--data-dir", str(data)]
     done = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True,
                           timeout=600)

@@ -46,7 +46,7 @@ def test_ranker_serve(model_repo: Path, redis_url: str, tmp_path: Path, workers:
     if workers > 1:
         (tmp_path / "prom").mkdir()
         env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "prom")
-    cmd = [sys.executable, "-m", "ranker.cli", "serve", "--host", "127.0.0.1", "--port",
+    cmd = [sys.executable, "-m", "launch.cli", "serve", "--host", "127.0.0.1", "--port",
            str(port), "--workers", str(workers), "--model-repo", str(model_repo),
            "--model-name", "mmoe", "--redis-url", redis_url, "--log-level", "warning"]
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)

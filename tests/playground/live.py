@@ -18,8 +18,8 @@ import httpx
 import numpy as np
 import pyarrow as pa
 
+from launch.local_redis import free_port
 from ranker.schema import FeatureSchema
-from service.featurestore.embedded import free_port
 
 HOST = "127.0.0.1"
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's package; never `playwright install`

@@ -16,8 +16,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from launch.local_redis import RedisServer, free_port
 from ranker.manifest import load_manifest, load_schema
-from service.featurestore.embedded import RedisServer, free_port
 from service.settings import Settings
 from tests.conftest import emptied_url
 from tests.playground.live import CHROMIUM, CHROMIUM_ARGS, load_features, run_service

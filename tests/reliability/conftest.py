@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import redis
 
-from service.featurestore.embedded import RedisServer
+from launch.local_redis import RedisServer
 from tests.reliability.oracle import Oracle
 from tests.tiny import MODEL_NAME
 

@@ -95,7 +95,7 @@ class ServerProcess:
 
     def command(self) -> list[str]:
         if self.cli:
-            return [sys.executable, "-m", "ranker.cli", "serve", "--host", HOST, "--port",
+            return [sys.executable, "-m", "launch.cli", "serve", "--host", HOST, "--port",
                     str(self.port), "--workers", str(self.workers), "--log-level", "warning",
                     *self.extra_args]
         cmd = [sys.executable, "-m", "uvicorn", "--factory", self.app, "--host", HOST,

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.featurestore.embedded import RedisServer
+from launch.local_redis import RedisServer
 from tests.reliability.conftest import service_env
 from tests.reliability.procs import ServerProcess
 

@@ -12,7 +12,7 @@ import httpx
 import orjson
 import redis
 
-from service.featurestore.embedded import RedisServer
+from launch.local_redis import RedisServer
 from tests.reliability.conftest import service_env
 from tests.reliability.procs import ServerProcess, run_load
 

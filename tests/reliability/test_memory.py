@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.featurestore.embedded import RedisServer
+from launch.local_redis import RedisServer
 from tests.reliability.conftest import service_env
 from tests.reliability.procs import ServerProcess, post_json, run_load
 

@@ -14,7 +14,7 @@ import pytest
 import redis
 import redis.asyncio as aredis
 
-from service.featurestore.embedded import RedisServer
+from launch.local_redis import RedisServer
 from tests.reliability.conftest import rank_body, service_env
 from tests.reliability.oracle import Oracle
 from tests.reliability.procs import ServerProcess, post_json, run_load

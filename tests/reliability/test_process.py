@@ -12,9 +12,8 @@ import httpx
 import pytest
 import redis
 
-from service.featurestore.embedded import RedisServer
-from service.guards.wiring import ort_threads_per_worker
-from service.multiproc import clean_multiproc_dir
+from launch.local_redis import RedisServer
+from launch.serve import clean_multiproc_dir, ort_threads_per_worker
 from tests.reliability.conftest import rank_body, service_env
 from tests.reliability.procs import ServerProcess, children_of, free_port, post_json, run_load
 from tests.reliability.test_overload_redis import pause_redis

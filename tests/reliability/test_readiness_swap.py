@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from service.featurestore.embedded import RedisServer
+from launch.local_redis import RedisServer
 from tests.reliability.conftest import rank_body, service_env
 from tests.reliability.oracle import Oracle
 from tests.reliability.procs import LoadResult, ServerProcess, post_json, run_load

@@ -107,9 +107,9 @@ def _prometheus_config(target: str, dest: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    from service.featurestore.embedded import RedisServer, free_port
+    from launch.local_redis import RedisServer, free_port
     from service.featurestore.writer import load_tables, make_sync_client
-    from tests.stack.test_mainjob import write_tiny_tables
+    from tests.launch.test_mainjob import write_tiny_tables
 
     tmp = tmp_path_factory.mktemp("promstack")
     repo = tmp / "models"
@@ -139,7 +139,7 @@ def stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
                    RANKER_MAX_BODY_BYTES=str(MAX_BODY), RANKER_METRICS_PORT=str(ops_port),
                    PROMETHEUS_MULTIPROC_DIR=str(tmp / "multiproc"))
         service = subprocess.Popen(
-            [sys.executable, "-m", "ranker.cli", "serve", "--host", "127.0.0.1", "--port",
+            [sys.executable, "-m", "launch.cli", "serve", "--host", "127.0.0.1", "--port",
              str(port), "--workers", "2", "--log-level", "warning"], cwd=ROOT, env=env)
         procs.append(service)
         service_url = f"http://127.0.0.1:{port}"
