@@ -32,7 +32,8 @@ from typing import Any
 import redis
 
 from bench import data, floors
-from bench.procs import HOST, Processes, cpu_seconds, free_port, uvicorn_cmd, wait_http
+from bench.procs import Processes, cpu_seconds, uvicorn_cmd
+from launch.procs import HOST, free_port, wait_http
 from ranker.manifest import MODEL_FILE, load_manifest, load_schema
 from ranker.schema import FeatureSchema
 
@@ -173,7 +174,7 @@ def server(env: Env, system: str, workers: int, extra_env: dict[str, str] | None
         penv = ({"PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(dir=env.workdir, prefix="prom-")}
                 if workers > 1 else {})
     proc = env.procs.start(name, cmd, {**penv, **(extra_env or {})})
-    env.server_pgid = proc.pid  # the child leads its own process group (procs._child_setup)
+    env.server_pgid = proc.pid  # the child leads its own process group (Processes.start: new_group)
     base = f"http://{HOST}:{port}"
     try:
         wait_http(base + ready, proc, timeout_s=120)
