@@ -174,7 +174,7 @@ def server(env: Env, system: str, workers: int, extra_env: dict[str, str] | None
         penv = ({"PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(dir=env.workdir, prefix="prom-")}
                 if workers > 1 else {})
     proc = env.procs.start(name, cmd, {**penv, **(extra_env or {})})
-    env.server_pgid = proc.pid  # the child leads its own process group (Processes.start: new_group)
+    env.server_pgid = proc.pid  # the child leads its own process group (Processes.start)
     base = f"http://{HOST}:{port}"
     try:
         wait_http(base + ready, proc, timeout_s=120)
