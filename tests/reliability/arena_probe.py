@@ -40,7 +40,7 @@ def run_mode(version_dir: Path, mode: str, calls: int) -> dict[str, object]:
     import onnxruntime as ort
 
     from service.registry import load_version
-    from tests.reliability.procs import rss_kib
+    from tests.support import rss_kib
 
     model = load_version(version_dir, warmup_sizes=())
     opts = ort.SessionOptions()

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from launch.local_redis import RedisServer
-from tests.reliability.conftest import service_env
-from tests.reliability.procs import ServerProcess, post_json, run_load
+from tests.reliability.procs import post_json, run_load
+from tests.support import ServerProcess, service_env
 
 MAX_CANDIDATES = 1000
 
