@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tests.stack.helpers import ROOT
+from tests.support import port_open
 
 N_USERS, N_ITEMS = 50, 200  # the tiny schema's vocabularies: u0..u49, i0..i199
 
@@ -50,12 +51,6 @@ def clean_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RANKER_")}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     return env
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def embedded_redis_port(output: str) -> int:
