@@ -22,7 +22,6 @@ import tempfile
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
 from urllib.parse import quote
 
 from launch import procs
@@ -89,7 +88,7 @@ def _ping(port: int, password: str | None, timeout_s: float) -> bytes:
         return s.recv(64).split(b"\r\n", 1)[0]
 
 
-class RedisServer:
+class RedisServer(procs.Supervised):
     """A `redis-server` child on 127.0.0.1; `start()` after `stop()` reuses the same port."""
 
     def __init__(
@@ -200,30 +199,19 @@ class RedisServer:
         """SIGKILL immediately (a crash, for chaos tests)."""
         procs.kill(self._proc, self.stop_timeout_s)
 
-    def cleanup(self) -> None:
+    def close(self) -> None:
         """Stop and remove the temporary directory (the server cannot be restarted after this)."""
         self.stop()
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
 
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.cleanup()
-
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         return f"RedisServer(port={self.port}, cluster={self.cluster}, {state})"
 
 
-class RedisClusterServer:
+class RedisClusterServer(procs.Supervised):
     """A real Redis Cluster of `masters` RedisServer nodes on loopback ports (no replicas)."""
 
     def __init__(
@@ -281,19 +269,11 @@ class RedisClusterServer:
             raise
 
     def stop(self) -> None:
+        """Stop every node and remove its directory."""
         for node in self.nodes:
-            node.cleanup()
+            node.close()
 
-    def __enter__(self) -> RedisClusterServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    close = stop
 
 
 @contextlib.contextmanager
@@ -318,7 +298,7 @@ def start_embedded() -> RedisServer:
 def _stop_all() -> None:
     for server in list(_LIVE):
         with contextlib.suppress(Exception):
-            server.cleanup()
+            server.close()
 
 
 if __name__ == "__main__":  # `python -m launch.local_redis`: a throwaway server

@@ -133,7 +133,10 @@ def redis_for(url: str | None) -> Iterator[str]:
         return
     from launch.local_redis import RedisServer
 
-    server = RedisServer()
+    try:
+        server = RedisServer()
+    except FileNotFoundError as exc:  # no redis-server: the `local` extra is not installed
+        raise MainJobError(f"{exc}, or set --redis-url / RANKER_REDIS_URL") from exc
     server.start()
     say(f"redis: started an embedded redis-server on {server.host}:{server.port}")
     try:

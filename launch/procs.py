@@ -20,7 +20,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Self
 
 HOST = "127.0.0.1"
 _PR_SET_PDEATHSIG = 1
@@ -28,6 +28,22 @@ _PR_SET_PDEATHSIG = 1
 
 class NotReady(TimeoutError, RuntimeError):
     """A child was not ready within its bound (or exited first); the message says why."""
+
+
+class Supervised:
+    """A child process owned by a `with` block: `start()` on entry, `close()` on exit."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def free_port(host: str = HOST) -> int:

@@ -15,7 +15,6 @@ import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from launch import procs
@@ -70,7 +69,7 @@ def service_env(repo: Path, redis_url: str | None, **settings: object) -> dict[s
     if redis_url:
         fields["redis_url"] = redis_url
     os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    return settings_env(**fields, **settings)
+    return settings_env(**{**fields, **settings})
 
 
 # --- processes ---------------------------------------------------------------------------------
@@ -93,7 +92,7 @@ def children_of(pid: int) -> list[int]:
     return out
 
 
-class ServerProcess:
+class ServerProcess(procs.Supervised):
     """`python -m uvicorn --factory service.app:create_app` (or `ranker serve`) on a free port.
 
     Started in its own process group and always stopped: SIGTERM, then SIGKILL of the group.
@@ -197,15 +196,8 @@ class ServerProcess:
                 total += rss_kib(p)
         return total
 
-    def __enter__(self) -> ServerProcess:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def close(self) -> None:
+        """Stop and remove the log."""
         self.stop()
         with contextlib.suppress(OSError):
             self._log.unlink()

