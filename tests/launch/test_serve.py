@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import httpx
@@ -38,3 +39,28 @@ def test_ranker_serve(model_repo: Path, redis_url: str, tmp_path: Path, workers:
               if ln.startswith('ranker_requests_total{route="/rank",status="200"}')]
         assert ok and float(ok[0].split()[-1]) == 6.0, ok  # summed over all workers
         assert 'ranker_model_info{name="mmoe",version="1"} 1.0' in text
+
+
+def test_flags_win_over_env_and_reach_workers_only_through_env(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One worker gets the Settings object; several get the flags as RANKER_* variables."""
+    from launch import serve
+    from service.settings import Settings
+
+    for var in ("RANKER_MODEL_REPO", "RANKER_MODEL_NAME", "RANKER_REDIS_URL",
+                "RANKER_REDIS_FAILURE_MODE", "RANKER_MODEL_WATCH_INTERVAL_S",
+                "RANKER_ORT_INTRA_OP_THREADS"):
+        monkeypatch.delenv(var, raising=False)  # restored after the test, whatever serve sets
+    monkeypatch.setenv("RANKER_MODEL_NAME", "from-env")
+    monkeypatch.setenv("RANKER_ORT_INTRA_OP_THREADS", "0")
+    args = serve.build_parser().parse_args(
+        ["--model-repo", str(tmp_path), "--model-name", "from-flag", "--failure-mode", "degrade",
+         "--watch-interval", "2.5", "--workers", "2"])
+    overrides = serve.flag_overrides(args)
+    settings = serve.settings_for(overrides, args.workers)
+    assert settings.model_name == "from-flag" and settings.model_repo == tmp_path
+    assert settings.redis_failure_mode == "degrade" and settings.model_watch_interval_s == 2.5
+    assert settings.ort_intra_op_threads == serve.ort_threads_per_worker(os.cpu_count(), 2)
+    serve.export_for_workers(settings, overrides)
+    assert Settings() == settings  # what a worker's create_app_from_env reads
