@@ -187,9 +187,10 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def start_server(host: str, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """`ranker serve` as a child process (same process group, so Ctrl-C reaches it too)."""
+    """`ranker serve` as a child process (same process group, so Ctrl-C reaches it too; the
+    kernel kills it if the main job dies without cleaning up)."""
     cmd = [sys.executable, "-m", "launch.cli", "serve", "--host", host, "--port", str(port)]
-    return procs.spawn(cmd, env=env, tied=False)
+    return procs.spawn(cmd, env=env)
 
 
 def http(method: str, url: str, body: dict[str, Any] | None = None,
