@@ -34,6 +34,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from launch import procs
 from ranker.manifest import list_versions, load_manifest, load_schema, version_dir
 from ranker.schema import FeatureSchema
 
@@ -130,9 +131,12 @@ def redis_for(url: str | None) -> Iterator[str]:
         say("redis: using the configured server")
         yield url
         return
-    from service.featurestore.embedded import RedisServer
+    from launch.local_redis import RedisServer
 
-    server = RedisServer()
+    try:
+        server = RedisServer()
+    except FileNotFoundError as exc:  # no redis-server: the `local` extra is not installed
+        raise MainJobError(f"{exc}, or set --redis-url / RANKER_REDIS_URL") from exc
     server.start()
     say(f"redis: started an embedded redis-server on {server.host}:{server.port}")
     try:
@@ -183,9 +187,10 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def start_server(host: str, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """`ranker serve` as a child process (same process group, so Ctrl-C reaches it too)."""
-    cmd = [sys.executable, "-m", "ranker.cli", "serve", "--host", host, "--port", str(port)]
-    return subprocess.Popen(cmd, env=env)
+    """`ranker serve` as a child process (same process group, so Ctrl-C reaches it too; the
+    kernel kills it if the main job dies without cleaning up)."""
+    cmd = [sys.executable, "-m", "launch.cli", "serve", "--host", host, "--port", str(port)]
+    return procs.spawn(cmd, env=env)
 
 
 def http(method: str, url: str, body: dict[str, Any] | None = None,
@@ -203,28 +208,11 @@ def http(method: str, url: str, body: dict[str, Any] | None = None,
 
 def wait_ready(base_url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
     """Poll /readyz until 200; fail early if the server exits, or after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise MainJobError(f"the server exited with code {proc.returncode} before ready")
-        try:
-            if http("GET", f"{base_url}/readyz", timeout=2.0)[0] == 200:
-                return
-        except OSError:
-            pass  # not listening yet
-        time.sleep(POLL_S)
-    raise MainJobError(f"the server was not ready after {timeout_s:.0f}s")
-
-
-def stop_server(proc: subprocess.Popen[bytes], timeout_s: float = 15.0) -> None:
-    """SIGTERM (uvicorn shuts down gracefully), then SIGKILL if it does not exit in time."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+    try:
+        procs.wait_http(f"{base_url}/readyz", proc, timeout_s, what="the server",
+                        interval_s=POLL_S)
+    except procs.NotReady as exc:
+        raise MainJobError(str(exc)) from exc
 
 
 def smoke(base_url: str, body: dict[str, Any]) -> None:
@@ -248,9 +236,7 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 def serve(args: argparse.Namespace, redis_url: str, vdir: Path, body: dict[str, Any]) -> None:
     """Run the server until it exits or we are told to stop; in smoke mode, test it and stop."""
-    from service.featurestore.embedded import free_port
-
-    port = args.port or free_port()
+    port = args.port or procs.free_port()
     check_port_free(args.host, port)
     base_url = f"http://{args.host}:{port}"
     env = {**os.environ, "RANKER_REDIS_URL": redis_url,
@@ -272,7 +258,7 @@ def serve(args: argparse.Namespace, redis_url: str, vdir: Path, body: dict[str, 
         if proc.returncode:
             raise MainJobError(f"the server exited with code {proc.returncode}")
     finally:
-        stop_server(proc)
+        procs.stop(proc, 15.0)  # SIGTERM: uvicorn shuts down gracefully
 
 
 def say(msg: str) -> None:

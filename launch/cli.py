@@ -11,17 +11,18 @@ import sys
 
 # "subcommand words" -> "module:function(argv) -> int | None"
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
-    ("train",): ("training.cli:train_main", "train a model (and its baselines) and evaluate it"),
-    ("export",): ("training.cli:export_main", "export a checkpoint to the model repository"),
-    ("data",): ("training.cli:data_main", "generate the synthetic dataset"),
+    ("train",): ("launch.train:train_main", "train a model (and its baselines) and evaluate it"),
+    ("export",): ("launch.train:export_main", "export a checkpoint to the model repository"),
+    ("data",): ("launch.train:data_main", "generate the synthetic dataset"),
     ("experiment", "mmoe-synthetic"): (
         "training.experiments.synthetic:main",
         "reproduce the MMoE paper's task-correlation experiment",
     ),
-    ("features", "load"): ("service.featurestore.cli:load_main", "load feature tables into Redis"),
-    ("serve",): ("service.cli:serve_main", "serve the ranking API"),
-    ("run",): ("service.mainjob:main", "the main job: train if needed, Redis, load, serve"),
+    ("features", "load"): ("launch.features:load_main", "load feature tables into Redis"),
+    ("serve",): ("launch.serve:main", "serve the ranking API"),
+    ("run",): ("launch.mainjob:main", "the main job: train if needed, Redis, load, serve"),
     ("bench",): ("bench.run:main", "run the benchmark suite and write a report"),
+    ("simulate",): ("sim.cli:main", "simulated users with known truth call /rank and /feedback"),
 }
 
 

