@@ -13,8 +13,9 @@ import orjson
 import pytest
 
 from service.app import create_app
-from tests.service.helpers import load_features, metric, running_app, settings_for
+from tests.service.helpers import load_features, metric, running_app
 from tests.service.variants import DENSE_CONTEXT
+from tests.support import settings_for
 from tests.tiny import MODEL_NAME
 
 pytestmark = pytest.mark.asyncio

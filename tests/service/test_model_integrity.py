@@ -13,7 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.helpers import metric, running_app, settings_for
+from tests.service.helpers import metric, running_app
+from tests.support import settings_for
 from tests.tiny import MODEL_NAME, flip_byte, install_version
 
 pytestmark = pytest.mark.asyncio
