@@ -23,7 +23,8 @@ from service.playground import playground_router
 from service.routes import ops, rank
 from service.settings import Settings, get_settings
 
-ROUTES = ("/rank", "/healthz", "/readyz", "/model", "/metrics", "/admin/reload", "/admin/pin")
+ROUTES = ("/rank", "/healthz", "/readyz", "/model", "/metrics", "/admin/reload", "/admin/pin",
+          "/admin/unpin")
 
 
 def reject(reason: str) -> None:

@@ -49,6 +49,8 @@ WITH_BODY = {
 SPECIAL: dict[tuple[str, str, str], dict[str, Any]] = {
     ("/readyz", "get", "503"): {"type": "object", "required": ["status"]},
     ("/admin/reload", "post", "409"): {"type": "object", "required": ["result"]},
+    ("/admin/pin", "post", "409"): {"type": "object", "required": ["result"]},
+    ("/admin/unpin", "post", "409"): {"type": "object", "required": ["result"]},
 }
 TEXT = {("/metrics", "get", "200")}
 # the headers service.middleware.auth reads on /admin/* (as FastAPI documents optional headers)

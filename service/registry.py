@@ -428,7 +428,7 @@ class ModelRegistry:
         with self._lock:
             cur = self._current
             if version not in list_versions(self.repo, self.name):
-                return ReloadResult("failure", cur.version if cur else None,
+                return ReloadResult("failure", version,
                                     f"no complete version {version} of {self.name!r}",
                                     "manifest")
             model: LoadedModel | None = None
@@ -440,7 +440,7 @@ class ModelRegistry:
             try:
                 write_pin(self.pin_path, version)
             except OSError as e:
-                return ReloadResult("failure", cur.version if cur else None,
+                return ReloadResult("failure", version,
                                     f"cannot write the pin file: {e.strerror}", "pin")
             if model is not None:
                 self._swap(model)

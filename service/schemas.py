@@ -12,7 +12,15 @@ from __future__ import annotations
 import math
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, Strict
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    Strict,
+)
 from pydantic_core import PydanticCustomError
 
 MAX_ID_LENGTH = 256
@@ -53,6 +61,14 @@ def context_value(value: object) -> str | int | float | bool | None:
     raise PydanticCustomError("context_type", "must be a string, number, boolean or null")
 
 
+def integral(value: object) -> object:
+    """A float with no fraction as the integer it is (JSON Schema counts 3.0 as an integer);
+    everything else unchanged, for the strict integer check after it."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 ItemId = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]
 Key = Annotated[str, Field(min_length=1, max_length=MAX_KEY_LENGTH), AfterValidator(valid_text)]
 # strict: a weight must be a JSON number (an integer is one), never "1" or true
@@ -76,7 +92,7 @@ class RankRequest(BaseModel):
     preset: Annotated[str, Field(min_length=1, max_length=64)] | None = None
     scoring: Literal["weighted_sum", "weighted_product"] | None = None
     context: Annotated[dict[Key, ContextValue], Field(max_length=MAX_CONTEXT_KEYS)] | None = None
-    top_k: Annotated[int, Strict(), Field(ge=1)] | None = None
+    top_k: Annotated[int, BeforeValidator(integral), Strict(), Field(ge=1)] | None = None
     explain: Annotated[bool, Strict()] = False
 
 

@@ -1,5 +1,5 @@
-"""Operational routes: /healthz, /readyz, /model, /metrics, POST /admin/reload and the pin
-(POST and DELETE /admin/pin).
+"""Operational routes: /healthz, /readyz, /model, /metrics, and the admin calls POST
+/admin/reload, /admin/pin and /admin/unpin.
 
 Public answers (/readyz, /model) name versions and the check a refused version failed, never
 a filesystem path or a load's detail; the admin answers carry the detail.
@@ -143,11 +143,11 @@ async def admin_reload(
 @router.post("/admin/pin")
 async def admin_pin(state: StateDep, version: Version) -> Response:
     """Pin `version`: checked and swapped in here, then written to the pin file every worker's
-    watcher reads, so no watcher moves off it until DELETE /admin/pin."""
+    watcher reads, so no watcher moves off it until POST /admin/unpin."""
     return admin_answer(state, await run_in_threadpool(state.registry.set_pin, version))
 
 
-@router.delete("/admin/pin")
+@router.post("/admin/unpin")
 async def admin_unpin(state: StateDep) -> Response:
     """Remove the pin: this worker serves the newest version (or the setting's pin) now, the
     others at their next poll."""

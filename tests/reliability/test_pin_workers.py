@@ -1,6 +1,6 @@
 """A rollback sticks with several workers (issue 14, item 10): `ranker serve --workers 2`, a real
 uvicorn with two worker processes whose watchers both see a newer version. POST /admin/pin
-reaches one worker; the pin file reaches the other; no watcher undoes it; DELETE /admin/pin
+reaches one worker; the pin file reaches the other; no watcher undoes it; POST /admin/unpin
 is the only way back.
 
 What each worker serves is read from its own Prometheus multiprocess file (`ranker_model_info`
@@ -93,7 +93,7 @@ def test_a_pin_reaches_every_worker_and_no_watcher_undoes_it(
         ready = httpx.get(server.url + "/readyz", timeout=5).json()
         assert ready["pinned"] == {"version": 1, "source": "file"}, ready
 
-        r = httpx.delete(server.url + "/admin/pin", timeout=10)
+        r = httpx.post(server.url + "/admin/unpin", timeout=10)
         assert r.status_code == 200, r.text
         wait_until_all_serve(prom, "2", workers=2)
         assert versions_answered(server.url, 20) == {2}

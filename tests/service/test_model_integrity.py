@@ -169,7 +169,7 @@ async def test_admin_pin_sticks_through_the_watcher_until_unpinned(model_repo, p
         await asyncio.sleep(5 * WATCH_S)
         assert await serving(c) == 1
 
-        r = await c.delete("/admin/pin")
+        r = await c.post("/admin/unpin")
         assert r.status_code == 200, r.text
         assert r.json()["serving_version"] == 3
         assert not (model_repo / MODEL_NAME / "PINNED").exists()
@@ -237,7 +237,7 @@ async def test_api_keys_without_an_admin_key_refuse_admin(model_repo, redis_url)
     settings = settings_for(model_repo, redis_url, api_keys=["user-key"])
     async with running_app(settings) as c:
         for method, path in (("POST", "/admin/reload"), ("POST", "/admin/pin?version=1"),
-                             ("DELETE", "/admin/pin")):
+                             ("POST", "/admin/unpin")):
             for headers in ({}, {"X-API-Key": "user-key"}, {"X-Admin-Key": "user-key"}):
                 r = await c.request(method, path, headers=headers)
                 # today: 200, anyone who can reach the API can reload or roll back the model
