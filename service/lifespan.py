@@ -110,6 +110,14 @@ def poll_once(state: AppState, follow_newest: bool, was_pinned: bool) -> bool:
     return pin is not None
 
 
+def tick(state: AppState, follow_newest: bool, was_pinned: bool) -> bool:
+    """`poll_once`, then the lifecycle gauges (a refused version may have been removed)."""
+    try:
+        return poll_once(state, follow_newest, was_pinned)
+    finally:
+        publish(state)
+
+
 async def watch_models(state: AppState, interval_s: float, follow_newest: bool) -> None:
     """Poll the pin file (and, when following, the repository) every `interval_s`; a load runs
     in a thread and is swapped in only if it passes every check. A refused version is not
@@ -120,7 +128,7 @@ async def watch_models(state: AppState, interval_s: float, follow_newest: bool) 
     while True:
         await asyncio.sleep(interval_s)
         try:
-            was_pinned = await run_in_threadpool(poll_once, state, follow_newest, was_pinned)
+            was_pinned = await run_in_threadpool(tick, state, follow_newest, was_pinned)
         except NoModelError:
             pass  # the repository emptied: keep serving what serves
         except Exception:  # the watcher must survive anything; the failure is logged
