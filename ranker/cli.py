@@ -22,6 +22,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("serve",): ("service.cli:serve_main", "serve the ranking API"),
     ("run",): ("service.mainjob:main", "the main job: train if needed, Redis, load, serve"),
     ("bench",): ("bench.run:main", "run the benchmark suite and write a report"),
+    ("logs", "export"): ("launch.logs:export_main", "served log and feedback -> Parquet"),
 }
 
 

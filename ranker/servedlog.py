@@ -38,6 +38,7 @@ IMPRESSION_COLUMNS = (
 FEEDBACK_COLUMNS = (STREAM_ID, "ts", "request_id", "item_id", "event")
 INPUT_PREFIX = "in_"
 SCORE_PREFIX = "score_"
+MAX_TS = 2.0**33  # unix seconds, the year 2242: a larger ts is a corrupt record
 
 
 class LogFormatError(ValueError):
@@ -115,7 +116,16 @@ def _field(fields: Mapping[bytes, bytes], name: bytes) -> bytes:
 
 
 def decode_served(fields: Mapping[bytes, bytes]) -> ServedRecord:
-    """The record `encode_served` wrote; LogFormatError for anything else."""
+    """The record `encode_served` wrote; LogFormatError for anything else, whatever the bytes."""
+    try:
+        return _decode_served(fields)
+    except LogFormatError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # JSON of another shape
+        raise LogFormatError(f"served record: {type(e).__name__}: {e}") from None
+
+
+def _decode_served(fields: Mapping[bytes, bytes]) -> ServedRecord:
     try:
         meta = orjson.loads(_field(fields, b"meta"))
     except orjson.JSONDecodeError as e:
@@ -135,10 +145,12 @@ def decode_served(fields: Mapping[bytes, bytes]) -> ServedRecord:
         arr = np.frombuffer(_field(fields, f"{INPUT_PREFIX}{name}".encode()), dtype=dtype)
         if arr.size != int(np.prod(shape)):
             raise LogFormatError(f"input {name}: {arr.size} values for shape {shape}")
+        if len(shape) != 2 or shape[0] not in (1, k):
+            raise LogFormatError(f"input {name}: shape {shape}, expected ({k} or 1, width)")
         inputs[name] = arr.reshape(shape)
     name, version = meta["model"]
     return ServedRecord(
-        ts=float(meta["ts"]), request_id=meta["request_id"], user_id=meta["user_id"],
+        ts=_unix_time(meta["ts"]), request_id=meta["request_id"], user_id=meta["user_id"],
         model_name=name, model_version=int(version), scoring=meta["scoring"],
         weights=meta["weights"], context=meta["context"], tasks=tasks, item_ids=items,
         scores=scores.reshape(k, t), final=final, inputs=inputs,
@@ -153,7 +165,16 @@ def encode_feedback(ev: FeedbackEvent) -> dict[bytes, bytes]:
 
 
 def decode_feedback(fields: Mapping[bytes, bytes]) -> FeedbackEvent:
-    """The event `encode_feedback` wrote; LogFormatError for anything else."""
+    """The event `encode_feedback` wrote; LogFormatError for anything else, whatever the bytes."""
+    try:
+        return _decode_feedback(fields)
+    except LogFormatError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise LogFormatError(f"feedback event: {type(e).__name__}: {e}") from None
+
+
+def _decode_feedback(fields: Mapping[bytes, bytes]) -> FeedbackEvent:
     try:
         meta = orjson.loads(_field(fields, b"meta"))
     except orjson.JSONDecodeError as e:
@@ -161,7 +182,20 @@ def decode_feedback(fields: Mapping[bytes, bytes]) -> FeedbackEvent:
     if meta.get("v") != FORMAT:
         raise LogFormatError(f"feedback format {meta.get('v')!r}, expected {FORMAT}")
     return FeedbackEvent(str(meta["request_id"]), str(meta["item_id"]), str(meta["event"]),
-                         float(meta["ts"]))
+                         _unix_time(meta["ts"]))
+
+
+def _unix_time(value: Any) -> float:
+    """A record's time: finite unix seconds between 1970 and MAX_TS (it names an hour partition)."""
+    ts = float(value)
+    if not 0.0 <= ts < MAX_TS:  # also false for NaN
+        raise LogFormatError(f"ts {value!r} is not a unix time in [0, {MAX_TS:.0f})")
+    return ts
+
+
+def schema_key(rec: ServedRecord) -> tuple[Any, ...]:
+    """What must be equal for records to share an impressions table: tasks, inputs and widths."""
+    return (rec.tasks, tuple((n, a.dtype.str, a.shape[1]) for n, a in rec.inputs.items()))
 
 
 def impressions_table(records: Sequence[tuple[str, ServedRecord]]) -> pa.Table:
@@ -170,13 +204,14 @@ def impressions_table(records: Sequence[tuple[str, ServedRecord]]) -> pa.Table:
         return pa.table({c: [] for c in IMPRESSION_COLUMNS})
     tasks = records[0][1].tasks
     names = list(records[0][1].inputs)
+    key = schema_key(records[0][1])
     cols: dict[str, list[Any]] = {c: [] for c in IMPRESSION_COLUMNS}
     per_task: dict[str, list[np.ndarray]] = {t: [] for t in tasks}
     per_input: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for sid, rec in records:
-        if rec.tasks != tasks or list(rec.inputs) != names:
-            raise LogFormatError(f"{sid}: tasks/inputs {rec.tasks}/{list(rec.inputs)} differ "
-                                 f"from the batch's {tasks}/{names}")
+        if schema_key(rec) != key:
+            raise LogFormatError(f"{sid}: tasks/inputs {schema_key(rec)} differ "
+                                 f"from the batch's {key}")
         k = len(rec.item_ids)
         cols[STREAM_ID] += [sid] * k
         cols["ts"] += [rec.ts] * k
