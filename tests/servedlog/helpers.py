@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -44,12 +45,18 @@ def served(i: int, ts: float, k: int | None = None) -> ServedRecord:
     )
 
 
+def xadd(client: SyncClient, key: str, fields: dict[bytes, bytes]) -> str:
+    """XADD, the new entry's id as a string."""
+    sid: Any = client.xadd(key, fields)  # type: ignore[arg-type]  # the stub wants str keys
+    return sid.decode() if isinstance(sid, bytes) else str(sid)
+
+
 def xadd_served(client: SyncClient, rec: ServedRecord) -> str:
-    return str(client.xadd(served_stream(PREFIX), encode_served(rec)).decode())  # type: ignore[union-attr]
+    return xadd(client, served_stream(PREFIX), encode_served(rec))
 
 
 def xadd_feedback(client: SyncClient, ev: FeedbackEvent) -> str:
-    return str(client.xadd(feedback_stream(PREFIX), encode_feedback(ev)).decode())  # type: ignore[union-attr]
+    return xadd(client, feedback_stream(PREFIX), encode_feedback(ev))
 
 
 def parts(out: Path, kind: str) -> list[Path]:

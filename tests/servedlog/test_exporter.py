@@ -28,6 +28,7 @@ from tests.servedlog.helpers import (
     read_kind,
     served,
     stream_id_counts,
+    xadd,
     xadd_feedback,
     xadd_served,
 )
@@ -101,8 +102,8 @@ def test_entries_that_do_not_decode_go_to_the_dead_letters_and_are_counted(
         {**fields, b"meta": orjson.dumps({**orjson.loads(fields[b"meta"]), "ts": "nan"})},
         {**fields, b"meta": orjson.dumps([1, 2])},  # JSON of another shape
     ]
-    bad_ids = [str(client.xadd(served_stream(PREFIX), f).decode()) for f in bad]
-    bad_fb = str(client.xadd(feedback_stream(PREFIX), {b"meta": b'{"v": 1}'}).decode())
+    bad_ids = [xadd(client, served_stream(PREFIX), f) for f in bad]
+    bad_fb = xadd(client, feedback_stream(PREFIX), {b"meta": b'{"v": 1}'})
     rep = export(client, tmp_path, batch=3)
     assert rep["impressions"]["dead_letter"] == len(bad) and rep["feedback"]["dead_letter"] == 1
     assert stream_id_counts(tmp_path, "impressions") == {f"{good}#0": 1, f"{good}#1": 1}
@@ -157,7 +158,7 @@ def test_interleaved_ranges_are_decided_by_the_files_ids(tmp_path: Path) -> None
 
 def test_exports_from_a_redis_cluster(tmp_path: Path) -> None:
     try:
-        from launch.local_redis import RedisClusterServer  # type: ignore[import-not-found]
+        from launch.local_redis import RedisClusterServer
     except ImportError:  # before the entry points moved to launch/
         from service.featurestore.embedded import RedisClusterServer
     with RedisClusterServer(masters=3) as cluster:
