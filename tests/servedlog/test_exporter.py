@@ -12,6 +12,7 @@ import orjson
 import pyarrow.parquet as pq
 import pytest
 import redis
+from redis.cluster import RedisCluster
 
 from ranker.servedlog import (
     FeedbackEvent,
@@ -163,6 +164,7 @@ def test_exports_from_a_redis_cluster(tmp_path: Path) -> None:
         from service.featurestore.embedded import RedisClusterServer
     with RedisClusterServer(masters=3) as cluster:
         client = make_exporter_client(cluster.url, block_ms=50)
+        assert isinstance(client, RedisCluster)  # detected by itself
         try:
             slots = {client.keyslot(k) for k in (served_stream(PREFIX), feedback_stream(PREFIX))}
             assert len(slots) == 2  # two keys, two slots: never one multi-key command
