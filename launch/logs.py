@@ -1,7 +1,8 @@
-"""`ranker logs export`: drain the served log and feedback streams into Parquet.
+"""`ranker logs export` and `ranker train --from-logs`: the served log's command lines.
 
-Argument parsing, signals and the summary only; the work is `service.servedlog.exporter`.
-Also runs as `python -m launch.logs export ...`.
+Argument parsing, signals and summaries only; the work is `service.servedlog.exporter` (streams
+to Parquet) and `training.from_logs` (Parquet to a run directory). The export also runs as
+`python -m launch.logs export ...`.
 """
 
 from __future__ import annotations
@@ -14,16 +15,9 @@ import signal
 import sys
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from service.featurestore.keys import DEFAULT_PREFIX
-from service.servedlog.exporter import (
-    DEFAULT_BATCH,
-    DEFAULT_BLOCK_MS,
-    DEFAULT_CONSUMER,
-    DEFAULT_GROUP,
-    Exporter,
-    make_exporter_client,
-)
 
 
 def _positive_int(s: str) -> int:
@@ -42,6 +36,15 @@ def _positive_float(s: str) -> float:
 
 def export_main(argv: list[str]) -> int:
     """Export the served and feedback streams to Parquet partitioned by hour, exactly once."""
+    from service.servedlog.exporter import (
+        DEFAULT_BATCH,
+        DEFAULT_BLOCK_MS,
+        DEFAULT_CONSUMER,
+        DEFAULT_GROUP,
+        Exporter,
+        make_exporter_client,
+    )
+
     p = argparse.ArgumentParser(prog="ranker logs export", description=export_main.__doc__)
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--redis-url", default=os.environ.get("RANKER_REDIS_URL"),
@@ -84,6 +87,38 @@ def export_main(argv: list[str]) -> int:
         for s, h in previous.items():
             signal.signal(s, h)
     print(json.dumps(report.as_dict()), flush=True)
+    return 0
+
+
+def add_from_logs_args(p: argparse.ArgumentParser) -> None:
+    """`ranker train`'s flags for training on an exported served log."""
+    from training.from_logs import DEFAULT_WINDOW_S
+
+    g = p.add_argument_group("training from a served log (ranker logs export --out DIR)")
+    g.add_argument("--from-logs", type=Path, metavar="DIR",
+                   help="train on DIR/impressions joined with DIR/feedback instead of --spec")
+    g.add_argument("--window-s", type=_positive_float, default=DEFAULT_WINDOW_S,
+                   help="attribution window after an impression, seconds (default %(default)s)")
+    g.add_argument("--model-repo", type=Path, default=Path("models"),
+                   help="repository of the serving models named in the log (default %(default)s)")
+
+
+def train_from_logs(p: argparse.ArgumentParser, a: argparse.Namespace, model_kw: dict[str, Any],
+                    tc: Any) -> int:
+    """`ranker train --from-logs DIR`: a run directory like any run's, from what was served."""
+    from training.from_logs import DATASET, LogError, report_markdown, run_training_from_logs
+
+    if a.max_train_rows or a.data:
+        p.error("--from-logs trains on the whole log: --data and --max-train-rows do not apply")
+    out = a.out or Path("runs") / DATASET
+    try:
+        report = run_training_from_logs(a.from_logs, out, model_kw, tc, repo=a.model_repo,
+                                        window_s=a.window_s, baselines=a.baselines)
+    except LogError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(report_markdown(report))
+    print(f"wrote {out}")
     return 0
 
 
