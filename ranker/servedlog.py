@@ -134,6 +134,7 @@ def _decode_served(fields: Mapping[bytes, bytes]) -> ServedRecord:
         raise LogFormatError(f"served record format {meta.get('v')!r}, expected {FORMAT}")
     items = list(meta["items"])
     tasks = tuple(meta["tasks"])
+    _check_types(meta, items, tasks)
     k, t = len(items), len(tasks)
     scores = np.frombuffer(_field(fields, b"scores"), dtype="<f4")
     final = np.frombuffer(_field(fields, b"final"), dtype="<f8")
@@ -142,6 +143,8 @@ def _decode_served(fields: Mapping[bytes, bytes]) -> ServedRecord:
                              f"{final.size} final scores")
     inputs = {}
     for name, (dtype, shape) in meta["inputs"].items():
+        if np.dtype(dtype).kind not in "biuf":
+            raise LogFormatError(f"input {name}: dtype {dtype!r} is not numeric")
         arr = np.frombuffer(_field(fields, f"{INPUT_PREFIX}{name}".encode()), dtype=dtype)
         if arr.size != int(np.prod(shape)):
             raise LogFormatError(f"input {name}: {arr.size} values for shape {shape}")
@@ -156,6 +159,19 @@ def _decode_served(fields: Mapping[bytes, bytes]) -> ServedRecord:
         scores=scores.reshape(k, t), final=final, inputs=inputs,
         experiment=meta.get("experiment"), arm=meta.get("arm"),
     )
+
+
+def _check_types(meta: dict[str, Any], items: list[Any], tasks: tuple[Any, ...]) -> None:
+    """The JSON values a table column is built from have the types of their columns."""
+    strings = [meta["request_id"], meta["user_id"], meta["scoring"], meta["model"][0],
+               *items, *tasks]
+    if not all(isinstance(v, str) for v in strings):
+        raise LogFormatError("served record: ids, scoring, model name and tasks must be strings")
+    if not isinstance(meta["weights"], dict) or not isinstance(meta["context"], dict):
+        raise LogFormatError("served record: weights and context must be objects")
+    for key in ("experiment", "arm"):
+        if not isinstance(meta.get(key), str | None):
+            raise LogFormatError(f"served record: {key} must be a string or null")
 
 
 def encode_feedback(ev: FeedbackEvent) -> dict[bytes, bytes]:
