@@ -10,6 +10,7 @@ from the request.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -66,6 +67,21 @@ INFLIGHT = Gauge("ranker_inflight_requests", "Requests being processed",
 
 # label children looked up once, not per observation on the hot path
 STAGE = {s: STAGE_DURATION.labels(s) for s in STAGES}
+
+
+class StageTimer:
+    """Observes the time since the previous lap as one /rank stage: the one place stage
+    durations are taken (perf_counter; deadlines are on the event loop's clock)."""
+
+    __slots__ = ("_last",)
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        STAGE[stage].observe(now - self._last)
+        self._last = now
 
 
 def observe_scores(tasks: list[str], scores: np.ndarray, positions: np.ndarray) -> None:

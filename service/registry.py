@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,8 +204,15 @@ class ReloadResult:
     detail: str = ""
 
 
+SwapHook = Callable[["LoadedModel | None", "LoadedModel"], None]  # (old, new) after a swap
+FailureHook = Callable[[int, str], None]  # (version, why) after a refusal
+
+
 class ModelRegistry:
-    """Holds the serving model of one name; loads newer versions and swaps them in atomically."""
+    """Holds the serving model of one name; loads newer versions and swaps them in atomically.
+
+    `on_swap(old, new)` runs after a swap, `on_failure(version, why)` after a refusal.
+    """
 
     def __init__(
         self,
@@ -214,8 +222,8 @@ class ModelRegistry:
         intra_op: int = 1,
         inter_op: int = 1,
         warmup_sizes: tuple[int, ...] = (1, 100, 500, 1000),
-        on_swap: Any = None,
-        on_failure: Any = None,
+        on_swap: SwapHook | None = None,
+        on_failure: FailureHook | None = None,
     ) -> None:
         self.repo = Path(repo)
         self.name = name
@@ -232,10 +240,9 @@ class ModelRegistry:
         self._on_swap = on_swap
         self._on_failure = on_failure
 
-    def set_callbacks(self, on_swap: Any = None, on_failure: Any = None) -> None:
-        """on_swap(old, new) runs after a swap, on_failure(version, why) after a refusal."""
-        self._on_swap = on_swap
-        self._on_failure = on_failure
+    def close(self) -> None:
+        """Stop serving: drop the current model (its session goes with the last reference)."""
+        self._current = None  # no lock: a load still running in a thread must not block this
 
     @property
     def current(self) -> LoadedModel | None:

@@ -15,6 +15,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 
+from service.errors import error_response, request_id_of
+
 STATIC_DIR = Path(__file__).resolve().parent
 STATIC_FILES = {
     "playground.css": "text/css; charset=utf-8",
@@ -60,10 +62,11 @@ def _max_candidates(request: Request) -> int:
     return int(getattr(getattr(state, "settings", None), "max_candidates", MAX_SAMPLE_ITEMS))
 
 
-def _invalid(field: str, message: str) -> JSONResponse:
-    """The service's 422 shape: the field and the limit."""
-    body = {"error": "invalid_request", "detail": [{"field": field, "message": message}]}
-    return JSONResponse(body, status_code=422)
+def _invalid(request: Request, field: str, message: str) -> Response:
+    """The service's 422 answer: the field and the limit."""
+    return error_response(422, "invalid_request", f"{field}: {message}",
+                          detail=[{"field": field, "message": message}],
+                          request_id=request_id_of(request.scope))
 
 
 @router.get("/playground", include_in_schema=False)
@@ -78,11 +81,11 @@ async def playground_sample(
     users: Annotated[int, Query(ge=1, le=MAX_SAMPLE_USERS)] = 20,
     items: Annotated[int, Query(ge=1, le=MAX_SAMPLE_ITEMS)] = 50,
     seed: Annotated[int | None, Query(ge=0, le=2**32 - 1)] = None,
-) -> JSONResponse:
+) -> Response:
     """Random user ids and item ids from the serving model's vocabularies, plus context choices."""
     limit = _max_candidates(request)
     if items > limit:
-        return _invalid("items", f"at most {limit} items (the service's max_candidates)")
+        return _invalid(request, "items", f"at most {limit} items (the service's max_candidates)")
     model = _serving_model(request)
     schema = model.schema
     rng = random.Random(seed)
