@@ -158,10 +158,8 @@ def test_interleaved_ranges_are_decided_by_the_files_ids(tmp_path: Path) -> None
 
 
 def test_exports_from_a_redis_cluster(tmp_path: Path) -> None:
-    try:
-        from launch.local_redis import RedisClusterServer
-    except ImportError:  # before the entry points moved to launch/
-        from service.featurestore.embedded import RedisClusterServer
+    from launch.local_redis import RedisClusterServer
+
     with RedisClusterServer(masters=3) as cluster:
         client = make_exporter_client(cluster.url, block_ms=50)
         assert isinstance(client, RedisCluster)  # detected by itself

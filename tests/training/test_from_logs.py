@@ -287,8 +287,8 @@ def test_the_split_is_by_time_with_validation_after_training(
 def test_records_exporter_train_export_serve(
     redis_url: str, model_repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    from launch.train import export_main, train_main
     from service.registry import ModelRegistry
-    from training.cli import export_main, train_main
 
     schema = load_schema(version_dir(model_repo, MODEL_NAME, 1),
                          load_manifest(version_dir(model_repo, MODEL_NAME, 1)))
