@@ -333,7 +333,7 @@ def log_markdown(report: dict[str, Any]) -> str:
 
 
 def _utc(ts: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ts))
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1e3) % 1000:03d}Z"
 
 
 def run_training_from_logs(

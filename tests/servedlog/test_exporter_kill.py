@@ -37,8 +37,9 @@ def client(redis_url: str) -> Iterator[redis.Redis]:
     c.close()
 
 
-def exporter_cmd(url: str, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "launch.logs", "export", "--out", str(out), "--redis-url", url,
+def exporter_cmd(url: str, out: Path, *extra: str, entry: str = "launch.logs") -> list[str]:
+    """`python -m launch.logs export ...`, or with entry="launch.cli logs" the ranker command."""
+    return [sys.executable, "-m", *entry.split(), "export", "--out", str(out), "--redis-url", url,
             "--batch", "7", "--block-ms", "20", *extra]
 
 
@@ -105,9 +106,9 @@ def test_sigkilled_at_random_moments_and_restarted_nothing_is_lost_or_twice(
     try:
         while kills < 6:
             before = len(list(tmp_path.rglob("part-*.parquet")))
-            proc = subprocess.Popen(exporter_cmd(redis_url, tmp_path), env=subprocess_env(),
-                                    cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL)
+            proc = subprocess.Popen(exporter_cmd(redis_url, tmp_path, entry="launch.cli logs"),
+                                    env=subprocess_env(), cwd=REPO_ROOT,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 deadline = time.monotonic() + 60
                 # wait until this run has committed something, then kill it a moment later
