@@ -86,25 +86,27 @@ def test_sigkilled_at_random_moments_and_restarted_nothing_is_lost_or_twice(
     redis_url: str, client: redis.Redis, tmp_path: Path
 ) -> None:
     rng = random.Random(15)
-    n = 240
     served_ids: dict[str, int] = {}
     feedback_ids: list[str] = []
+    producing = threading.Event()
+    producing.set()
     producer_client = redis.Redis.from_url(redis_url, socket_timeout=5.0)
 
-    def produce() -> None:  # three hours of records, written while the exporter runs and dies
-        for i in range(n):
-            rec = served(i, HOUR0 + i * 3 * 3600 / n)
+    def produce() -> None:  # records every 50 s of log time, written while the exporter dies
+        i = 0
+        while producing.is_set() and i < 5000:
+            rec = served(i, HOUR0 + 50.0 * i)
             served_ids[xadd_served(producer_client, rec)] = len(rec.item_ids)
             feedback_ids.append(xadd_feedback(producer_client, FeedbackEvent(
                 f"r{i}", f"i{i}-0", "click", rec.ts + 1)))
-            time.sleep(0.02)
+            i += 1
+            time.sleep(0.01)
 
     producer = threading.Thread(target=produce)
     producer.start()
-    kills = 0
     pending_after_kill: list[int] = []  # entries delivered to a killed run and not acked
     try:
-        while kills < 6:
+        for _ in range(6):  # the producer runs until the last kill: every run has work
             before = len(list(tmp_path.rglob("part-*.parquet")))
             proc = subprocess.Popen(exporter_cmd(redis_url, tmp_path, entry="launch.cli logs"),
                                     env=subprocess_env(), cwd=REPO_ROOT,
@@ -120,20 +122,18 @@ def test_sigkilled_at_random_moments_and_restarted_nothing_is_lost_or_twice(
             finally:
                 proc.kill()
                 proc.wait(timeout=30)
-            kills += 1
             pending_after_kill.append(sum(client.xpending(k, "exporter")["pending"]
                                           for k in (served_stream(PREFIX),
                                                     feedback_stream(PREFIX))))
     finally:
+        producing.clear()
         producer.join(timeout=60)
         producer_client.close()
-    assert len(served_ids) == n and len(feedback_ids) == n
     rep = drain(redis_url, tmp_path)
-    # most kills caught a batch delivered and not acked, the case at-least-once replays
+    # kills that caught a batch delivered and not acked: the case at-least-once replays
     assert any(pending_after_kill), pending_after_kill
     assert_exactly_once(tmp_path, served_ids, feedback_ids)
     for key in (served_stream(PREFIX), feedback_stream(PREFIX)):
         assert client.xpending(key, "exporter")["pending"] == 0
-    assert {f.parent.name for f in parts(tmp_path, "impressions")} == {
-        "hour=2026-12-01T08", "hour=2026-12-01T09", "hour=2026-12-01T10"}
+    assert len({f.parent.name for f in parts(tmp_path, "impressions")}) >= 2  # 72 records/hour
     assert rep["impressions"]["dead_letter"] == 0
