@@ -11,18 +11,26 @@ Transport: two Redis streams per feature-store prefix (capped by the writer)::
     {prefix}:log:served     one entry per logged /rank response      (encode_served)
     {prefix}:log:feedback   one entry per feedback event              (encode_feedback)
 
-Exported Parquet (the exporter writes one file per stream batch and hour):
+Exported Parquet (the exporter writes one file per stream batch, hour and record schema)::
+
+    DIR/impressions/hour=YYYY-MM-DDTHH/part-<first stream id>-<last stream id>.parquet
+    DIR/feedback/hour=YYYY-MM-DDTHH/part-<first stream id>-<last stream id>.parquet
 
 - impressions: one row per served item: `IMPRESSION_COLUMNS`, then `score_<task>` per task,
   then `in_<input name>` per model input, a fixed-size list of the input's row for that item
   (user and context inputs are served once per request and repeated on each of its rows);
 - feedback: one row per event: `FEEDBACK_COLUMNS`.
+
+The hour is the record's `ts` in UTC (`hour_partition`); docs/closing-the-loop.md has the rest.
 """
 
 from __future__ import annotations
 
+import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,6 +47,10 @@ FEEDBACK_COLUMNS = (STREAM_ID, "ts", "request_id", "item_id", "event")
 INPUT_PREFIX = "in_"
 SCORE_PREFIX = "score_"
 MAX_TS = 2.0**33  # unix seconds, the year 2242: a larger ts is a corrupt record
+IMPRESSIONS_DIR, FEEDBACK_DIR = "impressions", "feedback"
+PART_FILES = "hour=*/part-*.parquet"  # a kind's committed files, as a glob under its directory
+_PART = re.compile(r"^part-(\d+)-(\d+)-(\d+)-(\d+)\.parquet$")
+StreamId = tuple[int, int]
 
 
 class LogFormatError(ValueError):
@@ -53,6 +65,36 @@ def served_stream(prefix: str) -> str:
 def feedback_stream(prefix: str) -> str:
     """The stream of feedback events under a feature-store key prefix."""
     return f"{prefix}:log:feedback"
+
+
+def parse_stream_id(sid: str) -> StreamId:
+    """A stream id "1700000000000-3" as (milliseconds, sequence), which sorts as Redis does."""
+    ms, _, seq = sid.partition("-")
+    return int(ms), int(seq)
+
+
+def hour_partition(ts: float) -> str:
+    """The partition directory of a unix time: "hour=2026-12-01T09" (UTC)."""
+    return "hour=" + time.strftime("%Y-%m-%dT%H", time.gmtime(ts))
+
+
+def part_name(first: str, last: str) -> str:
+    """The file of one batch's entries first..last (stream ids) in one partition."""
+    return f"part-{first}-{last}.parquet"
+
+
+def part_range(name: str) -> tuple[StreamId, StreamId] | None:
+    """The stream id range a file name gives, or None for a name that is not a part file."""
+    m = _PART.match(name)
+    if m is None:
+        return None
+    a, b, x, y = map(int, m.groups())
+    return (a, b), (x, y)
+
+
+def part_files(kind_dir: Path) -> list[Path]:
+    """The committed files under `DIR/impressions` or `DIR/feedback`, in partition order."""
+    return sorted(Path(kind_dir).glob(PART_FILES))
 
 
 @dataclass(frozen=True)

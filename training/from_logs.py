@@ -37,7 +37,14 @@ import torch
 
 from ranker.manifest import Manifest, ManifestError, load_manifest, load_schema, version_dir
 from ranker.schema import FeatureSchema
-from ranker.servedlog import STREAM_ID, served_inputs
+from ranker.servedlog import (
+    FEEDBACK_DIR,
+    IMPRESSIONS_DIR,
+    STREAM_ID,
+    parse_stream_id,
+    part_files,
+    served_inputs,
+)
 from training.data import Encoded
 from training.model import ModelConfig, inputs_from_schema
 from training.pipeline import CHECKPOINT, golden_from, train_models
@@ -46,7 +53,6 @@ from training.train import TrainConfig, save_checkpoint
 
 log = logging.getLogger(__name__)
 
-IMPRESSIONS, FEEDBACK = "impressions", "feedback"
 DATASET = "served-log"
 DEFAULT_WINDOW_S = 3600.0
 DEFAULT_SPLIT = (0.8, 0.1, 0.1)
@@ -89,10 +95,6 @@ class ServedLog:
     ts: dict[str, tuple[float, float]]  # per split: first and last impression ts
     counts: JoinCounts
     sha256: str
-
-
-def _part_files(d: Path) -> list[Path]:
-    return sorted(d.glob("hour=*/part-*.parquet"))
 
 
 def log_sha256(files: Sequence[Path]) -> str:
@@ -149,15 +151,10 @@ def read_impressions(files: Sequence[Path]) -> pa.Table:
         raise LogError(f"impression files of one schema have different columns: {e}") from e
     if not table.num_rows:
         raise LogError("the impression files hold no rows")
-    ms, seq = zip(*(_split_id(s) for s in table[STREAM_ID].to_pylist()), strict=True)
+    ms, seq = zip(*(parse_stream_id(s) for s in table[STREAM_ID].to_pylist()), strict=True)
     order = np.lexsort((table["position"].to_numpy(), np.array(seq), np.array(ms),
                         table["ts"].to_numpy()))
     return table.take(pa.array(order))
-
-
-def _split_id(sid: str) -> tuple[int, int]:
-    ms, _, seq = sid.partition("-")
-    return int(ms), int(seq)
 
 
 def read_feedback(files: Sequence[Path]) -> pa.Table:
@@ -166,7 +163,7 @@ def read_feedback(files: Sequence[Path]) -> pa.Table:
         return pa.table({c: pa.array([], pa.float64() if c == "ts" else pa.string())
                          for c in (STREAM_ID, "ts", "request_id", "item_id", "event")})
     table = pa.concat_tables([pq.read_table(f) for f in files])
-    ms, seq = (zip(*(_split_id(s) for s in table[STREAM_ID].to_pylist()), strict=True)
+    ms, seq = (zip(*(parse_stream_id(s) for s in table[STREAM_ID].to_pylist()), strict=True)
                if table.num_rows else ((), ()))
     order = np.lexsort((np.array(seq, np.int64), np.array(ms, np.int64), table["ts"].to_numpy()))
     return table.take(pa.array(order, pa.int64()))
@@ -271,10 +268,10 @@ def load_served_log(
 ) -> ServedLog:
     """Read `log_dir/impressions` and `log_dir/feedback`, join, split by time, encode."""
     log_dir = Path(log_dir)
-    imp_files = _part_files(log_dir / IMPRESSIONS)
-    fb_files = _part_files(log_dir / FEEDBACK)
+    imp_files = part_files(log_dir / IMPRESSIONS_DIR)
+    fb_files = part_files(log_dir / FEEDBACK_DIR)
     if not imp_files:
-        raise LogError(f"{log_dir / IMPRESSIONS}: no impression files (ranker logs export)")
+        raise LogError(f"{log_dir / IMPRESSIONS_DIR}: no impression files (ranker logs export)")
     schema, manifest, versions = serving_schema(imp_files, repo)
     impressions = read_impressions(imp_files)
     feedback = read_feedback(fb_files)

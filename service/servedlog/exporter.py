@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -45,13 +44,20 @@ import redis
 from redis.cluster import RedisCluster
 
 from ranker.servedlog import (
+    FEEDBACK_DIR,
+    IMPRESSIONS_DIR,
     STREAM_ID,
     LogFormatError,
+    StreamId,
     decode_feedback,
     decode_served,
     feedback_stream,
     feedback_table,
+    hour_partition,
     impressions_table,
+    parse_stream_id,
+    part_name,
+    part_range,
     schema_key,
     served_stream,
 )
@@ -60,29 +66,11 @@ from service.featurestore.writer import make_sync_client
 log = logging.getLogger(__name__)
 
 SyncClient = redis.Redis | RedisCluster
-IMPRESSIONS, FEEDBACK, DEADLETTER = "impressions", "feedback", "deadletter"
+IMPRESSIONS, FEEDBACK, DEADLETTER = IMPRESSIONS_DIR, FEEDBACK_DIR, "deadletter"
 DEFAULT_GROUP = "exporter"
 DEFAULT_CONSUMER = "exporter-1"
 DEFAULT_BATCH = 1000
 DEFAULT_BLOCK_MS = 1000
-_PART = re.compile(r"^part-(\d+)-(\d+)-(\d+)-(\d+)\.parquet$")
-StreamId = tuple[int, int]
-
-
-def parse_id(sid: str) -> StreamId:
-    """A stream id "1700000000000-3" as (milliseconds, sequence), which sorts like Redis."""
-    ms, _, seq = sid.partition("-")
-    return int(ms), int(seq)
-
-
-def hour_of(ts: float) -> str:
-    """The partition of a unix time: "hour=2026-12-01T09" (UTC)."""
-    return "hour=" + time.strftime("%Y-%m-%dT%H", time.gmtime(ts))
-
-
-def part_name(first: str, last: str) -> str:
-    """The committed file of a batch's entries first..last in one partition."""
-    return f"part-{first}-{last}.parquet"
 
 
 @dataclass
@@ -119,10 +107,9 @@ class Committed:
                     if f.name.startswith(_tmp_prefix(consumer)):
                         f.unlink()
                         continue
-                    m = _PART.match(f.name)
-                    if m:
-                        a, b, x, y = map(int, m.groups())
-                        c.add(f"{kind}/{hour.name}", _File((a, b), (x, y), f))
+                    rng = part_range(f.name)
+                    if rng is not None:
+                        c.add(f"{kind}/{hour.name}", _File(*rng, f))
         return c
 
     def add(self, partition: str, f: _File) -> None:
@@ -131,7 +118,7 @@ class Committed:
 
     def written(self, partition: str, sid: str) -> bool:
         """Whether entry `sid` of `partition` is already in a committed file."""
-        key = parse_id(sid)
+        key = parse_stream_id(sid)
         if key > self.high.get(partition, (-1, -1)):  # the common case: a new entry
             return False
         return any(f.first <= key <= f.last and f.holds(sid) for f in self.parts[partition])
@@ -253,10 +240,11 @@ class StreamConsumer:
                 continue
             try:
                 rec = codec.decode(fields)
-                part, gkey = f"{codec.kind}/{hour_of(codec.ts(rec))}", (False, codec.group(rec))
+                part = f"{codec.kind}/{hour_partition(codec.ts(rec))}"
+                gkey = (False, codec.group(rec))
             except LogFormatError as e:
                 rec = DeadLetter(str(e), dict(fields))
-                hour = hour_of(parse_id(sid)[0] / 1000)
+                hour = hour_partition(parse_stream_id(sid)[0] / 1000)
                 part, gkey = f"{DEADLETTER}/{codec.kind}/{hour}", (True, None)
             if self.committed.written(part, sid):
                 stats.already_written += 1
@@ -286,7 +274,7 @@ class StreamConsumer:
         _publish(tmp, final)
         _fsync(d)
         ids = frozenset(table[STREAM_ID].to_pylist())
-        self.committed.add(part, _File(parse_id(first), parse_id(last), final, ids))
+        self.committed.add(part, _File(parse_stream_id(first), parse_stream_id(last), final, ids))
 
 
 @dataclass

@@ -98,3 +98,13 @@ def test_feedback_of_another_shape_is_a_format_error() -> None:
                  b'"item_id": "i", "event": "click", "ts": "soon"}'):
         with pytest.raises(LogFormatError):
             decode_feedback({b"meta": meta})
+
+
+def test_the_parquet_layout_names() -> None:
+    from ranker.servedlog import hour_partition, parse_stream_id, part_name, part_range
+
+    assert hour_partition(1_796_115_599.9) == "hour=2026-12-01T08"  # UTC, 08:59:59.9
+    assert part_range(part_name("1796115599000-0", "1796115600000-12")) == (
+        (1796115599000, 0), (1796115600000, 12))
+    assert part_range(".tmp-exporter-1-1-0-2-0.parquet") is None
+    assert parse_stream_id("10-2") > parse_stream_id("9-30")  # numeric, not string, order

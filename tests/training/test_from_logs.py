@@ -29,12 +29,14 @@ from ranker.servedlog import (
     encode_served,
     feedback_stream,
     feedback_table,
+    hour_partition,
     impressions_table,
+    part_name,
     served_stream,
 )
 from service.featurestore.reader import FeatureStore, make_client
 from service.featurestore.writer import load_tables, make_sync_client
-from service.servedlog.exporter import Exporter, hour_of, part_name
+from service.servedlog.exporter import Exporter
 from tests.featurestore.tables import items_table, users_table
 from tests.tiny import MODEL_NAME, TASKS, tiny_schema
 from training import pipeline
@@ -65,9 +67,9 @@ def write_log(out: Path, records: Sequence[ServedRecord],
     """A log as the exporter lays it out: one file per hour per kind, made-up stream ids."""
     by_hour: dict[str, list[tuple[str, Any]]] = defaultdict(list)
     for i, r in enumerate(records):
-        by_hour[f"impressions/{hour_of(r.ts)}"].append((f"{int(r.ts * 1000)}-{i}", r))
+        by_hour[f"impressions/{hour_partition(r.ts)}"].append((f"{int(r.ts * 1000)}-{i}", r))
     for i, e in enumerate(events):
-        by_hour[f"feedback/{hour_of(e.ts)}"].append((f"{int(e.ts * 1000)}-{i}", e))
+        by_hour[f"feedback/{hour_partition(e.ts)}"].append((f"{int(e.ts * 1000)}-{i}", e))
     for part, items in by_hour.items():
         table = (impressions_table if part.startswith("imp") else feedback_table)(items)
         (out / part).mkdir(parents=True, exist_ok=True)
