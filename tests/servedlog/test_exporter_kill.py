@@ -137,3 +137,25 @@ def test_sigkilled_at_random_moments_and_restarted_nothing_is_lost_or_twice(
         assert client.xpending(key, "exporter")["pending"] == 0
     assert len({f.parent.name for f in parts(tmp_path, "impressions")}) >= 2  # 72 records/hour
     assert rep["impressions"]["dead_letter"] == 0
+
+
+def test_sigterm_finishes_the_batch_in_hand_and_reports(
+    redis_url: str, client: redis.Redis, tmp_path: Path
+) -> None:
+    ids = {xadd_served(client, r): len(r.item_ids) for r in (served(i, HOUR0) for i in range(30))}
+    proc = subprocess.Popen(exporter_cmd(redis_url, tmp_path, "--block-ms", "100"),
+                            env=subprocess_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(stream_id_counts(tmp_path, "impressions")) < sum(ids.values()) or client.xpending(
+                served_stream(PREFIX), "exporter")["pending"]:  # all written, and acked
+            assert proc.poll() is None and time.monotonic() < deadline, "no export in 60 s"
+            time.sleep(0.01)
+        proc.terminate()  # idle now, blocked in XREADGROUP: stops within --block-ms
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert json.loads(out.strip().splitlines()[-1])["impressions"]["entries"] == 30
+    assert_exactly_once(tmp_path, ids, [])
