@@ -41,7 +41,6 @@ from ranker.servedlog import (
     FEEDBACK_DIR,
     IMPRESSIONS_DIR,
     STREAM_ID,
-    parse_stream_id,
     part_files,
     served_inputs,
 )
@@ -151,10 +150,20 @@ def read_impressions(files: Sequence[Path]) -> pa.Table:
         raise LogError(f"impression files of one schema have different columns: {e}") from e
     if not table.num_rows:
         raise LogError("the impression files hold no rows")
-    ms, seq = zip(*(parse_stream_id(s) for s in table[STREAM_ID].to_pylist()), strict=True)
-    order = np.lexsort((table["position"].to_numpy(), np.array(seq), np.array(ms),
-                        table["ts"].to_numpy()))
+    ms, seq = _stream_ids(table)
+    order = np.lexsort((table["position"].to_numpy(), seq, ms, table["ts"].to_numpy()))
     return table.take(pa.array(order))
+
+
+def _stream_ids(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """The rows' stream ids as (milliseconds, sequence) int64 columns (`parse_stream_id`,
+    vectorised)."""
+    parts = pc.split_pattern(table[STREAM_ID], "-")
+
+    def column(i: int) -> np.ndarray:
+        return np.asarray(pc.cast(pc.list_element(parts, i), pa.int64()).to_numpy(), np.int64)
+
+    return column(0), column(1)
 
 
 def read_feedback(files: Sequence[Path]) -> pa.Table:
@@ -163,9 +172,8 @@ def read_feedback(files: Sequence[Path]) -> pa.Table:
         return pa.table({c: pa.array([], pa.float64() if c == "ts" else pa.string())
                          for c in (STREAM_ID, "ts", "request_id", "item_id", "event")})
     table = pa.concat_tables([pq.read_table(f) for f in files])
-    ms, seq = (zip(*(parse_stream_id(s) for s in table[STREAM_ID].to_pylist()), strict=True)
-               if table.num_rows else ((), ()))
-    order = np.lexsort((np.array(seq, np.int64), np.array(ms, np.int64), table["ts"].to_numpy()))
+    ms, seq = _stream_ids(table)
+    order = np.lexsort((seq, ms, table["ts"].to_numpy()))
     return table.take(pa.array(order, pa.int64()))
 
 
