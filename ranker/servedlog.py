@@ -154,7 +154,19 @@ def _field(fields: Mapping[bytes, bytes], name: bytes) -> bytes:
     try:
         return fields[name]
     except KeyError:
-        raise LogFormatError(f"served record has no field {name.decode()!r}") from None
+        raise LogFormatError(f"entry has no field {name.decode()!r}") from None
+
+
+def _meta(fields: Mapping[bytes, bytes], what: str) -> dict[str, Any]:
+    """The JSON metadata of an entry, checked to be of this format."""
+    try:
+        meta = orjson.loads(_field(fields, b"meta"))
+    except orjson.JSONDecodeError as e:
+        raise LogFormatError(f"{what} meta is not JSON: {e}") from None
+    if not isinstance(meta, dict) or meta.get("v") != FORMAT:
+        version = meta.get("v") if isinstance(meta, dict) else None
+        raise LogFormatError(f"{what} format {version!r}, expected {FORMAT}")
+    return meta
 
 
 def decode_served(fields: Mapping[bytes, bytes]) -> ServedRecord:
@@ -168,12 +180,7 @@ def decode_served(fields: Mapping[bytes, bytes]) -> ServedRecord:
 
 
 def _decode_served(fields: Mapping[bytes, bytes]) -> ServedRecord:
-    try:
-        meta = orjson.loads(_field(fields, b"meta"))
-    except orjson.JSONDecodeError as e:
-        raise LogFormatError(f"served record meta is not JSON: {e}") from None
-    if meta.get("v") != FORMAT:
-        raise LogFormatError(f"served record format {meta.get('v')!r}, expected {FORMAT}")
+    meta = _meta(fields, "served record")
     items = list(meta["items"])
     tasks = tuple(meta["tasks"])
     _check_types(meta, items, tasks)
@@ -233,12 +240,7 @@ def decode_feedback(fields: Mapping[bytes, bytes]) -> FeedbackEvent:
 
 
 def _decode_feedback(fields: Mapping[bytes, bytes]) -> FeedbackEvent:
-    try:
-        meta = orjson.loads(_field(fields, b"meta"))
-    except orjson.JSONDecodeError as e:
-        raise LogFormatError(f"feedback meta is not JSON: {e}") from None
-    if meta.get("v") != FORMAT:
-        raise LogFormatError(f"feedback format {meta.get('v')!r}, expected {FORMAT}")
+    meta = _meta(fields, "feedback")
     return FeedbackEvent(str(meta["request_id"]), str(meta["item_id"]), str(meta["event"]),
                          _unix_time(meta["ts"]))
 
