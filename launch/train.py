@@ -84,18 +84,11 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--max-train-rows", type=int, help="subsample the train split (csv specs)")
     p.add_argument("--no-progress", action="store_true")
+    from launch.logs import add_from_logs_args, train_from_logs
+
+    add_from_logs_args(p)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    spec = load_spec(a.spec)
-    unknown = set(a.loss_weights) - set(spec.task_names)
-    if unknown:
-        p.error(f"--loss-weights: unknown tasks {sorted(unknown)}; tasks are {spec.task_names}")
-    if a.max_train_rows:
-        import dataclasses
-
-        spec = dataclasses.replace(
-            spec, source=dataclasses.replace(spec.source, max_train_rows=a.max_train_rows)
-        )
     model_kw = {
         "model_type": a.model,
         "n_experts": a.experts,
@@ -106,6 +99,18 @@ def train_main(argv: list[str]) -> int:
     tc = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, patience=a.patience,
                      weight_decay=a.weight_decay,
                      loss_weights=a.loss_weights, seed=a.seed, progress=not a.no_progress)
+    if a.from_logs:
+        return train_from_logs(p, a, model_kw, tc)
+    spec = load_spec(a.spec)
+    unknown = set(a.loss_weights) - set(spec.task_names)
+    if unknown:
+        p.error(f"--loss-weights: unknown tasks {sorted(unknown)}; tasks are {spec.task_names}")
+    if a.max_train_rows:
+        import dataclasses
+
+        spec = dataclasses.replace(
+            spec, source=dataclasses.replace(spec.source, max_train_rows=a.max_train_rows)
+        )
     out = a.out or Path("runs") / spec.name
     report = run_training(spec, out, model_kw, tc, data_dir=a.data, baselines=a.baselines)
     print(markdown(report))
