@@ -77,12 +77,29 @@ def worker(data: Path, threads: int, steps: int, warmup: int, result: Path) -> N
         train_one_epoch(net, timed, opt, weights, cfg, gen, 1, dist)
         dist.all_sum([0.0])
         seconds = time.perf_counter() - t0
+        allreduce_ms = allreduce_latency_ms(model, dist) if dist.enabled else None
         if dist.is_main:
             result.write_text(json.dumps({
                 "world_size": dist.world_size, "threads": threads, "steps": steps,
                 "batch_size": b, "samples": len(timed), "seconds": seconds,
-                "samples_per_s": len(timed) / seconds,
+                "samples_per_s": len(timed) / seconds, "allreduce_ms": allreduce_ms,
+                "params": sum(p.numel() for p in model.parameters()),
             }))
+
+
+def allreduce_latency_ms(model: Any, dist: Any, n: int = 50) -> float:
+    """Median wall time of one all_reduce of a buffer the size of all the gradients: what DDP
+    adds to a step at least (it overlaps it with the backward pass where it can)."""
+    import torch
+    import torch.distributed as tdist
+
+    buf = torch.zeros(sum(p.numel() for p in model.parameters()))
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        tdist.all_reduce(buf)
+        times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
 
 
 def proc_name(name: str) -> str:
@@ -121,7 +138,11 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         "2p/1p2t": [a / b for a, b in zip(two, rate["1 process, 2 threads"], strict=True)],
     }
     loads = [x for v in runs.values() for r in v for x in r["load_1m"]]
+    allreduce = [r["allreduce_ms"] for r in runs["2 processes x 1 thread"]]
     return {
+        "params": runs["2 processes x 1 thread"][0]["params"],
+        "allreduce_ms": {"median": statistics.median(allreduce), "min": min(allreduce),
+                         "max": max(allreduce)},
         "samples_per_s": {k: {"median": statistics.median(v), "min": min(v), "max": max(v),
                               "runs": v} for k, v in rate.items()},
         "ratios": {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v}
@@ -135,7 +156,8 @@ def markdown(meta: dict[str, Any], summary: dict[str, Any]) -> str:
         f"# DDP training throughput, {meta['date']}",
         "",
         f"`{meta['command']}` on {meta['cpus']} CPUs, torch {meta['torch']}, gloo on loopback.",
-        f"Default world ({meta['train_rows']} training rows), default model, global batch "
+        f"Data: {meta['data']} ({meta['train_rows']} training rows; the default world has "
+        "350000), default model, global batch "
         f"{meta['batch_size']}; {meta['steps']} timed steps after {meta['warmup']} warm-up, "
         f"{meta['repeats']} repeats, configurations interleaved.",
         "",
@@ -147,7 +169,9 @@ def markdown(meta: dict[str, Any], summary: dict[str, Any]) -> str:
     lines += ["", "| ratio (per repeat) | median | min | max |", "|---|---|---|---|"]
     for k, v in summary["ratios"].items():
         lines.append(f"| {k} | {v['median']:.2f} | {v['min']:.2f} | {v['max']:.2f} |")
-    load = summary["load_1m"]
+    load, ar = summary["load_1m"], summary["allreduce_ms"]
+    lines += ["", f"One gloo all_reduce of the {summary['params']} gradients (float32) between the "
+              f"2 ranks: median {ar['median']:.2f} ms (runs: {ar['min']:.2f} to {ar['max']:.2f})."]
     lines += ["", f"1-minute load average before/after the runs: {load['min']:.1f} to "
               f"{load['max']:.1f} (the machine is shared).", ""]
     return "\n".join(lines)
@@ -193,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(runs)
     meta = {
         "date": date, "command": "python -m bench.ddp_bench " + " ".join(argv),
-        "cpus": os.cpu_count(), "torch": torch.__version__,
+        "cpus": os.cpu_count(), "torch": torch.__version__, "data": str(a.data),
         "train_rows": info["sizes"]["impressions_train"],
         "batch_size": TrainConfig().batch_size, "steps": a.steps, "warmup": a.warmup,
         "repeats": a.repeats,
