@@ -25,6 +25,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -205,12 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     from training.train import TrainConfig
 
     date = datetime.now(UTC).strftime("%Y-%m-%d")
-    tmp = a.out / f".ddp-{os.getpid()}"
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in CONFIGS}
-    with Processes(tmp) as procs:
+    # the workers' logs and result files; removed afterwards, also on failure or Ctrl-C
+    with tempfile.TemporaryDirectory(prefix="ddp-bench-") as tmp, Processes(Path(tmp)) as procs:
         for rep in range(a.repeats):
             for name, (nproc, threads) in CONFIGS.items():
-                r = run_one(procs, name, nproc, threads, a, tmp)
+                r = run_one(procs, name, nproc, threads, a, Path(tmp))
                 runs[name].append(r)
                 print(f"repeat {rep + 1}: {name}: {r['samples_per_s']:.0f} samples/s "
                       f"(load {r['load_1m'][0]:.1f})", flush=True)
@@ -227,9 +228,6 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps({"meta": meta, "runs": runs, "summary": summary}, indent=2) + "\n")
     md = markdown(meta, summary)
     (a.out / f"ddp-{date}.md").write_text(md)
-    for f in tmp.glob("*"):
-        f.unlink()
-    tmp.rmdir()
     print(md)
     return 0
 
