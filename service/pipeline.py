@@ -218,6 +218,10 @@ class RankingPipeline:
                                     ranking.order, ranking.gates)
             if ranking.rerank is not None:
                 add_rerank_explain(items, ranking.rerank)
+        elif req.explain and ranking.rerank is not None:  # a model without gates
+            items = orjson.loads(ranked_items_json(req.candidates, ranking.order, ranking.final,
+                                                   ranking.scores, tasks))
+            add_rerank_explain(items, ranking.rerank)
         else:
             items = orjson.Fragment(ranked_items_json(req.candidates, ranking.order,
                                                       ranking.final, ranking.scores, tasks))

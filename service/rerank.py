@@ -265,8 +265,8 @@ def _diversity(value: Any, where: str, strict: bool, attrs: Mapping[str, Attribu
     attr = _attr(attrs, where, v.get("attribute"), "cat")
     k = _int(f"{where}.max_per_window", v.get("max_per_window", 1), 1)
     w = _int(f"{where}.window", v.get("window"), 2, bounds.max_window)
-    depth = _int(f"{where}.depth", v.get("depth", max(bounds.diversity_depth, w)), 2,
-                 bounds.max_depth)
+    default_depth = min(max(bounds.diversity_depth, w), bounds.max_depth)
+    depth = _int(f"{where}.depth", v.get("depth", default_depth), 2, bounds.max_depth)
     if depth < w:
         raise InvalidRules(f"{where}.depth", f"must be at least the window ({w})")
     if w > length:

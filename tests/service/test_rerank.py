@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -46,19 +46,19 @@ def diversity(k: int, w: int, depth: int | None = None) -> dict[str, Any]:
     return {"diversity": d}
 
 
-@lru_cache(maxsize=None)
+@cache
 def feasible(counts: tuple[int, ...], free: int, k: int, w: int, slots: int,
              recent: tuple[int, ...] = ()) -> bool:
     """Brute force: can `slots` positions be filled from these value counts (plus `free`
     unconstrained items) with at most k of a value in any w consecutive positions?"""
     if slots == 0:
         return True
-    if free and feasible(counts, free - 1, k, w, slots - 1, (recent + (-1,))[-(w - 1):]):
+    if free and feasible(counts, free - 1, k, w, slots - 1, ((*recent, -1))[-(w - 1):]):
         return True
     for v, c in enumerate(counts):
         if c and recent.count(v) < k:
-            rest = counts[:v] + (c - 1,) + counts[v + 1:]
-            if feasible(rest, free, k, w, slots - 1, (recent + (v,))[-(w - 1):]):
+            rest = (*counts[:v], c - 1, *counts[v + 1:])
+            if feasible(rest, free, k, w, slots - 1, ((*recent, v))[-(w - 1):]):
                 return True
     return False
 
