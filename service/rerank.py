@@ -466,6 +466,9 @@ def apply(rules: Rules, final: np.ndarray, candidates: Sequence[str],
                 drop[i] = True
         if drop.any():
             applied.append("filter")
+    relaxed: list[dict[str, Any]] = []
+    if rules.seen and seen_mask is None:  # degraded: no feature store answer, no seen set
+        relaxed.append({"rule": "seen", "reason": "unavailable"})
     if rules.seen and seen_mask is not None and seen_mask.any():
         drop |= seen_mask
         applied.append("seen")
@@ -483,7 +486,6 @@ def apply(rules: Rules, final: np.ndarray, candidates: Sequence[str],
             if explain:
                 steps.append(("mmr", order))
     length = order.size if top_k is None else min(top_k, order.size)
-    relaxed: list[dict[str, Any]] = []
     pinned: dict[int, int] = {}
     if rules.pins:
         index = {c: i for i, c in enumerate(candidates)}
