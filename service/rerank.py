@@ -459,12 +459,13 @@ def apply(rules: Rules, final: np.ndarray, candidates: Sequence[str],
     drop = np.zeros(n, dtype=bool)
     filtered = 0
     if rules.exclude:
-        index = {c: i for i, c in enumerate(candidates)} if len(rules.exclude) > 16 else None
-        for x in rules.exclude:
-            i = index.get(x) if index is not None else _find(candidates, x)
-            if i is not None:
-                drop[i] = True
-        if drop.any():
+        hits = set(rules.exclude).intersection(candidates)  # C loops; usually few or none
+        if len(hits) <= 8:
+            for x in hits:
+                drop[_find(candidates, x)] = True
+        else:
+            drop = np.fromiter((c in hits for c in candidates), dtype=bool, count=n)
+        if hits:
             applied.append("filter")
     relaxed: list[dict[str, Any]] = []
     if rules.seen and seen_mask is None:  # degraded: no feature store answer, no seen set
@@ -533,11 +534,9 @@ def score_order(final: np.ndarray) -> np.ndarray:
     return np.argsort(-np.asarray(final, dtype=np.float64), kind="stable")
 
 
-def _find(seq: Sequence[str], x: str) -> int | None:
-    try:
-        return list(seq).index(x) if not isinstance(seq, list) else seq.index(x)
-    except ValueError:
-        return None
+def _find(seq: Sequence[str], x: str) -> int:
+    """The position of an id known to be in `seq`."""
+    return list(seq).index(x) if not isinstance(seq, list) else seq.index(x)
 
 
 def mmr_order(order: np.ndarray, final: np.ndarray, codes: np.ndarray, lam: float) -> np.ndarray:

@@ -239,7 +239,8 @@ class FeatureStore:
                 self._adopt(raw[:k])
         seen_mask = None
         if seen:
-            seen_mask = np.asarray(raw[-1], dtype=bool).reshape(len(item_ids))
+            # SMISMEMBER answers 0/1 per candidate: bytes() of them is the bool array's buffer
+            seen_mask = np.frombuffer(bytes(raw[-1]), dtype=bool).reshape(len(item_ids))
             raw = raw[:-1]
         values = raw[k:]
         user_value = None
