@@ -578,17 +578,23 @@ def _insert_pins(order: np.ndarray, pinned: Mapping[int, int], length: int) -> n
 
 def _attribution(steps: list[tuple[str, np.ndarray]], served: np.ndarray,
                  n: int) -> tuple[np.ndarray, list[list[str]]]:
-    """Per served item: its position in today's order and the steps that changed it."""
-    positions = []
-    for _, o in steps:
+    """Per served item: its position in today's order, and the steps that moved it: those that
+    changed its rank among the items present both before and after the step (so dropping an
+    item above moves nobody, while a pin or a held-back item moves the ones it passes)."""
+    def positions(order: np.ndarray) -> np.ndarray:
         pos = np.full(n, -1, dtype=np.int64)
-        pos[o] = np.arange(o.size)
-        positions.append(pos[served])
+        pos[order] = np.arange(order.size)
+        return pos
+
     moved_by: list[list[str]] = [[] for _ in range(served.size)]
-    for (rule, _), before, after in zip(steps[1:], positions, positions[1:], strict=False):
-        for r in np.flatnonzero(before != after).tolist():
+    for (_, before), (rule, after) in itertools.pairwise(steps):
+        in_before, in_after = positions(before) >= 0, positions(after) >= 0
+        both = in_before & in_after
+        rank_before = positions(before[both[before]])
+        rank_after = positions(after[both[after]])
+        for r in np.flatnonzero(rank_before[served] != rank_after[served]).tolist():
             moved_by[r].append(rule)
-    return positions[0], moved_by
+    return positions(steps[0][1])[served], moved_by
 
 
 def violations(codes: Sequence[int], k: int, w: int) -> list[int]:

@@ -356,6 +356,8 @@ function currentRerank() {
 }
 
 function whyMoved(it, pos) {
+  // The rules that moved the item past others, and its place in the plain score order
+  // (an item can also shift with no rule of its own: an item above it was filtered or pinned).
   const rr = it.rerank;
   if (!rr || !rr.rules.length) return null;
   const was = rr.from === pos ? "same place" : `was #${rr.from + 1}`;
