@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+STAGES = ("validate", "fetch", "decode", "inference", "combine", "rerank", "serialize")
 RULES_ON: dict[str, Any] = {
     "diversity": {"attribute": "category", "max_per_window": 1, "window": 3},
     "filters": {"seen": True},
@@ -69,19 +70,28 @@ async def one_run(model: Any, url: str, n: int, requests: int, top_k: int | None
             body["rerank"] = {**RULES_ON, "filters": {"seen": True, "exclude": cands[:10]}}
         return RankRequest.model_validate(body)
 
-    async def timed(req: RankRequest) -> float:
-        t0 = time.perf_counter()
+    async def timed(req: RankRequest) -> list[float]:
+        """Seconds of each stage, then the process CPU seconds of the whole request."""
+        c0 = time.process_time()
+        t = [time.perf_counter()]
         scoring = pipeline.validate(model, req)
+        t.append(time.perf_counter())
         seen = scoring.rerank is not None and scoring.rerank.seen
         feats = await pipeline.fetch(serving, req, loop.time() + 60.0, seen=seen)
+        t.append(time.perf_counter())
         inputs = pipeline.decode(model, req, feats)
+        t.append(time.perf_counter())
         scores, gates = await pipeline.infer(model, inputs, n, loop.time() + 60.0)
+        t.append(time.perf_counter())
         ranking = pipeline.combine(model, scoring, scores, gates, req.top_k)
+        t.append(time.perf_counter())
         ranking = pipeline.rerank(model, req, scoring, ranking, feats)
+        t.append(time.perf_counter())
         pipeline.encode(req, model, "x" * 32, scoring, ranking, feats)
-        return time.perf_counter() - t0
+        t.append(time.perf_counter())
+        return [*np.diff(t).tolist(), t[-1] - t[0], time.process_time() - c0]
 
-    times: dict[bool, list[float]] = {False: [], True: []}
+    times: dict[bool, list[list[float]]] = {False: [], True: []}
     rerank_alone: list[float] = []
     try:
         for i in range(requests + 20):
@@ -102,9 +112,17 @@ async def one_run(model: Any, url: str, n: int, requests: int, top_k: int | None
     finally:
         executor.shutdown(wait=True)
         await client.aclose()
-    off, on_ = np.median(times[False]) * 1e3, np.median(times[True]) * 1e3
-    return {"off_p50_ms": float(off), "on_p50_ms": float(on_), "ratio": float(on_ / off),
-            "rerank_stage_p50_ms": float(np.median(rerank_alone) * 1e3)}
+    off = np.median(np.array(times[False]), axis=0) * 1e3
+    on_ = np.median(np.array(times[True]), axis=0) * 1e3
+    out = {"off_p50_ms": float(off[-2]), "on_p50_ms": float(on_[-2]),
+           "ratio": float(on_[-2] / off[-2]),
+           "off_cpu_ms": float(off[-1]), "on_cpu_ms": float(on_[-1]),
+           "cpu_ratio": float(on_[-1] / off[-1]),
+           "stage_sum_ratio": float(on_[:-2].sum() / off[:-2].sum()),
+           "rerank_stage_p50_ms": float(np.median(rerank_alone) * 1e3)}
+    for j, name in enumerate(STAGES):
+        out[f"{name}_off_ms"], out[f"{name}_on_ms"] = float(off[j]), float(on_[j])
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,12 +145,17 @@ def main(argv: list[str] | None = None) -> int:
         rows = [asyncio.run(one_run(model, rs.url, args.candidates, args.requests, args.top_k,
                                     seed)) for seed in range(args.runs)]
     for i, r in enumerate(rows):
-        print(f"run {i + 1}: off p50 {r['off_p50_ms']:.3f} ms, on p50 {r['on_p50_ms']:.3f} ms, "
-              f"ratio {r['ratio']:.3f}, rerank stage alone p50 {r['rerank_stage_p50_ms']:.3f} ms")
-    ratios = [r["ratio"] for r in rows]
-    print(f"ratio on/off: median {np.median(ratios):.3f}, min {min(ratios):.3f}, "
-          f"max {max(ratios):.3f} over {len(rows)} runs (N={args.candidates}, "
-          f"top_k={args.top_k})")
+        print(f"run {i + 1}: wall p50 off {r['off_p50_ms']:.3f} / on {r['on_p50_ms']:.3f} ms "
+              f"(ratio {r['ratio']:.3f}); CPU p50 off {r['off_cpu_ms']:.3f} / on "
+              f"{r['on_cpu_ms']:.3f} ms (ratio {r['cpu_ratio']:.3f}); sum of stage p50s ratio "
+              f"{r['stage_sum_ratio']:.3f}; rerank stage alone p50 "
+              f"{r['rerank_stage_p50_ms']:.3f} ms")
+        print("   stage p50 off/on ms: " + ", ".join(
+            f"{s} {r[f'{s}_off_ms']:.3f}/{r[f'{s}_on_ms']:.3f}" for s in STAGES))
+    for key in ("ratio", "cpu_ratio", "stage_sum_ratio"):
+        v = [r[key] for r in rows]
+        print(f"{key} on/off: median {np.median(v):.3f}, min {min(v):.3f}, max {max(v):.3f} "
+              f"over {len(rows)} runs (N={args.candidates}, top_k={args.top_k})")
     return 0
 
 

@@ -460,11 +460,10 @@ def apply(rules: Rules, final: np.ndarray, candidates: Sequence[str],
     filtered = 0
     if rules.exclude:
         hits = set(rules.exclude).intersection(candidates)  # C loops; usually few or none
-        if len(hits) <= 8:
-            for x in hits:
-                drop[_find(candidates, x)] = True
-        else:
-            drop = np.fromiter((c in hits for c in candidates), dtype=bool, count=n)
+        if len(hits) == 1:
+            drop[_find(candidates, next(iter(hits)))] = True
+        elif hits:  # one C-level membership test per candidate, as the bool array's bytes
+            drop = np.frombuffer(bytes(map(hits.__contains__, candidates)), dtype=bool).copy()
         if hits:
             applied.append("filter")
     relaxed: list[dict[str, Any]] = []
@@ -622,7 +621,8 @@ def diversify(order: np.ndarray, codes: np.ndarray, k: int, w: int, length: int,
     if pinned:
         served, stuck = _fill(stream, code, k, w, length, pinned, relax=True)
     else:
-        served, stuck = _fill_fast(stream, code, k, w, length)
+        taken, stuck = _fill_fast(codes[order].tolist(), k, w, length)
+        served = order[taken].tolist() if taken else []
     if stuck and _could_fit(stream, code, k, w, length, pinned):
         found = _search(stream, code, k, w, length, pinned, SEARCH_BUDGET)
         if found is not None:
@@ -718,72 +718,88 @@ def _fill(stream: list[int], code: list[int], k: int, w: int, length: int,
     return out, stuck
 
 
-def _fill_fast(stream: list[int], code: list[int], k: int, w: int,
-               length: int) -> tuple[list[int], list[int]]:
-    """`_fill` without pins, in O(log) per position: a value may be placed again from
-    `ready[value]` on; held-back values wait in a heap by that position, and once ready in a
-    heap by their best item's rank (they always outrank the stream's next item)."""
+def _fill_fast(scode: list[int], k: int, w: int, length: int) -> tuple[list[int], list[int]]:
+    """`_fill` without pins, over the stream's values `scode` (stream order): the stream
+    indices taken for each position, and the stuck positions. O(log) per position: a value may
+    be placed again from `ready[value]` on; held-back values wait in a heap by that position,
+    and once ready in a heap by their best item's rank (they outrank the stream's next item)."""
     out: list[int] = []
     append = out.append
-    ready: dict[int, int] = {}  # value -> first position it may take
+    ready = dict.fromkeys(scode, 0)  # value -> first position it may take (OOV stays 0)
     history: dict[int, deque[int]] = {}  # value -> its last k positions (k > 1)
-    held: dict[int, deque[tuple[int, int]]] = {}  # value -> (stream rank, item), best first
+    held: dict[int, deque[int]] = {}  # value -> stream indices held back, best first
     waiting: list[tuple[int, int]] = []  # (ready position, value) of held values
-    avail: list[tuple[int, int]] = []  # (best held rank, value) of held values now ready
+    avail: list[tuple[int, int]] = []  # (best held index, value) of held values now ready
     stuck: list[int] = []
     push, pop = heapq.heappush, heapq.heappop
-    i, n = 0, len(stream)
+    i, n = 0, len(scode)
     for p in range(length):
         while waiting and waiting[0][0] <= p:
             t, c = pop(waiting)
             if c in held and ready[c] == t:  # else a stale entry
-                push(avail, (held[c][0][0], c))
-        from_held = True
+                push(avail, (held[c][0], c))
         if avail:
             c = pop(avail)[1]
+            queue = held[c]
+            item = queue.popleft()
+            if not queue:
+                del held[c]
         else:
-            from_held = False
             while i < n:
-                item = stream[i]
-                c = code[item]
-                if c == OOV_INDEX or ready.get(c, 0) <= p:
-                    i += 1
+                c = scode[i]
+                if ready[c] <= p:
                     break
-                queue = held.get(c)
-                if queue is None:
-                    held[c] = deque([(i, item)])
+                queue_ = held.get(c)
+                if queue_ is None:
+                    held[c] = deque((i,))
                     push(waiting, (ready[c], c))
                 else:
-                    queue.append((i, item))
+                    queue_.append(i)
                 i += 1
             else:
                 if not held:
                     break  # nothing left to serve
                 stuck.append(p)
-                recent = [code[x] for x in out[max(0, len(out) - (w - 1)):]]
-                c = min(held, key=lambda v: (recent.count(v), held[v][0][0]))
-                from_held = True
-        if from_held:
-            queue = held[c]
-            item = queue.popleft()[1]
-            if not queue:
-                del held[c]
+                recent = [scode[x] for x in out[max(0, len(out) - (w - 1)):]]
+                c = min(held, key=lambda v: (recent.count(v), held[v][0]))
+                queue = held[c]
+                i_held = queue.popleft()
+                if not queue:
+                    del held[c]
+                append(i_held)
+                _placed(c, p, k, w, ready, history)
+                if c in held:
+                    push(waiting, (ready[c], c))
+                continue
+            item = i
+            i += 1
         append(item)
         if c != OOV_INDEX:
             if k == 1:
                 ready[c] = p + w
             else:
-                h = history.get(c)
-                if h is None:
-                    h = history[c] = deque()
-                h.append(p)
-                if len(h) > k:
-                    h.popleft()
-                if len(h) == k:
-                    ready[c] = h[0] + w
-            if from_held and c in held:
-                push(waiting, (ready.get(c, 0), c))
+                _placed(c, p, k, w, ready, history)
+            if c in held:
+                push(waiting, (ready[c], c))
     return out, stuck
+
+
+def _placed(c: int, p: int, k: int, w: int, ready: dict[int, int],
+            history: dict[int, deque[int]]) -> None:
+    """Value c was placed at p: from when it may be placed again."""
+    if c == OOV_INDEX:
+        return
+    if k == 1:
+        ready[c] = p + w
+        return
+    h = history.get(c)
+    if h is None:
+        h = history[c] = deque()
+    h.append(p)
+    if len(h) > k:
+        h.popleft()
+    if len(h) == k:
+        ready[c] = h[0] + w
 
 
 def _could_fit(stream: list[int], code: list[int], k: int, w: int, length: int,
