@@ -222,6 +222,12 @@ class FeatureStore:
         (a load switched since this reader's last request, or this is its first), the keys'
         load may have expired (an idle reader), so the request reads again under the loads the
         pointers name. That second round trip happens once per switch, within the deadline.
+
+        With `seen`, an SMEMBERS of the user's seen set (`seen_key`) goes in the same write as
+        the MGET (one round trip; on a cluster concurrently with it), and `seen_mask` says which
+        candidates are in it. SMEMBERS, not SMISMEMBER of the N candidates: packing N more
+        arguments costs about as much as the MGET's own packing (docs/benchmarks.md); the reply
+        is the whole set, so its writer keeps it bounded.
         """
         start = time.perf_counter()
         deadline = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
@@ -240,7 +246,7 @@ class FeatureStore:
         seen_mask = None
         if seen:
             # SMISMEMBER answers 0/1 per candidate: bytes() of them is the bool array's buffer
-            seen_mask = np.frombuffer(bytes(raw[-1]), dtype=bool).reshape(len(item_ids))
+            seen_mask = seen_candidates(raw[-1], item_ids)
             raw = raw[:-1]
         values = raw[k:]
         user_value = None
@@ -266,7 +272,7 @@ class FeatureStore:
     async def _mget(self, view: _LoadView, user_id: str, item_ids: Sequence[str],
                     seen: bool = False) -> list[Any]:
         """MGET of the pointers, the user's key and the items' keys (those of loaded entities);
-        with `seen`, the SMISMEMBER reply of the user's seen set is appended as the last value."""
+        with `seen`, the SMEMBERS reply of the user's seen set is appended as the last value."""
         head = list(self._pointers)
         if view.user_prefix is not None:
             head.append(view.user_prefix + str(user_id))
@@ -276,13 +282,13 @@ class FeatureStore:
             if seen:  # another slot: sent concurrently, so still one round trip of latency
                 values, member = await asyncio.gather(
                     self.client.mget_nonatomic(keys),  # type: ignore[union-attr]
-                    self.client.smismember(seen_key(self.prefix, user_id), list(item_ids)))
+                    self.client.smembers(seen_key(self.prefix, user_id)))
                 return [*values, member]
             return list(await self.client.mget_nonatomic(keys))  # type: ignore[union-attr]
         command = pack_mget(head, prefix, ids)
         if not seen:
             return await mget_packed(self.client, command)  # type: ignore[arg-type]
-        command += pack_mget([seen_key(self.prefix, user_id)], "", item_ids, name=b"SMISMEMBER")
+        command += pack_mget([seen_key(self.prefix, user_id)], name=b"SMEMBERS")
         values, member = await send_packed(self.client, command, 2)  # type: ignore[arg-type]
         return [*values, member]
 
@@ -359,7 +365,7 @@ def pack_mget(head: Sequence[str], prefix: str = "", ids: Sequence[str] = (),
     500-candidate request is most of the client's CPU cost of the round trip. Here the ids are
     encoded in one call and joined with a per-length header (`$<len>` and the shared prefix),
     so the Python work per id is one dict lookup. `name` packs another command of the same
-    shape (SMISMEMBER key member...).
+    shape (SMEMBERS key).
     """
     raw = "\x00".join(ids).encode().split(b"\x00") if ids else []
     if len(raw) != len(ids):  # an id containing NUL: encode one by one
@@ -394,6 +400,15 @@ async def mget_packed(client: aredis.Redis, command: bytes) -> list[Any]:
     finally:
         await pool.release(conn)
     return list(reply)
+
+
+def seen_candidates(members: Any, item_ids: Sequence[str]) -> np.ndarray:
+    """[N] bool: which candidates are among the seen set's members (bytes, as Redis gives)."""
+    if not members:
+        return np.zeros(len(item_ids), dtype=bool)
+    seen = {m.decode("utf-8", "replace") if isinstance(m, bytes) else str(m) for m in members}
+    # one C-level set lookup per candidate, written straight as the bool array's bytes
+    return np.frombuffer(bytes(map(seen.__contains__, item_ids)), dtype=bool)
 
 
 async def send_packed(client: aredis.Redis, command: bytes, replies: int) -> list[Any]:

@@ -135,17 +135,17 @@ async def test_seen_set_is_read_in_the_same_round_trip(client: httpx.AsyncClient
         await send(self, command, check_health)
 
     monkeypatch.setattr(AbstractConnection, "send_packed_command", counted)
-    mgets, smis = mget_calls(redis_url), command_calls(redis_url, "smismember")
+    mgets, smis = mget_calls(redis_url), command_calls(redis_url, "smembers")
     body = await rank(client, rerank={"filters": {"seen": True, "exclude": ["i9"]}})
-    assert len(writes) == 1  # one write: MGET and SMISMEMBER together, two replies read
+    assert len(writes) == 1  # one write: MGET and SMEMBERS together, two replies read
     assert mget_calls(redis_url) == mgets + 1
-    assert command_calls(redis_url, "smismember") == smis + 1
+    assert command_calls(redis_url, "smembers") == smis + 1
     ids = [it["id"] for it in body["items"]]
     assert set(ids) == set(CANDS) - {"i3", "i5", "i7", "i9"}
     assert body["rerank"]["applied"] == ["filter", "seen"] and body["rerank"]["filtered"] == 4
-    # no seen rule: no SMISMEMBER
+    # no seen rule: no SMEMBERS
     await rank(client, rerank={"diversity": DIVERSITY})
-    assert command_calls(redis_url, "smismember") == smis + 1
+    assert command_calls(redis_url, "smembers") == smis + 1
 
 
 async def test_boost_and_pins_through_the_api(client: httpx.AsyncClient) -> None:
