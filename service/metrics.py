@@ -66,6 +66,18 @@ INFLIGHT = Gauge("ranker_inflight_requests", "Requests being processed",
 
 RERANK_APPLIED = Counter("ranker_rerank_rules_applied", "Requests in which a re-rank rule changed "
                          "something, by rule (service.rerank.RULES)", ["rule"])
+_RERANK_CHILDREN: dict[str, Any] = {}
+
+
+def count_rerank(rules: list[str]) -> None:
+    """One increment per re-rank rule that changed this request's list (children cached)."""
+    for rule in rules:
+        child = _RERANK_CHILDREN.get(rule)
+        if child is None:
+            child = _RERANK_CHILDREN[rule] = RERANK_APPLIED.labels(rule)
+        child.inc()
+
+
 RERANK_RELOADS = Counter("ranker_rerank_rules_reloads", "Loads of the re-rank rules file by result",
                          ["result"])
 

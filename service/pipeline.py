@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import Executor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -204,9 +204,8 @@ class RankingPipeline:
         out = apply_rules(rules, ranking.final, req.candidates, attributes(model.schema),
                           feats.inputs, feats.seen_mask, req.top_k, explain=req.explain,
                           order=ranking.order)
-        for rule in out.applied:
-            metrics.RERANK_APPLIED.labels(rule).inc()
-        return replace(ranking, final=out.final, order=out.order, rerank=out)
+        metrics.count_rerank(out.applied)
+        return Ranking(ranking.scores, ranking.gates, out.final, out.order, out)
 
     def encode(self, req: RankRequest, model: LoadedModel, request_id: str, scoring: Scoring,
                ranking: Ranking, feats: Features) -> bytes:

@@ -61,7 +61,7 @@ class Bounds:
     max_pinned_share: float = 0.2
     max_window: int = 100
     max_exclude: int = 1000
-    diversity_depth: int = 100  # default of Diversity.depth
+    diversity_depth: int = 50  # default of Diversity.depth
     max_depth: int = 1000
 
 
@@ -614,20 +614,21 @@ def diversify(order: np.ndarray, codes: np.ndarray, k: int, w: int, length: int,
     """`length` positions, the first `depth` filled best-first under "at most k of a value in
     any w consecutive", pinned items at their positions, the rest in order; (served order,
     positions where it had to relax)."""
-    stream = order.tolist()
-    code = codes.tolist()
     full = length
     length = full if depth is None else min(depth, full)
     if pinned:
+        stream, code = order.tolist(), codes.tolist()
         served, stuck = _fill(stream, code, k, w, length, pinned, relax=True)
+        head = np.asarray(served, dtype=np.int64)
     else:
         taken, stuck = _fill_fast(codes[order].tolist(), k, w, length)
-        served = order[taken].tolist() if taken else []
-    if stuck and _could_fit(stream, code, k, w, length, pinned):
-        found = _search(stream, code, k, w, length, pinned, SEARCH_BUDGET)
-        if found is not None:
-            served, stuck = found, []
-    head = np.asarray(served, dtype=np.int64)
+        head = order[np.asarray(taken, dtype=np.int64)]
+    if stuck:
+        stream, code = order.tolist(), codes.tolist()
+        if _could_fit(stream, code, k, w, length, pinned):
+            found = _search(stream, code, k, w, length, pinned, SEARCH_BUDGET)
+            if found is not None:
+                head, stuck = np.asarray(found, dtype=np.int64), []
     if length == full:
         return head, stuck
     # below the depth: the pins there, and the items not placed in order

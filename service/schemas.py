@@ -36,7 +36,7 @@ class DiversityRule(BaseModel):
     window: Annotated[int, Field(ge=2)]
     depth: Annotated[int, Field(ge=2)] | None = Field(
         default=None, description="positions the rule holds over (default: the setting "
-        "rerank_diversity_depth, 100); below them the order is kept")
+        "rerank_diversity_depth, 50); below them the order is kept")
 
 
 class MmrRule(BaseModel):

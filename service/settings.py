@@ -74,7 +74,7 @@ class Settings(BaseSettings):
     rerank_boost_max: float = Field(default=10.0, gt=0)
     rerank_max_pinned_share: float = Field(default=0.2, ge=0, le=1)
     rerank_max_window: int = Field(default=100, ge=2)
-    rerank_diversity_depth: int = Field(default=100, ge=2)  # positions diversity holds over
+    rerank_diversity_depth: int = Field(default=50, ge=2)  # positions diversity holds over
     rerank_max_exclude: int = Field(default=1000, ge=0)
 
     # admin and server
