@@ -47,7 +47,7 @@ def write_seen_sets(url: str, n_users: int, n_items: int, per_user: int = 50) ->
 
 
 async def one_run(model: Any, url: str, n: int, requests: int, top_k: int | None,
-                  seed: int) -> dict[str, float]:
+                  seed: int, depth: int | None = None) -> dict[str, float]:
     from service.featurestore.reader import FeatureStore, make_client
     from service.pipeline import RankingPipeline, Serving
     from service.schemas import RankRequest
@@ -67,7 +67,9 @@ async def one_run(model: Any, url: str, n: int, requests: int, top_k: int | None
         body: dict[str, Any] = {"user_id": f"u{rng.integers(1000)}", "candidates": cands,
                                 "preset": "engagement", "top_k": top_k}
         if on:
-            body["rerank"] = {**RULES_ON, "filters": {"seen": True, "exclude": cands[:10]}}
+            diversity = {**RULES_ON["diversity"], **({"depth": depth} if depth else {})}
+            body["rerank"] = {"diversity": diversity,
+                              "filters": {"seen": True, "exclude": cands[:10]}}
         return RankRequest.model_validate(body)
 
     async def timed(req: RankRequest) -> list[float]:
@@ -135,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=300, help="per run, on and off together")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--top-k", type=int, default=None)
+    ap.add_argument("--depth", type=int, default=None,
+                    help="diversity depth (default: the setting rerank_diversity_depth)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp, RedisServer() as rs:
         version_dir = export_model(Path(tmp) / "models", 1000)
@@ -143,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         model = load_version(version_dir)
         model = dataclasses.replace(model, timing=time_runs(model, 1000))
         rows = [asyncio.run(one_run(model, rs.url, args.candidates, args.requests, args.top_k,
-                                    seed)) for seed in range(args.runs)]
+                                    seed, args.depth)) for seed in range(args.runs)]
     for i, r in enumerate(rows):
         print(f"run {i + 1}: wall p50 off {r['off_p50_ms']:.3f} / on {r['on_p50_ms']:.3f} ms "
               f"(ratio {r['ratio']:.3f}); CPU p50 off {r['off_cpu_ms']:.3f} / on "
@@ -155,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("ratio", "cpu_ratio", "stage_sum_ratio"):
         v = [r[key] for r in rows]
         print(f"{key} on/off: median {np.median(v):.3f}, min {min(v):.3f}, max {max(v):.3f} "
-              f"over {len(rows)} runs (N={args.candidates}, top_k={args.top_k})")
+              f"over {len(rows)} runs (N={args.candidates}, top_k={args.top_k}, "
+              f"depth={args.depth or 'default'})")
     return 0
 
 

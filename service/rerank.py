@@ -41,6 +41,7 @@ from ranker.schema import OOV_INDEX, FeatureSchema, input_name
 # rule names, the label values of ranker_rerank_rules_applied_total (a fixed set)
 RULES = ("boost", "filter", "seen", "mmr", "pin", "diversity", "diversity_relaxed")
 SEARCH_BUDGET = 2000  # placements the diversity search may try before it relaxes
+SEARCH_BACK = 16  # the search re-arranges from this many positions before the first stuck one
 
 
 class InvalidRules(ValueError):
@@ -626,7 +627,10 @@ def diversify(order: np.ndarray, codes: np.ndarray, k: int, w: int, length: int,
     if stuck:
         stream, code = order.tolist(), codes.tolist()
         if _could_fit(stream, code, k, w, length, pinned):
-            found = _search(stream, code, k, w, length, pinned, SEARCH_BUDGET)
+            # keep the best-first prefix up to a few windows before the first stuck position
+            start = max(0, stuck[0] - max(SEARCH_BACK, 4 * w))
+            found = _search(stream, code, k, w, length, pinned, SEARCH_BUDGET,
+                            head[:start].tolist())
             if found is not None:
                 head, stuck = np.asarray(found, dtype=np.int64), []
     if length == full:
@@ -816,10 +820,12 @@ def _could_fit(stream: list[int], code: list[int], k: int, w: int, length: int,
 
 
 def _search(stream: list[int], code: list[int], k: int, w: int, length: int,
-            pinned: Mapping[int, int], budget: int) -> list[int] | None:
-    """Depth-first search for a fill without relaxing, trying values best item first at each
-    position (so its first complete fill is the best-first one wherever one exists); gives up
-    after `budget` placements."""
+            pinned: Mapping[int, int], budget: int,
+            prefix: list[int] | None = None) -> list[int] | None:
+    """Depth-first search for a fill without relaxing after a kept `prefix` (the best-first
+    fill's first positions), trying values best item first at each position (so its first
+    complete fill is the best-first one wherever one exists); gives up after `budget`
+    placements."""
     future = _pin_future(pinned, code)
     groups: dict[int, list[int]] = {}
     for x in stream:
@@ -828,6 +834,15 @@ def _search(stream: list[int], code: list[int], k: int, w: int, length: int,
     taken = dict.fromkeys(groups, 0)
     placed: dict[int, list[int]] = {}
     out: list[int] = []
+    for p, item in enumerate(prefix or []):  # a value's items go in stream order: its first ones
+        c = code[item]
+        placed.setdefault(c, []).append(p)
+        if p not in pinned:
+            taken[c] += 1
+        out.append(item)
+    base = len(out)
+    if base >= length:
+        return out
     choices: list[list[int]] = []  # per position: values still to try
     tries = 0
 
@@ -839,12 +854,12 @@ def _search(stream: list[int], code: list[int], k: int, w: int, length: int,
         vals.sort(key=lambda c: rank[groups[c][taken[c]]], reverse=True)  # pop() takes the best
         return vals
 
-    choices.append(options(0))
+    choices.append(options(base))
     while choices:
         p = len(out)
         if not choices[-1]:
             choices.pop()
-            if not out:
+            if len(out) == base:
                 return None
             q = len(out) - 1  # undo the placement at q
             item = out.pop()

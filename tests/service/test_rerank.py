@@ -166,6 +166,19 @@ def test_diversity_searches_when_best_first_gets_stuck() -> None:
     assert out.order.tolist() == [1, 0, 2] and out.relaxed == []
 
 
+def test_diversity_search_late_in_a_long_list_keeps_the_prefix() -> None:
+    # 37 items cycling over 5 values, then c6 and two c7 at the bottom: best first ends
+    # "c6 c7 [stuck]"; only "c7 c6 c7" fits "1 in any 2", found by re-arranging the tail
+    codes = [1 + i % 5 for i in range(37)] + [6, 7, 7]
+    final = np.linspace(1, 0, 40)
+    rules = rules_of(diversity(1, 2), 40)
+    assert rules is not None
+    out = rr.apply(rules, final, cands(40), ATTRS, inputs_for(codes), None, None)
+    served = out.order.tolist()
+    assert out.relaxed == [] and rr.violations([codes[i] for i in served], 1, 2) == []
+    assert served[:37] == list(range(37)) and served[37:] == [38, 37, 39]
+
+
 def test_diversity_relaxes_where_nothing_fits_and_says_where() -> None:
     codes = [1, 1, 1, 2]  # three of c0 cannot be spread over 4 positions with 1 in any 2
     rules = rules_of(diversity(1, 2), 4)
