@@ -84,7 +84,8 @@ class RankingPipeline:
         self.executor = executor  # inference runs too long to run inline
         self.serving: Serving | None = None
         # the re-rank presets; an invalid file at startup raises (RulesFileError)
-        self.rules = RulesFile(settings.rerank_rules_file, rerank_bounds(settings),
+        self.rerank_bounds = rerank_bounds(settings)
+        self.rules = RulesFile(settings.rerank_rules_file, self.rerank_bounds,
                                settings.rerank_rules_poll_s)
 
     async def rank(self, req: RankRequest, request_id: str) -> bytes:
@@ -122,7 +123,8 @@ class RankingPipeline:
     def validate(self, model: LoadedModel, req: RankRequest) -> Scoring:
         """Check the request against the settings and the model's tasks (InvalidRequest)."""
         weights = check_rank_request(req, self.settings, model.tasks)
-        rules = check_rerank(req, self.settings, model.schema, self.rules.current())
+        rules = check_rerank(req, self.settings, model.schema, self.rules.current(),
+                             self.rerank_bounds)
         return Scoring(weights, req.scoring or self.settings.scoring, rules)
 
     async def fetch(self, serving: Serving, req: RankRequest, deadline: float,

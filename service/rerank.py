@@ -251,7 +251,7 @@ def _number(where: str, value: Any) -> float:
 
 
 def _mapping(where: str, value: Any, allowed: Sequence[str]) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
+    if not isinstance(value, dict):  # JSON and TOML objects are dicts
         raise InvalidRules(where, "must be an object")
     for key in value:
         if key not in allowed:
@@ -296,7 +296,8 @@ def _mmr(value: Any, where: str, strict: bool, attrs: Mapping[str, Attribute]) -
 def _filters(value: Any, where: str, strict: bool, bounds: Bounds) -> tuple[tuple[str, ...], bool]:
     v = _mapping(where, value, ("exclude", "seen"))
     exclude = v.get("exclude", [])
-    if not isinstance(exclude, list | tuple) or not all(isinstance(i, str) for i in exclude):
+    # the items' types were checked by the schema (service.schemas.FilterRule) already
+    if not isinstance(exclude, list | tuple):
         raise InvalidRules(f"{where}.exclude", "must be a list of item ids")
     if len(exclude) > bounds.max_exclude:
         raise InvalidRules(f"{where}.exclude",
@@ -326,7 +327,7 @@ def _boosts(value: Any, where: str, strict: bool, attrs: Mapping[str, Attribute]
         attr = _attr(attrs, at, v.get("attribute"), None)
         if attr.kind == "cat":
             values = _mapping(f"{at}.values", v.get("values"), tuple(attr.vocab) or ("",)) \
-                if isinstance(v.get("values"), Mapping) else None
+                if isinstance(v.get("values"), dict) else None
             if values is None or "edges" in v or "factors" in v:
                 raise InvalidRules(f"{at}.values", "a categorical attribute takes "
                                    "`values`: {value: factor}")

@@ -45,7 +45,7 @@ def check_rank_request(req: RankRequest, settings: Settings, tasks: list[str]) -
 
 
 def check_rerank(req: RankRequest, settings: Settings, schema: FeatureSchema,
-                 config: RulesConfig) -> Rules | None:
+                 config: RulesConfig, bounds: Bounds | None = None) -> Rules | None:
     """The request's re-rank rules (its `rerank` over the rules file's preset), checked against
     the serving model's item attributes and the settings' bounds; None when no rule applies."""
     if req.rerank is None and config.default_preset is None:
@@ -54,7 +54,7 @@ def check_rerank(req: RankRequest, settings: Settings, schema: FeatureSchema,
                                                                  by_alias=True)
     try:
         return resolve(spec, config.presets, config.default_preset, attributes(schema),
-                       req.candidates, req.top_k, rerank_bounds(settings))
+                       req.candidates, req.top_k, bounds or rerank_bounds(settings))
     except InvalidRules as e:
         raise InvalidRequest([{"field": e.field, "message": e.message}]) from e
 
