@@ -6,9 +6,11 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from ranker.schema import DenseFeature
+from ranker.schema import DenseFeature, FeatureSchema
 from service.errors import InvalidRequest
 from service.ranking import InvalidWeights, resolve_weights
+from service.rerank import Bounds, InvalidRules, Rules, attributes, resolve
+from service.rerank_rules import RulesConfig
 from service.schemas import RankRequest
 from service.settings import Settings
 
@@ -85,3 +87,26 @@ def check_dense_context(context: Mapping[str, Any],
                 errors.append({"field": f"context.{name}", "message": why})
     if errors:
         raise InvalidRequest(errors)
+
+
+def check_rerank(req: RankRequest, settings: Settings, schema: FeatureSchema,
+                 config: RulesConfig, bounds: Bounds | None = None) -> Rules | None:
+    """The request's re-rank rules (its `rerank` over the rules file's preset), checked against
+    the serving model's item attributes and the settings' bounds; None when no rule applies."""
+    if req.rerank is None and config.default_preset is None:
+        return None
+    spec = None if req.rerank is None else req.rerank.model_dump(exclude_unset=True,
+                                                                 by_alias=True)
+    try:
+        return resolve(spec, config.presets, config.default_preset, attributes(schema),
+                       req.candidates, req.top_k, bounds or rerank_bounds(settings))
+    except InvalidRules as e:
+        raise InvalidRequest([{"field": e.field, "message": e.message}]) from e
+
+
+def rerank_bounds(settings: Settings) -> Bounds:
+    """The limits of re-rank rules, from the settings."""
+    return Bounds(settings.rerank_boost_min, settings.rerank_boost_max,
+                  settings.rerank_max_pinned_share, settings.rerank_max_window,
+                  settings.rerank_max_exclude, settings.rerank_diversity_depth,
+                  settings.max_candidates)

@@ -25,6 +25,8 @@ COUNTERS = {
     "ranker_model_reloads_total",
     "ranker_rejected_requests_total",
     "ranker_inference_runs_total",
+    "ranker_rerank_rules_applied_total",
+    "ranker_rerank_rules_reloads_total",
 }
 HISTOGRAMS = {
     "ranker_request_duration_seconds",
