@@ -24,6 +24,7 @@ from service.ranking import combine as combine_scores
 from service.ranking import rank_order, sample_positions
 from service.registry import LoadedModel
 from service.schemas import RankRequest
+from service.servedlog.writer import ServedLog
 from service.settings import Settings
 from service.validation import check_rank_request
 
@@ -77,6 +78,7 @@ class RankingPipeline:
         self.settings = settings
         self.executor = executor  # inference runs too long to run inline
         self.serving: Serving | None = None
+        self.log: ServedLog | None = None  # the served log (set by the lifespan)
 
     async def rank(self, req: RankRequest, request_id: str) -> bytes:
         """The JSON response body for `req`: every stage in order, each one timed."""
@@ -105,6 +107,8 @@ class RankingPipeline:
         body = self.encode(req, model, request_id, scoring, ranking, feats)
         timer.lap("serialize")
         record_metrics(model, ranking, feats, settings.score_sample_size)
+        if self.log is not None:  # never waits: a sampled response is queued or dropped
+            self.log.served(request_id, req, model, scoring, ranking, inputs)
         return body
 
     def validate(self, model: LoadedModel, req: RankRequest) -> Scoring:

@@ -79,3 +79,36 @@ class ErrorResponse(BaseModel):
     message: str | None = None
     detail: list[ErrorDetail] | None = None
     request_id: str | None = None
+
+
+# ---- POST /feedback (service/routes/feedback.py) --------------------------------------------
+
+RequestId = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]
+EventName = Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class FeedbackEventIn(BaseModel):
+    """What a user did with a served item: the /rank request id, the item, the task, when."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: RequestId = Field(description="the request_id of the /rank answer")
+    item_id: ItemId
+    event: EventName = Field(description="one of the serving model's tasks (GET /model)")
+    ts: FiniteFloat = Field(description="unix seconds when it happened")
+
+
+class FeedbackRequest(BaseModel):
+    """POST /feedback body: 1..feedback_max_events events."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    events: list[FeedbackEventIn]
+
+
+class FeedbackAccepted(BaseModel):
+    """POST /feedback answer (202): events taken; those the log could not keep are counted in
+    `dropped` (best effort: a full queue or Redis down never fails the request)."""
+
+    accepted: int
+    dropped: int = 0
