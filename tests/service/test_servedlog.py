@@ -12,7 +12,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import onnxruntime as ort
-import pytest
 import redis
 
 from ranker.manifest import MODEL_FILE, load_manifest, load_schema
@@ -99,8 +98,8 @@ async def test_a_logged_response_is_exactly_what_was_served(model_repo: Path,
     settings = settings_for(model_repo, redis_url, log_sample_rate=1.0)
     async with running_app(settings) as client:
         body = await rank(client, user_id="u3", top_k=7, context={"hour": 20, "surface": "home"},
-                          weights={"click": 1.0, "like": 4.0, "share": 8.0}, candidates=CANDS
-                          + ["not_an_item"])
+                          weights={"click": 1.0, "like": 4.0, "share": 8.0},
+                          candidates=[*CANDS, "not_an_item"])
         await wait_for(lambda: xlen(redis_url) == 1, what="the record")
     [rec] = served_records(redis_url)
     ids = [it["id"] for it in body["items"]]
