@@ -101,7 +101,8 @@ async def open_state(settings: Settings) -> AsyncIterator[AppState]:
         pipeline = RankingPipeline(settings, executor)
         # the served log's writer task: flushed on exit within the graceful period, then its
         # own Redis client closed
-        served_log = ServedLog(settings, make_log_client(settings))
+        served_log = ServedLog(settings, make_log_client(settings),
+                               busy=lambda: pipeline.active > 0)
         await served_log.start()
         stack.push_async_callback(served_log.aclose, settings.graceful_shutdown_s)
         pipeline.log = served_log

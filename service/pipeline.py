@@ -79,9 +79,17 @@ class RankingPipeline:
         self.executor = executor  # inference runs too long to run inline
         self.serving: Serving | None = None
         self.log: ServedLog | None = None  # the served log (set by the lifespan)
+        self.active = 0  # requests inside rank() on this event loop
 
     async def rank(self, req: RankRequest, request_id: str) -> bytes:
         """The JSON response body for `req`: every stage in order, each one timed."""
+        self.active += 1  # requests in the pipeline now: the log writer works when there are none
+        try:
+            return await self._rank(req, request_id)
+        finally:
+            self.active -= 1
+
+    async def _rank(self, req: RankRequest, request_id: str) -> bytes:
         settings = self.settings
         loop = asyncio.get_running_loop()
         timer = metrics.StageTimer()

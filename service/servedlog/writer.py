@@ -8,10 +8,11 @@ record and counts it. `/feedback` offers its validated events the same way.
 
 The writer task (`ServedLog.run`, started and flushed by the lifespan) builds each
 `ranker.servedlog.ServedRecord` off the request path (the returned items' rows of the model
-inputs, in served order), encodes it and XADDs batches of entries, one Redis pipeline per
-batch, `MAXLEN ~ log_stream_maxlen`. A failed batch is retried a bounded number of times, then
-dropped and counted; while Redis is down the queue fills and further entries are dropped as
-`redis_unavailable`. Memory stays bounded by the queue size throughout.
+inputs, in served order), encodes it and XADDs batches of entries, one round trip per
+batch (`pack_xadd`: one packed write), `MAXLEN ~ log_stream_maxlen`. A failed batch is
+retried a bounded number of times, then dropped and counted; while Redis is down the queue
+fills and further entries are dropped as `redis_unavailable`. Memory stays bounded by the
+queue size throughout.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
+import redis.asyncio as aredis
 from redis.exceptions import RedisError
 
 from ranker.schema import CANDIDATE_ENTITY
@@ -52,7 +55,12 @@ log = logging.getLogger("ranker.servedlog")
 SERVED, FEEDBACK = "served", "feedback"
 # after the first entry of a batch, wait this long for more: at low load one Redis round trip
 # then carries several records instead of one per request (measured: docs/benchmarks.md)
-LINGER_S = 0.005
+LINGER_S = 0.02
+# the writer's work waits for a moment with no /rank in the pipeline (polled), so that it falls
+# between requests rather than inside one; at most this long, and never with the queue over
+# half full: under sustained load it then works alongside the requests
+DEFER_MAX_S = 0.1
+IDLE_POLL_S = 0.002
 WRITE_ATTEMPTS = 3  # per batch; then the batch is dropped as redis_unavailable
 RETRY_BACKOFF_S = 0.05  # doubled after each failed attempt
 UNKNOWN_VERSION = "unknown"
@@ -106,9 +114,22 @@ Entry = tuple[str, Any]  # (SERVED, Served) | (FEEDBACK, list[FeedbackEvent])
 Command = tuple[str, str, dict[Any, Any]]  # (stream kind, stream key, XADD fields: bytes -> bytes)
 
 
-def item_input_names(model: LoadedModel) -> frozenset[str]:
-    """The model inputs with one row per candidate (the others have one row per request)."""
-    return frozenset(s.name for s in model.schema.input_specs() if s.entity == CANDIDATE_ENTITY)
+_NAMES: dict[tuple[str, int], tuple[list[str], frozenset[str]]] = {}
+
+
+def input_names(model: LoadedModel) -> tuple[list[str], frozenset[str]]:
+    """The model's inputs in order, and those with one row per candidate (the others have one
+    row per request); kept per model version (the schema walk is slow for the writer's loop)."""
+    key = (model.name, model.version)
+    got = _NAMES.get(key)
+    if got is None:
+        specs = model.schema.input_specs()
+        got = ([s.name for s in specs],
+               frozenset(s.name for s in specs if s.entity == CANDIDATE_ENTITY))
+        if len(_NAMES) > 64:  # a long-lived process swapping many versions
+            _NAMES.clear()
+        _NAMES[key] = got
+    return got
 
 
 def served_record(ref: Served) -> ServedRecord:
@@ -117,17 +138,59 @@ def served_record(ref: Served) -> ServedRecord:
     order; user and context rows once)."""
     model, ranking = ref.model, ref.ranking
     order = ranking.order
-    per_item = item_input_names(model)
+    names, per_item = input_names(model)
     inputs = {name: ref.inputs[name][order] if name in per_item else ref.inputs[name]
-              for name in model.schema.input_names()}
-    ids: Sequence[str] = ref.req.candidates
+              for name in names}
+    positions = order.tolist()
+    ids = ref.req.candidates
+    # itemgetter picks in C (a list comprehension is most of the record's cost at 500 items)
+    item_ids: list[str] = (list(itemgetter(*positions)(ids)) if len(positions) > 1
+                           else [ids[p] for p in positions])
     return ServedRecord(
         ts=ref.ts, request_id=ref.request_id, user_id=ref.req.user_id, model_name=model.name,
         model_version=model.version, scoring=ref.scoring.formula,
         weights=dict(ref.scoring.weights), context=dict(ref.req.context or {}),
-        tasks=tuple(model.tasks), item_ids=[ids[p] for p in order.tolist()],
+        tasks=tuple(model.manifest.tasks), item_ids=item_ids,
         scores=ranking.scores[order], final=ranking.final[order], inputs=inputs,
     )
+
+
+def _bulk(b: bytes) -> bytes:
+    return b"$%d\r\n%b\r\n" % (len(b), b)
+
+
+def pack_xadd(key: str, maxlen: int, fields: dict[bytes, bytes]) -> bytes:
+    """The RESP encoding of `XADD key MAXLEN ~ maxlen * field value ...`.
+
+    redis-py's pipeline packs and parses each command through its generic machinery, which
+    for a 500-item record costs more than building the record (docs/benchmarks.md); the
+    values are large bytes, so packing them here is one join.
+    """
+    parts = [b"*%d\r\n$4\r\nXADD\r\n" % (6 + 2 * len(fields)), _bulk(key.encode()),
+             b"$6\r\nMAXLEN\r\n$1\r\n~\r\n", _bulk(str(maxlen).encode()), b"$1\r\n*\r\n"]
+    for k, v in fields.items():
+        parts += [b"$%d\r\n" % len(k), k, b"\r\n$%d\r\n" % len(v), v, b"\r\n"]
+    return b"".join(parts)
+
+
+async def xadd_packed(client: aredis.Redis, commands: Sequence[bytes]) -> None:
+    """Send packed XADDs in one write on a pooled connection and read every reply.
+
+    As `service.featurestore.reader.mget_packed`: an error reply raises `ResponseError`, and a
+    connection left with unread replies (an error or a cancellation mid-batch) is closed
+    before it goes back to the pool.
+    """
+    pool = client.connection_pool
+    conn = await pool.get_connection()
+    try:
+        await conn.send_packed_command(b"".join(commands), check_health=False)
+        for _ in commands:
+            await conn.read_response()
+    except BaseException:
+        await conn.disconnect()
+        raise
+    finally:
+        await pool.release(conn)
 
 
 def make_log_client(settings: Settings) -> RedisClient | None:
@@ -151,8 +214,10 @@ class ServedLog:
     """The bounded queue between the request path and the writer task, and the online-rate
     bookkeeping (impressions by version, recently served request ids)."""
 
-    def __init__(self, settings: Settings, client: RedisClient | None) -> None:
+    def __init__(self, settings: Settings, client: RedisClient | None,
+                 busy: Callable[[], bool] = lambda: False) -> None:
         self.rate = settings.log_sample_rate
+        self.busy = busy  # whether requests are being ranked right now
         self.client = client
         self.batch_size = settings.log_batch_size
         self.maxlen = settings.log_stream_maxlen
@@ -228,6 +293,7 @@ class ServedLog:
             batch = [await q.get()]
             if not self.closing and q.qsize() < self.batch_size - 1:
                 await asyncio.sleep(LINGER_S)
+            await self.wait_idle()
             while len(batch) < self.batch_size and not q.empty():
                 batch.append(q.get_nowait())
             metrics.LOG_QUEUE_DEPTH.set(q.qsize())
@@ -246,6 +312,18 @@ class ServedLog:
                 for _ in batch:
                     q.task_done()
 
+    async def wait_idle(self) -> None:
+        """Until no request is being ranked, for at most `DEFER_MAX_S` (and not at all while
+        the queue is over half full or the service is shutting down)."""
+        if not self.busy():
+            return
+        loop = asyncio.get_running_loop()
+        end = loop.time() + DEFER_MAX_S
+        half = self.queue.maxsize // 2
+        while (self.busy() and not self.closing and loop.time() < end
+               and self.queue.qsize() < half):
+            await asyncio.sleep(IDLE_POLL_S)
+
     def settle(self, stream: str, n: int, dropped: str | None) -> None:
         """n entries of the batch in hand are written (dropped=None) or dropped for a reason."""
         self._pending[stream] = self._pending.get(stream, 0) - n
@@ -256,7 +334,7 @@ class ServedLog:
 
     async def write(self, batch: list[Entry]) -> None:
         """Encode the entries (yielding to the event loop between records) and XADD them,
-        `log_batch_size` commands per Redis pipeline."""
+        `log_batch_size` commands per round trip."""
         commands: list[Command] = []
         for stream, payload in batch:
             key = self.streams[stream]
@@ -266,25 +344,32 @@ class ServedLog:
                 except Exception:  # a bug here must not stop the writer; it is logged
                     log.exception("could not encode a served record")
                     self.settle(stream, 1, "error")
-                await asyncio.sleep(0)  # let requests run between records
+                await asyncio.sleep(0)  # let arrived requests in between records
+                await self.wait_idle()
             else:
                 commands += [(stream, key, encode_feedback(ev)) for ev in payload]
         for chunk in chunks(commands, self.batch_size):
             await self.send(chunk)
 
     async def send(self, chunk: Sequence[Command]) -> None:
-        """One pipeline of XADDs; retried `WRITE_ATTEMPTS` times, then dropped and counted."""
+        """One round trip of XADDs (one packed write; a pipeline on a cluster); retried
+        `WRITE_ATTEMPTS` times, then dropped and counted."""
         assert self.client is not None
         counts: dict[str, int] = {}
         for stream, _, _ in chunk:
             counts[stream] = counts.get(stream, 0) + 1
+        single = isinstance(self.client, aredis.Redis)
+        packed = [pack_xadd(key, self.maxlen, fields) for _, key, fields in chunk] if single else []
         for attempt in range(WRITE_ATTEMPTS):
-            pipe = self.client.pipeline(transaction=False)
-            for _, key, fields in chunk:
-                pipe.xadd(key, fields, maxlen=self.maxlen, approximate=True)
             try:
                 async with asyncio.timeout(self.timeout_s):
-                    await pipe.execute()
+                    if single:
+                        await xadd_packed(self.client, packed)  # type: ignore[arg-type]
+                    else:  # a cluster: the streams may live on different nodes
+                        pipe = self.client.pipeline(transaction=False)
+                        for _, key, fields in chunk:
+                            pipe.xadd(key, fields, maxlen=self.maxlen, approximate=True)
+                        await pipe.execute()
             except (RedisError, OSError, TimeoutError) as e:
                 if not self.down:
                     log.warning("served log: Redis write failed (%s); dropping and counting "
