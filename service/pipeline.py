@@ -88,6 +88,8 @@ class RankingPipeline:
             return await self._rank(req, request_id)
         finally:
             self.active -= 1
+            if not self.active and self.log is not None:
+                self.log.wake()  # the writer may be waiting for this moment
 
     async def _rank(self, req: RankRequest, request_id: str) -> bytes:
         settings = self.settings

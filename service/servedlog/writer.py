@@ -56,11 +56,10 @@ SERVED, FEEDBACK = "served", "feedback"
 # after the first entry of a batch, wait this long for more: at low load one Redis round trip
 # then carries several records instead of one per request (measured: docs/benchmarks.md)
 LINGER_S = 0.02
-# the writer's work waits for a moment with no /rank in the pipeline (polled), so that it falls
+# the writer's work waits for a moment with no /rank in the pipeline (`wake`), so that it falls
 # between requests rather than inside one; at most this long, and never with the queue over
 # half full: under sustained load it then works alongside the requests
 DEFER_MAX_S = 0.1
-IDLE_POLL_S = 0.002
 WRITE_ATTEMPTS = 3  # per batch; then the batch is dropped as redis_unavailable
 RETRY_BACKOFF_S = 0.05  # doubled after each failed attempt
 UNKNOWN_VERSION = "unknown"
@@ -229,6 +228,7 @@ class ServedLog:
         self.down = False  # the last write failed: a full queue is then Redis's fault
         self.closing = False
         self._task: asyncio.Task[None] | None = None
+        self._idle: asyncio.Future[None] | None = None  # set by `wake`
         self._impressions: dict[int, Any] = {}  # label children, looked up once per version
         self._dropped: dict[tuple[str, str], Any] = {}
         self._pending: dict[str, int] = {}  # entries of the batch in hand not yet settled
@@ -313,16 +313,23 @@ class ServedLog:
                     q.task_done()
 
     async def wait_idle(self) -> None:
-        """Until no request is being ranked, for at most `DEFER_MAX_S` (and not at all while
-        the queue is over half full or the service is shutting down)."""
-        if not self.busy():
+        """Until no request is being ranked (`wake`), for at most `DEFER_MAX_S`, and not at all
+        while the queue is over half full or the service is shutting down."""
+        if not self.busy() or self.closing or self.queue.qsize() >= self.queue.maxsize // 2:
             return
-        loop = asyncio.get_running_loop()
-        end = loop.time() + DEFER_MAX_S
-        half = self.queue.maxsize // 2
-        while (self.busy() and not self.closing and loop.time() < end
-               and self.queue.qsize() < half):
-            await asyncio.sleep(IDLE_POLL_S)
+        self._idle = asyncio.get_running_loop().create_future()
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(DEFER_MAX_S):
+                    await self._idle
+        finally:
+            self._idle = None
+
+    def wake(self) -> None:
+        """The pipeline has no request in flight: a waiting writer may work now."""
+        idle = self._idle
+        if idle is not None and not idle.done():
+            idle.set_result(None)
 
     def settle(self, stream: str, n: int, dropped: str | None) -> None:
         """n entries of the batch in hand are written (dropped=None) or dropped for a reason."""
