@@ -128,12 +128,38 @@ async def measure(args: argparse.Namespace, repo: Path, url: str) -> dict[str, A
                 for name in out:
                     out[name].append(merged(got[name]))
     rclient.close()
+    # the writer's work per record, alone: build + encode one of the run's records, and the
+    # packed XADD of a batch of 16 (CPU of this process; the same record each time)
+    from ranker.servedlog import encode_served
+    from service.servedlog.writer import Served, pack_xadd, served_record, xadd_packed
+
+    captured: list[Served] = []
+    async with LifespanManager(apps["on"]) as again:
+        log_on = apps["on"].state.ranker.pipeline.log
+
+        def capture(stream: str, payload: Served, n: int) -> bool:
+            captured.append(payload)
+            return True
+
+        log_on._offer = capture
+        await call(again.app, bodies[0])
+        ref = captured[0]
+        c0 = time.process_time()
+        for _ in range(500):
+            fields = encode_served(served_record(ref))
+        encode_ms = (time.process_time() - c0) / 500 * 1e3
+        c0 = time.process_time()
+        for _ in range(50):
+            await xadd_packed(log_on.client, [pack_xadd("bench:xadd", 100, fields)] * 16)
+        xadd_ms = (time.process_time() - c0) / (50 * 16) * 1e3
+    micro = {"encode_ms": encode_ms, "xadd_ms": xadd_ms,
+             "record_bytes": sum(len(v) for v in fields.values())}
     from prometheus_client import REGISTRY
 
     written = REGISTRY.get_sample_value("ranker_served_log_written_total", {"stream": "served"})
     dropped = sum(s.value for m in REGISTRY.collect() if m.name == "ranker_served_log_dropped"
                   for s in m.samples if s.name.endswith("_total"))
-    return {"runs": out, "written": written, "dropped": dropped}
+    return {"runs": out, "written": written, "dropped": dropped, "micro": micro}
 
 
 def summarise(res: dict[str, Any]) -> list[str]:
@@ -153,6 +179,13 @@ def summarise(res: dict[str, Any]) -> list[str]:
                  f"range {min(p50r):.3f}-{max(p50r):.3f}; CPU ratio: median "
                  f"{statistics.median(cpur):.3f}, range {min(cpur):.3f}-{max(cpur):.3f}; "
                  f"records written {res['written']:.0f}, dropped {res['dropped']:.0f}")
+    m = res["micro"]
+    cpu_off = statistics.median(r["cpu_ms"] for r in off)
+    lines.append(f"writer alone, per record of {m['record_bytes'] / 1e3:.1f} kB: build + encode "
+                 f"{m['encode_ms'] * 1e3:.0f} us, packed XADD (batches of 16) "
+                 f"{m['xadd_ms'] * 1e3:.0f} us CPU = "
+                 f"{(m['encode_ms'] + m['xadd_ms']) / cpu_off:.1%} of a request's CPU with "
+                 "logging off (median)")
     return lines
 
 
