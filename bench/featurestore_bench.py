@@ -33,8 +33,8 @@ import pyarrow as pa
 import redis
 from redis.cluster import RedisCluster
 
+from launch.local_redis import RedisClusterServer, RedisServer
 from ranker.schema import CategoricalFeature, DenseFeature, FeatureSchema, GroupSchema, Vocabulary
-from service.featurestore.embedded import RedisClusterServer, RedisServer
 from service.featurestore.keys import record_key_prefix
 from service.featurestore.reader import FeatureStore, make_client
 from service.featurestore.writer import encode_table, load_tables, make_sync_client

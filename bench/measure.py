@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 
 
-def export_model(repo: Path, n_items: int) -> Path:  # needs torch and the repo's tests/
+def export_model(repo: Path, n_items: int) -> Path:  # needs torch (the train extra)
     """The MMoE docs/api.md measured (8 experts of 64-32, towers of 16) over the tiny schema."""
     import torch
 
-    from tests.tiny import golden_inputs, tiny_schema
+    from ranker.examples import golden_inputs, tiny_schema
     from training.export import export_model as export
     from training.model import ModelConfig, MultiTaskModel, inputs_from_schema
 
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--items", type=int, default=5000)
     args = p.parse_args(argv)
 
-    from service.featurestore.embedded import RedisServer
+    from launch.local_redis import RedisServer
 
     with tempfile.TemporaryDirectory() as tmp, RedisServer() as server:
         repo = Path(tmp)

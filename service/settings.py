@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
 
-    # reliability and access guards (service/guards, docs/reliability.md)
+    # reliability and access guards (service/middleware, docs/reliability.md)
     api_keys: list[SecretStr] = []  # RANKER_API_KEYS='["k1","k2"]'; none = /rank is open
     metrics_port: int | None = Field(default=None, ge=1, le=65535)  # /metrics, /admin only there
     graceful_shutdown_s: int = Field(default=10, ge=1)  # SIGTERM: in-flight requests get this

@@ -85,28 +85,7 @@ def run_training(
     schema = build_schema(spec, raw)
     train, val, test = (encode_split(spec, schema, raw, s) for s in ("train", "val", "test"))
     main_cfg = ModelConfig(inputs=inputs_from_schema(schema), tasks=spec.task_names, **model_kw)
-    configs: dict[str, ModelConfig] = {main_cfg.model_type: main_cfg}
-    if baselines:
-        configs.update(baseline_configs(main_cfg))
-    models: dict[str, Any] = {}
-    main_model: MultiTaskModel | None = None
-    for name, cfg in configs.items():
-        log.info("training %s", name)
-        tc = train_cfg
-        if set(cfg.tasks) != set(main_cfg.tasks):
-            tc = dataclasses.replace(
-                train_cfg, loss_weights={t: train_cfg.loss_weights.get(t, 1.0) for t in cfg.tasks}
-            )
-        model, hist = fit(cfg, _select(train, main_cfg, cfg), _select(val, main_cfg, cfg), tc)
-        models[name] = {
-            "model_type": cfg.model_type,
-            "tasks": cfg.tasks,
-            "history": hist.to_dict(),
-            "test": evaluate(model, _select(test, main_cfg, cfg)),
-        }
-        if main_model is None:
-            main_model = model
-    assert main_model is not None
+    models, main_model = train_models(main_cfg, train, val, test, train_cfg, baselines=baselines)
     info = training_data_info(spec, raw)
     report: dict[str, Any] = {
         "dataset": spec.name,
@@ -138,6 +117,45 @@ def run_training(
     )
     write_report(report, out)
     return report
+
+
+def train_models(
+    main_cfg: ModelConfig,
+    train: Encoded,
+    val: Encoded,
+    test: Encoded,
+    train_cfg: TrainConfig,
+    *,
+    baselines: bool = True,
+) -> tuple[dict[str, Any], MultiTaskModel]:
+    """Fit the main model (and its baselines) on train/val, evaluate each on test.
+
+    Returns the report's "models" entry (per model: type, tasks, history, test metrics) and the
+    trained main model.
+    """
+    configs: dict[str, ModelConfig] = {main_cfg.model_type: main_cfg}
+    if baselines:
+        configs.update(baseline_configs(main_cfg))
+    models: dict[str, Any] = {}
+    main_model: MultiTaskModel | None = None
+    for name, cfg in configs.items():
+        log.info("training %s", name)
+        tc = train_cfg
+        if set(cfg.tasks) != set(main_cfg.tasks):
+            tc = dataclasses.replace(
+                train_cfg, loss_weights={t: train_cfg.loss_weights.get(t, 1.0) for t in cfg.tasks}
+            )
+        model, hist = fit(cfg, _select(train, main_cfg, cfg), _select(val, main_cfg, cfg), tc)
+        models[name] = {
+            "model_type": cfg.model_type,
+            "tasks": cfg.tasks,
+            "history": hist.to_dict(),
+            "test": evaluate(model, _select(test, main_cfg, cfg)),
+        }
+        if main_model is None:
+            main_model = model
+    assert main_model is not None
+    return models, main_model
 
 
 def _select(data: Encoded, main: ModelConfig, cfg: ModelConfig) -> Encoded:

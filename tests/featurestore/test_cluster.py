@@ -10,12 +10,12 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 
-from service.featurestore.embedded import RedisClusterServer
+from launch.local_redis import RedisClusterServer
+from ranker.examples import tiny_schema
 from service.featurestore.keys import record_key_prefix
 from service.featurestore.reader import FeatureStore, FeatureStoreUnavailable, make_client
 from service.featurestore.writer import load_tables, make_sync_client
 from tests.featurestore.tables import items_table, users_table
-from tests.tiny import tiny_schema
 
 SCHEMA = tiny_schema()
 ITEMS = [f"i{i}" for i in range(30)]

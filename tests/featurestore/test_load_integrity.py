@@ -24,16 +24,17 @@ import pyarrow.parquet as pq
 import pytest
 import redis
 
+from launch.local_redis import RedisServer
+from ranker.examples import tiny_schema
 from ranker.manifest import load_manifest, load_schema
-from service.featurestore.embedded import RedisServer
 from service.featurestore.reader import FeatureStore, make_client
 from service.featurestore.writer import load_tables
 from tests.featurestore.tables import items_table, users_table
-from tests.service.helpers import feature_tables, load_features, metric, running_app, settings_for
-from tests.tiny import tiny_schema
+from tests.service.helpers import feature_tables, load_features, metric, running_app
+from tests.support import settings_for
 
 SCHEMA = tiny_schema()
-CLI = [sys.executable, "-m", "ranker.cli", "features", "load"]
+CLI = [sys.executable, "-m", "launch.cli", "features", "load"]
 
 
 def roomy_client(url: str, **kw: Any) -> Any:

@@ -14,13 +14,13 @@ import pyarrow as pa
 import pytest
 import redis
 
+from launch.local_redis import RedisServer
+from ranker.examples import tiny_schema
 from ranker.schema import FeatureSchema
-from service.featurestore.embedded import RedisServer
 from service.featurestore.keys import pointer_key, record_key_prefix
 from service.featurestore.reader import FeatureStore, FeatureStoreUnavailable, make_client
 from service.featurestore.writer import LoadReport, load_tables
 from tests.featurestore.tables import items_table, users_table
-from tests.tiny import tiny_schema
 
 SCHEMA = tiny_schema()
 

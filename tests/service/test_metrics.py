@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from service.metrics import SCORE_BUCKETS
-from tests.service.helpers import load_features, metric, running_app, settings_for
+from tests.service.helpers import load_features, metric, running_app
+from tests.support import settings_for
 
 pytestmark = pytest.mark.asyncio
 

@@ -12,12 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 import redis
 
+from launch.local_redis import RedisServer
 from ranker.manifest import load_manifest, load_schema
-from service.featurestore.embedded import RedisServer
 from service.featurestore.writer import load_tables
 from sim.cli import main
 from tests.conftest import emptied_url
-from tests.reliability.procs import ServerProcess
+from tests.support import ServerProcess
 
 API_KEY = "sim-test-key"
 RUN_KEYS = ("run",)  # what differs between two runs of the same simulation: timings

@@ -1,1 +1,0 @@
-"""Running the service in a process (`wiring.serve`); the middleware is `service.middleware`."""
