@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from bench.measure import export_model, load_features
-    from service.featurestore.embedded import RedisServer
+    from launch.local_redis import RedisServer
 
     with tempfile.TemporaryDirectory() as tmp, RedisServer() as server:
         vdir = export_model(Path(tmp), args.items)

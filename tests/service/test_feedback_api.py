@@ -12,8 +12,9 @@ import pytest
 import redis
 
 from ranker.servedlog import FeedbackEvent, decode_feedback, feedback_stream
-from tests.service.helpers import load_features, metric, running_app, settings_for
+from tests.service.helpers import load_features, metric, running_app
 from tests.service.test_servedlog import dropped, wait_for
+from tests.support import settings_for
 
 STREAM = feedback_stream("rk")
 KEY = "k-feedback"

@@ -14,12 +14,13 @@ import numpy as np
 import onnxruntime as ort
 import redis
 
+from launch.local_redis import RedisServer
 from ranker.manifest import MODEL_FILE, load_manifest, load_schema
 from ranker.servedlog import decode_served, served_stream
-from service.featurestore.embedded import RedisServer
 from service.featurestore.reader import FeatureStore, close_client, make_client
 from service.servedlog.writer import RecentVersions, sampled
-from tests.service.helpers import load_features, metric, running_app, settings_for
+from tests.service.helpers import load_features, metric, running_app
+from tests.support import settings_for
 
 CANDS = [f"i{i}" for i in range(30)]
 STREAM = served_stream("rk")
