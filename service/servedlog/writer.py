@@ -304,10 +304,11 @@ class ServedLog:
             try:
                 await self.write(batch)
             except asyncio.CancelledError:  # shutdown cut the flush short: count what is left
-                for stream, n in self._pending.items():
-                    if n:
-                        self.drop(stream, "shutdown", n)
+                self._drop_pending("shutdown")
                 raise
+            except Exception:  # a bug must not stop the writer (then every entry would drop)
+                log.exception("served log writer: batch failed")
+                self._drop_pending("error")
             finally:
                 for _ in batch:
                     q.task_done()
@@ -330,6 +331,12 @@ class ServedLog:
         idle = self._idle
         if idle is not None and not idle.done():
             idle.set_result(None)
+
+    def _drop_pending(self, reason: str) -> None:
+        for stream, n in self._pending.items():
+            if n:
+                self.drop(stream, reason, n)
+        self._pending = {}
 
     def settle(self, stream: str, n: int, dropped: str | None) -> None:
         """n entries of the batch in hand are written (dropped=None) or dropped for a reason."""
