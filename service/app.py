@@ -23,7 +23,8 @@ from service.playground import playground_router
 from service.routes import feedback, ops, rank
 from service.settings import Settings, get_settings
 
-ROUTES = ("/rank", "/feedback", "/healthz", "/readyz", "/model", "/metrics", "/admin/reload")
+ROUTES = ("/rank", "/feedback", "/healthz", "/readyz", "/model", "/metrics", "/admin/reload",
+          "/admin/pin", "/admin/unpin")
 
 
 def reject(reason: str) -> None:
@@ -69,7 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ops.router)
     if settings.playground_enabled:
         app.include_router(playground_router)
-    document_errors(app)
+    document_errors(app, settings)
     return app
 
 

@@ -95,6 +95,8 @@ async def test_the_version_map_is_bounded(client: httpx.AsyncClient) -> None:
     ([], "events", ["at least 1 event"]),
     ([ev(ts="soon")], "events[0].ts", ["number"]),
     ([ev(item_id=7)], "events[0].item_id", ["string"]),
+    ([ev(ts="1700000000")], "events[0].ts", ["number"]),  # strict: a JSON number
+    ([ev(ts=True)], "events[0].ts", ["number"]),
     ([ev(ts=1.7e12)], "events[0].ts", ["unix seconds"]),  # milliseconds, not seconds
     ([ev(ts=-1)], "events[0].ts", ["unix seconds"]),
     ([ev(weight=2)], "events[0].weight", ["not permitted"]),
@@ -115,6 +117,12 @@ async def test_non_finite_ts_is_refused(client: httpx.AsyncClient, ts: str) -> N
     raw = b'{"events": [{"request_id": "r1", "item_id": "i1", "event": "click", "ts": %s}]}'
     body = await post(client, raw % ts.encode(), 422)
     assert body["detail"][0]["field"] == "events[0].ts" and "finite" in body["detail"][0]["message"]
+
+
+async def test_ids_must_be_valid_unicode(client: httpx.AsyncClient) -> None:
+    raw = b'{"events": [{"request_id": "r1", "item_id": "\\ud800", "event": "click", "ts": 1.7e9}]}'
+    body = await post(client, raw, 422)
+    assert body["detail"][0]["field"] == "events[0].item_id", body
 
 
 async def test_not_a_batch_is_refused(client: httpx.AsyncClient) -> None:

@@ -46,7 +46,8 @@ COUNTERS |= {
     "ranker_impressions_total",
     "ranker_feedback_events_total",
 }
-GAUGES = {"ranker_model_info", "ranker_inflight_requests", "ranker_served_log_queue_depth"}
+GAUGES = {"ranker_model_info", "ranker_inflight_requests", "ranker_model_fallback",
+          "ranker_served_log_queue_depth"}
 KNOWN_SERIES = (
     COUNTERS
     | GAUGES
