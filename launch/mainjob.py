@@ -243,6 +243,7 @@ def serve(args: argparse.Namespace, redis_url: str, vdir: Path, body: dict[str, 
            "RANKER_MODEL_REPO": str(vdir.parent.parent.resolve()),
            "RANKER_MODEL_NAME": vdir.parent.name}
     env.setdefault("RANKER_PLAYGROUND_ENABLED", "true")  # local run: the page is on
+    env.setdefault("RANKER_LOG_SAMPLE_RATE", "1")  # local run: every response is logged
     proc = start_server(args.host, port, env)
     try:
         wait_ready(base_url, proc, args.startup_timeout)

@@ -20,11 +20,11 @@ from service.middleware.deadline import DeadlineMiddleware, hard_timeout_s
 from service.middleware.ports import OpsPortMiddleware
 from service.openapi import document_errors
 from service.playground import playground_router
-from service.routes import ops, rank
+from service.routes import feedback, ops, rank
 from service.settings import Settings, get_settings
 
-ROUTES = ("/rank", "/healthz", "/readyz", "/model", "/metrics", "/admin/reload", "/admin/pin",
-          "/admin/unpin")
+ROUTES = ("/rank", "/feedback", "/healthz", "/readyz", "/model", "/metrics", "/admin/reload",
+          "/admin/pin", "/admin/unpin")
 
 
 def reject(reason: str) -> None:
@@ -66,6 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         exception_handlers=EXCEPTION_HANDLERS,
     )
     app.include_router(rank.router)
+    app.include_router(feedback.router)
     app.include_router(ops.router)
     if settings.playground_enabled:
         app.include_router(playground_router)

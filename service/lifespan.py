@@ -1,6 +1,6 @@
 """The app's lifespan: every shared resource opened in order on one exit stack, closed in
-reverse: the inference executor, the Redis client and its pool, the model registry, the
-model watcher (which also follows the pin file, docs/operations.md)."""
+reverse: the inference executor, the Redis client and its pool, the served log's writer, the
+model registry, the model watcher (which also follows the pin file, docs/operations.md)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from service.featurestore.reader import FeatureStore, close_client
 from service.featurestore.reader import make_client as make_redis_client
 from service.pipeline import RankingPipeline, Serving
 from service.registry import LoadedModel, ModelRegistry, NoModelError, PinFileError, ReloadResult
+from service.servedlog.writer import ServedLog, make_log_client
 from service.settings import Settings
 from service.state import AppState, RedisClient
 
@@ -151,6 +152,13 @@ async def open_state(settings: Settings) -> AsyncIterator[AppState]:
         if client is not None:
             stack.push_async_callback(close_quietly, client)
         pipeline = RankingPipeline(settings, executor)
+        # the served log's writer task: flushed on exit within the graceful period, then its
+        # own Redis client closed
+        served_log = ServedLog(settings, make_log_client(settings),
+                               busy=lambda: pipeline.active > 0)
+        await served_log.start()
+        stack.push_async_callback(served_log.aclose, settings.graceful_shutdown_s)
+        pipeline.log = served_log
 
         def on_swap(old: LoadedModel | None, new: LoadedModel) -> None:
             pipeline.serving = Serving(new, make_store(settings, client, new))  # one assignment

@@ -84,6 +84,21 @@ RERANK_RELOADS = Counter("ranker_rerank_rules_reloads", "Loads of the re-rank ru
                          ["result"])
 
 
+# the served log and feedback (service/servedlog/writer.py); model_version is a served version
+# or "unknown", task one of the serving model's tasks, stream "served" | "feedback"
+LOG_WRITTEN = Counter("ranker_served_log_written", "Entries written to the log streams",
+                      ["stream"])
+LOG_DROPPED = Counter("ranker_served_log_dropped",
+                      "Log entries dropped (queue full, Redis unavailable, no Redis, shutdown)",
+                      ["stream", "reason"])
+LOG_QUEUE_DEPTH = Gauge("ranker_served_log_queue_depth", "Log entries waiting for the writer",
+                        multiprocess_mode="livesum")
+IMPRESSIONS = Counter("ranker_impressions", "Items returned by /rank, by model version",
+                      ["model_version"])
+FEEDBACK_EVENTS = Counter("ranker_feedback_events",
+                          "Feedback events accepted, by task and the version that served them",
+                          ["task", "model_version"])
+
 # label children looked up once, not per observation on the hot path
 STAGE = {s: STAGE_DURATION.labels(s) for s in STAGES}
 

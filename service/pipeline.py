@@ -27,6 +27,7 @@ from service.rerank import Outcome, Rules, attributes
 from service.rerank import apply as apply_rules
 from service.rerank_rules import RulesFile
 from service.schemas import RankRequest
+from service.servedlog.writer import ServedLog
 from service.settings import Settings
 from service.validation import check_rank_request, check_rerank, rerank_bounds
 
@@ -87,9 +88,20 @@ class RankingPipeline:
         self.rerank_bounds = rerank_bounds(settings)
         self.rules = RulesFile(settings.rerank_rules_file, self.rerank_bounds,
                                settings.rerank_rules_poll_s)
+        self.log: ServedLog | None = None  # the served log (set by the lifespan)
+        self.active = 0  # requests inside rank() on this event loop
 
     async def rank(self, req: RankRequest, request_id: str) -> bytes:
         """The JSON response body for `req`: every stage in order, each one timed."""
+        self.active += 1  # requests in the pipeline now: the log writer works when there are none
+        try:
+            return await self._rank(req, request_id)
+        finally:
+            self.active -= 1
+            if not self.active and self.log is not None:
+                self.log.wake()  # the writer may be waiting for this moment
+
+    async def _rank(self, req: RankRequest, request_id: str) -> bytes:
         settings = self.settings
         loop = asyncio.get_running_loop()
         timer = metrics.StageTimer()
@@ -118,6 +130,8 @@ class RankingPipeline:
         body = self.encode(req, model, request_id, scoring, ranking, feats)
         timer.lap("serialize")
         record_metrics(model, ranking, feats, settings.score_sample_size)
+        if self.log is not None:  # never waits: a sampled response is queued or dropped
+            self.log.served(request_id, req, model, scoring, ranking, inputs)
         return body
 
     def validate(self, model: LoadedModel, req: RankRequest) -> Scoring:

@@ -235,3 +235,39 @@ class ErrorResponse(BaseModel):
     message: str | None = None
     detail: list[ErrorDetail] | None = None
     request_id: str | None = None
+
+
+# ---- POST /feedback (service/routes/feedback.py) --------------------------------------------
+
+FeedbackId = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH),
+                      AfterValidator(valid_text)]
+EventName = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(valid_text)]
+# strict, as a weight: a JSON number (an integer is one), never "1700000000"
+UnixTime = Annotated[float, Strict(), Field(allow_inf_nan=False)]
+
+
+class FeedbackEventIn(BaseModel):
+    """What a user did with a served item: the /rank request id, the item, the task, when."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: FeedbackId = Field(description="the request_id of the /rank answer")
+    item_id: FeedbackId
+    event: EventName = Field(description="one of the serving model's tasks (GET /model)")
+    ts: UnixTime = Field(description="unix seconds when it happened")
+
+
+class FeedbackRequest(BaseModel):
+    """POST /feedback body: 1..feedback_max_events events."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    events: list[FeedbackEventIn]
+
+
+class FeedbackAccepted(BaseModel):
+    """POST /feedback answer (202): events taken; those the log could not keep are counted in
+    `dropped` (best effort: a full queue or Redis down never fails the request)."""
+
+    accepted: int
+    dropped: int = 0

@@ -99,6 +99,18 @@ class Settings(BaseSettings):
     cors_allow_credentials: bool = False  # never with "*": refused at startup
     playground_enabled: bool = False  # the /playground page; the local main job turns it on
 
+    # served log and feedback (service/servedlog, docs/closing-the-loop.md)
+    # share of /rank responses written to the served log, by a hash of the request id (the same
+    # decision on every worker); 0 = off (`ranker run` turns it on)
+    log_sample_rate: float = Field(default=0.0, ge=0, le=1)
+    log_queue_size: int = Field(default=1000, ge=1)  # entries waiting for the writer; then dropped
+    log_batch_size: int = Field(default=64, ge=1)  # stream entries per Redis pipeline
+    log_stream_maxlen: int = Field(default=100_000, ge=1)  # XADD MAXLEN ~ per stream
+    log_write_timeout_s: float = Field(default=1.0, gt=0)  # one batch's Redis round trip
+    feedback_max_events: int = Field(default=1000, ge=1)  # events per POST /feedback
+    # request id -> model version of recently served requests (online rates by version)
+    feedback_recent_requests: int = Field(default=100_000, ge=1)
+
     @model_validator(mode="after")
     def _check_bounds(self) -> Settings:
         if not 0 <= self.weight_min <= self.weight_max:

@@ -24,6 +24,7 @@ AUTHORIZATION = b"authorization"
 DenyHook = Callable[[str], None]  # called with the scope that refused: "api" | "admin"
 
 Keys = str | Sequence[str | SecretStr] | None
+API_PATHS = ("/rank", "/feedback")  # the routes an API key opens (when keys are configured)
 
 
 def _noop(_scope: str) -> None:
@@ -74,9 +75,10 @@ def _under(path: str, prefixes: frozenset[str]) -> bool:
 class ApiKeyMiddleware:
     """401 unless the request carries a valid key for its route; routes with no keys are open.
 
-    `api_paths` (default `/rank`) accept any of `api_keys`; `admin_paths` (default `/admin`)
-    accept only `admin_key`, never an API key. With no keys configured at all a route stays
-    open (a local run); with API keys but no admin key the admin routes are refused (403).
+    `api_paths` (default `API_PATHS`: `/rank`, `/feedback`) accept any of `api_keys`;
+    `admin_paths` (default `/admin`) accept only `admin_key`, never an API key. With no keys
+    configured at all a route stays open (a local run); with API keys but no admin key the
+    admin routes are refused (403).
     """
 
     def __init__(
@@ -85,7 +87,7 @@ class ApiKeyMiddleware:
         *,
         api_keys: Keys = None,
         admin_key: str | None = None,
-        api_paths: Iterable[str] = ("/rank",),
+        api_paths: Iterable[str] = API_PATHS,
         admin_paths: Iterable[str] = ("/admin",),
         on_deny: DenyHook = _noop,
     ) -> None:

@@ -41,7 +41,15 @@ COUNTERS |= {
     "ranker_featurestore_retries_total",
 }
 HISTOGRAMS |= {"ranker_featurestore_fetch_seconds"}
-GAUGES = {"ranker_model_info", "ranker_inflight_requests", "ranker_model_fallback"}
+# The served log and feedback (service/servedlog): writer health and online rates by version.
+COUNTERS |= {
+    "ranker_served_log_written_total",
+    "ranker_served_log_dropped_total",
+    "ranker_impressions_total",
+    "ranker_feedback_events_total",
+}
+GAUGES = {"ranker_model_info", "ranker_inflight_requests", "ranker_model_fallback",
+          "ranker_served_log_queue_depth"}
 KNOWN_SERIES = (
     COUNTERS
     | GAUGES

@@ -6,7 +6,9 @@ docker-compose.yml), and Debian's `prometheus` scraping that port
 every second with deploy/prometheus/prometheus.yml (targets and intervals replaced) and the
 rule files. The traffic exercises every signal the dashboard shows: good requests, unknown
 users and items (defaulted), invalid and oversized bodies (rejected), an unknown path, a failed
-model reload (a corrupted version 2) and, after Redis is stopped, degraded responses.
+model reload (a corrupted version 2) and, after Redis is stopped, degraded responses; every
+response is logged (`RANKER_LOG_SAMPLE_RATE=1`) and feedback is posted for some of them, so the
+served log and online-rate panels have data too (drops come from the Redis outage).
 """
 
 from __future__ import annotations
@@ -119,10 +121,15 @@ def stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
         port, ops_port = free_port(), free_port()
         (tmp / "multiproc").mkdir()
+        rules = tmp / "rerank.toml"  # a preset the bursts ask for (the re-rank panel's data)
+        rules.write_text('[presets.diverse.diversity]\nattribute = "category"\n'
+                         'max_per_window = 1\nwindow = 3\n')
         env = {k: v for k, v in os.environ.items() if not k.startswith("RANKER_")}
         env.update(RANKER_MODEL_REPO=str(repo), RANKER_MODEL_NAME="ranker",
                    RANKER_REDIS_URL=redis.url, RANKER_REDIS_FAILURE_MODE="degrade",
                    RANKER_MAX_BODY_BYTES=str(MAX_BODY), RANKER_METRICS_PORT=str(ops_port),
+                   RANKER_LOG_SAMPLE_RATE="1", RANKER_LOG_WRITE_TIMEOUT_S="0.2",
+                   RANKER_RERANK_RULES_FILE=str(rules),
                    PROMETHEUS_MULTIPROC_DIR=str(tmp / "multiproc"))
         service = subprocess.Popen(
             [sys.executable, "-m", "launch.cli", "serve", "--host", "127.0.0.1", "--port",
@@ -169,13 +176,27 @@ def _rank(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     return status, json.loads(raw) if raw else {}
 
 
+def _feedback(url: str, events: list[dict[str, Any]]) -> None:
+    status, raw = _http("POST", f"{url}/feedback", json.dumps({"events": events}).encode(),
+                        headers={"content-type": "application/json"})
+    assert status == 202, raw
+
+
 def _burst(url: str) -> None:
-    """Good, defaulted, invalid, oversized and unknown-path requests, with their statuses."""
+    """Good, defaulted, invalid, oversized and unknown-path requests, with their statuses, and
+    feedback on the good ones (plus one event for a request never served)."""
     items = [f"i{i}" for i in range(40)]
     for n in range(12):
         status, body = _rank(url, {"user_id": f"u{n}", "candidates": items,
                                    "context": {"hour": str(n), "surface": "home"}})
         assert status == 200 and not body["degraded"], body
+        _feedback(url, [{"request_id": body["request_id"], "item_id": body["items"][0]["id"],
+                         "event": task, "ts": time.time()} for task in TASKS])
+    _feedback(url, [{"request_id": "never-served", "item_id": "i1", "event": "click",
+                     "ts": time.time()}])
+    status, body = _rank(url, {"user_id": "u1", "candidates": items,
+                               "rerank": {"preset": "diverse"}})
+    assert status == 200 and "diversity" in body["rerank"]["applied"], body
     status, body = _rank(url, {"user_id": "nobody", "candidates": ["i1", "no-such-item"]})
     assert status == 200 and body["defaulted"] == {"user": 1, "items": 1, "stale": 0}, body
     assert _rank(url, {"user_id": "u1", "candidates": "i1"})[0] == 422

@@ -397,3 +397,14 @@ def test_the_readme_commands_are_make_targets_and_ci_runs_make_test() -> None:
                                   capture_output=True, text=True, timeout=30)
             assert done.returncode == 0, f"{doc.name}: `{cmd}`: {done.stderr}"
     assert "make test" in (ROOT / ".ci/run").read_text().splitlines()
+
+
+def test_dashboard_shows_online_rates_by_version_and_the_served_log() -> None:
+    exprs = " ".join(expr for _, expr in dashboard_queries())
+    # online rate per task = feedback events / impressions, matched on the model version
+    assert ("sum by (task, model_version) (rate(ranker_feedback_events_total" in exprs
+            and "ignoring(task) group_left sum by (model_version) "
+                "(rate(ranker_impressions_total" in exprs)
+    for metric in ("ranker_served_log_written_total", "ranker_served_log_dropped_total",
+                   "ranker_served_log_queue_depth"):
+        assert metric in exprs, metric
