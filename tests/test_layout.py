@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("ranker", "service", "training", "launch", "bench", "sim", "tests")
+PACKAGES = ("ranker", "service", "training", "analysis", "launch", "bench", "sim", "tests")
 LINT = shutil.which("lint-imports", path=str(Path(sys.executable).parent))
 
 
