@@ -35,6 +35,8 @@ def test_contracts_hold() -> None:
     ("ranker/schema.py", "import tests.tiny", "ranker"),
     ("training/model.py", "import launch.procs", "training"),
     ("service/ranking.py", "import torch", "torch"),
+    ("analysis/report.py", "import torch", "torch"),
+    ("analysis/stats.py", "import service.ranking", "analysis"),
 ])
 def test_a_forbidden_import_breaks_a_contract(tmp_path: Path, module: str, line: str,
                                               names: str) -> None:
