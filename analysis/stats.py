@@ -63,10 +63,11 @@ def _tail_p(dist: np.ndarray) -> float:
 
 def rate_ci(t: UserTotals, rng: np.random.Generator, n_resamples: int = 2000,
             level: float = LEVEL) -> tuple[float, float]:
-    """Bootstrap-over-users CI of events / impressions."""
+    """Bootstrap-over-users CI of events / impressions. With no event at all, or one user,
+    there is nothing to resample: the Wilson interval stands in (an upper bound for a zero rate
+    rather than the bootstrap's degenerate [0, 0])."""
     if t.impressions.size < 2 or not t.events.any():
-        r = t.rate  # no variation to resample (or one user): the interval is the point
-        return (r, r)
+        return naive_rate_ci(t, level)
     res = stats.bootstrap(
         (t.events, t.impressions),
         lambda k, n, axis=-1: k.sum(axis=axis) / n.sum(axis=axis),

@@ -232,6 +232,13 @@ class Experiments:
                                  f"{arm_name[:64]!r} (arms: {known})")
         return Assignment(exp.name, arm.name, arm.overrides, forced=True)
 
+    def models(self, default_model: str) -> set[tuple[str, int | None]]:
+        """The (model name, version) pairs the arms serve (None: the name's newest version):
+        what the registry must hold loaded and warm besides its own."""
+        return {(a.overrides.model_name or default_model, a.overrides.model_version)
+                for e in self.experiments for a in e.arms
+                if a.overrides.model_name is not None or a.overrides.model_version is not None}
+
     def shares(self) -> dict[str, dict[str, float]]:
         """Declared shares: experiment -> arm -> share (what the report's SRM check expects)."""
         return {e.name: e.shares() for e in self.experiments}

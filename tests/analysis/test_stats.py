@@ -91,3 +91,9 @@ def test_users_in_an_undeclared_or_empty_arm_are_a_mismatch() -> None:
     assert stray.mismatch and "'c': 3" in stray.reason
     zero = sample_ratio({"a": 500, "b": 4}, {"a": 1.0, "b": 0.0})
     assert zero.mismatch and "'b': 4" in zero.reason
+
+
+def test_a_rate_of_zero_gets_an_upper_bound_not_a_point() -> None:
+    t = UserTotals(np.full(100, 10), np.zeros(100, dtype=int))
+    lo, hi = rate_ci(t, np.random.default_rng(0))
+    assert lo == pytest.approx(0.0, abs=1e-12) and 0.001 < hi < 0.01

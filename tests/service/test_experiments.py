@@ -89,6 +89,12 @@ def test_an_arm_carries_every_override() -> None:
     assert (a.overrides.model_name, a.overrides.model_version) == ("other", 1)
     assert dict(b.overrides.weights or {}) == {"click": 2.0, "share": 8.5}
     assert (b.overrides.preset, b.overrides.scoring) == ("engagement", "weighted_product")
+    assert cfg.models("mmoe") == {("other", 1)}  # b serves the default model as it is
+
+
+def test_the_arms_name_the_model_versions_to_keep_loaded(tmp_path: Path) -> None:
+    cfg = load_experiments(write(tmp_path, ISSUE_EXAMPLE), CATALOG)
+    assert cfg.models("mmoe") == {("mmoe", 1), ("mmoe", 2)}
 
 
 def test_an_empty_file_has_no_experiments_and_assigns_nobody(tmp_path: Path) -> None:
