@@ -48,6 +48,7 @@ from ranker.servedlog import (
     served_inputs,
 )
 from training.data import Encoded
+from training.distributed import current
 from training.model import ModelConfig, inputs_from_schema
 from training.pipeline import CHECKPOINT, golden_from, train_models
 from training.report import REPORT_MD, markdown, write_report
@@ -292,7 +293,8 @@ def run_training_from_logs(
         golden={k: torch.from_numpy(v) for k, v in golden_from(served.schema, test).items()},
     )
     write_report(report, out)
-    (out / REPORT_MD).write_text(report_markdown(report))
+    if current().is_main:  # rank 0 writes, as write_report does
+        (out / REPORT_MD).write_text(report_markdown(report))
     return report
 
 

@@ -22,6 +22,7 @@ from training.data import (
     load_raw,
     training_data_info,
 )
+from training.distributed import current
 from training.export import export_model
 from training.metrics import auc
 from training.model import ModelConfig, MultiTaskModel, inputs_from_schema
@@ -98,6 +99,8 @@ def run_training(
         "training_data": info,
         "models": models,
     }
+    if current().enabled:  # trained data-parallel (`torchrun`): say on how many ranks
+        report["distributed"] = current().describe()
     if test.oracle is not None:
         report["oracle_auc"] = {
             t: auc(test.labels[:, j], test.oracle[:, j]) for j, t in enumerate(spec.task_names)
