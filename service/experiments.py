@@ -54,6 +54,7 @@ import tomllib
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -166,12 +167,21 @@ class Experiment:
         out[-1] = (1.0, out[-1][1])
         return out
 
+    @cached_property
+    def _declared(self) -> tuple[list[float], list[Arm]]:
+        """The declared shares' bounds, computed once (assign runs on every request)."""
+        bounds = self.bounds()
+        return [hi for hi, _ in bounds], [a for _, a in bounds]
+
     def assign(self, user_id: str, shares: Mapping[str, float] | None = None) -> Arm:
         """The user's arm, by `unit_hash(salt, user_id)`."""
-        bounds = self.bounds(shares)
-        u = unit_hash(self.salt, user_id)
-        i = bisect.bisect_right([hi for hi, _ in bounds], u)
-        return bounds[min(i, len(bounds) - 1)][1]
+        if shares is None:
+            his, arms = self._declared
+        else:
+            bounds = self.bounds(shares)
+            his, arms = [hi for hi, _ in bounds], [a for _, a in bounds]
+        i = bisect.bisect_right(his, unit_hash(self.salt, user_id))
+        return arms[min(i, len(arms) - 1)]
 
 
 @dataclass(frozen=True)

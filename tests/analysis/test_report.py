@@ -4,6 +4,9 @@ and the join's attribution window."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -130,3 +133,26 @@ def test_impressions_outside_any_experiment_are_counted_not_measured(tmp_path: P
     write_log(tmp_path / "log", [Users("a", 20, 0.1)], experiment=None)
     report = experiment_report(tmp_path / "log", n_resamples=100)
     assert report["experiments"] == [] and report["outside_experiments"]["impressions"] == 400
+
+
+def test_the_report_runs_without_torch_and_without_matplotlib_when_not_plotting(
+        tmp_path: Path) -> None:
+    """In a fresh interpreter where importing torch (or matplotlib) fails, as on a host with only
+    the analysis extra's statistics installed."""
+    write_log(tmp_path / "log", [Users("control", 20, 0.1), Users("treatment", 20, 0.1)])
+    code = ("import sys\n"
+            "BLOCKED = {'torch', 'onnx', 'onnxruntime', 'fastapi', 'matplotlib'}\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in BLOCKED:\n"
+            "            raise ImportError(f'{name} is not installed here')\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "from launch.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    out = subprocess.run(
+        [sys.executable, "-c", code, "experiment", "report", "--logs", str(tmp_path / "log"),
+         "--out", str(tmp_path / "o"), "--resamples", "100", "--no-plot"],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "o" / REPORT_JSON).is_file()
