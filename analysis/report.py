@@ -169,6 +169,8 @@ def _one_experiment(name: str, rows: np.ndarray, arm_col: np.ndarray, users: np.
                 task["lift"] = {"value": lf.value, "ci": list(lf.ci), "p_value": lf.p_value,
                                 "p_value_floor": 2 / (n_resamples + 1),
                                 "naive_p_value": lf.naive_p_value,
+                                "difference": lf.difference,
+                                "difference_ci": list(lf.difference_ci),
                                 "significant": bool(lf.p_value < ALPHA)}
             entry["tasks"][t] = task
     several = {u for a in users_of for b in users_of if a < b for u in users_of[a] & users_of[b]}

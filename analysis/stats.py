@@ -21,6 +21,7 @@ Hence:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -88,36 +89,52 @@ def naive_rate_ci(t: UserTotals, level: float = LEVEL) -> tuple[float, float]:
 
 @dataclass(frozen=True)
 class Lift:
-    """Relative lift of an arm's rate over control's: rate / control - 1."""
+    """Relative lift of an arm's rate over control's (rate / control - 1), and the difference
+    of the rates; the p-value is of 'no difference' (the same for both)."""
 
     value: float
-    ci: tuple[float, float]
+    ci: tuple[float, float]  # NaN when some resample of control has no event: lift undefined
     p_value: float  # bootstrap over users
     naive_p_value: float  # two-proportion z-test over impressions
+    difference: float = float("nan")
+    difference_ci: tuple[float, float] = (float("nan"), float("nan"))
 
 
 def lift(arm: UserTotals, control: UserTotals, rng: np.random.Generator,
          n_resamples: int = 2000, level: float = LEVEL) -> Lift:
-    """The lift, its bootstrap CI and p-value (arms resampled independently, users within each),
-    and the naive z-test's p-value."""
+    """The lift and the difference with bootstrap CIs (arms resampled independently, users
+    within each; one set of resamples for both), the bootstrap p-value (from the resampled
+    differences, defined even when a resample of control has no event) and the naive z-test's."""
     value = arm.rate / control.rate - 1 if control.rate > 0 else float("nan")
     naive = naive_p_value(arm, control)
-    if arm.impressions.size < 2 or control.impressions.size < 2 or not control.events.any():
-        return Lift(value, (float("nan"), float("nan")), float("nan"), naive)
+    nan2 = (float("nan"), float("nan"))
+    if arm.impressions.size < 2 or control.impressions.size < 2:
+        return Lift(value, nan2, float("nan"), naive, arm.rate - control.rate, nan2)
 
     def statistic(ia: np.ndarray, ic: np.ndarray, axis: int = -1) -> np.ndarray:
         ra = arm.events[ia].sum(axis=axis) / arm.impressions[ia].sum(axis=axis)
         rc = control.events[ic].sum(axis=axis) / control.impressions[ic].sum(axis=axis)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.asarray(ra / rc - 1.0)
+        relative = ra / np.where(rc > 0, rc, 1.0) - 1.0
+        return np.stack([ra - rc, np.where(rc > 0, relative, np.nan)])
 
-    res = stats.bootstrap(
-        (np.arange(arm.impressions.size), np.arange(control.impressions.size)), statistic,
-        vectorized=True, method="percentile", n_resamples=n_resamples, confidence_level=level,
-        batch=_batch(arm.impressions.size + control.impressions.size), rng=rng,
-    )
-    ci = (float(res.confidence_interval.low), float(res.confidence_interval.high))
-    return Lift(value, ci, _tail_p(res.bootstrap_distribution), naive)
+    with warnings.catch_warnings():  # an undefined lift is NaN on purpose; scipy's own CI and
+        # standard error of it warn, and both are recomputed below from the distribution
+        warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+        dist = stats.bootstrap(
+            (np.arange(arm.impressions.size), np.arange(control.impressions.size)), statistic,
+            vectorized=True, method="percentile", n_resamples=n_resamples,
+            confidence_level=level, batch=_batch(arm.impressions.size + control.impressions.size),
+            rng=rng,
+        ).bootstrap_distribution  # (2, resamples): difference, lift
+    tail = 100 * (1 - level) / 2  # the percentile interval, as scipy's method="percentile"
+    lo, hi = np.percentile(dist[0], [tail, 100 - tail])
+    ci = nan2
+    if np.isfinite(dist[1]).all():
+        llo, lhi = np.percentile(dist[1], [tail, 100 - tail])
+        ci = (float(llo), float(lhi))
+    return Lift(value, ci, _tail_p(dist[0]), naive, arm.rate - control.rate,
+                (float(lo), float(hi)))
 
 
 def naive_p_value(arm: UserTotals, control: UserTotals) -> float:

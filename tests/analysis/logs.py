@@ -77,10 +77,16 @@ def write_log(d: Path, populations: Sequence[Users], *, seed: int = 0,
                         e = FeedbackEvent(rid, items[j], ev, ts + dt)
                         events.append((f"{int((ts + dt) * 1000)}-{len(events) % 1000}", e))
                 i += 1
+    write_records(d, records, events)
+    return {arm: k / n for arm, (k, n) in clicks.items()}
+
+
+def write_records(d: Path, records: Sequence[tuple[str, ServedRecord]],
+                  events: Sequence[tuple[str, FeedbackEvent]]) -> None:
+    """(stream id, record) pairs as one impressions file, the events as one feedback file."""
     _write(d / IMPRESSIONS_DIR, impressions_table(records), records[0][0], records[-1][0], T0)
     if events:
         _write(d / FEEDBACK_DIR, feedback_table(events), events[0][0], events[-1][0], T0)
-    return {arm: k / n for arm, (k, n) in clicks.items()}
 
 
 def _write(kind_dir: Path, table: pa.Table, first: str, last: str, ts: float) -> None:

@@ -97,3 +97,16 @@ def test_a_rate_of_zero_gets_an_upper_bound_not_a_point() -> None:
     t = UserTotals(np.full(100, 10), np.zeros(100, dtype=int))
     lo, hi = rate_ci(t, np.random.default_rng(0))
     assert lo == pytest.approx(0.0, abs=1e-12) and 0.001 < hi < 0.01
+
+
+def test_a_rare_event_leaves_the_lift_undefined_but_the_difference_and_p_value_defined() -> None:
+    """Control has one event among 200 users: many resamples of control have none, where the
+    relative lift is undefined; the difference of rates and its p-value still are."""
+    rng = np.random.default_rng(0)
+    n = np.full(200, 10)
+    control = UserTotals(n, np.r_[1, np.zeros(199, dtype=int)])
+    arm = UserTotals(n, np.r_[np.ones(30, dtype=int), np.zeros(170, dtype=int)])
+    lf = lift(arm, control, rng, n_resamples=500)
+    assert np.isnan(lf.ci[0]) and np.isnan(lf.ci[1]) and lf.value == pytest.approx(29.0)
+    assert lf.difference == pytest.approx(0.0145)
+    assert lf.difference_ci[0] > 0 and lf.p_value < 0.01
