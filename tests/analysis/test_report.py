@@ -85,8 +85,8 @@ def test_a_60_40_split_with_declared_50_50_is_a_sample_ratio_mismatch(tmp_path: 
     assert not report["experiments"][0]["srm"]["mismatch"]
 
 
-def test_without_an_experiments_file_the_srm_check_is_skipped_and_said_so(tmp_path: Path,
-                                                                        monkeypatch) -> None:
+def test_without_an_experiments_file_the_srm_check_is_skipped_and_said_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RANKER_EXPERIMENTS_FILE", raising=False)
     write_log(tmp_path / "log", [Users("a", 50, 0.1), Users("b", 50, 0.1)])
     rc, report, md = run_report(tmp_path, None, "--no-plot", "--control", "b")
@@ -115,7 +115,7 @@ def test_the_report_uses_the_trainers_join_window(tmp_path: Path) -> None:
     assert arm(report, "control")["tasks"]["like"]["events"] > 0
 
 
-def test_refusals_name_the_problem(tmp_path: Path, capsys) -> None:
+def test_refusals_name_the_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert ranker(["experiment", "report", "--logs", str(tmp_path / "none"), "--out",
                    str(tmp_path / "o")]) == 2
     assert "no impression files" in capsys.readouterr().err

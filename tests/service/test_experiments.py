@@ -24,7 +24,7 @@ from service.experiments import (
     parse_experiments,
     unit_hash,
 )
-from service.settings import DEFAULT_PRESETS
+from service.settings import DEFAULT_PRESETS, Settings
 
 ISSUE_EXAMPLE = """
 [[experiment]]
@@ -366,3 +366,14 @@ def test_shares_are_accepted_exactly_when_they_sum_to_one(shares: list[float]) -
         parse_experiments(doc, CATALOG)
     else:
         assert any("must sum to 1" in e for e in errors_of(doc))
+
+
+def test_the_catalog_takes_the_services_presets_defaults_and_bounds(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RANKER_WEIGHT_MAX", "5")
+    cat = Catalog.from_settings(Settings(), {"mmoe": [3]}, ("click", "like", "share"))
+    assert cat.weight_bounds == (0.0, 5.0) and cat.default_model == "mmoe"
+    doc = {"experiment": [exp(arms=[{"name": "a", "share": 0.5, "weights": {"click": 6}},
+                                    {"name": "b", "share": 0.5, "model_version": 3}])]}
+    assert errors_of(doc, cat) == [
+        "experiment[0].arm[0].weights.click: weight must be between 0 and 5"]
