@@ -377,3 +377,13 @@ def test_the_catalog_takes_the_services_presets_defaults_and_bounds(
                                     {"name": "b", "share": 0.5, "model_version": 3}])]}
     assert errors_of(doc, cat) == [
         "experiment[0].arm[0].weights.click: weight must be between 0 and 5"]
+
+
+def test_the_documented_example_loads(tmp_path: Path) -> None:
+    """docs/experiments.md's full example (with traffic range and canary) is a valid file."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "experiments.md").read_text()
+    example = doc.split("```toml\n", 1)[1].split("```", 1)[0]
+    cfg = load_experiments(write(tmp_path, example), CATALOG)
+    (e,) = cfg.experiments
+    assert e.traffic == (0.0, 0.5) and e.canary is not None and e.canary.arm == "treatment"
+    assert cfg.traffic_salt == "traffic-1"
