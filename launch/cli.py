@@ -18,6 +18,10 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
         "training.experiments.synthetic:main",
         "reproduce the MMoE paper's task-correlation experiment",
     ),
+    ("experiment", "report"): (
+        "launch.experiment:report_main",
+        "an A/B experiment's report: rates, lift, CIs, sample ratio",
+    ),
     ("features", "load"): ("launch.features:load_main", "load feature tables into Redis"),
     ("serve",): ("launch.serve:main", "serve the ranking API"),
     ("run",): ("launch.mainjob:main", "the main job: train if needed, Redis, load, serve"),

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("ranker", "service", "training", "launch", "bench", "sim", "tests")
+PACKAGES = ("ranker", "service", "training", "analysis", "launch", "bench", "sim", "tests")
 LINT = shutil.which("lint-imports", path=str(Path(sys.executable).parent))
 
 
@@ -35,6 +35,8 @@ def test_contracts_hold() -> None:
     ("ranker/schema.py", "import tests.tiny", "ranker"),
     ("training/model.py", "import launch.procs", "training"),
     ("service/ranking.py", "import torch", "torch"),
+    ("analysis/report.py", "import torch", "torch"),
+    ("analysis/stats.py", "import service.ranking", "analysis"),
 ])
 def test_a_forbidden_import_breaks_a_contract(tmp_path: Path, module: str, line: str,
                                               names: str) -> None:
