@@ -22,7 +22,7 @@ from ranker.servedlog import (
     served_stream,
 )
 from service.servedlog.exporter import Committed, Exporter, _File, make_exporter_client
-from tests.servedlog.helpers import (
+from tests.service.servedlog.helpers import (
     HOUR0,
     PREFIX,
     parts,

@@ -20,7 +20,7 @@ from ranker.schema import FeatureSchema
 from service.featurestore.keys import pointer_key, record_key_prefix
 from service.featurestore.reader import FeatureStore, FeatureStoreUnavailable, make_client
 from service.featurestore.writer import LoadReport, load_tables
-from tests.featurestore.tables import items_table, users_table
+from tests.service.featurestore.tables import items_table, users_table
 
 SCHEMA = tiny_schema()
 
