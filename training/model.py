@@ -243,6 +243,8 @@ class MultiTaskModel(nn.Module):
             self.register_buffer("gate_index", ple_gate_index(c), persistent=False)  # (T, K)
         if c.position_buckets:
             self.position = PositionTower(c.position_buckets, c.position_hidden)
+            roots = torch.tensor([[float(t not in c.chain)] for t in c.tasks])  # (T, 1)
+            self.register_buffer("position_roots", roots, persistent=False)
         n_tasks = len(c.tasks)
         if c.calibration == "platt":  # logit -> a * logit + b per task, before the sigmoid
             self.register_buffer("platt", torch.tensor([[1.0, 0.0]] * n_tasks))  # (T, 2)
@@ -292,8 +294,8 @@ class MultiTaskModel(nn.Module):
         if c.position_buckets:
             pos = self.position(inputs.get(POSITION_INPUT) if self.training else None,
                                 c.position_dropout if self.training else 0.0)  # (B,) or (1,)
-            roots = torch.tensor([t not in c.chain for t in c.tasks], dtype=z.dtype)
-            z = z + roots.view(-1, 1) * pos.view(1, -1)  # a chained task inherits its parent's
+            # added to each root task's logit; a chained task inherits it through its parent
+            z = z + self.position_roots * pos.view(1, -1)  # (T, B)
         return z, out
 
     def forward(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
