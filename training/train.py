@@ -27,9 +27,11 @@ from tqdm import tqdm
 from ranker.manifest import GATES_OUTPUT
 from training.data import Encoded
 from training.distributed import LOCAL, Dist, current, rank_zero_only, unwrap, wrap
+from training.calibration import calibrate, ece, reliability
 from training.losses import LossBalancer, make_balancer
 from training.metrics import auc, log_loss
 from training.model import ModelConfig, MultiTaskModel
+from training.report import gate_health
 
 EVAL_BATCH = 8192
 # one JSON line per training step, written by rank 0 when a handler is attached (`step_log`)
@@ -177,14 +179,22 @@ def predict(model: MultiTaskModel, data: Encoded) -> dict[str, np.ndarray]:
 
 
 def evaluate(model: MultiTaskModel, data: Encoded) -> dict[str, Any]:
-    """AUC and log loss per task, and the mean gate weight per task and expert when gated."""
+    """AUC, log loss and expected calibration error per task, the reliability bins (binary
+    tasks), and when gated the mean gate weight per task and expert and the gates' health."""
     pred = predict(model, data)
     out: dict[str, Any] = {}
+    binary = model.config.task_kind == "binary"
     for j, t in enumerate(model.config.tasks):
         y = data.labels[:, j]
         out[t] = {"auc": auc(y, pred[t]), "log_loss": log_loss(y, pred[t])}
+        if binary:
+            out[t]["ece"] = ece(y, pred[t])
+    if binary:
+        out["reliability"] = {t: reliability(data.labels[:, j], pred[t])
+                              for j, t in enumerate(model.config.tasks)}
     if GATES_OUTPUT in pred:
         out["gates_mean"] = pred[GATES_OUTPUT].mean(axis=0).tolist()  # (T, M)
+        out["gate_health"] = gate_health(pred[GATES_OUTPUT], model.config.tasks)
     return out
 
 
@@ -265,8 +275,6 @@ def fit(
     model.load_state_dict(best_state)
     model.cpu().eval()
     if cfg.calibration != "none":
-        from training.calibration import calibrate
-
         model = calibrate(model, val, cfg.calibration)
     hist.seconds = time.perf_counter() - t0
     return model, hist

@@ -25,6 +25,7 @@ COUNTERS = {
     "ranker_model_reloads_total",
     "ranker_rejected_requests_total",
     "ranker_inference_runs_total",
+    "ranker_gate_polarised_requests_total",
 }
 HISTOGRAMS = {
     "ranker_request_duration_seconds",
@@ -39,7 +40,7 @@ COUNTERS |= {
     "ranker_featurestore_retries_total",
 }
 HISTOGRAMS |= {"ranker_featurestore_fetch_seconds"}
-GAUGES = {"ranker_model_info", "ranker_inflight_requests"}
+GAUGES = {"ranker_model_info", "ranker_inflight_requests", "ranker_gate_max_share"}
 KNOWN_SERIES = (
     COUNTERS
     | GAUGES
