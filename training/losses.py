@@ -22,6 +22,8 @@ LossBalance = Literal["equal", "uncertainty", "gradnorm", "pcgrad"]
 class LossBalancer(nn.Module):
     """Equal (static) weights: backpropagate sum_t w_t L_t."""
 
+    weights: Tensor
+
     def __init__(self, weights: Tensor) -> None:
         super().__init__()
         self.register_buffer("weights", weights.clone())  # (T,) the static weights
@@ -61,6 +63,8 @@ class GradNorm(LossBalancer):
     """Chen et al.: task weights w_t (sum T) trained so that the gradient norm of w_t L_t on
     the last shared layer tracks mean_t(G) * r_t^alpha, r_t the task's relative inverse
     training rate (L_t / L_t(0), over its mean). The weights have their own Adam."""
+
+    initial: Tensor
 
     def __init__(self, weights: Tensor, alpha: float = 1.5, lr: float = 0.025) -> None:
         super().__init__(weights)

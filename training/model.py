@@ -216,7 +216,16 @@ class BatchedMLP(nn.Module):
 
 
 class MultiTaskModel(nn.Module):
-    """MMoE, OMoE or Shared-Bottom, chosen by `config.model_type`."""
+    """MMoE, OMoE, Shared-Bottom, PLE or CGC, chosen by `config.model_type`."""
+
+    # buffers of the options (registered only when the config asks for them)
+    gate_index: Tensor
+    position_roots: Tensor
+    platt: Tensor
+    iso_x: Tensor
+    iso_w: Tensor
+    iso_s: Tensor
+    iso_y0: Tensor
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -341,7 +350,7 @@ class MultiTaskModel(nn.Module):
         return g
 
     def _ple(self, units: Tensor, first_gates: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """Progressive extraction: (task inputs (T, B, E), task gates of every level [(B, T, K)])."""
+        """Progressive extraction: task inputs (T, B, E), every level's task gates (B, T, K)."""
         c = self.config
         n_tasks, k = len(c.tasks), c.gate_width
         task_logits = first_gates[:, : n_tasks * k].reshape(-1, n_tasks, k)  # (B, T, K)

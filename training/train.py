@@ -25,9 +25,9 @@ from torch import nn
 from tqdm import tqdm
 
 from ranker.manifest import GATES_OUTPUT
+from training.calibration import calibrate, ece, reliability
 from training.data import Encoded
 from training.distributed import LOCAL, Dist, current, rank_zero_only, unwrap, wrap
-from training.calibration import calibrate, ece, reliability
 from training.losses import LossBalancer, make_balancer
 from training.metrics import auc, log_loss
 from training.model import ModelConfig, MultiTaskModel
