@@ -111,6 +111,8 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("--task-experts", type=int, default=m.task_experts, help="ple/cgc")
     p.add_argument("--shared-experts", type=int, default=m.shared_experts, help="ple/cgc")
     p.add_argument("--levels", type=int, default=m.levels, help="ple")
+    p.add_argument("--position-tower", type=int, default=m.position_buckets, metavar="BUCKETS",
+                   help="shallow position tower over the log's position column (0: none)")
     from launch.logs import add_from_logs_args, train_from_logs
 
     add_from_logs_args(p)
@@ -131,6 +133,7 @@ def train_main(argv: list[str]) -> int:
         "task_experts": a.task_experts,
         "shared_experts": a.shared_experts,
         "levels": a.levels,
+        "position_buckets": a.position_tower,
     }
     tc = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, patience=a.patience,
                      weight_decay=a.weight_decay,
