@@ -103,7 +103,8 @@ def observe_scores(tasks: list[str], scores: np.ndarray, positions: np.ndarray) 
 
 
 def add_gate_sums(tasks: list[str], gates: np.ndarray) -> None:
-    """One increment per (task, expert): the gate weights [N, T, M] summed over candidates."""
+    """One increment per (task, expert): the gate weights [N, T, M] summed over candidates;
+    and per task the largest expert's share of that sum (gate health)."""
     sums = gates.sum(axis=0, dtype=np.float64)
     for j, task in enumerate(tasks):
         for m, v in enumerate(sums[j].tolist()):
@@ -116,12 +117,17 @@ def add_gate_sums(tasks: list[str], gates: np.ndarray) -> None:
         if total[j] <= 0:
             continue
         share = float(sums[j].max() / total[j])
-        GATE_MAX_SHARE.labels(task).set(share)
+        children = _HEALTH_CHILDREN.get(task)
+        if children is None:
+            children = _HEALTH_CHILDREN[task] = (GATE_MAX_SHARE.labels(task),
+                                                 GATE_POLARISED.labels(task))
+        children[0].set(share)
         if share >= POLARISED_SHARE:
-            GATE_POLARISED.labels(task).inc()
+            children[1].inc()
 
 
 _GATE_CHILDREN: dict[tuple[str, int], Any] = {}
+_HEALTH_CHILDREN: dict[str, tuple[Any, Any]] = {}
 
 
 def set_model_info(name: str, version: int, old: tuple[str, int] | None) -> None:
