@@ -233,3 +233,13 @@ def test_position_tower_debiases_a_position_biased_log(tmp_path: Path) -> None:
                        TrainConfig(epochs=8, batch_size=256, progress=False, seed=0))
         corr[buckets] = item_rank_corr(predict(model, test)["click"])  # eval: no position
     assert corr[10] > corr[0], corr
+
+
+@pytest.mark.parametrize("model_type", ["ple", "cgc"])
+def test_ple_user_broadcast_equals_tiled(model_type: str) -> None:
+    model = make(model_type=model_type, chain=CHAIN, position_buckets=4)
+    x = golden_inputs(tiny_schema(), n=9)
+    tiled = {k: np.ascontiguousarray(np.repeat(v, 9 // len(v), axis=0)) for k, v in x.items()}
+    a, b = torch_outputs(model, x), torch_outputs(model, tiled)
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-6, rtol=0)
