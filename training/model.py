@@ -219,7 +219,7 @@ class MultiTaskModel(nn.Module):
     """MMoE, OMoE, Shared-Bottom, PLE or CGC, chosen by `config.model_type`."""
 
     # buffers of the options (registered only when the config asks for them)
-    gate_index: Tensor
+    gate_scatter: Tensor
     position_roots: Tensor
     platt: Tensor
     iso_x: Tensor
@@ -249,7 +249,9 @@ class MultiTaskModel(nn.Module):
         if c.is_ple:
             self.levels = nn.ModuleList(PLELevel(c, last=lv == c.n_levels - 1)
                                         for lv in range(1, c.n_levels))
-            self.register_buffer("gate_index", ple_gate_index(c), persistent=False)  # (T, K)
+            # (T, K, U): one-hot of the unit each column of a task's gate weighs
+            scatter = nn.functional.one_hot(ple_gate_index(c), c.n_units).float()
+            self.register_buffer("gate_scatter", scatter, persistent=False)
         if c.position_buckets:
             self.position = PositionTower(c.position_buckets, c.position_hidden)
             roots = torch.tensor([[float(t not in c.chain)] for t in c.tasks])  # (T, 1)
@@ -360,8 +362,9 @@ class MultiTaskModel(nn.Module):
             by_row = units.transpose(0, 1)  # (B, U, E)
             gates = self._gate(task_logits)  # (B, T, K)
             levels.append(gates)
-            chosen = by_row[:, self.gate_index]  # (B, T, K, E): own experts, then shared
-            task_mix = torch.matmul(gates.unsqueeze(-2), chosen).squeeze(-2)  # (B, T, E)
+            # each task's weights spread over all units (zero off its own and the shared ones)
+            spread = torch.matmul(gates.transpose(0, 1), self.gate_scatter)  # (T, B, U)
+            task_mix = torch.bmm(spread.transpose(0, 1), by_row)  # (B, T, U) @ (B, U, E)
             if lv == c.n_levels - 1:
                 return task_mix.transpose(0, 1), levels  # (T, B, E)
             shared_g = self._gate(shared_logits)  # (B, U)
@@ -403,19 +406,23 @@ class PLELevel(nn.Module):
     """One extraction level after the first: experts and gates reading the previous level's
     mixtures (task t's experts and gate read task t's mixture, the shared ones the shared)."""
 
+    source: Tensor
+
     def __init__(self, c: ModelConfig, last: bool) -> None:
         super().__init__()
         n_tasks, e = len(c.tasks), c.hidden[-1]
-        self.n_tasks, self.kt, self.ks = n_tasks, c.task_experts, c.shared_experts
         self.experts = BatchedMLP(c.n_units, [e, *c.hidden], last_activation=True)
         self.task_gates = BatchedMLP(n_tasks, [e, c.gate_width], last_activation=False)
         self.shared_gate = None if last else BatchedMLP(1, [e, c.n_units], last_activation=False)
+        # unit u reads task t's mixture (its own experts) or the shared one (index T)
+        source = [t for t in range(n_tasks) for _ in range(c.task_experts)]
+        self.register_buffer("source", torch.tensor(source + [n_tasks] * c.shared_experts),
+                             persistent=False)
 
     def forward(self, task_mix: Tensor, shared_mix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(T, B, E), (B, E) -> units (U, B, E), task gate logits (B, T, K), shared (B, U|0)."""
-        per_unit = [task_mix[t] for t in range(self.n_tasks) for _ in range(self.kt)]
-        per_unit += [shared_mix] * self.ks
-        units = self.experts(torch.stack(per_unit))  # (U, B, E)
+        src = torch.cat([task_mix, shared_mix.unsqueeze(0)])  # (T + 1, B, E)
+        units = self.experts(src[self.source])  # each unit's input: (U, B, E)
         task_logits = self.task_gates(task_mix).transpose(0, 1)  # (B, T, K)
         if self.shared_gate is None:
             shared_logits = task_logits.new_zeros(task_logits.shape[0], 0)
