@@ -10,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-STAGE_ORDER = ("validate", "fetch", "decode", "inference", "combine", "serialize")
+STAGE_ORDER = ("validate", "fetch", "decode", "inference", "combine", "rerank", "serialize")
 
 
 def machine() -> dict[str, Any]:

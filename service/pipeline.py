@@ -1,4 +1,4 @@
-"""The /rank request path as one object: validate, fetch, decode, infer, combine, encode.
+"""The /rank request path as one object: validate, fetch, decode, infer, combine, rerank, encode.
 
 `RankingPipeline.rank` runs the stages in order under one deadline on the event loop's clock
 (the clock `asyncio.timeout_at` and the deadline middleware use) and records each stage's
@@ -23,9 +23,12 @@ from service.featurestore.reader import FeatureStore, FeatureStoreUnavailable
 from service.ranking import combine as combine_scores
 from service.ranking import rank_order, sample_positions
 from service.registry import LoadedModel
+from service.rerank import Outcome, Rules, attributes
+from service.rerank import apply as apply_rules
+from service.rerank_rules import RulesFile
 from service.schemas import RankRequest
 from service.settings import Settings
-from service.validation import check_rank_request
+from service.validation import check_rank_request, check_rerank, rerank_bounds
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class Features:
     items_defaulted: int
     stale: int
     degraded_reason: str | None
+    seen_mask: np.ndarray | None = None  # [N] in the user's seen set (only when a rule asks)
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ class Scoring:
 
     weights: dict[str, float]
     formula: str
+    rerank: Rules | None = None  # None: no re-rank rule applies (today's order, today's body)
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,7 @@ class Ranking:
     gates: np.ndarray | None
     final: np.ndarray
     order: np.ndarray
+    rerank: Outcome | None = None  # what the re-rank stage did, when rules applied
 
 
 def default_features(model: LoadedModel, n: int, reason: str) -> Features:
@@ -77,6 +83,10 @@ class RankingPipeline:
         self.settings = settings
         self.executor = executor  # inference runs too long to run inline
         self.serving: Serving | None = None
+        # the re-rank presets; an invalid file at startup raises (RulesFileError)
+        self.rerank_bounds = rerank_bounds(settings)
+        self.rules = RulesFile(settings.rerank_rules_file, self.rerank_bounds,
+                               settings.rerank_rules_poll_s)
 
     async def rank(self, req: RankRequest, request_id: str) -> bytes:
         """The JSON response body for `req`: every stage in order, each one timed."""
@@ -93,7 +103,8 @@ class RankingPipeline:
         model = serving.model
         scoring = self.validate(model, req)
         timer.lap("validate")
-        feats = await self.fetch(serving, req, deadline - reserve)
+        feats = await self.fetch(serving, req, deadline - reserve,
+                                 seen=scoring.rerank is not None and scoring.rerank.seen)
         timer.lap("fetch")
         inputs = self.decode(model, req, feats)
         timer.lap("decode")
@@ -102,6 +113,8 @@ class RankingPipeline:
         timer.lap("inference")
         ranking = self.combine(model, scoring, scores, gates, req.top_k)
         timer.lap("combine")
+        ranking = self.rerank(model, req, scoring, ranking, feats)
+        timer.lap("rerank")
         body = self.encode(req, model, request_id, scoring, ranking, feats)
         timer.lap("serialize")
         record_metrics(model, ranking, feats, settings.score_sample_size)
@@ -109,12 +122,16 @@ class RankingPipeline:
 
     def validate(self, model: LoadedModel, req: RankRequest) -> Scoring:
         """Check the request against the settings and the model's tasks (InvalidRequest)."""
-        weights = check_rank_request(req, self.settings, model.tasks)
-        return Scoring(weights, req.scoring or self.settings.scoring)
+        weights = check_rank_request(req, self.settings, model.tasks, model.dense_context)
+        rules = check_rerank(req, self.settings, model.schema, self.rules.current(),
+                             self.rerank_bounds)
+        return Scoring(weights, req.scoring or self.settings.scoring, rules)
 
-    async def fetch(self, serving: Serving, req: RankRequest, deadline: float) -> Features:
+    async def fetch(self, serving: Serving, req: RankRequest, deadline: float,
+                    seen: bool = False) -> Features:
         """One feature-store round trip before `deadline` (event-loop clock); on failure, fail
-        fast (FeatureStoreDown) or degrade to default features, as configured."""
+        fast (FeatureStoreDown) or degrade to default features, as configured. With `seen`
+        the user's seen set rides in the same round trip (for the re-rank filter)."""
         model, store = serving.model, serving.store
         n = len(req.candidates)
         if store is None:
@@ -124,9 +141,10 @@ class RankingPipeline:
         if remaining > 0:
             try:
                 # the reader enforces `timeout_s` on its Redis calls (no extra task per request)
-                res = await store.fetch(req.user_id, req.candidates, timeout_s=remaining)
+                res = await store.fetch(req.user_id, req.candidates, timeout_s=remaining,
+                                        seen=seen)
                 return Features(dict(res.inputs), int(res.user_defaulted),
-                                int(res.items_defaulted), int(res.stale), None)
+                                int(res.items_defaulted), int(res.stale), None, res.seen_mask)
             except FeatureStoreUnavailable as e:
                 reason = "redis_timeout" if e.timed_out else "redis_unavailable"
             except (ConnectionError, OSError):
@@ -178,6 +196,19 @@ class RankingPipeline:
         final = combine_scores(scores, w, scoring.formula)
         return Ranking(scores, gates, final, rank_order(final, top_k))
 
+    def rerank(self, model: LoadedModel, req: RankRequest, scoring: Scoring, ranking: Ranking,
+               feats: Features) -> Ranking:
+        """Boosts, filters, MMR, pins and diversity on the combined scores (service.rerank);
+        without rules the ranking is returned as it is."""
+        rules = scoring.rerank
+        if rules is None:
+            return ranking
+        out = apply_rules(rules, ranking.final, req.candidates, attributes(model.schema),
+                          feats.inputs, feats.seen_mask, req.top_k, explain=req.explain,
+                          order=ranking.order)
+        metrics.count_rerank(out.applied)
+        return Ranking(ranking.scores, ranking.gates, out.final, out.order, out)
+
     def encode(self, req: RankRequest, model: LoadedModel, request_id: str, scoring: Scoring,
                ranking: Ranking, feats: Features) -> bytes:
         """The response body as JSON; the items are pre-encoded unless gates are asked for."""
@@ -186,10 +217,16 @@ class RankingPipeline:
         if req.explain and ranking.gates is not None:
             items = explained_items(req.candidates, tasks, ranking.scores, ranking.final,
                                     ranking.order, ranking.gates)
+            if ranking.rerank is not None:
+                add_rerank_explain(items, ranking.rerank)
+        elif req.explain and ranking.rerank is not None:  # a model without gates
+            items = orjson.loads(ranked_items_json(req.candidates, ranking.order, ranking.final,
+                                                   ranking.scores, tasks))
+            add_rerank_explain(items, ranking.rerank)
         else:
             items = orjson.Fragment(ranked_items_json(req.candidates, ranking.order,
                                                       ranking.final, ranking.scores, tasks))
-        return orjson.dumps({
+        body = {
             "request_id": request_id,
             "model": {"name": model.name, "version": model.version},
             "tasks": tasks,
@@ -200,7 +237,25 @@ class RankingPipeline:
                           "stale": feats.stale},
             "degraded": feats.degraded_reason is not None,
             "degraded_reason": feats.degraded_reason,
-        })
+        }
+        if ranking.rerank is not None:
+            body["rerank"] = rerank_summary(scoring.rerank, ranking.rerank)
+        return orjson.dumps(body)
+
+
+def rerank_summary(rules: Rules | None, out: Outcome) -> dict[str, Any]:
+    """The response's `rerank` object: what the stage did to this list."""
+    return {"preset": None if rules is None else rules.preset, "applied": out.applied,
+            "filtered": out.filtered, "relaxed": out.relaxed,
+            "adjusted": [] if rules is None else list(rules.adjusted)}
+
+
+def add_rerank_explain(items: list[dict[str, Any]], out: Outcome) -> None:
+    """With explain: each item's position in the plain score order and the rules that moved it."""
+    if out.moved_from is None or out.moved_by is None:
+        return
+    for item, start, rules in zip(items, out.moved_from.tolist(), out.moved_by, strict=True):
+        item["rerank"] = {"from": start, "rules": rules}
 
 
 def record_metrics(model: LoadedModel, ranking: Ranking, feats: Features, sample: int) -> None:

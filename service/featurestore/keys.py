@@ -4,6 +4,7 @@
     {prefix}:{{schema_version}}:current:i              -> id of the live load of the items
     {prefix}:{schema_version}:{load_id}:u:{user_id}    -> packed user record
     {prefix}:{schema_version}:{load_id}:i:{item_id}    -> packed item record
+    {prefix}:seen:{user_id}                            -> set of item ids the user has seen
 
 The schema version in every key means a model with another schema never decodes these records;
 the load id lets a new load be written beside the live one and go live with one write of the
@@ -32,3 +33,9 @@ def record_key_prefix(prefix: str, schema_version: str, load_id: str, entity: st
 def load_pattern(prefix: str, schema_version: str, load_id: str, entity: str) -> str:
     """SCAN pattern matching every record of one entity in one load."""
     return record_key_prefix(prefix, schema_version, load_id, entity) + "*"
+
+
+def seen_key(prefix: str, user_id: str) -> str:
+    """The set of item ids a user has seen (written by the client's app; read by the re-rank
+    filter in the same round trip as the features). Not versioned: ids outlive schemas."""
+    return f"{prefix}:seen:{user_id}"

@@ -31,6 +31,7 @@ from service.featurestore.keys import (
     ENTITY_CODES,
     pointer_key,
     record_key_prefix,
+    seen_key,
 )
 
 T = TypeVar("T")
@@ -59,6 +60,7 @@ class FetchResult:
     items_defaulted: int
     item_defaulted_mask: np.ndarray
     stale: int
+    seen_mask: np.ndarray | None = None  # [N] in the user's seen set; None unless asked for
 
 
 def make_client(
@@ -211,7 +213,8 @@ class FeatureStore:
                 for e, p in zip(self._entities, self._view.pointers, strict=True)}
 
     async def fetch(
-        self, user_id: str, item_ids: Sequence[str], *, timeout_s: float | None = None
+        self, user_id: str, item_ids: Sequence[str], *, timeout_s: float | None = None,
+        seen: bool = False,
     ) -> FetchResult:
         """Features of one user and N candidates in one round trip; missing/stale -> defaults.
 
@@ -219,20 +222,32 @@ class FeatureStore:
         (a load switched since this reader's last request, or this is its first), the keys'
         load may have expired (an idle reader), so the request reads again under the loads the
         pointers name. That second round trip happens once per switch, within the deadline.
+
+        With `seen`, an SMEMBERS of the user's seen set (`seen_key`) goes in the same write as
+        the MGET (one round trip; on a cluster concurrently with it), and `seen_mask` says which
+        candidates are in it. SMEMBERS, not SMISMEMBER of the N candidates: packing N more
+        arguments costs about as much as the MGET's own packing (docs/benchmarks.md); the reply
+        is the whole set, so its writer keeps it bounded.
         """
         start = time.perf_counter()
         deadline = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
         view = self._view
-        raw = await self._call(lambda: self._mget(view, user_id, item_ids), deadline, timeout_s)
+        raw = await self._call(lambda: self._mget(view, user_id, item_ids, seen),
+                               deadline, timeout_s)
         k = len(self._pointers)
         if raw[:k] != view.pointers:
             view = self._adopt(raw[:k])
-            raw = await self._call(lambda: self._mget(view, user_id, item_ids),
+            raw = await self._call(lambda: self._mget(view, user_id, item_ids, seen),
                                    deadline, timeout_s)
             if raw[:k] != view.pointers:
                 # Switched again in between: these values are of the loads that were live a
                 # moment ago (kept for the grace period); the next request reads the newer ones.
                 self._adopt(raw[:k])
+        seen_mask = None
+        if seen:
+            # SMISMEMBER answers 0/1 per candidate: bytes() of them is the bool array's buffer
+            seen_mask = seen_candidates(raw[-1], item_ids)
+            raw = raw[:-1]
         values = raw[k:]
         user_value = None
         if view.user_prefix is not None:
@@ -240,6 +255,7 @@ class FeatureStore:
         n = len(item_ids)
         item_values = values if view.item_prefix is not None else [None] * n
         result = self._decode(user_value, item_values)
+        result.seen_mask = seen_mask
         metrics.FETCH_SECONDS.observe(time.perf_counter() - start)
         return result
 
@@ -253,16 +269,28 @@ class FeatureStore:
         self._view = _LoadView(list(pointers), prefixes["user"], prefixes["item"])
         return self._view
 
-    async def _mget(self, view: _LoadView, user_id: str, item_ids: Sequence[str]) -> list[Any]:
-        """MGET of the pointers, the user's key and the items' keys (those of loaded entities)."""
+    async def _mget(self, view: _LoadView, user_id: str, item_ids: Sequence[str],
+                    seen: bool = False) -> list[Any]:
+        """MGET of the pointers, the user's key and the items' keys (those of loaded entities);
+        with `seen`, the SMEMBERS reply of the user's seen set is appended as the last value."""
         head = list(self._pointers)
         if view.user_prefix is not None:
             head.append(view.user_prefix + str(user_id))
         prefix, ids = view.item_prefix or "", item_ids if view.item_prefix is not None else ()
         if self.cluster:
             keys = [*head, *[prefix + str(i) for i in ids]]
+            if seen:  # another slot: sent concurrently, so still one round trip of latency
+                values, member = await asyncio.gather(
+                    self.client.mget_nonatomic(keys),  # type: ignore[union-attr]
+                    self.client.smembers(seen_key(self.prefix, user_id)))
+                return [*values, member]
             return list(await self.client.mget_nonatomic(keys))  # type: ignore[union-attr]
-        return await mget_packed(self.client, pack_mget(head, prefix, ids))  # type: ignore[arg-type]
+        command = pack_mget(head, prefix, ids)
+        if not seen:
+            return await mget_packed(self.client, command)  # type: ignore[arg-type]
+        command += pack_mget([seen_key(self.prefix, user_id)], name=b"SMEMBERS")
+        values, member = await send_packed(self.client, command, 2)  # type: ignore[arg-type]
+        return [*values, member]
 
     def _decode(self, user_value: bytes | None, item_values: Sequence[bytes | None]) -> FetchResult:
         now = time.time()
@@ -329,13 +357,15 @@ class FeatureStore:
         await close_client(self.client)
 
 
-def pack_mget(head: Sequence[str], prefix: str = "", ids: Sequence[str] = ()) -> bytes:
+def pack_mget(head: Sequence[str], prefix: str = "", ids: Sequence[str] = (),
+              name: bytes = b"MGET") -> bytes:
     """The RESP encoding of `MGET head... prefix+id...`, built without a string per key.
 
     redis-py packs each argument through its generic encoder, which for the 502 keys of a
     500-candidate request is most of the client's CPU cost of the round trip. Here the ids are
     encoded in one call and joined with a per-length header (`$<len>` and the shared prefix),
-    so the Python work per id is one dict lookup.
+    so the Python work per id is one dict lookup. `name` packs another command of the same
+    shape (SMEMBERS key).
     """
     raw = "\x00".join(ids).encode().split(b"\x00") if ids else []
     if len(raw) != len(ids):  # an id containing NUL: encode one by one
@@ -347,7 +377,7 @@ def pack_mget(head: Sequence[str], prefix: str = "", ids: Sequence[str] = ()) ->
     parts[0::2] = [header[n] for n in lengths]
     parts[1::2] = raw
     head_raw = [k.encode() for k in head]
-    return b"".join([b"*%d\r\n$4\r\nMGET" % (1 + len(head_raw) + len(raw)),
+    return b"".join([b"*%d\r\n$%d\r\n%b" % (1 + len(head_raw) + len(raw), len(name), name),
                      *[b"\r\n$%d\r\n%b" % (len(k), k) for k in head_raw],
                      *parts, b"\r\n"])
 
@@ -370,6 +400,34 @@ async def mget_packed(client: aredis.Redis, command: bytes) -> list[Any]:
     finally:
         await pool.release(conn)
     return list(reply)
+
+
+def seen_candidates(members: Any, item_ids: Sequence[str]) -> np.ndarray:
+    """[N] bool: which candidates are among the seen set's members (bytes, as Redis gives)."""
+    if not members:
+        return np.zeros(len(item_ids), dtype=bool)
+    seen = {m.decode("utf-8", "replace") if isinstance(m, bytes) else str(m) for m in members}
+    # one C-level set lookup per candidate, written straight as the bool array's bytes
+    return np.frombuffer(bytes(map(seen.__contains__, item_ids)), dtype=bool)
+
+
+async def send_packed(client: aredis.Redis, command: bytes, replies: int) -> list[Any]:
+    """Send packed commands in one write on a pooled connection; their `replies` replies.
+
+    As `mget_packed`: one network round trip; on an error reply (raised as `ResponseError`)
+    or a cancellation the connection is closed, so no reply is left half-read on it.
+    """
+    pool = client.connection_pool
+    conn = await pool.get_connection()
+    try:
+        await conn.send_packed_command(command, check_health=False)
+        out = [await conn.read_response() for _ in range(replies)]
+    except BaseException:
+        await conn.disconnect()
+        raise
+    finally:
+        await pool.release(conn)
+    return out
 
 
 def _maybe_codec(group: GroupSchema | None) -> _GroupCodec | None:

@@ -108,8 +108,29 @@ async def playground_config(request: Request) -> JSONResponse:
         "weight_min": getattr(settings, "weight_min", 0.0),
         "weight_max": getattr(settings, "weight_max", 100.0),
         "max_candidates": _max_candidates(request),
+        "rerank": _rerank_config(request),
     }
     return JSONResponse(out, headers={"Cache-Control": "no-store"})
+
+
+def _rerank_config(request: Request) -> dict[str, Any]:
+    """The re-rank controls: the serving model's categorical item attributes, the rules file's
+    preset names and default, the pinned-share bound."""
+    state = getattr(request.app.state, "ranker", None)
+    serving = getattr(state, "serving", None)
+    group = getattr(getattr(serving, "model", None), "schema", None)
+    group = group.group("item") if group is not None else None
+    key = getattr(group, "key", None)
+    attrs = [f.name for f in getattr(group, "categorical", ()) if f.name != key]
+    rules = getattr(getattr(state, "pipeline", None), "rules", None)
+    config = rules.current() if rules is not None else None
+    settings = getattr(state, "settings", None)
+    return {
+        "attributes": attrs,
+        "presets": sorted(getattr(config, "presets", {}) or {}),
+        "default_preset": getattr(config, "default_preset", None),
+        "max_pinned_share": getattr(settings, "rerank_max_pinned_share", 0.2),
+    }
 
 
 @router.get("/playground/{name}", include_in_schema=False)

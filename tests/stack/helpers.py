@@ -25,6 +25,8 @@ COUNTERS = {
     "ranker_model_reloads_total",
     "ranker_rejected_requests_total",
     "ranker_inference_runs_total",
+    "ranker_rerank_rules_applied_total",
+    "ranker_rerank_rules_reloads_total",
     "ranker_gate_polarised_requests_total",
 }
 HISTOGRAMS = {
@@ -40,7 +42,8 @@ COUNTERS |= {
     "ranker_featurestore_retries_total",
 }
 HISTOGRAMS |= {"ranker_featurestore_fetch_seconds"}
-GAUGES = {"ranker_model_info", "ranker_inflight_requests", "ranker_gate_max_share"}
+GAUGES = {"ranker_model_info", "ranker_inflight_requests", "ranker_model_fallback",
+          "ranker_gate_max_share"}
 KNOWN_SERIES = (
     COUNTERS
     | GAUGES
