@@ -30,6 +30,17 @@ def _weights(s: str) -> dict[str, float]:
     return out
 
 
+def _chain(s: str) -> dict[str, str]:
+    """'like:click,share:click' -> {'like': 'click', 'share': 'click'}."""
+    out = {}
+    for part in filter(None, s.split(",")):
+        child, sep, parent = part.partition(":")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"want child:parent, got {part!r}")
+        out[child.strip()] = parent.strip()
+    return out
+
+
 def data_main(argv: list[str]) -> int:
     """Generate the synthetic dataset."""
     from training.synthetic import SyntheticConfig, write_dataset
@@ -42,10 +53,13 @@ def data_main(argv: list[str]) -> int:
     p.add_argument("--items", type=int)
     p.add_argument("--relatedness", type=float, help="task relatedness knob in [0, 1]")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--position-bias", type=float,
+                   help="clicks through e(p) = (1 + p)^-eta at a logged position (off: 0)")
     a = p.parse_args(argv)
     kw: dict[str, object] = {"seed": a.seed}
     for field, value in (("n_impressions", a.impressions), ("n_users", a.users),
-                         ("n_items", a.items), ("relatedness", a.relatedness)):
+                         ("n_items", a.items), ("relatedness", a.relatedness),
+                         ("position_bias", a.position_bias)):
         if value is not None:
             kw[field] = value
     cfg = SyntheticConfig.small(**kw) if a.small else SyntheticConfig(**kw)  # type: ignore[arg-type]
@@ -86,6 +100,19 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--nproc", type=int, help="data-parallel on N local processes (torchrun)")
     p.add_argument("--step-log", type=Path, help="every step's loss as JSON lines (rank 0)")
+    p.add_argument("--loss-balance", choices=["equal", "uncertainty", "gradnorm", "pcgrad"],
+                   default=t.loss_balance)
+    p.add_argument("--gradnorm-alpha", type=float, default=t.gradnorm_alpha)
+    p.add_argument("--calibration", choices=["none", "platt", "isotonic"], default=t.calibration,
+                   help="fitted on validation after training, exported in the graph")
+    p.add_argument("--chain", type=_chain, default=m.chain,
+                   help="ESMM: like:click,share:click means p(like) = p(click) p(like | click)")
+    p.add_argument("--gate-dropout", type=float, default=m.gate_dropout)
+    p.add_argument("--task-experts", type=int, default=m.task_experts, help="ple/cgc")
+    p.add_argument("--shared-experts", type=int, default=m.shared_experts, help="ple/cgc")
+    p.add_argument("--levels", type=int, default=m.levels, help="ple")
+    p.add_argument("--position-tower", type=int, default=m.position_buckets, metavar="BUCKETS",
+                   help="shallow position tower over the log's position column (0: none)")
     from launch.logs import add_from_logs_args, train_from_logs
 
     add_from_logs_args(p)
@@ -101,10 +128,18 @@ def train_main(argv: list[str]) -> int:
         "expert_hidden": a.expert_hidden,
         "bottom_hidden": a.bottom_hidden,
         "tower_hidden": a.tower_hidden,
+        "chain": a.chain,
+        "gate_dropout": a.gate_dropout,
+        "task_experts": a.task_experts,
+        "shared_experts": a.shared_experts,
+        "levels": a.levels,
+        "position_buckets": a.position_tower,
     }
     tc = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, patience=a.patience,
                      weight_decay=a.weight_decay,
-                     loss_weights=a.loss_weights, seed=a.seed, progress=not a.no_progress)
+                     loss_weights=a.loss_weights, seed=a.seed, progress=not a.no_progress,
+                     loss_balance=a.loss_balance, gradnorm_alpha=a.gradnorm_alpha,
+                     calibration=a.calibration)
     from training.distributed import is_main_process, process_group
     from training.train import step_log
 

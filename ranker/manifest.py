@@ -29,6 +29,7 @@ MODEL_FILE = "model.onnx"
 VOCAB_FILE = "vocab.json"
 MANIFEST_FILE = "manifest.json"
 GATES_OUTPUT = "gates"
+GATES_LEVELS_OUTPUT = "gates_levels"  # PLE: every level's task gates [N, L, T, M]
 
 
 class ManifestError(ValueError):
@@ -61,7 +62,7 @@ class Manifest(BaseModel):
     name: str
     version: int = Field(ge=1)
     created_at: str
-    model_type: Literal["mmoe", "omoe", "shared_bottom"]
+    model_type: Literal["mmoe", "omoe", "shared_bottom", "ple", "cgc"]
     tasks: list[str]  # in output order; each is an output of the graph
     task_kind: Literal["binary", "regression"] = "binary"
     n_experts: int = 0  # 0 for models without gates

@@ -28,6 +28,7 @@ from ranker.schema import (
     GroupSchema,
     vocabulary_from_counts,
 )
+from training.model import POSITION_INPUT
 from training.spec import DatasetSpec, SpecError
 
 SPLITS = ("train", "val", "test")
@@ -208,6 +209,8 @@ def encode_split(spec: DatasetSpec, schema: FeatureSchema, raw: RawData, split: 
         oracle = np.stack(
             [log[spec.source.oracle[t]].to_numpy().astype(np.float32) for t in spec.task_names], 1
         )
+    if POSITION_INPUT in log.column_names:  # a position-biased log: for the position tower only
+        inputs[POSITION_INPUT] = log[POSITION_INPUT].to_numpy().astype(np.int64)  # (N,)
     return Encoded(inputs, labels_of(spec, log), oracle)
 
 

@@ -54,15 +54,19 @@ def golden_from(
 
 
 def baseline_configs(main: ModelConfig) -> dict[str, ModelConfig]:
-    """Shared-Bottom, one single-task model per task, and OMoE, sized like the main model."""
+    """Shared-Bottom, one single-task model per task, and OMoE, sized like the main model
+    (and MMoE when the main model is PLE or CGC)."""
     out = {}
     if main.model_type != "shared_bottom":
         out["shared_bottom"] = dataclasses.replace(main, model_type="shared_bottom")
     if len(main.tasks) > 1:
         for t in main.tasks:
-            out[f"single_{t}"] = dataclasses.replace(main, model_type="shared_bottom", tasks=[t])
+            out[f"single_{t}"] = dataclasses.replace(main, model_type="shared_bottom", tasks=[t],
+                                                     chain={})
     if main.model_type != "omoe":
         out["omoe"] = dataclasses.replace(main, model_type="omoe")
+    if main.is_ple:
+        out["mmoe"] = dataclasses.replace(main, model_type="mmoe")
     return out
 
 
