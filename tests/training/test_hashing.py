@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ranker.manifest import load_manifest, load_schema
+from ranker.manifest import load_manifest
 from ranker.schema import (
     HASH_FUNCTION,
     CategoricalFeature,
