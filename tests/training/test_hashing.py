@@ -24,13 +24,13 @@ from service.featurestore.writer import encode_table
 from service.registry import load_version
 from training.data import build_schema, encode_split, load_raw
 from training.pipeline import export_run, run_training
-from training.spec import DATASETS_DIR, SpecError, parse_spec
+from training.spec import DATASETS_DIR, DatasetSpec, SpecError, parse_spec
 from training.train import TrainConfig
 
 TINY = {"n_experts": 2, "expert_hidden": [8], "tower_hidden": [4]}
 
 
-def hashed_spec(buckets: dict[str, int]) -> object:
+def hashed_spec(buckets: dict[str, int]) -> DatasetSpec:
     data = tomllib.loads((DATASETS_DIR / "synthetic.toml").read_text())
     for f in data["features"]:
         if f["name"] in buckets:

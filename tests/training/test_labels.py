@@ -11,13 +11,13 @@ import pyarrow.compute as pc
 import pytest
 
 from training.data import labels_of, load_raw
-from training.spec import DATASETS_DIR, SpecError, load_spec, parse_spec
+from training.spec import DATASETS_DIR, DatasetSpec, SpecError, load_spec, parse_spec
 
 BASE = tomllib.loads((DATASETS_DIR / "census_income.toml").read_text())
 CENSUS = load_spec("census_income")
 
 
-def spec_with(tasks: list[object]) -> object:
+def spec_with(tasks: list[object]) -> DatasetSpec:
     d = copy.deepcopy(BASE)
     d["tasks"] = tasks
     d["features"] = [{"name": "age", "entity": "context", "type": "dense"}]  # no label leaks
@@ -39,7 +39,7 @@ def test_positive_values_threshold_and_plain_column() -> None:
         "year": ["95", "94", "95", None],
         "flag": [1, 0, 0, 1],
     })
-    got = labels_of(spec, log)  # type: ignore[arg-type]
+    got = labels_of(spec, log)
     assert got.dtype == np.float32
     assert got.T.tolist() == [
         [1, 0, 0, 1],  # any of the values; missing -> 0
@@ -48,7 +48,7 @@ def test_positive_values_threshold_and_plain_column() -> None:
         [1, 0, 1, 0],
         [1, 0, 0, 1],  # no rule: the 0/1 column
     ]
-    rules = [t.rule for t in spec.tasks]  # type: ignore[attr-defined]
+    rules = [t.rule for t in spec.tasks]
     assert rules == ["education in ['Masters', 'Doctorate']", "wage_per_hour > 1000",
                      "weeks_worked >= 52", "year in ['95']", "flag (0/1)"]
 
@@ -56,7 +56,7 @@ def test_positive_values_threshold_and_plain_column() -> None:
 def test_a_threshold_on_text_names_the_task() -> None:
     spec = spec_with([{"name": "x", "column": "education", "at_least": 3}])
     with pytest.raises(SpecError, match="task x: education is not numeric"):
-        labels_of(spec, pa.table({"education": ["Masters"]}))  # type: ignore[arg-type]
+        labels_of(spec, pa.table({"education": ["Masters"]}))
 
 
 @pytest.mark.parametrize(("task", "match"), [

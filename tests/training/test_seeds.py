@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from launch.cli import main as ranker
 from training.seeds import paired_tests, seed_summary
 
 
-def fake_runs(aucs: dict[str, list[float]]) -> dict[int, dict[str, object]]:
+def fake_runs(aucs: dict[str, list[float]]) -> dict[int, dict[str, Any]]:
     """seed -> models entry with one task, from AUCs per model over seeds 0..n-1."""
     n = len(next(iter(aucs.values())))
     return {
@@ -26,12 +27,12 @@ def test_summary_and_paired_tests_are_scipy_s() -> None:
     a = [0.75, 0.76, 0.74, 0.77, 0.75]
     b = [0.74, 0.74, 0.73, 0.75, 0.74]
     runs = fake_runs({"mmoe": a, "shared_bottom": b, "same": a})
-    summary = seed_summary(runs, ["click"])  # type: ignore[arg-type]
+    summary = seed_summary(runs, ["click"])
     cell = summary["mmoe"]["click"]["auc"]
     assert cell["values"] == a
     assert cell["mean"] == pytest.approx(np.mean(a))
     assert cell["std"] == pytest.approx(np.std(a, ddof=1))
-    rows = {r["other"]: r for r in paired_tests(runs, ["click"], "mmoe")}  # type: ignore[arg-type]
+    rows = {r["other"]: r for r in paired_tests(runs, ["click"], "mmoe")}
     r = rows["shared_bottom"]
     assert r["n"] == 5 and r["mean_diff"] == pytest.approx(np.mean(np.subtract(a, b)))
     assert r["ttest_rel_p"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
