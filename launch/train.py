@@ -116,6 +116,8 @@ def train_main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     if (a.tune or a.seeds) and (a.from_logs or a.nproc or os.environ.get("WORLD_SIZE")):
         p.error("--tune and --seeds run on one process, not with --from-logs or --nproc")
+    if a.from_logs and a.min_count is not None:
+        p.error("--min-count applies to a dataset spec, not to --from-logs")
     if a.seeds is not None and (not a.seeds or len(set(a.seeds)) != len(a.seeds)):
         p.error(f"--seeds: distinct seeds, each once, got {a.seeds}")
     if a.tune is not None and a.tune < 1:
