@@ -77,6 +77,10 @@ class ModelConfig:
     expert_hidden: list[int] = field(default_factory=lambda: [32, 16])  # per expert
     bottom_hidden: list[int] = field(default_factory=lambda: [128, 64])  # shared_bottom only
     tower_hidden: list[int] = field(default_factory=lambda: [16])
+    # regularisation (issue 17); 0 = off, today's model. Dropout is active in training only,
+    # so the exported graph (traced in eval mode) carries none of it.
+    dropout: float = 0.0  # after every hidden layer of the experts / bottom and the towers
+    embedding_dropout: float = 0.0  # on every embedding lookup
     # ple / cgc: experts per task, shared experts, extraction levels (cgc is always 1)
     task_experts: int = 2
     shared_experts: int = 2
@@ -178,7 +182,7 @@ def _uniform_(t: Tensor, fan_in: int) -> Tensor:
 class GroupEncoder(nn.Module):
     """Embeds one group's categorical features and appends its dense features."""
 
-    def __init__(self, group: InputGroup) -> None:
+    def __init__(self, group: InputGroup, dropout: float = 0.0) -> None:
         super().__init__()
         embs = [
             nn.Embedding(v, d) for v, d in zip(group.vocab_sizes, group.embedding_dims, strict=True)
@@ -186,18 +190,28 @@ class GroupEncoder(nn.Module):
         for emb in embs:
             nn.init.normal_(emb.weight, std=0.05)
         self.embeddings = nn.ModuleList(embs)
+        self.dropout = dropout
 
     def forward(self, cat: Tensor | None, dense: Tensor | None) -> Tensor:
         parts = [emb(cat[:, j]) for j, emb in enumerate(self.embeddings)] if cat is not None else []
+        parts = [_dropout(p, self.dropout, self.training) for p in parts]
         if dense is not None:
             parts.append(dense)
         return torch.cat(parts, dim=1)  # (B_g, width_g)
 
 
+def _dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """Dropout when on; at p = 0 not even called, so a model without it draws no random numbers
+    and trains exactly as before the option existed."""
+    return torch.nn.functional.dropout(x, p, training) if p > 0 and training else x
+
+
 class BatchedMLP(nn.Module):
     """K independent MLPs (experts or towers) as batched matmuls: (K, B, i) -> (K, B, o)."""
 
-    def __init__(self, k: int, widths: list[int], last_activation: bool) -> None:
+    def __init__(
+        self, k: int, widths: list[int], last_activation: bool, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
@@ -205,13 +219,14 @@ class BatchedMLP(nn.Module):
             self.weights.append(_uniform_(nn.Parameter(torch.empty(k, w_in, w_out)), w_in))
             self.biases.append(_uniform_(nn.Parameter(torch.empty(k, 1, w_out)), w_in))
         self.last_activation = last_activation
+        self.dropout = dropout
 
     def forward(self, x: Tensor) -> Tensor:
         n = len(self.weights)
         for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
             x = torch.matmul(x, w) + b  # (K, B, w_out)
             if i < n - 1 or self.last_activation:
-                x = torch.relu(x)
+                x = _dropout(torch.relu(x), self.dropout, self.training)
         return x
 
 
@@ -231,7 +246,9 @@ class MultiTaskModel(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        self.encoders = nn.ModuleDict({g.entity: GroupEncoder(g) for g in c.inputs})
+        self.encoders = nn.ModuleDict(
+            {g.entity: GroupEncoder(g, c.embedding_dropout) for g in c.inputs}
+        )
         h0 = c.hidden[0]
         # first layer of every expert (or of the bottom) and every gate, split by input group
         self.first_width = c.n_units * h0 + c.first_gate_width
@@ -244,8 +261,10 @@ class MultiTaskModel(nn.Module):
         )
         self.first_bias = _uniform_(nn.Parameter(torch.empty(self.first_width)), fan_in)
         # layers after the first, of each expert (or the bottom): (U, B, h0) -> (U, B, E)
-        self.shared = BatchedMLP(c.n_units, c.hidden, last_activation=True)
-        self.towers = BatchedMLP(len(c.tasks), [c.hidden[-1], *c.tower_hidden, 1], False)
+        self.shared = BatchedMLP(c.n_units, c.hidden, last_activation=True, dropout=c.dropout)
+        self.towers = BatchedMLP(
+            len(c.tasks), [c.hidden[-1], *c.tower_hidden, 1], False, dropout=c.dropout
+        )
         if c.is_ple:
             self.levels = nn.ModuleList(PLELevel(c, last=lv == c.n_levels - 1)
                                         for lv in range(1, c.n_levels))
@@ -286,6 +305,7 @@ class MultiTaskModel(nn.Module):
         h0 = c.hidden[0]
         split = c.n_units * h0
         units = torch.relu(h[:, :split].reshape(-1, c.n_units, h0)).transpose(0, 1)  # (U, B, h0)
+        units = _dropout(units, c.dropout, self.training)
         units = self.shared(units)  # remaining layers: (U, B, E)
         out: dict[str, Tensor] = {}
         if c.model_type == "shared_bottom":

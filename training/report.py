@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from training.distributed import rank_zero_only
+from training.seeds import seeds_markdown
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -52,6 +53,12 @@ def markdown(report: dict[str, Any]) -> str:
         gaps = ", ".join(f"{t} {oracle[t] - main[t]['auc']:+.4f}" for t in tasks)
         lines += ["", f"Oracle AUC minus {report['main']} AUC: {gaps}."]
     lines += ["", "Epochs: best/run (early stopping on validation loss); s: training seconds.", ""]
+    if "seeds" in report:
+        lines += ["The table above is seed "
+                  f"{report['seeds']['seeds'][0]}'s run (the checkpoint's).", ""]
+        lines += seeds_markdown(report["seeds"], tasks)
+    if "tuning" in report:
+        lines += tuning_markdown(report["tuning"])
     return "\n".join(lines)
 
 
@@ -124,6 +131,33 @@ def plot_reliability(reliability: dict[str, dict[str, list[float]]], path: Path,
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def tuning_markdown(tuning: dict[str, Any]) -> list[str]:
+    """The search: budget, trials run and pruned, the best parameters and every trial."""
+    b = tuning["budget"]
+    budget = f"{b['trials']} trials" + (f", {b['timeout_s'] / 60:g} min" if b["timeout_s"] else "")
+    lines = [
+        f"## Hyperparameter search ({budget}; {tuning['sampler']}, {tuning['pruner']})",
+        "",
+        f"{tuning['trials_run']} trials in {tuning['seconds']:.0f} s, {tuning['trials_pruned']} "
+        f"pruned. Objective: {tuning['objective']}, on the validation split. Best: trial "
+        f"{tuning['best_trial']}, validation loss {tuning['best_val_loss']:.5f}; the models above "
+        "were trained with it (best_config.json).",
+        "",
+        "| trial | state | val loss | " + " | ".join(tuning["best_params"]) + " |",
+        "|---" * (3 + len(tuning["best_params"])) + "|",
+    ]
+    for t in tuning["trials"]:
+        cells = [_param(t["params"].get(k)) for k in tuning["best_params"]]
+        lines.append(f"| {t['number']} | {t['state']} | {_fmt(t['value'])} | "
+                     + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
+def _param(x: Any) -> str:
+    return "—" if x is None else (f"{x:.3g}" if isinstance(x, float) else str(x))
 
 
 def plot_curves(report: dict[str, Any], path: Path) -> None:

@@ -13,7 +13,7 @@ import copy
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,9 +57,34 @@ class TrainConfig:
     gradnorm_alpha: float = 1.5
     # training/calibration.py: none | platt | isotonic, fitted on validation, part of the graph
     calibration: str = "none"
+    # the id embeddings' own optimiser settings (issue 17): None / 1.0 = the same as the other
+    # weights, today's training. Embedding rows of rare ids see few gradients and overfit first.
+    embedding_weight_decay: float | None = None  # None: `weight_decay`
+    embedding_lr_mult: float = 1.0  # embedding lr = lr * this
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def param_groups(model: MultiTaskModel, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Adam's parameter groups: the embedding tables with their own lr and weight decay, and
+    every other weight. One group when the embeddings take the defaults (the optimiser is then
+    exactly the one before the option existed)."""
+    emb_wd = cfg.weight_decay if cfg.embedding_weight_decay is None else cfg.embedding_weight_decay
+    if emb_wd == cfg.weight_decay and cfg.embedding_lr_mult == 1.0:
+        return [{"params": list(model.parameters())}]
+    emb = list(model.encoders.parameters())
+    ids = {id(p) for p in emb}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    return [
+        {"params": rest},
+        {"params": emb, "lr": cfg.lr * cfg.embedding_lr_mult, "weight_decay": emb_wd},
+    ]
+
+
+# called after every epoch with (epoch, validation loss, per-task validation losses); it may
+# raise to end training (the tuner's pruning raises optuna.TrialPruned)
+EpochCallback = Callable[[int, float, dict[str, float]], None]
 
 
 @dataclass
@@ -221,12 +246,17 @@ def val_loss(
 
 
 def fit(
-    mcfg: ModelConfig, train: Encoded, val: Encoded, cfg: TrainConfig
+    mcfg: ModelConfig,
+    train: Encoded,
+    val: Encoded,
+    cfg: TrainConfig,
+    on_epoch: EpochCallback | None = None,
 ) -> tuple[MultiTaskModel, History]:
     """Train from a seeded init; keep the weights of the epoch with the best validation loss.
 
     Inside a torch.distributed group (`distributed.process_group`) this is data-parallel: every
-    rank calls it with the same arguments and returns the same model.
+    rank calls it with the same arguments and returns the same model. `on_epoch` sees every
+    epoch's validation loss (the tuner reports it to Optuna's pruner).
     """
     dist = current()
     torch.manual_seed(cfg.seed)
@@ -236,7 +266,7 @@ def fit(
         model.init_output_bias(train.labels.mean(axis=0).tolist())
     model.to(dist.device)
     net = wrap(model, dist)  # DDP broadcasts rank 0's initial weights (they are equal anyway)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.Adam(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     w = np.array([cfg.loss_weights.get(t, 1.0) for t in mcfg.tasks], dtype=np.float64)
     weights = torch.tensor(w, dtype=torch.float32, device=dist.device)
     balancer: LossBalancer | None = None
@@ -260,6 +290,8 @@ def fit(
         hist.val_task_loss.append(dict(zip(mcfg.tasks, per_task, strict=True)))
         if cfg.progress and dist.is_main:
             tqdm.write(f"epoch {epoch}: train loss {tr:.5f}  val loss {vl:.5f}")
+        if on_epoch is not None:
+            on_epoch(epoch, vl, hist.val_task_loss[-1])
         improved = vl < best_loss - 1e-6
         stop = not improved and bad + 1 >= cfg.patience
         # the all-reduced loss is the same on every rank; rank 0's decision is still the one

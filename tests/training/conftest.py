@@ -16,6 +16,15 @@ from training.synthetic import SyntheticConfig, write_dataset
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _untracked() -> object:
+    """`ranker train` tracks in MLflow when it is installed: not from these tests, unless one
+    asks (`--track`, tests/training/test_tracking.py)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RANKER_TRACK", "0")
+        yield
+
+
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic dataset written by the real generator."""
