@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import traceback
 
 import httpx
 import pytest
@@ -177,3 +178,43 @@ async def test_inference_runs_inline_only_when_the_model_is_timed_fast_enough(
         other = "executor" if path == "inline" else "inline"
         assert after[path] == before[path] + 1 and after[other] == before[other]
 
+
+
+async def test_unhandled_error_is_a_json_500_with_request_id_and_cors(model_repo, redis_url,
+                                                                     caplog):
+    """A bug in a route (a test-only route on an app built by the real factory) is answered
+    through error_response by the request-context layer: JSON, the request id in header and
+    body, the CORS headers a browser needs to read it, and the traceback in the log."""
+    from asgi_lifespan import LifespanManager
+
+    from service.app import create_app
+
+    origin = "http://app.example.test"
+    settings = settings_for(model_repo, redis_url, cors_origins=[origin])
+    app = create_app(settings)
+
+    async def boom() -> None:
+        raise RuntimeError("a bug the handlers do not know")
+
+    app.add_api_route("/boom", boom, methods=["GET"])
+    before = metric("ranker_requests_total", {"route": "/boom", "status": "500"})
+    async with LifespanManager(app, startup_timeout=60) as manager:
+        transport = httpx.ASGITransport(app=manager.app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            with caplog.at_level("ERROR", logger="ranker.errors"):
+                r = await client.get("/boom", headers={"Origin": origin,
+                                                       "X-Request-ID": "req-boom-1"})
+            ok = await client.get("/healthz", headers={"Origin": origin})
+    assert r.status_code == 500, r.text
+    assert r.headers["content-type"] == "application/json"
+    assert r.json() == {"error": "internal_error", "message": "internal error",
+                        "request_id": "req-boom-1"}
+    assert r.headers["x-request-id"] == "req-boom-1"
+    assert r.headers["access-control-allow-origin"] == origin
+    assert "a bug the handlers do not know" not in r.text  # no internals to the client
+    records = [rec for rec in caplog.records if rec.exc_info and "req-boom-1" in rec.getMessage()]
+    assert records, [rec.getMessage() for rec in caplog.records]
+    assert "a bug the handlers do not know" in "".join(
+        traceback.format_exception(*records[0].exc_info))
+    assert metric("ranker_requests_total", {"route": "/boom", "status": "500"}) == before + 1
+    assert ok.status_code == 200  # the app goes on serving
