@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,22 @@ from tests.reliability.oracle import Oracle
 from tests.reliability.procs import post_json, run_load
 from tests.reliability.test_readiness_swap import metric_value
 from tests.support import ServerProcess, service_env
+
+
+@contextlib.contextmanager
+def stalled(server: RedisServer) -> Iterator[None]:
+    """redis-server stopped (SIGSTOP) for the block, then resumed (SIGCONT), however it ends.
+
+    A stall whose end the test chooses: every client's command waits, nothing is refused. (On
+    the redis-server 6.2 the tests use, CLIENT UNPAUSE is itself held by CLIENT PAUSE ALL, so a
+    pause cannot be ended early; its length would be a fixed sleep.)
+    """
+    assert server.pid is not None and server.running
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
 
 
 def pause_redis(url: str, ms: int) -> None:

@@ -4,21 +4,40 @@ metrics, API keys, and the operator port for /metrics and /admin."""
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import signal
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from launch.local_redis import RedisServer
 from launch.serve import clean_multiproc_dir, ort_threads_per_worker
 from tests.reliability.conftest import rank_body
 from tests.reliability.procs import post_json, run_load
-from tests.reliability.test_overload_redis import pause_redis
+from tests.reliability.test_overload_redis import pause_redis, stalled
 from tests.reliability.test_readiness_swap import metric_value
 from tests.support import ServerProcess, children_of, free_port, service_env
+
+
+INFLIGHT = "ranker_inflight_requests"
+
+
+async def wait_for(condition: Callable[[], bool], what: str | Callable[[], str],
+                   timeout_s: float = 20.0) -> None:
+    """Poll `condition` (off the event loop) until true; fail after `timeout_s` saying `what`."""
+    end = time.monotonic() + timeout_s
+    while not await asyncio.to_thread(condition):
+        if time.monotonic() > end:
+            pytest.fail(f"not reached within {timeout_s:g}s: {what() if callable(what) else what}")
+        await asyncio.sleep(0.05)  # poll interval
 
 
 def redis_clients(url: str) -> int:
@@ -185,3 +204,63 @@ async def test_api_keys_admin_key_and_operator_port(
     assert health == [200, 200]
     for secret in ("key-one", "key-two", "adm-secret", "nope"):
         assert secret not in log
+
+
+def gauge_of_pid(prom: Path, pid: int, name: str) -> float:
+    """One worker's value of a gauge, read from its own files in the multiprocess directory."""
+    with tempfile.TemporaryDirectory() as one:
+        for f in prom.glob(f"gauge_*_{pid}.db"):
+            shutil.copy(f, one)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=one)
+        return sum(s.value for m in registry.collect() if m.name == name for s in m.samples)
+
+
+def worker_pids(server: ServerProcess, prom: Path) -> set[int]:
+    """The server's children that are workers (they have metric files; a resource tracker not)."""
+    with_files = {int(f.stem.rsplit("_", 1)[-1]) for f in prom.glob("*.db")}
+    return set(children_of(server.pid)) & with_files
+
+
+async def test_a_killed_worker_leaves_no_gauges_behind(
+    model_repo: Path, live_redis: RedisServer, tmp_path: Path
+) -> None:
+    """SIGKILL one of two workers while it holds requests in flight: once uvicorn has replaced
+    it, /metrics no longer counts the dead worker's in-flight requests (nor its other gauges)."""
+    prom = tmp_path / "prom"
+    env = service_env(model_repo, live_redis.url, request_timeout_s=20.0,
+                      redis_socket_timeout_s=20.0, redis_connect_timeout_s=2.0)
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(prom)
+    n = 6
+    with ServerProcess(env, cli=True, workers=2) as server:
+        await wait_for(lambda: len(worker_pids(server, prom)) == 2, "two workers")
+        workers = worker_pids(server, prom)
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+            with stalled(live_redis):  # every /rank waits on its feature fetch
+                held = [asyncio.create_task(close_after(c, i)) for i in range(n)]
+                await wait_for(lambda: sum(gauge_of_pid(prom, p, INFLIGHT) for p in workers) == n,
+                               f"{n} requests in flight")
+                victim = max(workers, key=lambda p: gauge_of_pid(prom, p, INFLIGHT))
+                lost = gauge_of_pid(prom, victim, INFLIGHT)
+                os.kill(victim, signal.SIGKILL)
+            done = await asyncio.gather(*held, return_exceptions=True)
+
+        def replaced() -> bool:
+            now = worker_pids(server, prom)
+            return victim not in now and len(now) == 2
+
+        await wait_for(replaced, "uvicorn replaced the killed worker")
+
+        def scraped_inflight() -> float:
+            text = httpx.get(server.url + "/metrics", timeout=5).text
+            return metric_value(text, INFLIGHT)
+
+        # the scrape itself is the one request in flight; the dead worker's `lost` are not
+        await wait_for(lambda: scraped_inflight() == 1,
+                       lambda: f"/metrics says {scraped_inflight()} in flight, the killed worker "
+                       f"held {lost:g}")
+        files = sorted(f.name for f in prom.glob(f"gauge_*_{victim}.db"))
+    answered = [r for r in done if isinstance(r, httpx.Response)]
+    assert lost >= 1 and len(answered) == n - lost, (lost, done)
+    assert all(r.status_code == 200 for r in answered), [r.text[:100] for r in answered]
+    assert files == [], f"live gauge files of the dead worker {victim}: {files}"
