@@ -9,11 +9,9 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-import pytest
 import redis
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -21,23 +19,12 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from launch.local_redis import RedisServer
 from launch.serve import clean_multiproc_dir, ort_threads_per_worker
 from tests.reliability.conftest import rank_body
-from tests.reliability.procs import post_json, run_load
-from tests.reliability.test_overload_redis import pause_redis, stalled
+from tests.reliability.procs import post_json, run_load, wait_for, wait_inflight
+from tests.reliability.test_overload_redis import stalled
 from tests.reliability.test_readiness_swap import metric_value
-from tests.support import ServerProcess, children_of, free_port, service_env
-
+from tests.support import ServerProcess, children_of, free_port, port_open, service_env
 
 INFLIGHT = "ranker_inflight_requests"
-
-
-async def wait_for(condition: Callable[[], bool], what: str | Callable[[], str],
-                   timeout_s: float = 20.0) -> None:
-    """Poll `condition` (off the event loop) until true; fail after `timeout_s` saying `what`."""
-    end = time.monotonic() + timeout_s
-    while not await asyncio.to_thread(condition):
-        if time.monotonic() > end:
-            pytest.fail(f"not reached within {timeout_s:g}s: {what() if callable(what) else what}")
-        await asyncio.sleep(0.05)  # poll interval
 
 
 def redis_clients(url: str) -> int:
@@ -52,28 +39,52 @@ def redis_clients(url: str) -> int:
 async def test_sigterm_finishes_inflight_refuses_new_exits_zero(
     model_repo: Path, live_redis: RedisServer
 ) -> None:
-    env = service_env(model_repo, live_redis.url, request_timeout_s=4.0,
-                      redis_socket_timeout_s=3.0, graceful_shutdown_s=5)
+    env = service_env(model_repo, live_redis.url, request_timeout_s=8.0,
+                      redis_socket_timeout_s=8.0, graceful_shutdown_s=5)
     server = ServerProcess(env, cli=True)
     with server:
-        assert redis_clients(live_redis.url) >= 1  # the service holds a pooled connection
-        pause_redis(live_redis.url, 1200)  # the in-flight requests wait on Redis
         async with httpx.AsyncClient(base_url=server.url, timeout=10) as c:
-            inflight = [asyncio.create_task(c.post("/rank", json=rank_body(i)))
-                        for i in range(4)]
-            await asyncio.sleep(0.3)
-            t_term = time.monotonic()
-            server.signal(signal.SIGTERM)
-            await asyncio.sleep(0.3)
-            with pytest.raises(httpx.ConnectError):  # no longer accepting
-                await httpx.AsyncClient(base_url=server.url, timeout=2).get("/healthz")
+            with stalled(live_redis):  # the in-flight requests wait on Redis
+                inflight = [asyncio.create_task(c.post("/rank", json=rank_body(i)))
+                            for i in range(4)]
+                await wait_inflight(server.url, 4)
+                t_term = time.monotonic()
+                server.signal(signal.SIGTERM)
+                await wait_for(lambda: not port_open(server.port), "new connections refused")
+                still_running = [not t.done() for t in inflight]
             done = await asyncio.gather(*inflight)
         code = await asyncio.to_thread(server.wait, 10.0)
         took = time.monotonic() - t_term
+    assert still_running == [True] * 4  # refused new ones while these were still being served
     assert [r.status_code for r in done] == [200] * 4, [r.text[:100] for r in done]
     assert code == 0, server.log_tail()
     assert took < 5 + 2
-    assert redis_clients(live_redis.url) == 0, "Redis connections closed on shutdown"
+
+
+async def test_sigterm_closes_every_redis_connection_before_exit(
+    model_repo: Path, live_redis: RedisServer, tmp_path: Path
+) -> None:
+    """Counted on a redis-server that keeps running, while the stopped service's process is
+    still alive (a test-only factory keeps it so after its lifespan closed): at exit the kernel
+    would close whatever the service left open, so a count after exit proves nothing."""
+    closed, release = tmp_path / "closed", tmp_path / "release"
+    env = service_env(model_repo, live_redis.url, redis_max_connections=4)
+    env.update(RANKER_TEST_CLOSED=str(closed), RANKER_TEST_RELEASE=str(release))
+    before = redis_clients(live_redis.url)
+    server = ServerProcess(env, app="tests.reliability.lingering_app:create_app")
+    with server:
+        res = await run_load(server.url, post_json("/rank", rank_body), total=40, concurrency=4)
+        serving = redis_clients(live_redis.url)
+        server.signal(signal.SIGTERM)
+        await wait_for(closed.exists, lambda: f"the lifespan closing: {server.log_tail()}")
+        after_close = redis_clients(live_redis.url)
+        alive = server.proc is not None and server.proc.poll() is None
+        release.touch()
+        await asyncio.to_thread(server.wait, 10.0)
+    assert res.by_status == {200: 40}, res.summary()
+    assert serving > before, "the service held pooled connections while serving"
+    assert alive, "the process must still be running when the connections are counted"
+    assert after_close == before, f"{after_close - before} Redis connections left open"
 
 
 async def test_sigterm_cuts_requests_beyond_the_grace_time(
@@ -83,16 +94,15 @@ async def test_sigterm_cuts_requests_beyond_the_grace_time(
                       redis_socket_timeout_s=8.0, graceful_shutdown_s=1)
     server = ServerProcess(env, cli=True)
     with server:
-        pause_redis(live_redis.url, 4000)
         async with httpx.AsyncClient(base_url=server.url, timeout=10) as c:
-            stuck = asyncio.create_task(c.post("/rank", json=rank_body(0)))
-            await asyncio.sleep(0.3)
-            t_term = time.monotonic()
-            server.signal(signal.SIGTERM)
-            code = await asyncio.to_thread(server.wait, 10.0)
-            took = time.monotonic() - t_term
+            with stalled(live_redis):  # for longer than the grace time: until the exit
+                stuck = asyncio.create_task(c.post("/rank", json=rank_body(0)))
+                await wait_inflight(server.url, 1)
+                t_term = time.monotonic()
+                server.signal(signal.SIGTERM)
+                code = await asyncio.to_thread(server.wait, 10.0)
+                took = time.monotonic() - t_term
             outcome = await asyncio.gather(stuck, return_exceptions=True)
-    pause_redis(live_redis.url, 1)  # let the paused server go
     assert code == 0 and took < 1 + 1.5, f"exit {code} after {took:.2f}s"
     cut = outcome[0]
     assert isinstance(cut, httpx.HTTPError) or (
