@@ -32,14 +32,18 @@ async def wait_for(condition: Callable[[], bool], what: str | Callable[[], str],
         await asyncio.sleep(0.05)  # poll interval
 
 
-def scraped(url: str, name: str, labels: str = "") -> float:
-    """Sum of the samples `name{...labels...}` on the server's /metrics (0 if none)."""
-    text = httpx.get(url + "/metrics", timeout=5).text
+def metric_value(text: str, name: str, labels: str = "") -> float:
+    """Sum of the exposition samples `name{...labels...}` (0 if none)."""
     total = 0.0
     for line in text.splitlines():
         if line.startswith(name) and labels in line and not line.startswith("#"):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def scraped(url: str, name: str, labels: str = "") -> float:
+    """Sum of the samples `name{...labels...}` on the server's /metrics (0 if none)."""
+    return metric_value(httpx.get(url + "/metrics", timeout=5).text, name, labels)
 
 
 async def wait_inflight(url: str, n: int, timeout_s: float = 20.0) -> None:

@@ -13,7 +13,7 @@ import orjson
 
 from launch.local_redis import RedisServer
 from tests.reliability.conftest import rank_body
-from tests.reliability.test_readiness_swap import metric_value
+from tests.reliability.procs import metric_value
 from tests.support import HOST, ServerProcess, service_env
 
 

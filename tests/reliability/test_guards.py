@@ -103,7 +103,11 @@ async def test_inflight_zero_means_unlimited() -> None:
     app = limited(tiny_app(gate), max_inflight=0)
     async with client(app) as c:
         tasks = [asyncio.create_task(c.post("/rank")) for _ in range(20)]
-        await asyncio.sleep(0.05)
+        for _ in range(500):  # bounded: wait until all twenty are inside at once
+            if app.inflight == 20:
+                break
+            await asyncio.sleep(0.01)
+        assert app.inflight == 20
         gate.set()
         done = await asyncio.gather(*tasks)
     assert {r.status_code for r in done} == {200}

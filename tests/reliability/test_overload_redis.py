@@ -20,8 +20,7 @@ import redis.asyncio as aredis
 from launch.local_redis import RedisServer
 from tests.reliability.conftest import rank_body
 from tests.reliability.oracle import Oracle
-from tests.reliability.procs import post_json, run_load, wait_inflight
-from tests.reliability.test_readiness_swap import metric_value
+from tests.reliability.procs import metric_value, post_json, run_load, wait_for, wait_inflight
 from tests.support import ServerProcess, service_env
 
 
@@ -165,15 +164,24 @@ async def test_redis_killed_mid_load_then_restarted(
         stop = asyncio.Event()
         samples: list[int] = []
         poller = asyncio.create_task(connected_clients(live_redis.url, samples, stop))
+        done = asyncio.Event()
         load = asyncio.create_task(run_load(
             server.url, post_json("/rank", body_of), total=50_000, concurrency=8,
-            duration_s=4.0, timeout_s=5.0, check=check))
-        await asyncio.sleep(1.0)
+            duration_s=60.0, timeout_s=5.0, check=check, stop=done))
+
+        def answers_after(t: float) -> int:
+            return sum(1 for seen_at, _, _ in list(seen) if seen_at > t)
+
+        # each phase lasts until it has enough answers in it (bounded), not a fixed time
+        await wait_for(lambda: answers_after(0) >= 40, "answers before the kill", 30)
         killed_at = time.monotonic()
         await asyncio.to_thread(live_redis.kill)
-        await asyncio.sleep(1.0)
+        await wait_for(lambda: answers_after(killed_at + 0.1) >= 40, "answers in the outage", 30)
         await asyncio.to_thread(live_redis.start)  # same port and dir: dump.rdb is reloaded
         restarted_at = time.monotonic()
+        # past any recovery the test accepts (3 s) plus 0.5 s, enough answers to judge it by
+        await wait_for(lambda: answers_after(restarted_at + 3.5) >= 40, "answers after", 30)
+        done.set()
         res = await load
         stop.set()
         await poller

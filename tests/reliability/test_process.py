@@ -19,9 +19,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from launch.local_redis import RedisServer
 from launch.serve import clean_multiproc_dir, ort_threads_per_worker
 from tests.reliability.conftest import rank_body
-from tests.reliability.procs import post_json, run_load, wait_for, wait_inflight
+from tests.reliability.procs import metric_value, post_json, run_load, wait_for, wait_inflight
 from tests.reliability.test_overload_redis import stalled
-from tests.reliability.test_readiness_swap import metric_value
 from tests.support import ServerProcess, children_of, free_port, port_open, service_env
 
 INFLIGHT = "ranker_inflight_requests"
