@@ -8,8 +8,8 @@ import traceback
 
 import httpx
 import pytest
-import redis
 
+from tests.reliability.test_overload_redis import stalled
 from tests.service.helpers import load_features, metric, running_app
 from tests.support import settings_for
 
@@ -28,15 +28,6 @@ async def wait_until_ok(client: httpx.AsyncClient, timeout_s: float = 5.0) -> ht
             return r
         assert time.monotonic() < end, f"did not recover: {r.status_code} {r.text}"
         await asyncio.sleep(0.05)
-
-
-def pause_redis(url: str, ms: int) -> None:
-    """CLIENT PAUSE: the real server stops answering every client for `ms` milliseconds."""
-    c = redis.Redis.from_url(url, socket_timeout=2)
-    try:
-        c.execute_command("CLIENT", "PAUSE", str(ms), "ALL")
-    finally:
-        c.close()
 
 
 async def test_fail_mode_stopped_redis_gives_fast_503_then_recovers(model_repo, redis_server,
@@ -91,38 +82,40 @@ async def test_degrade_mode_ranks_with_defaults_when_redis_is_down(model_repo, r
 
 
 @pytest.mark.parametrize("mode", ["fail", "degrade"])
-async def test_redis_slower_than_deadline(model_repo, redis_url, mode):
+async def test_redis_slower_than_deadline(model_repo, redis_server, redis_url, mode):
     load_features(redis_url, model_repo / "mmoe" / "1")
     settings = settings_for(model_repo, redis_url, redis_failure_mode=mode,
                             request_timeout_s=DEADLINE_S, redis_socket_timeout_s=2.0)
     async with running_app(settings) as client:
         await wait_until_ok(client)
-        pause_redis(redis_url, 1500)
-        t0 = time.perf_counter()
-        r = await client.post("/rank", json=BODY)
-        elapsed = time.perf_counter() - t0
-        assert elapsed < DEADLINE_S + 0.5, elapsed  # never a hang (pause is 1.5 s)
+        with stalled(redis_server):  # stalled until the answer is in, however long that takes
+            t0 = time.perf_counter()
+            r = await client.post("/rank", json=BODY)
+            elapsed = time.perf_counter() - t0
+        assert elapsed < DEADLINE_S + 0.5, elapsed  # never a hang
         if mode == "fail":
             assert r.status_code == 503 and "retry-after" in r.headers
         else:
             assert r.status_code == 200 and r.json()["degraded_reason"] == "redis_timeout"
-        await asyncio.sleep(1.3)  # the pause ends; the next requests are normal again
-        await wait_until_ok(client)
+        await wait_until_ok(client)  # the stall is over: normal again
 
 
-async def test_overload_beyond_max_inflight_is_refused_at_once(model_repo, redis_url):
+async def test_overload_beyond_max_inflight_is_refused_at_once(model_repo, redis_server,
+                                                              redis_url):
     load_features(redis_url, model_repo / "mmoe" / "1")
     settings = settings_for(model_repo, redis_url, max_inflight=1, request_timeout_s=2.0,
                             redis_socket_timeout_s=2.0)
     async with running_app(settings) as client:
         await wait_until_ok(client)
         overload = metric("ranker_rejected_requests_total", {"reason": "overload"})
-        pause_redis(redis_url, 400)  # holds the first request inside its feature fetch
-        first = asyncio.create_task(client.post("/rank", json=BODY))
-        await asyncio.sleep(0.1)
-        t0 = time.perf_counter()
-        second = await client.post("/rank", json=BODY)
-        assert time.perf_counter() - t0 < 0.3  # answered while the first is still held
+        with stalled(redis_server):  # holds the first request inside its feature fetch
+            first = asyncio.create_task(client.post("/rank", json=BODY))
+            end = time.monotonic() + 10
+            while metric("ranker_inflight_requests") < 1:  # bounded: until it is inside
+                assert time.monotonic() < end, "the first request never got in"
+                await asyncio.sleep(0.01)
+            second = await client.post("/rank", json=BODY)
+            assert not first.done()  # answered while the first is still held: not queued
         assert second.status_code == 503 and second.json()["error"] == "overloaded"
         assert second.headers["retry-after"] == "1"
         assert (await first).status_code == 200
@@ -143,7 +136,7 @@ async def test_inference_past_the_deadline_is_a_503(model_repo, redis_url, monke
         real_run = LoadedModel.run
 
         def slow_run(self, inputs):
-            time.sleep(0.6)
+            time.sleep(0.6)  # the fault itself: an inference that takes 0.6 s
             return real_run(self, inputs)
 
         monkeypatch.setattr(LoadedModel, "run", slow_run)
@@ -156,8 +149,7 @@ async def test_inference_past_the_deadline_is_a_503(model_repo, redis_url, monke
         assert metric("ranker_rejected_requests_total", {"reason": "deadline"}) == deadline + 1
         assert (await client.get("/healthz")).status_code == 200  # the loop was never blocked
         monkeypatch.setattr(LoadedModel, "run", real_run)
-        await asyncio.sleep(0.7)
-        await wait_until_ok(client)
+        await wait_until_ok(client)  # once the stuck run has left the executor
 
 
 @pytest.mark.parametrize(("inline_max_ms", "path"), [(1000.0, "inline"), (0.0, "executor")])
