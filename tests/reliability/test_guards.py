@@ -229,15 +229,30 @@ async def test_api_keys_guard_rank_only() -> None:
     assert denied == ["api", "api"]
 
 
-async def test_admin_key_is_separate_from_api_keys() -> None:
-    app = ApiKeyMiddleware(tiny_app(), api_keys=["user-key"], admin_key="admin-key")
-    async with client(app) as c:
+async def test_admin_key_is_separate_from_api_keys(model_repo, redis_url) -> None:  # type: ignore[no-untyped-def]
+    """Through the real app (create_app wires the key check from settings), not the
+    middleware alone: an API key never opens /admin, the admin key never opens /rank."""
+    from tests.service.helpers import load_features, running_app
+    from tests.support import settings_for
+
+    load_features(redis_url, model_repo / "mmoe" / "1")
+    settings = settings_for(model_repo, redis_url, api_keys=["user-key"],
+                            admin_api_key="admin-key")
+    async with running_app(settings) as c:
         api_on_admin = await c.post("/admin/reload", headers={"X-API-Key": "user-key"})
-        admin_on_admin = await c.post("/admin/reload", headers={"X-API-Key": "admin-key"})
-        admin_on_rank = await c.post("/rank", headers={"X-API-Key": "admin-key"})
+        admin_on_admin = await c.post("/admin/reload", headers={"X-Admin-Key": "admin-key"})
+        bearer_on_admin = await c.post("/admin/reload",
+                                       headers={"Authorization": "Bearer admin-key"})
+        admin_on_rank = await c.post("/rank", headers={"X-API-Key": "admin-key"},
+                                     json={"user_id": "u1", "candidates": ["i1"]})
+        user_on_rank = await c.post("/rank", headers={"X-API-Key": "user-key"},
+                                    json={"user_id": "u1", "candidates": ["i1"]})
         none_on_admin = await c.post("/admin/reload")
-    assert api_on_admin.status_code == 401
+    assert api_on_admin.status_code == 401, api_on_admin.text
+    assert api_on_admin.json()["error"] == "unauthorized"
     assert "admin" in api_on_admin.json()["message"]
-    assert admin_on_admin.status_code == 200
-    assert admin_on_rank.status_code == 401
+    assert admin_on_admin.status_code == 200, admin_on_admin.text
+    assert bearer_on_admin.status_code == 200, bearer_on_admin.text
+    assert admin_on_rank.status_code == 401, admin_on_rank.text
+    assert user_on_rank.status_code == 200, user_on_rank.text
     assert none_on_admin.status_code == 401
