@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import math
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -279,24 +281,72 @@ async def test_client_is_bounded_and_uses_hiredis(redis_url: str) -> None:
         await fs.aclose()
 
 
-async def test_cancelled_fetch_does_not_desync_the_connection(redis_url: str) -> None:
+def server_unread_bytes(server_port: int, client_port: int) -> int | None:
+    """Bytes redis-server has not read yet from the connection of `client_port`: the receive
+    queue of the server's end of it, from /proc/net/tcp (None if there is no such socket)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = fields[1], fields[2]
+        if (int(local.rsplit(":", 1)[1], 16) == server_port
+                and int(remote.rsplit(":", 1)[1], 16) == client_port):
+            return int(fields[4].split(":")[1], 16)
+    return None
+
+
+def replied(sock: socket.socket) -> bool:
+    """Whether anything came back on a raw socket yet (without waiting)."""
+    try:
+        return sock.recv(64, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+    except BlockingIOError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc/net/tcp")
+async def test_cancelled_fetch_does_not_desync_the_connection(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    """The cancel lands, deterministically, after the MGET reached the server and before its
+    reply: the server is asleep in DEBUG SLEEP (seen: it has read that command and not yet
+    answered it), and the MGET's bytes sit unread in the server's receive queue. The reply
+    then arrives on a connection whose reader was cancelled; the next fetch on the one
+    pooled connection must not read it."""
     _load(redis_url)
     fs = FeatureStore(roomy_client(redis_url, max_connections=1), SCHEMA)
+    admin = redis.Redis.from_url(redis_url, socket_timeout=5)
+    blocker = socket.create_connection((redis_server.host, redis_server.port), timeout=5)
+    blocker.settimeout(None)  # a timeout would make the MSG_DONTWAIT peek wait for readability
     try:
-        await fs.fetch("u0", ["i0"])
-        blocker = threading.Thread(
-            target=lambda: redis.Redis.from_url(redis_url).execute_command("DEBUG", "SLEEP", 0.2)
-        )
-        blocker.start()
-        time.sleep(0.05)
+        before = {c["addr"] for c in admin.client_list()}
+        await fs.fetch("u0", ["i0"])  # opens the pool's only connection
+        (ours,) = {c["addr"] for c in admin.client_list()} - before
+        our_port = int(ours.rsplit(":", 1)[1])
+        blocker_port = blocker.getsockname()[1]
+
+        def wait(condition: Any, what: str, timeout_s: float = 5.0) -> None:
+            end = time.monotonic() + timeout_s
+            while not condition():
+                assert time.monotonic() < end, what
+                time.sleep(0.001)  # poll interval of a bounded wait
+
+        blocker.sendall(b"*3\r\n$5\r\nDEBUG\r\n$5\r\nSLEEP\r\n$3\r\n1.5\r\n")
+        wait(lambda: server_unread_bytes(redis_server.port, blocker_port) == 0
+             and not replied(blocker), "redis-server asleep in DEBUG SLEEP")
         task = asyncio.create_task(fs.fetch("u9", ["i9", "i8"]))
-        await asyncio.sleep(0.05)  # the MGET is sent; its reply is queued behind the sleep
+        end = time.monotonic() + 1.0
+        while not server_unread_bytes(redis_server.port, our_port):  # the MGET is at the server
+            assert time.monotonic() < end, "the MGET never reached the server"
+            await asyncio.sleep(0.001)  # poll interval; lets the task send
+        assert not replied(blocker), "the server woke before the cancel: not mid-reply"
+        assert not task.done()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        blocker.join(timeout=5)
+        wait(lambda: replied(blocker), "redis-server woke up", timeout_s=10)
+        # by now the MGET's reply has been sent on the cancelled connection
         r = await fs.fetch("u1", ["i3"], timeout_s=1.0)  # same single connection slot
         np.testing.assert_array_equal(r.inputs["user_cat"], [[2, 2]])
         np.testing.assert_array_equal(r.inputs["item_cat"], [[4, 0]])
     finally:
+        blocker.close()
+        admin.close()
         await fs.aclose()
