@@ -91,7 +91,7 @@ from launch.local_redis import RedisServer
 srv = RedisServer().start()
 print(srv.pid, flush=True)
 if sys.argv[1] == "hang":
-    time.sleep(60)
+    time.sleep(60)  # an owner that hangs until the test SIGKILLs it
 """
 
 
@@ -100,7 +100,7 @@ def _wait_gone(pid: int, timeout_s: float = 5.0) -> bool:
     while time.monotonic() < deadline:
         if not _alive(pid):
             return True
-        time.sleep(0.02)
+        time.sleep(0.02)  # poll interval of a bounded wait
     return False
 
 

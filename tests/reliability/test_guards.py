@@ -30,7 +30,7 @@ def tiny_app(
         return JSONResponse({"ok": True, "remaining": remaining_s(request.scope)})
 
     async def slow(request: Request) -> JSONResponse:
-        await asyncio.sleep(float(request.query_params.get("s", "1")))
+        await asyncio.sleep(float(request.query_params.get("s", "1")))  # the slow handler
         return JSONResponse({"ok": True})
 
     async def in_pool(request: Request) -> JSONResponse:
@@ -44,7 +44,7 @@ def tiny_app(
     async def stream(request: Request) -> StreamingResponse:
         async def body():  # starts at once, finishes after the deadline
             yield b"a"
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.3)  # the slow stream itself
             yield b"b"
 
         return StreamingResponse(body())
@@ -80,7 +80,7 @@ async def test_inflight_limit_rejects_at_once_beyond_max() -> None:
         for _ in range(100):  # bounded: wait until the three are really inside
             if app.inflight == 3:
                 break
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # poll interval
         assert app.inflight == 3
         t0 = time.perf_counter()
         extra = await c.post("/rank")
@@ -106,7 +106,7 @@ async def test_inflight_zero_means_unlimited() -> None:
         for _ in range(500):  # bounded: wait until all twenty are inside at once
             if app.inflight == 20:
                 break
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # poll interval
         assert app.inflight == 20
         gate.set()
         done = await asyncio.gather(*tasks)

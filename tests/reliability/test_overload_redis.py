@@ -129,7 +129,7 @@ async def connected_clients(url: str, samples: list[int], stop: asyncio.Event) -
             with contextlib.suppress(redis.RedisError, OSError):
                 info = await client.info("clients")
                 samples.append(int(info["connected_clients"]) - 1)  # minus this poller
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # the sampling interval of a sampler, not a wait
     finally:
         with contextlib.suppress(Exception):
             await client.aclose()
@@ -223,7 +223,7 @@ async def loop_lag(lags: list[float], stop: asyncio.Event, tick_s: float = 0.01)
     loop = asyncio.get_running_loop()
     while not stop.is_set():
         t = loop.time()
-        await asyncio.sleep(tick_s)
+        await asyncio.sleep(tick_s)  # the probe itself: how late does this wake up?
         lags.append(loop.time() - t - tick_s)
 
 

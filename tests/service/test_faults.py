@@ -27,7 +27,7 @@ async def wait_until_ok(client: httpx.AsyncClient, timeout_s: float = 5.0) -> ht
         if r.status_code == 200 and not r.json()["degraded"]:
             return r
         assert time.monotonic() < end, f"did not recover: {r.status_code} {r.text}"
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # poll interval
 
 
 async def test_fail_mode_stopped_redis_gives_fast_503_then_recovers(model_repo, redis_server,
@@ -113,7 +113,7 @@ async def test_overload_beyond_max_inflight_is_refused_at_once(model_repo, redis
             end = time.monotonic() + 10
             while metric("ranker_inflight_requests") < 1:  # bounded: until it is inside
                 assert time.monotonic() < end, "the first request never got in"
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # poll interval
             second = await client.post("/rank", json=BODY)
             assert not first.done()  # answered while the first is still held: not queued
         assert second.status_code == 503 and second.json()["error"] == "overloaded"
