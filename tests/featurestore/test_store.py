@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import math
 import socket
-import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -235,26 +234,27 @@ async def test_redis_down_is_a_quick_typed_error(redis_server: RedisServer, redi
     await fs.aclose()
 
 
-async def test_slow_redis_hits_the_deadline_without_desync(redis_url: str) -> None:
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc/net/tcp")
+async def test_slow_redis_hits_the_deadline_without_desync(
+    redis_server: RedisServer, redis_url: str
+) -> None:
     _load(redis_url)
     # one connection only: a timed-out reply left on it would be read by the next request
     fs = FeatureStore(roomy_client(redis_url, max_connections=1), SCHEMA)
+    blocker = sleeper(redis_server)
     try:
         await fs.fetch("u0", ["i0"])
-        blocker = threading.Thread(
-            target=lambda: redis.Redis.from_url(redis_url).execute_command("DEBUG", "SLEEP", 0.3)
-        )
-        blocker.start()
-        time.sleep(0.05)  # let DEBUG SLEEP reach the server first
+        put_to_sleep(blocker, redis_server.port, 0.3)  # asleep before the fetch is sent
         t0 = time.perf_counter()
         with pytest.raises(FeatureStoreUnavailable, match="deadline"):
             await fs.fetch("u1", ["i1", "i2"], timeout_s=0.05)
         assert time.perf_counter() - t0 < 0.2
-        blocker.join(timeout=5)
+        wait(lambda: replied(blocker), "redis-server woke up", timeout_s=10)
         r = await fs.fetch("u2", ["i5", "i6", "i7"], timeout_s=1.0)
         np.testing.assert_array_equal(r.inputs["user_cat"], [[3, 3]])
         np.testing.assert_array_equal(r.inputs["item_cat"][:, 0], [6, 7, 8])
     finally:
+        blocker.close()
         await fs.aclose()
 
 
@@ -301,6 +301,30 @@ def replied(sock: socket.socket) -> bool:
         return False
 
 
+def wait(condition: Any, what: str, timeout_s: float = 5.0) -> None:
+    end = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < end, what
+        time.sleep(0.001)  # poll interval of a bounded wait
+
+
+def sleeper(server: RedisServer) -> socket.socket:
+    """A raw connection to `server` for DEBUG SLEEP (blocking mode, for `replied`)."""
+    sock = socket.create_connection((server.host, server.port), timeout=5)
+    sock.settimeout(None)  # a timeout would make the MSG_DONTWAIT peek wait for readability
+    return sock
+
+
+def put_to_sleep(sock: socket.socket, server_port: int, seconds: float) -> None:
+    """DEBUG SLEEP on `sock`; returns once redis-server is asleep in it (it has read the
+    command and not answered it yet)."""
+    arg = str(seconds).encode()
+    sock.sendall(b"*3\r\n$5\r\nDEBUG\r\n$5\r\nSLEEP\r\n$%d\r\n%s\r\n" % (len(arg), arg))
+    port = sock.getsockname()[1]
+    wait(lambda: server_unread_bytes(server_port, port) == 0 and not replied(sock),
+         "redis-server asleep in DEBUG SLEEP")
+
+
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc/net/tcp")
 async def test_cancelled_fetch_does_not_desync_the_connection(
     redis_server: RedisServer, redis_url: str
@@ -313,24 +337,14 @@ async def test_cancelled_fetch_does_not_desync_the_connection(
     _load(redis_url)
     fs = FeatureStore(roomy_client(redis_url, max_connections=1), SCHEMA)
     admin = redis.Redis.from_url(redis_url, socket_timeout=5)
-    blocker = socket.create_connection((redis_server.host, redis_server.port), timeout=5)
-    blocker.settimeout(None)  # a timeout would make the MSG_DONTWAIT peek wait for readability
+    blocker = sleeper(redis_server)
     try:
         before = {c["addr"] for c in admin.client_list()}
         await fs.fetch("u0", ["i0"])  # opens the pool's only connection
         (ours,) = {c["addr"] for c in admin.client_list()} - before
         our_port = int(ours.rsplit(":", 1)[1])
-        blocker_port = blocker.getsockname()[1]
 
-        def wait(condition: Any, what: str, timeout_s: float = 5.0) -> None:
-            end = time.monotonic() + timeout_s
-            while not condition():
-                assert time.monotonic() < end, what
-                time.sleep(0.001)  # poll interval of a bounded wait
-
-        blocker.sendall(b"*3\r\n$5\r\nDEBUG\r\n$5\r\nSLEEP\r\n$3\r\n1.5\r\n")
-        wait(lambda: server_unread_bytes(redis_server.port, blocker_port) == 0
-             and not replied(blocker), "redis-server asleep in DEBUG SLEEP")
+        put_to_sleep(blocker, redis_server.port, 1.5)
         task = asyncio.create_task(fs.fetch("u9", ["i9", "i8"]))
         end = time.monotonic() + 1.0
         while not server_unread_bytes(redis_server.port, our_port):  # the MGET is at the server
