@@ -23,6 +23,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("run",): ("launch.mainjob:main", "the main job: train if needed, Redis, load, serve"),
     ("bench",): ("bench.run:main", "run the benchmark suite and write a report"),
     ("simulate",): ("sim.cli:main", "simulated users with known truth call /rank and /feedback"),
+    ("logs", "export"): ("launch.logs:export_main", "served log and feedback -> Parquet"),
 }
 
 

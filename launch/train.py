@@ -84,18 +84,17 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--max-train-rows", type=int, help="subsample the train split (csv specs)")
     p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    spec = load_spec(a.spec)
-    unknown = set(a.loss_weights) - set(spec.task_names)
-    if unknown:
-        p.error(f"--loss-weights: unknown tasks {sorted(unknown)}; tasks are {spec.task_names}")
-    if a.max_train_rows:
-        import dataclasses
+    p.add_argument("--nproc", type=int, help="data-parallel on N local processes (torchrun)")
+    p.add_argument("--step-log", type=Path, help="every step's loss as JSON lines (rank 0)")
+    from launch.logs import add_from_logs_args, train_from_logs
 
-        spec = dataclasses.replace(
-            spec, source=dataclasses.replace(spec.source, max_train_rows=a.max_train_rows)
-        )
+    add_from_logs_args(p)
+    a = p.parse_args(argv)
+    if a.nproc:
+        from training.distributed import run_local, without_option
+
+        return run_local(a.nproc, ["-m", "launch.cli", "train", *without_option(argv, "--nproc")])
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     model_kw = {
         "model_type": a.model,
         "n_experts": a.experts,
@@ -106,10 +105,28 @@ def train_main(argv: list[str]) -> int:
     tc = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, patience=a.patience,
                      weight_decay=a.weight_decay,
                      loss_weights=a.loss_weights, seed=a.seed, progress=not a.no_progress)
+    from training.distributed import is_main_process, process_group
+    from training.train import step_log
+
+    if a.from_logs:
+        with process_group(), step_log(a.step_log):  # a group only under torchrun
+            return train_from_logs(p, a, model_kw, tc)
+    spec = load_spec(a.spec)
+    unknown = set(a.loss_weights) - set(spec.task_names)
+    if unknown:
+        p.error(f"--loss-weights: unknown tasks {sorted(unknown)}; tasks are {spec.task_names}")
+    if a.max_train_rows:
+        import dataclasses
+
+        spec = dataclasses.replace(
+            spec, source=dataclasses.replace(spec.source, max_train_rows=a.max_train_rows)
+        )
     out = a.out or Path("runs") / spec.name
-    report = run_training(spec, out, model_kw, tc, data_dir=a.data, baselines=a.baselines)
-    print(markdown(report))
-    print(f"wrote {out}")
+    with process_group(), step_log(a.step_log):  # a group only under torchrun (WORLD_SIZE set)
+        report = run_training(spec, out, model_kw, tc, data_dir=a.data, baselines=a.baselines)
+    if is_main_process():
+        print(markdown(report))
+        print(f"wrote {out}")
     return 0
 
 

@@ -23,7 +23,8 @@ from service.playground import playground_router
 from service.routes import ops, rank
 from service.settings import Settings, get_settings
 
-ROUTES = ("/rank", "/healthz", "/readyz", "/model", "/metrics", "/admin/reload")
+ROUTES = ("/rank", "/healthz", "/readyz", "/model", "/metrics", "/admin/reload", "/admin/pin",
+          "/admin/unpin")
 
 
 def reject(reason: str) -> None:
@@ -68,7 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ops.router)
     if settings.playground_enabled:
         app.include_router(playground_router)
-    document_errors(app)
+    document_errors(app, settings)
     return app
 
 

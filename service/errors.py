@@ -33,8 +33,22 @@ def error_response(status: int, error: str, message: str, *, request_id: str | N
     if detail is not None:
         body["detail"] = detail
     body["request_id"] = request_id
-    return Response(orjson.dumps(body), status_code=status, headers=headers,
-                    media_type="application/json")
+    try:
+        data = orjson.dumps(body)
+    except TypeError:  # text from the request that is not valid Unicode: escape, never a 500
+        data = orjson.dumps(escaped(body))
+    return Response(data, status_code=status, headers=headers, media_type="application/json")
+
+
+def escaped(value: Any) -> Any:
+    """`value` with every string made printable (see `printable`), for the error writer."""
+    if isinstance(value, str):
+        return printable(value, limit=10_000)
+    if isinstance(value, dict):
+        return {escaped(k): escaped(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [escaped(v) for v in value]
+    return value
 
 
 def request_id_of(scope: Scope) -> str | None:
@@ -84,15 +98,27 @@ class ModelUnavailable(ServiceError):
     code = "model_unavailable"
 
 
+def printable(text: str, limit: int = 80) -> str:
+    """A request's text made safe to echo: lone surrogates escaped (orjson refuses them),
+    bounded in length."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def field_name(loc: tuple[Any, ...]) -> str:
-    """("body", "weights", "click") -> "weights.click"; list positions as "candidates[3]"."""
-    parts = [p for p in loc if p != "body"]
+    """("body", "weights", "click") -> "weights.click"; list positions as "candidates[3]".
+
+    Dict keys come from the request: escaped and bounded; pydantic's "[key]" marker (an
+    error in the key itself) is dropped, the key names the field.
+    """
+    parts = [p for p in loc if p not in ("body", "[key]")]
     out = ""
     for p in parts:
         if isinstance(p, int):
             out += f"[{p}]"
         else:
-            out += f".{p}" if out else str(p)
+            p = printable(str(p))
+            out += f".{p}" if out else p
     return out or "body"
 
 

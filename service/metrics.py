@@ -55,6 +55,8 @@ DEGRADED = Counter("ranker_degraded_responses", "Responses ranked with default f
                    ["reason"])
 MODEL_INFO = Gauge("ranker_model_info", "1 for the model version being served",
                    ["name", "version"], multiprocess_mode="livemax")
+MODEL_FALLBACK = Gauge("ranker_model_fallback", "1 while an older model version serves because "
+                       "every newer one was refused", multiprocess_mode="livemax")
 MODEL_RELOADS = Counter("ranker_model_reloads", "Model version loads by result", ["result"])
 REJECTED = Counter("ranker_rejected_requests", "Requests refused before ranking", ["reason"])
 INFERENCE_RUNS = Counter("ranker_inference_runs", "Batched inference calls by where they ran "

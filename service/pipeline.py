@@ -109,7 +109,7 @@ class RankingPipeline:
 
     def validate(self, model: LoadedModel, req: RankRequest) -> Scoring:
         """Check the request against the settings and the model's tasks (InvalidRequest)."""
-        weights = check_rank_request(req, self.settings, model.tasks)
+        weights = check_rank_request(req, self.settings, model.tasks, model.dense_context)
         return Scoring(weights, req.scoring or self.settings.scoring)
 
     async def fetch(self, serving: Serving, req: RankRequest, deadline: float) -> Features:

@@ -26,6 +26,12 @@ class Settings(BaseSettings):
     model_repo: Path = Path("models")
     model_name: str = "mmoe"
     model_watch_interval_s: float = Field(default=0.0, ge=0)  # 0 = no background watcher
+    # serve exactly this version (a rollback that sticks); the pin file PINNED in the model's
+    # directory (POST /admin/pin) overrides it; unset = the newest version that passes
+    model_version: int | None = Field(default=None, ge=0, lt=2**31)
+    # how often each worker reads the pin file when the watcher is off (0 = never): a pin made
+    # through one worker reaches the others within this
+    model_pin_poll_s: float = Field(default=1.0, ge=0)
     warmup_batch_sizes: list[int] = [1, 100, 500, 1000]
     ort_intra_op_threads: int = Field(default=1, ge=0)
     ort_inter_op_threads: int = Field(default=1, ge=0)

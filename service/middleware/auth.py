@@ -1,7 +1,9 @@
 """The service's one key check: API keys for the ranking routes, the admin key for `/admin/*`.
 
 An API key comes in `X-API-Key`; the admin key in `X-Admin-Key`, `Authorization: Bearer` or
-`X-API-Key`, and an API key never opens an admin route. Keys are compared with
+`X-API-Key`, and an API key never opens an admin route. Safe by default: with API keys
+configured and no admin key, `/admin/*` is refused (403 `admin_disabled`) rather than open to
+anyone who can reach the API. Keys are compared with
 `hmac.compare_digest` against every configured key (no early exit), so the time taken says
 nothing about how much of a key was right. Keys are never logged or echoed.
 """
@@ -73,7 +75,8 @@ class ApiKeyMiddleware:
     """401 unless the request carries a valid key for its route; routes with no keys are open.
 
     `api_paths` (default `/rank`) accept any of `api_keys`; `admin_paths` (default `/admin`)
-    accept only `admin_key`, never an API key. With no keys configured a route stays open.
+    accept only `admin_key`, never an API key. With no keys configured at all a route stays
+    open (a local run); with API keys but no admin key the admin routes are refused (403).
     """
 
     def __init__(
@@ -98,6 +101,13 @@ class ApiKeyMiddleware:
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
+        if self.api_keys and not self.admin_keys and _under(path, self.admin_paths):
+            self.on_deny("admin")
+            refusal = error_response(
+                403, "admin_disabled", "admin routes are off: API keys are configured but no "
+                "admin key (set RANKER_ADMIN_API_KEY)", request_id=request_id_of(scope))
+            await refusal(scope, receive, send)
+            return
         if self.admin_keys and _under(path, self.admin_paths):
             keys, which, header = self.admin_keys, "admin", "X-Admin-Key"
             given = admin_key_of(scope)

@@ -30,7 +30,8 @@ from ranker.manifest import load_manifest, load_schema
 from service.featurestore.reader import FeatureStore, make_client
 from service.featurestore.writer import load_tables
 from tests.featurestore.tables import items_table, users_table
-from tests.service.helpers import feature_tables, load_features, metric, running_app, settings_for
+from tests.service.helpers import feature_tables, load_features, metric, running_app
+from tests.support import settings_for
 
 SCHEMA = tiny_schema()
 CLI = [sys.executable, "-m", "launch.cli", "features", "load"]

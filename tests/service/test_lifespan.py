@@ -12,7 +12,8 @@ import redis
 
 from service.lifespan import open_state
 from service.schemas import RankRequest
-from tests.service.helpers import load_features, settings_for
+from tests.service.helpers import load_features
+from tests.support import settings_for
 
 pytestmark = pytest.mark.asyncio
 

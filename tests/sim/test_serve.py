@@ -17,7 +17,7 @@ from ranker.manifest import load_manifest, load_schema
 from service.featurestore.writer import load_tables
 from sim.cli import main
 from tests.conftest import emptied_url
-from tests.reliability.procs import ServerProcess
+from tests.support import ServerProcess
 
 API_KEY = "sim-test-key"
 RUN_KEYS = ("run",)  # what differs between two runs of the same simulation: timings

@@ -39,7 +39,7 @@ COUNTERS |= {
     "ranker_featurestore_retries_total",
 }
 HISTOGRAMS |= {"ranker_featurestore_fetch_seconds"}
-GAUGES = {"ranker_model_info", "ranker_inflight_requests"}
+GAUGES = {"ranker_model_info", "ranker_inflight_requests", "ranker_model_fallback"}
 KNOWN_SERIES = (
     COUNTERS
     | GAUGES
