@@ -13,11 +13,12 @@ PACKAGES := ranker service training bench launch sim analysis
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: run smoke test lint typecheck pytest install bench clean-venv help
+.PHONY: run smoke test test-slow lint typecheck pytest install bench clean-venv help
 
 help:
 	@echo "make run    - train a model if none, start Redis, load features, serve on 127.0.0.1:8000"
 	@echo "make test   - install into $(VENV), then ruff, the import contracts, mypy and the whole pytest suite"
+	@echo "make test-slow - the slow reliability group (chaos, soak, long fuzz; ~6-10 min)"
 	@echo "make smoke  - the main job end to end with one /rank request, then exit"
 	@echo "make bench  - the benchmark suite (ranker bench)"
 
@@ -51,6 +52,11 @@ pytest: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest
+
+# the slow group (Redis chaos, soak, long schemathesis; ~6-10 min on 2 cores): not in `make
+# test`, run by CI after it. -m slow selects only the slow tests of tests/reliability.
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow tests/reliability $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/ranker bench $(BENCH_ARGS)

@@ -12,18 +12,9 @@ import httpx
 from launch.local_redis import RedisServer
 from tests.reliability.conftest import rank_body
 from tests.reliability.oracle import Oracle
-from tests.reliability.procs import LoadResult, post_json, run_load
+from tests.reliability.procs import LoadResult, metric_value, post_json, run_load, wait_for
 from tests.support import ServerProcess, service_env
 from tests.tiny import install_version
-
-
-def metric_value(text: str, name: str, labels: str = "") -> float:
-    """Sum of the exposition samples `name{...labels...}` (0 if none)."""
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and labels in line and not line.startswith("#"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def test_not_ready_without_model_then_ready_after_install(
@@ -85,19 +76,34 @@ async def test_swap_under_load_zero_failures_one_version_each(
             req = bodies[i]
             oracle.check(body, req["user_id"], req["candidates"])
 
+        def served(version: int) -> int:
+            return sum(1 for _, v in list(versions) if v == version)
+
+        def failures() -> float:
+            text = httpx.get(server.url + "/metrics", timeout=5).text
+            return metric_value(text, "ranker_model_reloads_total", 'result="failure"')
+
         async def installer() -> None:
-            await asyncio.sleep(0.5)
+            # each step waits (bounded) until the watcher has acted on the previous one
+            await wait_for(lambda: served(1) >= 50, "v1 serving under load")
             install_version(pristine_models, model_repo, 2, source=2)
-            await asyncio.sleep(1.0)
+            await wait_for(lambda: served(2) >= 50, "v2 serving under load")
             # refused versions: the old one keeps serving
             install_version(pristine_models, model_repo, 3, source=2, corrupt="byte")
-            await asyncio.sleep(0.6)
+            await wait_for(lambda: failures() >= 1, "corrupt v3 refused")
+            n = served(2)
             install_version(pristine_models, model_repo, 4, source=2, corrupt="schema")
+            await wait_for(lambda: failures() >= 2, "mismatched v4 refused")
+            await wait_for(lambda: served(2) >= n + 50, "v2 still serving after the refusals")
 
+        done = asyncio.Event()
         load = asyncio.create_task(run_load(
-            server.url, post_json("/rank", body_of), total=20_000, concurrency=4,
-            duration_s=3.0, check=check))
-        await installer()
+            server.url, post_json("/rank", body_of), total=50_000, concurrency=4,
+            duration_s=60.0, check=check, stop=done))
+        try:
+            await installer()
+        finally:
+            done.set()
         result: LoadResult = await load
         info = httpx.get(server.url + "/model", timeout=2).json()
         metrics_text = httpx.get(server.url + "/metrics", timeout=2).text
