@@ -10,7 +10,6 @@ import torch
 from ranker.schema import FeatureSchema
 from training.data import Encoded, RawData, build_schema, encode_split, load_raw
 from training.spec import DatasetSpec, load_spec
-from training.synthetic import SyntheticConfig, write_dataset
 
 # one thread: the suite runs beside other jobs on 2 cores (see training/pipeline.py)
 torch.set_num_threads(1)
@@ -23,14 +22,6 @@ def _untracked() -> object:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RANKER_TRACK", "0")
         yield
-
-
-@pytest.fixture(scope="session")
-def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small synthetic dataset written by the real generator."""
-    out = tmp_path_factory.mktemp("synthetic")
-    write_dataset(SyntheticConfig.small(), out)
-    return out
 
 
 @pytest.fixture(scope="session")

@@ -10,10 +10,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import redis
 
 from ranker.servedlog import FeedbackEvent, feedback_stream, served_stream
@@ -28,13 +26,6 @@ from tests.service.servedlog.helpers import (
     xadd_feedback,
     xadd_served,
 )
-
-
-@pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(redis_url, socket_timeout=5.0)
-    yield c
-    c.close()
 
 
 def exporter_cmd(url: str, out: Path, *extra: str, entry: str = "launch.logs") -> list[str]:
