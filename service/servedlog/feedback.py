@@ -13,6 +13,7 @@ from service.pipeline import Serving
 from service.schemas import FeedbackAccepted, FeedbackRequest
 from service.servedlog.writer import ServedLog
 from service.settings import Settings
+from service.validation import check_count
 
 TS_MIN = 946_684_800.0  # 2000-01-01T00:00:00Z: earlier is a unit mistake, not an event
 TS_MAX_AHEAD_S = 86_400.0  # clock skew allowed into the future
@@ -22,15 +23,8 @@ MAX_DETAIL = 20  # errors named per answer (as for /rank's validation errors)
 def check_feedback(req: FeedbackRequest, settings: Settings, tasks: list[str],
                    now: float) -> list[FeedbackEvent]:
     """The events of a valid batch; InvalidRequest naming each bad field and its limit."""
-    n = len(req.events)
-    if n == 0:
-        raise InvalidRequest([{"field": "events", "message": "at least 1 event"}])
-    if n > settings.feedback_max_events:
-        raise InvalidRequest([{
-            "field": "events",
-            "message": f"at most {settings.feedback_max_events} events (got {n}); "
-                       "send them in smaller batches (feedback_max_events)",
-        }])
+    check_count("events", len(req.events), settings.feedback_max_events, "event",
+                "; send them in smaller batches (feedback_max_events)")
     allowed = frozenset(tasks)
     ts_max = now + TS_MAX_AHEAD_S
     detail: Detail = []
