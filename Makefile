@@ -87,9 +87,9 @@ test-lowest: | $(UV)
 	$(PYTHON) -m venv $(LOWEST)
 	$(UV) pip compile pyproject.toml --all-extras --resolution lowest-direct \
 	  --python $(LOWEST)/bin/python $(UV_SOURCES) --no-header -q -o $(LOWEST)/requirements.txt
-	$(BIN)/python requirements/check_floors.py $(LOWEST)/requirements.txt
 	$(UV) pip install -q --python $(LOWEST)/bin/python $(UV_SOURCES) \
 	  -r $(LOWEST)/requirements.txt
+	$(LOWEST)/bin/python requirements/check_floors.py $(LOWEST)/requirements.txt
 	$(UV) pip install -q --python $(LOWEST)/bin/python $(UV_SOURCES) --no-deps -e .
 	PATH="$(abspath $(LOWEST))/bin:$$PATH" VIRTUAL_ENV="$(abspath $(LOWEST))" \
 	  $(LOWEST)/bin/python -m pytest $(PYTEST_ARGS)
