@@ -20,7 +20,7 @@ RUN python -m venv /opt/venv \
  && useradd --system --uid 10001 --gid ranker --home-dir /app --shell /usr/sbin/nologin ranker
 WORKDIR /app
 
-# ---- deps: the service's dependencies only (base install = no extras = no torch) ---------------
+# ---- deps: the service's dependencies only (base install = no extras: no torch, no redis-server) --
 # Copy only what pip needs to build the package (README.md is not: the image needs no long
 # description, and the build only warns without it). The versions are the lock's
 # (requirements/service.txt, `make lock`); the project itself is installed without resolving.
@@ -28,6 +28,7 @@ FROM base AS deps
 COPY pyproject.toml ./
 COPY requirements ./requirements
 COPY ranker ./ranker
+COPY launch ./launch
 COPY service ./service
 COPY training ./training
 COPY bench ./bench

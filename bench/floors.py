@@ -6,6 +6,7 @@
   session options (`service.registry.make_session`).
 - knobs: threads and graph optimisation level of the session, user-once (U=1) vs tiled user
   rows (U=N) through the same graph with the max abs difference, JSON encoders and top_k.
+- stages alone: each public stage method of the service's `RankingPipeline`.
 
 Every timing is the median of many repeats after warm-up, bounded by count and by time.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,27 @@ def time_calls(fn: Callable[[int], Any], repeats: int = 200, max_s: float = 2.0,
         times.append(time.perf_counter() - t0)
         if time.perf_counter() > deadline and len(times) >= 5:
             break
+    return stats(times)
+
+
+async def time_awaits(fn: Callable[[int], Awaitable[Any]], repeats: int = 200, max_s: float = 2.0,
+                      warmup: int = 5) -> dict[str, float]:
+    """`time_calls` for a coroutine function, awaited one call at a time on the running loop."""
+    for i in range(warmup):
+        await fn(i)
+    times = []
+    deadline = time.perf_counter() + min(max_s, BUDGET_S)
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        await fn(i)
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() > deadline and len(times) >= 5:
+            break
+    return stats(times)
+
+
+def stats(times: list[float]) -> dict[str, float]:
+    """Median/p99/mean (ms) and count of durations in seconds."""
     ms = np.asarray(times) * 1e3
     return {"p50_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99)),
             "mean_ms": float(ms.mean()), "n": int(ms.size)}
@@ -57,11 +79,12 @@ def time_calls(fn: Callable[[int], Any], repeats: int = 200, max_s: float = 2.0,
 
 def store_keys(schema: FeatureSchema, load_id: str, user_id: str, item_ids: list[str],
                prefix: str = DEFAULT_PREFIX) -> list[str]:
-    """The keys the service's single MGET asks for: pointer, user record, item records."""
+    """The keys the service's single MGET asks for: pointers, user record, item records."""
     v = schema.version
     user = record_key_prefix(prefix, v, load_id, "user") + user_id
     item = record_key_prefix(prefix, v, load_id, "item")
-    return [pointer_key(prefix, v), user, *[item + i for i in item_ids]]
+    pointers = [pointer_key(prefix, v, "user"), pointer_key(prefix, v, "item")]
+    return [*pointers, user, *[item + i for i in item_ids]]
 
 
 def mget_floor(url: str, key_lists: list[list[str]], repeats: int = 300) -> dict[str, float]:
@@ -96,39 +119,6 @@ def fetch_inputs(url: str, schema: FeatureSchema, requests: list[dict[str, Any]]
             await client.aclose()
 
     return asyncio.run(go())
-
-
-def reader_fetch_time(url: str, schema: FeatureSchema, requests: list[dict[str, Any]],
-                      repeats: int = 300, max_s: float = 2.0) -> dict[str, float]:
-    """The service's own reader (redis.asyncio, one MGET + decode) timed alone, p50 etc."""
-    from service.featurestore.reader import FeatureStore, make_client
-
-    async def go() -> list[float]:
-        client = make_client(url, socket_timeout_s=5.0, connect_timeout_s=5.0)
-        store = FeatureStore(client, schema)
-        times: list[float] = []
-        try:
-            deadline = time.perf_counter() + min(max_s, BUDGET_S)
-            for i in range(repeats + 5):
-                r = requests[i % len(requests)]
-                t0 = time.perf_counter()
-                await store.fetch(r["user_id"], r["candidates"])
-                if i >= 5:  # the first calls connect and find the load
-                    times.append(time.perf_counter() - t0)
-                if time.perf_counter() > deadline and len(times) >= 5:
-                    break
-        finally:
-            await client.aclose()
-        return times
-
-    try:  # the loop the service runs on (uvicorn picks uvloop when installed)
-        import uvloop
-
-        ms = np.asarray(uvloop.run(go())) * 1e3
-    except ImportError:
-        ms = np.asarray(asyncio.run(go())) * 1e3
-    return {"p50_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99)),
-            "mean_ms": float(ms.mean()), "n": int(ms.size)}
 
 
 def make_session(model_path: Path, intra: int = 1, inter: int = 1,
@@ -221,48 +211,75 @@ def parse_time(bodies: list[bytes]) -> dict[str, float]:
 
 def stages_in_process(url: str, model: Any, requests: list[dict[str, Any]],
                       bodies: list[bytes]) -> dict[str, dict[str, float]]:
-    """Each /rank stage alone, with the service's own functions, on the request mix."""
-    from types import SimpleNamespace
+    """Each /rank stage alone: the ranking pipeline's own public methods on the request mix.
 
-    from service.featurestore.reader import FeatureStore
-    from service.ranking import combine, rank_order
-    from service.routes.rank import build_body
+    The pipeline has the default settings (those of `ranker serve`), a feature store on `url`
+    and the model timed as the service's warm-up times it, so `infer` runs inline or on the
+    executor exactly as in the service. `parse` (body -> RankRequest) is FastAPI's, before the
+    pipeline. Async stages run on the loop the service runs on (uvloop when installed).
+    """
+    import dataclasses
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.featurestore.reader import FeatureStore, make_client
+    from service.pipeline import RankingPipeline, Serving
+    from service.registry import time_runs
     from service.schemas import RankRequest
+    from service.settings import Settings
 
-    store = FeatureStore(None, model.schema)  # type: ignore[arg-type]  # decode needs no client
-    client = redis.Redis.from_url(url)
-    try:
-        load_id = client.get(pointer_key(DEFAULT_PREFIX, model.schema.version))
-        if load_id is None:
-            raise RuntimeError("no feature load in Redis for the model's schema")
-        lid = load_id.decode() if isinstance(load_id, bytes) else str(load_id)
-        keys = [store_keys(model.schema, lid, r["user_id"], r["candidates"])[1:]
-                for r in requests]
-        raw: list[list[Any]] = [list(client.mget(k)) for k in keys]
-    finally:
-        client.close()
+    settings = Settings()
+    if model.timing is None:
+        timing = time_runs(model, max(settings.warmup_batch_sizes))
+        model = dataclasses.replace(model, timing=timing)
     reqs = [RankRequest.model_validate_json(b) for b in bodies]
-    inputs = [{**store._decode(v[0], v[1:]).inputs, **model.context_inputs(r.context)}
-              for v, r in zip(raw, reqs, strict=True)]
-    outs = [model.run(x) for x in inputs[:20]]
-    w = np.ones(len(model.tasks))
-    serving = SimpleNamespace(model=model)
-    feats = SimpleNamespace(user_defaulted=0, items_defaulted=0, stale=0, degraded_reason=None)
 
-    def serialise(i: int) -> bytes:
-        scores = outs[i % len(outs)][0]
-        final = combine(scores, w)
-        order = rank_order(final)
-        req = reqs[i % len(outs)]
-        body = build_body(req, serving, "x" * 32, dict.fromkeys(model.tasks, 1.0),  # type: ignore[arg-type]
-                          "weighted_sum", scores, final, order, None, feats)  # type: ignore[arg-type]
-        return orjson.dumps(body)
+    async def go() -> dict[str, dict[str, float]]:
+        client = make_client(url, socket_timeout_s=5.0, connect_timeout_s=5.0)
+        executor = ThreadPoolExecutor(settings.inference_workers, thread_name_prefix="infer")
+        pipeline = RankingPipeline(settings, executor)
+        serving = pipeline.serving = Serving(model, FeatureStore(client, model.schema))
+        loop = asyncio.get_running_loop()
 
-    return {
-        "parse": time_calls(lambda i: RankRequest.model_validate_json(bodies[i % len(bodies)])),
-        "fetch": reader_fetch_time(url, model.schema, requests),
-        "decode": time_calls(lambda i: store._decode(raw[i % len(raw)][0], raw[i % len(raw)][1:])),
-        "inference": time_calls(lambda i: model.run(inputs[i % len(inputs)])),
-        "combine": time_calls(lambda i: rank_order(combine(outs[i % len(outs)][0], w))),
-        "serialize": time_calls(serialise),
-    }
+        def far() -> float:  # a deadline (event-loop clock) no stage here comes near
+            return loop.time() + 60.0
+
+        def req(i: int) -> Any:
+            return reqs[i % len(reqs)]
+
+        try:
+            scorings = [pipeline.validate(model, r) for r in reqs]
+            feats = [await pipeline.fetch(serving, r, far()) for r in reqs]
+            inputs = [pipeline.decode(model, r, f) for r, f in zip(reqs, feats, strict=True)]
+            k = min(20, len(reqs))
+            outs = [await pipeline.infer(model, inputs[i], len(reqs[i].candidates), far())
+                    for i in range(k)]
+            ranked = [pipeline.combine(model, scorings[i], *outs[i], reqs[i].top_k)
+                      for i in range(k)]
+            return {
+                "parse": time_calls(
+                    lambda i: RankRequest.model_validate_json(bodies[i % len(bodies)])),
+                "validate": time_calls(lambda i: pipeline.validate(model, req(i))),
+                "fetch": await time_awaits(
+                    lambda i: pipeline.fetch(serving, req(i), far()), repeats=300),
+                "decode": time_calls(
+                    lambda i: pipeline.decode(model, req(i), feats[i % len(feats)])),
+                "inference": await time_awaits(
+                    lambda i: pipeline.infer(model, inputs[i % len(inputs)],
+                                             len(req(i).candidates), far())),
+                "combine": time_calls(
+                    lambda i: pipeline.combine(model, scorings[i % k], *outs[i % k],
+                                               reqs[i % k].top_k)),
+                "serialize": time_calls(
+                    lambda i: pipeline.encode(reqs[i % k], model, "x" * 32, scorings[i % k],
+                                              ranked[i % k], feats[i % k])),
+            }
+        finally:
+            executor.shutdown(wait=True)
+            await client.aclose()
+
+    try:  # the loop the service runs on (uvicorn picks uvloop when installed)
+        import uvloop
+
+        return uvloop.run(go())
+    except ImportError:
+        return asyncio.run(go())

@@ -1,41 +1,21 @@
 """Child processes of a benchmark run: started in their own process group, always stopped.
 
-Every process the bench starts goes through `Processes`, which stops them all (SIGTERM to the
-child's own group, then SIGKILL) on normal exit, on an exception and on Ctrl-C; children also
+Every process the bench starts goes through `Processes`, which stops them all (SIGTERM, then
+SIGKILL of the child's own group) on normal exit, on an exception and on Ctrl-C; children also
 get SIGKILL from the kernel if the bench process dies (PR_SET_PDEATHSIG), so nothing outlives it.
+Starting, waiting and stopping are `launch.procs`; this module adds the run's bookkeeping.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from types import TracebackType
 
-HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    """A loopback TCP port nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def _child_setup() -> None:
-    # Before exec in the child: die with the parent (Linux), and lead a new process group so
-    # uvicorn's worker processes are stopped with it.
-    os.setpgrp()
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+from launch import procs
+from launch.procs import HOST
 
 
 class Processes:
@@ -50,31 +30,16 @@ class Processes:
     def start(
         self, name: str, cmd: list[str], env: dict[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
-        """Start `cmd` with stdout/stderr to `<log_dir>/<name>.log`."""
-        log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the child
-        proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})}, preexec_fn=_child_setup,
-        )
-        log.close()  # the child holds its own descriptor
+        """Start `cmd` with stdout/stderr to `<log_dir>/<name>.log`, leading its own group."""
+        proc = procs.spawn(cmd, env=env, log=self.log_dir / f"{name}.log", new_group=True)
         self.children.append((name, proc))
         self.started.append({"name": name, "pid": proc.pid})
         return proc
 
     def stop(self, proc: subprocess.Popen[bytes], timeout_s: float = 5.0) -> None:
-        """SIGTERM the child's process group, SIGKILL it after `timeout_s`."""
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=timeout_s)
-        # uvicorn workers may linger a moment after their parent: reap the group too
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        """SIGTERM the child, SIGKILL its process group after `timeout_s` (and reap the group:
+        uvicorn workers may linger a moment after their parent)."""
+        procs.stop(proc, timeout_s, group=True)
         self.children = [(n, p) for n, p in self.children if p is not proc]
 
     def stop_all(self) -> None:
@@ -82,10 +47,7 @@ class Processes:
             self.stop(proc)
 
     def log_tail(self, name: str, n: int = 20) -> str:
-        path = self.log_dir / f"{name}.log"
-        if not path.exists():
-            return ""
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+        return procs.tail(self.log_dir / f"{name}.log", n)
 
     def __enter__(self) -> Processes:
         return self
@@ -115,21 +77,3 @@ def uvicorn_cmd(app: str, port: int, workers: int = 1, factory: bool = False) ->
     cmd = [sys.executable, "-m", "uvicorn", app, "--host", HOST, "--port", str(port),
            "--workers", str(workers), "--no-access-log", "--log-level", "warning"]
     return [*cmd, "--factory"] if factory else cmd
-
-
-def wait_http(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
-    """Poll GET `url` until it answers 200; fail fast if the process exits."""
-    deadline = time.monotonic() + timeout_s
-    last = ""
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before {url} answered")
-        try:
-            with urllib.request.urlopen(url, timeout=1.0) as resp:
-                if resp.status == 200:
-                    return
-                last = str(resp.status)
-        except (urllib.error.URLError, OSError) as e:
-            last = str(e)
-        time.sleep(0.1)
-    raise TimeoutError(f"{url} not ready after {timeout_s}s ({last})")

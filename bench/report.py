@@ -10,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-STAGE_ORDER = ("validate", "fetch", "decode", "inference", "combine", "serialize")
+STAGE_ORDER = ("validate", "fetch", "decode", "inference", "combine", "rerank", "serialize")
 
 
 def machine() -> dict[str, Any]:
@@ -36,7 +36,7 @@ def machine() -> dict[str, Any]:
 
 
 def _redis_server_version() -> str:
-    from service.featurestore.embedded import find_binary
+    from launch.local_redis import find_binary
 
     try:
         out = subprocess.run([find_binary(), "--version"], capture_output=True, text=True,

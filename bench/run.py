@@ -32,7 +32,8 @@ from typing import Any
 import redis
 
 from bench import data, floors
-from bench.procs import HOST, Processes, cpu_seconds, free_port, uvicorn_cmd, wait_http
+from bench.procs import Processes, cpu_seconds, uvicorn_cmd
+from launch.procs import HOST, free_port, wait_http
 from ranker.manifest import MODEL_FILE, load_manifest, load_schema
 from ranker.schema import FeatureSchema
 
@@ -163,7 +164,7 @@ def server(env: Env, system: str, workers: int, extra_env: dict[str, str] | None
         ready = "/healthz"
         penv = {"NAIVE_MODEL_DIR": str(env.version_dir), "NAIVE_REDIS_URL": env.redis_url}
     else:
-        cmd = [sys.executable, "-m", "ranker.cli", "serve", "--host", HOST, "--port", str(port),
+        cmd = [sys.executable, "-m", "launch.cli", "serve", "--host", HOST, "--port", str(port),
                "--workers", str(workers), "--model-repo", str(env.version_dir.parents[1]),
                "--model-name", env.version_dir.parent.name, "--redis-url", env.redis_url,
                "--watch-interval", "0", "--log-level", "warning"]
@@ -173,7 +174,7 @@ def server(env: Env, system: str, workers: int, extra_env: dict[str, str] | None
         penv = ({"PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(dir=env.workdir, prefix="prom-")}
                 if workers > 1 else {})
     proc = env.procs.start(name, cmd, {**penv, **(extra_env or {})})
-    env.server_pgid = proc.pid  # the child leads its own process group (procs._child_setup)
+    env.server_pgid = proc.pid  # the child leads its own process group (Processes.start)
     base = f"http://{HOST}:{port}"
     try:
         wait_http(base + ready, proc, timeout_s=120)
@@ -352,7 +353,7 @@ def eager_check(version_dir: Path, batches: list[dict[str, Any]]) -> dict[str, f
 
 def run_all(args: argparse.Namespace, plan: Plan, workdir: Path) -> dict[str, Any]:
     """Set up, measure everything, tear down; the raw results."""
-    from service.featurestore.embedded import RedisServer
+    from launch.local_redis import RedisServer
     from service.featurestore.writer import load_tables as store_load
 
     t_start = time.perf_counter()

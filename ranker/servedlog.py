@@ -11,18 +11,26 @@ Transport: two Redis streams per feature-store prefix (capped by the writer)::
     {prefix}:log:served     one entry per logged /rank response      (encode_served)
     {prefix}:log:feedback   one entry per feedback event              (encode_feedback)
 
-Exported Parquet (the exporter writes one file per stream batch and hour):
+Exported Parquet (the exporter writes one file per stream batch, hour and record schema)::
+
+    DIR/impressions/hour=YYYY-MM-DDTHH/part-<first stream id>-<last stream id>.parquet
+    DIR/feedback/hour=YYYY-MM-DDTHH/part-<first stream id>-<last stream id>.parquet
 
 - impressions: one row per served item: `IMPRESSION_COLUMNS`, then `score_<task>` per task,
   then `in_<input name>` per model input, a fixed-size list of the input's row for that item
   (user and context inputs are served once per request and repeated on each of its rows);
 - feedback: one row per event: `FEEDBACK_COLUMNS`.
+
+The hour is the record's `ts` in UTC (`hour_partition`); docs/closing-the-loop.md has the rest.
 """
 
 from __future__ import annotations
 
+import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,6 +46,11 @@ IMPRESSION_COLUMNS = (
 FEEDBACK_COLUMNS = (STREAM_ID, "ts", "request_id", "item_id", "event")
 INPUT_PREFIX = "in_"
 SCORE_PREFIX = "score_"
+MAX_TS = 2.0**33  # unix seconds, the year 2242: a larger ts is a corrupt record
+IMPRESSIONS_DIR, FEEDBACK_DIR = "impressions", "feedback"
+PART_FILES = "hour=*/part-*.parquet"  # a kind's committed files, as a glob under its directory
+_PART = re.compile(r"^part-(\d+)-(\d+)-(\d+)-(\d+)\.parquet$")
+StreamId = tuple[int, int]
 
 
 class LogFormatError(ValueError):
@@ -52,6 +65,36 @@ def served_stream(prefix: str) -> str:
 def feedback_stream(prefix: str) -> str:
     """The stream of feedback events under a feature-store key prefix."""
     return f"{prefix}:log:feedback"
+
+
+def parse_stream_id(sid: str) -> StreamId:
+    """A stream id "1700000000000-3" as (milliseconds, sequence), which sorts as Redis does."""
+    ms, _, seq = sid.partition("-")
+    return int(ms), int(seq)
+
+
+def hour_partition(ts: float) -> str:
+    """The partition directory of a unix time: "hour=2026-12-01T09" (UTC)."""
+    return "hour=" + time.strftime("%Y-%m-%dT%H", time.gmtime(ts))
+
+
+def part_name(first: str, last: str) -> str:
+    """The file of one batch's entries first..last (stream ids) in one partition."""
+    return f"part-{first}-{last}.parquet"
+
+
+def part_range(name: str) -> tuple[StreamId, StreamId] | None:
+    """The stream id range a file name gives, or None for a name that is not a part file."""
+    m = _PART.match(name)
+    if m is None:
+        return None
+    a, b, x, y = map(int, m.groups())
+    return (a, b), (x, y)
+
+
+def part_files(kind_dir: Path) -> list[Path]:
+    """The committed files under `DIR/impressions` or `DIR/feedback`, in partition order."""
+    return sorted(Path(kind_dir).glob(PART_FILES))
 
 
 @dataclass(frozen=True)
@@ -111,19 +154,36 @@ def _field(fields: Mapping[bytes, bytes], name: bytes) -> bytes:
     try:
         return fields[name]
     except KeyError:
-        raise LogFormatError(f"served record has no field {name.decode()!r}") from None
+        raise LogFormatError(f"entry has no field {name.decode()!r}") from None
 
 
-def decode_served(fields: Mapping[bytes, bytes]) -> ServedRecord:
-    """The record `encode_served` wrote; LogFormatError for anything else."""
+def _meta(fields: Mapping[bytes, bytes], what: str) -> dict[str, Any]:
+    """The JSON metadata of an entry, checked to be of this format."""
     try:
         meta = orjson.loads(_field(fields, b"meta"))
     except orjson.JSONDecodeError as e:
-        raise LogFormatError(f"served record meta is not JSON: {e}") from None
-    if meta.get("v") != FORMAT:
-        raise LogFormatError(f"served record format {meta.get('v')!r}, expected {FORMAT}")
+        raise LogFormatError(f"{what} meta is not JSON: {e}") from None
+    if not isinstance(meta, dict) or meta.get("v") != FORMAT:
+        version = meta.get("v") if isinstance(meta, dict) else None
+        raise LogFormatError(f"{what} format {version!r}, expected {FORMAT}")
+    return meta
+
+
+def decode_served(fields: Mapping[bytes, bytes]) -> ServedRecord:
+    """The record `encode_served` wrote; LogFormatError for anything else, whatever the bytes."""
+    try:
+        return _decode_served(fields)
+    except LogFormatError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # JSON of another shape
+        raise LogFormatError(f"served record: {type(e).__name__}: {e}") from None
+
+
+def _decode_served(fields: Mapping[bytes, bytes]) -> ServedRecord:
+    meta = _meta(fields, "served record")
     items = list(meta["items"])
     tasks = tuple(meta["tasks"])
+    _check_types(meta, items, tasks)
     k, t = len(items), len(tasks)
     scores = np.frombuffer(_field(fields, b"scores"), dtype="<f4")
     final = np.frombuffer(_field(fields, b"final"), dtype="<f8")
@@ -132,18 +192,35 @@ def decode_served(fields: Mapping[bytes, bytes]) -> ServedRecord:
                              f"{final.size} final scores")
     inputs = {}
     for name, (dtype, shape) in meta["inputs"].items():
+        if np.dtype(dtype).kind not in "biuf":
+            raise LogFormatError(f"input {name}: dtype {dtype!r} is not numeric")
         arr = np.frombuffer(_field(fields, f"{INPUT_PREFIX}{name}".encode()), dtype=dtype)
         if arr.size != int(np.prod(shape)):
             raise LogFormatError(f"input {name}: {arr.size} values for shape {shape}")
+        if len(shape) != 2 or shape[0] not in (1, k):
+            raise LogFormatError(f"input {name}: shape {shape}, expected ({k} or 1, width)")
         inputs[name] = arr.reshape(shape)
     name, version = meta["model"]
     return ServedRecord(
-        ts=float(meta["ts"]), request_id=meta["request_id"], user_id=meta["user_id"],
+        ts=_unix_time(meta["ts"]), request_id=meta["request_id"], user_id=meta["user_id"],
         model_name=name, model_version=int(version), scoring=meta["scoring"],
         weights=meta["weights"], context=meta["context"], tasks=tasks, item_ids=items,
         scores=scores.reshape(k, t), final=final, inputs=inputs,
         experiment=meta.get("experiment"), arm=meta.get("arm"),
     )
+
+
+def _check_types(meta: dict[str, Any], items: list[Any], tasks: tuple[Any, ...]) -> None:
+    """The JSON values a table column is built from have the types of their columns."""
+    strings = [meta["request_id"], meta["user_id"], meta["scoring"], meta["model"][0],
+               *items, *tasks]
+    if not all(isinstance(v, str) for v in strings):
+        raise LogFormatError("served record: ids, scoring, model name and tasks must be strings")
+    if not isinstance(meta["weights"], dict) or not isinstance(meta["context"], dict):
+        raise LogFormatError("served record: weights and context must be objects")
+    for key in ("experiment", "arm"):
+        if not isinstance(meta.get(key), str | None):
+            raise LogFormatError(f"served record: {key} must be a string or null")
 
 
 def encode_feedback(ev: FeedbackEvent) -> dict[bytes, bytes]:
@@ -153,15 +230,32 @@ def encode_feedback(ev: FeedbackEvent) -> dict[bytes, bytes]:
 
 
 def decode_feedback(fields: Mapping[bytes, bytes]) -> FeedbackEvent:
-    """The event `encode_feedback` wrote; LogFormatError for anything else."""
+    """The event `encode_feedback` wrote; LogFormatError for anything else, whatever the bytes."""
     try:
-        meta = orjson.loads(_field(fields, b"meta"))
-    except orjson.JSONDecodeError as e:
-        raise LogFormatError(f"feedback meta is not JSON: {e}") from None
-    if meta.get("v") != FORMAT:
-        raise LogFormatError(f"feedback format {meta.get('v')!r}, expected {FORMAT}")
+        return _decode_feedback(fields)
+    except LogFormatError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise LogFormatError(f"feedback event: {type(e).__name__}: {e}") from None
+
+
+def _decode_feedback(fields: Mapping[bytes, bytes]) -> FeedbackEvent:
+    meta = _meta(fields, "feedback")
     return FeedbackEvent(str(meta["request_id"]), str(meta["item_id"]), str(meta["event"]),
-                         float(meta["ts"]))
+                         _unix_time(meta["ts"]))
+
+
+def _unix_time(value: Any) -> float:
+    """A record's time: finite unix seconds between 1970 and MAX_TS (it names an hour partition)."""
+    ts = float(value)
+    if not 0.0 <= ts < MAX_TS:  # also false for NaN
+        raise LogFormatError(f"ts {value!r} is not a unix time in [0, {MAX_TS:.0f})")
+    return ts
+
+
+def schema_key(rec: ServedRecord) -> tuple[Any, ...]:
+    """What must be equal for records to share an impressions table: tasks, inputs and widths."""
+    return (rec.tasks, tuple((n, a.dtype.str, a.shape[1]) for n, a in rec.inputs.items()))
 
 
 def impressions_table(records: Sequence[tuple[str, ServedRecord]]) -> pa.Table:
@@ -170,13 +264,14 @@ def impressions_table(records: Sequence[tuple[str, ServedRecord]]) -> pa.Table:
         return pa.table({c: [] for c in IMPRESSION_COLUMNS})
     tasks = records[0][1].tasks
     names = list(records[0][1].inputs)
+    key = schema_key(records[0][1])
     cols: dict[str, list[Any]] = {c: [] for c in IMPRESSION_COLUMNS}
     per_task: dict[str, list[np.ndarray]] = {t: [] for t in tasks}
     per_input: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for sid, rec in records:
-        if rec.tasks != tasks or list(rec.inputs) != names:
-            raise LogFormatError(f"{sid}: tasks/inputs {rec.tasks}/{list(rec.inputs)} differ "
-                                 f"from the batch's {tasks}/{names}")
+        if schema_key(rec) != key:
+            raise LogFormatError(f"{sid}: tasks/inputs {schema_key(rec)} differ "
+                                 f"from the batch's {key}")
         k = len(rec.item_ids)
         cols[STREAM_ID] += [sid] * k
         cols["ts"] += [rec.ts] * k

@@ -10,6 +10,7 @@ from the request.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,7 @@ CANDIDATE_BUCKETS = (1, 10, 25, 50, 100, 200, 300, 500, 750, 1000, 2000, 5000)
 # probabilities of rare tasks (shares) sit far below 0.1, so the low end is fine-grained
 SCORE_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)
 
-STAGES = ("validate", "fetch", "decode", "inference", "combine", "serialize")
+STAGES = ("validate", "fetch", "decode", "inference", "combine", "rerank", "serialize")
 
 REQUESTS = Counter("ranker_requests", "HTTP requests by route template and status",
                    ["route", "status"])
@@ -54,6 +55,8 @@ DEGRADED = Counter("ranker_degraded_responses", "Responses ranked with default f
                    ["reason"])
 MODEL_INFO = Gauge("ranker_model_info", "1 for the model version being served",
                    ["name", "version"], multiprocess_mode="livemax")
+MODEL_FALLBACK = Gauge("ranker_model_fallback", "1 while an older model version serves because "
+                       "every newer one was refused", multiprocess_mode="livemax")
 MODEL_RELOADS = Counter("ranker_model_reloads", "Model version loads by result", ["result"])
 REJECTED = Counter("ranker_rejected_requests", "Requests refused before ranking", ["reason"])
 INFERENCE_RUNS = Counter("ranker_inference_runs", "Batched inference calls by where they ran "
@@ -63,9 +66,41 @@ INFERENCE_RUNS_EXECUTOR = INFERENCE_RUNS.labels("executor")
 INFLIGHT = Gauge("ranker_inflight_requests", "Requests being processed",
                  multiprocess_mode="livesum")
 
+RERANK_APPLIED = Counter("ranker_rerank_rules_applied", "Requests in which a re-rank rule changed "
+                         "something, by rule (service.rerank.RULES)", ["rule"])
+_RERANK_CHILDREN: dict[str, Any] = {}
+
+
+def count_rerank(rules: list[str]) -> None:
+    """One increment per re-rank rule that changed this request's list (children cached)."""
+    for rule in rules:
+        child = _RERANK_CHILDREN.get(rule)
+        if child is None:
+            child = _RERANK_CHILDREN[rule] = RERANK_APPLIED.labels(rule)
+        child.inc()
+
+
+RERANK_RELOADS = Counter("ranker_rerank_rules_reloads", "Loads of the re-rank rules file by result",
+                         ["result"])
+
 
 # label children looked up once, not per observation on the hot path
 STAGE = {s: STAGE_DURATION.labels(s) for s in STAGES}
+
+
+class StageTimer:
+    """Observes the time since the previous lap as one /rank stage: the one place stage
+    durations are taken (perf_counter; deadlines are on the event loop's clock)."""
+
+    __slots__ = ("_last",)
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        STAGE[stage].observe(now - self._last)
+        self._last = now
 
 
 def observe_scores(tasks: list[str], scores: np.ndarray, positions: np.ndarray) -> None:

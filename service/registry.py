@@ -8,9 +8,12 @@ alive until the last request holding it finishes (plain reference counting).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,7 @@ from ranker.manifest import (
     verify_files,
     version_dir,
 )
-from ranker.schema import FeatureSchema
+from ranker.schema import DenseFeature, FeatureSchema
 
 log = logging.getLogger("ranker.registry")
 
@@ -36,12 +39,26 @@ ORT_DTYPES = {"int64": "tensor(int64)", "float32": "tensor(float)"}
 NP_DTYPES = {"int64": np.int64, "float32": np.float32}
 
 
+# the checks a version must pass, in order; a refusal names the one it failed (public answers
+# show only this name, never the detail, which carries filesystem paths)
+CHECKS = ("manifest", "files", "onnx", "signature", "golden", "warmup", "identity")
+PIN_FILE = "PINNED"  # models/<name>/PINNED: the version every worker serves, one line
+
+
 class ModelLoadError(Exception):
-    """A model version that failed a check; the message says which and why."""
+    """A model version that failed a check; `check` names which, the message says why."""
+
+    def __init__(self, message: str, check: str = "load") -> None:
+        super().__init__(message)
+        self.check = check
 
 
 class NoModelError(ModelLoadError):
     """The repository holds no complete version of the configured model."""
+
+
+class PinFileError(ValueError):
+    """The pin file exists but does not hold a version number."""
 
 
 @dataclass
@@ -92,6 +109,12 @@ class LoadedModel:
         size, seconds = self.timing
         return seconds * max(n, 1) / size
 
+    @cached_property
+    def dense_context(self) -> dict[str, DenseFeature]:
+        """The model's dense context features by name (their request values must be numbers)."""
+        group = self.schema.group("context")
+        return {f.name: f for f in group.dense} if group is not None else {}
+
     def context_inputs(self, context: dict[str, Any] | None) -> dict[str, np.ndarray]:
         """The request's context features as batch-1 inputs (`FeatureSchema.context_inputs`)."""
         return self.schema.context_inputs(context)
@@ -115,14 +138,15 @@ def check_signature(session: ort.InferenceSession, manifest: Manifest) -> None:
     got_in = [(i.name, i.type) for i in session.get_inputs()]
     want_in = [(s.name, ORT_DTYPES.get(s.dtype, s.dtype)) for s in manifest.inputs]
     if got_in != want_in:
-        raise ModelLoadError(f"graph inputs {got_in} != manifest inputs {want_in}")
+        raise ModelLoadError(f"graph inputs {got_in} != manifest inputs {want_in}", "signature")
     got_out = {o.name for o in session.get_outputs()}
     want_out = {o.name for o in manifest.outputs}
     if got_out != want_out:
-        raise ModelLoadError(f"graph outputs {sorted(got_out)} != manifest {sorted(want_out)}")
+        raise ModelLoadError(f"graph outputs {sorted(got_out)} != manifest {sorted(want_out)}",
+                             "signature")
     missing = [t for t in manifest.tasks if t not in got_out]
     if missing:
-        raise ModelLoadError(f"tasks without an output: {missing}")
+        raise ModelLoadError(f"tasks without an output: {missing}", "signature")
 
 
 def check_golden(session: ort.InferenceSession, manifest: Manifest) -> float:
@@ -133,13 +157,14 @@ def check_golden(session: ort.InferenceSession, manifest: Manifest) -> float:
         names = list(manifest.golden.outputs)
         got = session.run(names, inputs)
     except Exception as e:  # onnxruntime raises several types for bad feeds
-        raise ModelLoadError(f"golden sample does not run: {e}") from e
+        raise ModelLoadError(f"golden sample does not run: {e}", "golden") from e
     worst = 0.0
     for name, out in zip(names, got, strict=True):
         want = np.asarray(manifest.golden.outputs[name], dtype=np.float64)
         err = float(np.max(np.abs(out - want))) if want.size else 0.0
         if not err <= manifest.golden.atol:  # also catches NaN
-            raise ModelLoadError(f"golden output {name!r} off by {err} > {manifest.golden.atol}")
+            raise ModelLoadError(f"golden output {name!r} off by {err} > {manifest.golden.atol}",
+                                 "golden")
         worst = max(worst, err)
     return worst
 
@@ -153,25 +178,45 @@ def load_version(
 ) -> LoadedModel:
     """Load and check one version directory, or raise ModelLoadError saying what is wrong."""
     t0 = time.perf_counter()
+    check = "manifest"
     try:
         manifest = load_manifest(path)
+        check = "files"
         verify_files(path, manifest)
+        check = "manifest"
         schema = load_schema(path, manifest)
     except (ManifestError, OSError, ValueError) as e:
-        raise ModelLoadError(str(e)) from e
+        raise ModelLoadError(str(e), check) from e
     try:
         session = make_session(path / MODEL_FILE, intra_op, inter_op)
     except Exception as e:
-        raise ModelLoadError(f"{path}: onnxruntime cannot load the model: {e}") from e
+        raise ModelLoadError(f"{path}: onnxruntime cannot load the model: {e}", "onnx") from e
     check_signature(session, manifest)
     check_golden(session, manifest)
     model = LoadedModel(manifest, schema, session, Path(path))
-    for n in warmup_sizes:  # first runs allocate arenas and pick kernels: keep that off requests
-        model.run(model.synthetic_inputs(n))
-    if warmup_sizes:
-        model.timing = time_runs(model, max(warmup_sizes))
+    warm_up(model, warmup_sizes)
     model.load_seconds = time.perf_counter() - t0
     return model
+
+
+def warm_up(model: LoadedModel, sizes: tuple[int, ...]) -> None:
+    """Run every warm-up size once, then time the largest; a failure refuses the version.
+
+    First runs allocate arenas and pick kernels: that is kept off requests. A graph can pass
+    the golden sample (a few candidates) and still fail at a larger batch (a frozen shape, an
+    op out of bounds, memory): onnxruntime raises several exception types for that, all of
+    them a refusal here, never an error that escapes the reload.
+    """
+    n = 0
+    try:
+        for n in sizes:
+            model.run(model.synthetic_inputs(n))
+        if sizes:
+            n = max(sizes)
+            model.timing = time_runs(model, n)
+    except Exception as e:  # onnxruntime's Fail/InvalidArgument/RuntimeException, MemoryError
+        raise ModelLoadError(f"warm-up at {n} candidates failed: {type(e).__name__}: {e}",
+                             "warmup") from e
 
 
 def time_runs(model: LoadedModel, n: int, repeats: int = 5) -> tuple[int, float]:
@@ -196,15 +241,69 @@ def dir_state(path: Path) -> tuple:
 
 @dataclass
 class ReloadResult:
-    """What a reload did: "success", "unchanged" or "failure", and for which version."""
+    """What a reload did: "success", "unchanged", "failure" or "pinned", for which version.
+
+    `check` names the check a refused version failed ("" otherwise).
+    """
 
     result: str
     version: int | None
     detail: str = ""
+    check: str = ""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A refused version: the check it failed, why, and the state of its files then."""
+
+    check: str
+    detail: str
+    files: tuple
+
+
+@dataclass(frozen=True)
+class Pin:
+    """The version every worker must serve and where that comes from ("file" or "setting")."""
+
+    version: int
+    source: str
+
+
+def read_pin(path: Path) -> int | None:
+    """The version in a pin file; None if there is no file; PinFileError if it is not one."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise PinFileError(f"pin file unreadable: {e.strerror}") from e
+    text = text.strip()
+    if not text.isdigit() or not 0 <= int(text) < 2**31:
+        raise PinFileError(f"pin file holds {text[:20]!r}, not a version number")
+    return int(text)
+
+
+def write_pin(path: Path, version: int) -> None:
+    """Write the pin file through a temporary file and a rename (readers see all or nothing)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(f"{version}\n")
+    os.replace(tmp, path)
+
+
+SwapHook = Callable[["LoadedModel | None", "LoadedModel"], None]  # (old, new) after a swap
+FailureHook = Callable[[int, str], None]  # (version, why) after a refusal
 
 
 class ModelRegistry:
-    """Holds the serving model of one name; loads newer versions and swaps them in atomically."""
+    """Holds the serving model of one name; loads newer versions and swaps them in atomically.
+
+    The version to serve is the pinned one when a pin exists (the pin file
+    `<repo>/<name>/PINNED`, written by `pin()`, else the `pinned` argument, i.e. the
+    `RANKER_MODEL_VERSION` setting), otherwise the newest complete version. Every worker
+    process has its own registry and reads the same pin file, so a pin reaches all of them.
+
+    `on_swap(old, new)` runs after a swap, `on_failure(version, why)` after a refusal.
+    """
 
     def __init__(
         self,
@@ -214,11 +313,14 @@ class ModelRegistry:
         intra_op: int = 1,
         inter_op: int = 1,
         warmup_sizes: tuple[int, ...] = (1, 100, 500, 1000),
-        on_swap: Any = None,
-        on_failure: Any = None,
+        pinned: int | None = None,
+        on_swap: SwapHook | None = None,
+        on_failure: FailureHook | None = None,
     ) -> None:
         self.repo = Path(repo)
         self.name = name
+        self.pin_path = self.repo / name / PIN_FILE
+        self.pinned_setting = pinned
         self._load_kwargs = {
             "intra_op": intra_op,
             "inter_op": inter_op,
@@ -228,14 +330,13 @@ class ModelRegistry:
         self._lock = threading.Lock()  # one load at a time; serving never takes it
         # versions refused, with the state of their files then: a watcher retries one only
         # when its files changed (e.g. a hand copy that was incomplete at the first look)
-        self._failed: dict[int, tuple[str, tuple]] = {}
+        self._failed: dict[int, Refusal] = {}
         self._on_swap = on_swap
         self._on_failure = on_failure
 
-    def set_callbacks(self, on_swap: Any = None, on_failure: Any = None) -> None:
-        """on_swap(old, new) runs after a swap, on_failure(version, why) after a refusal."""
-        self._on_swap = on_swap
-        self._on_failure = on_failure
+    def close(self) -> None:
+        """Stop serving: drop the current model (its session goes with the last reference)."""
+        self._current = None  # no lock: a load still running in a thread must not block this
 
     @property
     def current(self) -> LoadedModel | None:
@@ -244,46 +345,167 @@ class ModelRegistry:
 
     @property
     def failed_versions(self) -> dict[int, str]:
-        return {v: why for v, (why, _) in self._failed.items()}
+        return {v: r.detail for v, r in self._failed.items()}
+
+    def refused(self) -> dict[int, str]:
+        """Refused versions still in the repository and the check each failed."""
+        present = set(list_versions(self.repo, self.name))
+        return {v: r.check for v, r in sorted(self._failed.items()) if v in present}
 
     def newest_version(self) -> int | None:
         versions = list_versions(self.repo, self.name)
         return versions[-1] if versions else None
 
+    def pin(self) -> Pin | None:
+        """The pin in force: the pin file, else the setting, else None (PinFileError if the
+        file is unreadable: then nobody can tell what to serve, and nothing moves)."""
+        from_file = read_pin(self.pin_path)
+        if from_file is not None:
+            return Pin(from_file, "file")
+        if self.pinned_setting is not None:
+            return Pin(self.pinned_setting, "setting")
+        return None
+
+    def target_version(self) -> int | None:
+        """The version this process should serve: the pinned one, else the newest."""
+        pin = self.pin()
+        return pin.version if pin is not None else self.newest_version()
+
+    def fallback(self) -> bool:
+        """Serving an older version because every newer one was refused (and nothing pins)."""
+        cur = self._current
+        if cur is None or self.pin() is not None:
+            return False
+        return any(v > cur.version for v in self.refused())
+
     def reload(self, version: int | None = None, *, retry_failed: bool = True) -> ReloadResult:
-        """Load `version` (default: the newest) unless it is already serving; swap on success."""
+        """Load `version` (default: the pinned, else the newest) unless it is already serving;
+        swap on success. While a pin is in force, another explicit version is refused
+        ("pinned"): the pin would undo it at the next poll."""
         with self._lock:
-            target = version if version is not None else self.newest_version()
-            if target is None:
-                detail = f"no complete version of {self.name!r} under {self.repo}"
-                if self._current is None:
-                    raise NoModelError(detail)
-                return ReloadResult("unchanged", self._current.version, detail)
+            pin = self.pin()
+            if version is not None and pin is not None and version != pin.version:
+                cur = self._current
+                return ReloadResult("pinned", cur.version if cur else None,
+                                    f"pinned to version {pin.version} ({pin.source}); "
+                                    "unpin first")
+            target = version if version is not None else (
+                pin.version if pin is not None else self.newest_version())
+            return self._reload(target, retry_failed)
+
+    def load_initial(self, *, retry_failed: bool = True) -> ReloadResult:
+        """Start-up: the pinned version, else the newest version that passes every check.
+
+        Newer versions refused on the way are remembered (a watcher does not retry them until
+        their files change) and make `fallback()` true. A pinned version that is refused is
+        not replaced by another: the process starts unready and says why.
+        """
+        with self._lock:
+            pin = self.pin()
+            if pin is not None:
+                return self._reload(pin.version, retry_failed)
+            versions = list_versions(self.repo, self.name)
+            if not versions:
+                raise NoModelError(f"no complete version of {self.name!r} under {self.repo}")
+            first: ReloadResult | None = None
+            for v in reversed(versions):
+                res = self._reload(v, retry_failed)
+                if self._current is not None:
+                    if v != versions[-1]:
+                        log.warning("model %s: serving version %s, newer versions refused: %s",
+                                    self.name, v, self.refused())
+                    return res
+                first = first or res
+            assert first is not None
+            return first
+
+    def set_pin(self, version: int) -> ReloadResult:
+        """Pin `version`: load and check it here, then write the pin file every worker reads.
+
+        A version that is not complete or fails a check is not pinned (the file is untouched);
+        neither is one whose pin file cannot be written (a read-only repository).
+        """
+        with self._lock:
             cur = self._current
-            if cur is not None and cur.version == target:
-                return ReloadResult("unchanged", target, "already serving")
-            path = version_dir(self.repo, self.name, target)
-            refused = self._failed.get(target)
-            if not retry_failed and refused is not None and refused[1] == dir_state(path):
-                return ReloadResult("unchanged", cur.version if cur else None, "refused before")
+            if version not in list_versions(self.repo, self.name):
+                return ReloadResult("failure", version,
+                                    f"no complete version {version} of {self.name!r}",
+                                    "manifest")
+            model: LoadedModel | None = None
+            if cur is None or cur.version != version:
+                loaded = self._load(version)
+                if isinstance(loaded, ReloadResult):
+                    return loaded
+                model = loaded
             try:
-                model = load_version(path, **self._load_kwargs)  # type: ignore[arg-type]
-                if model.name != self.name or model.version != target:
-                    raise ModelLoadError(
-                        f"{path}: manifest says {model.name}/{model.version}, expected "
-                        f"{self.name}/{target}"
-                    )
-            except ModelLoadError as e:
-                self._failed[target] = (str(e), dir_state(path))
-                log.error("model %s version %s refused: %s", self.name, target, e)
-                if self._on_failure is not None:
-                    self._on_failure(target, str(e))
-                return ReloadResult("failure", target, str(e))
-            old = self._current
-            self._current = model  # the swap: one reference assignment
-            self._failed.pop(target, None)
-            log.info("serving model %s version %s (loaded in %.2fs)", self.name, target,
-                     model.load_seconds)
-            if self._on_swap is not None:
-                self._on_swap(old, model)
-            return ReloadResult("success", target, f"loaded in {model.load_seconds:.3f}s")
+                write_pin(self.pin_path, version)
+            except OSError as e:
+                return ReloadResult("failure", version,
+                                    f"cannot write the pin file: {e.strerror}", "pin")
+            if model is not None:
+                self._swap(model)
+            log.info("model %s pinned to version %s", self.name, version)
+            return ReloadResult("success", version, f"pinned to version {version}")
+
+    def clear_pin(self) -> ReloadResult:
+        """Remove the pin file, then serve what is in force without it (the setting's pin,
+        else the newest version)."""
+        with self._lock:
+            try:
+                self.pin_path.unlink(missing_ok=True)
+            except OSError as e:
+                cur = self._current
+                return ReloadResult("failure", cur.version if cur else None,
+                                    f"cannot remove the pin file: {e.strerror}", "pin")
+            log.info("model %s unpinned", self.name)
+            pin = self.pin()
+            target = pin.version if pin is not None else self.newest_version()
+            return self._reload(target, False)
+
+    # -- under the lock ---------------------------------------------------------------------
+
+    def _reload(self, target: int | None, retry_failed: bool) -> ReloadResult:
+        cur = self._current
+        if target is None:
+            detail = f"no complete version of {self.name!r} under {self.repo}"
+            if cur is None:
+                raise NoModelError(detail)
+            return ReloadResult("unchanged", cur.version, detail)
+        if cur is not None and cur.version == target:
+            return ReloadResult("unchanged", target, "already serving")
+        refused = self._failed.get(target)
+        path = version_dir(self.repo, self.name, target)
+        if not retry_failed and refused is not None and refused.files == dir_state(path):
+            return ReloadResult("unchanged", cur.version if cur else None, "refused before",
+                                refused.check)
+        loaded = self._load(target)
+        if isinstance(loaded, ReloadResult):
+            return loaded
+        self._swap(loaded)
+        return ReloadResult("success", target, f"loaded in {loaded.load_seconds:.3f}s")
+
+    def _load(self, target: int) -> LoadedModel | ReloadResult:
+        """The checked, warmed model of `target`, or the failure (remembered, reported)."""
+        path = version_dir(self.repo, self.name, target)
+        try:
+            model = load_version(path, **self._load_kwargs)  # type: ignore[arg-type]
+            if model.name != self.name or model.version != target:
+                raise ModelLoadError(
+                    f"{path}: manifest says {model.name}/{model.version}, expected "
+                    f"{self.name}/{target}", "identity")
+        except ModelLoadError as e:
+            self._failed[target] = Refusal(e.check, str(e), dir_state(path))
+            log.error("model %s version %s refused (%s): %s", self.name, target, e.check, e)
+            if self._on_failure is not None:
+                self._on_failure(target, str(e))
+            return ReloadResult("failure", target, str(e), e.check)
+        return model
+
+    def _swap(self, model: LoadedModel) -> None:
+        old = self._current
+        self._current = model  # the swap: one reference assignment
+        self._failed.pop(model.version, None)
+        log.info("serving model %s version %s (loaded in %.2fs)", self.name, model.version,
+                 model.load_seconds)
+        if self._on_swap is not None:
+            self._on_swap(old, model)

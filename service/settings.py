@@ -26,6 +26,12 @@ class Settings(BaseSettings):
     model_repo: Path = Path("models")
     model_name: str = "mmoe"
     model_watch_interval_s: float = Field(default=0.0, ge=0)  # 0 = no background watcher
+    # serve exactly this version (a rollback that sticks); the pin file PINNED in the model's
+    # directory (POST /admin/pin) overrides it; unset = the newest version that passes
+    model_version: int | None = Field(default=None, ge=0, lt=2**31)
+    # how often each worker reads the pin file when the watcher is off (0 = never): a pin made
+    # through one worker reaches the others within this
+    model_pin_poll_s: float = Field(default=1.0, ge=0)
     warmup_batch_sizes: list[int] = [1, 100, 500, 1000]
     ort_intra_op_threads: int = Field(default=1, ge=0)
     ort_inter_op_threads: int = Field(default=1, ge=0)
@@ -67,12 +73,22 @@ class Settings(BaseSettings):
     # task per candidate on the hot path; 8 per request still gives thousands of samples a second)
     score_sample_size: int = Field(default=8, ge=0)
 
+    # re-rank stage (service/rerank.py, docs/api.md "Re-ranking")
+    rerank_rules_file: Path | None = None  # TOML presets; None = no rules unless a request says
+    rerank_rules_poll_s: float = Field(default=1.0, ge=0)  # mtime check at most this often
+    rerank_boost_min: float = Field(default=0.1, gt=0)
+    rerank_boost_max: float = Field(default=10.0, gt=0)
+    rerank_max_pinned_share: float = Field(default=0.2, ge=0, le=1)
+    rerank_max_window: int = Field(default=100, ge=2)
+    rerank_diversity_depth: int = Field(default=50, ge=2)  # positions diversity holds over
+    rerank_max_exclude: int = Field(default=1000, ge=0)
+
     # admin and server
     admin_api_key: str | None = None
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
 
-    # reliability and access guards (service/guards, docs/reliability.md)
+    # reliability and access guards (service/middleware, docs/reliability.md)
     api_keys: list[SecretStr] = []  # RANKER_API_KEYS='["k1","k2"]'; none = /rank is open
     metrics_port: int | None = Field(default=None, ge=1, le=65535)  # /metrics, /admin only there
     graceful_shutdown_s: int = Field(default=10, ge=1)  # SIGTERM: in-flight requests get this
@@ -87,6 +103,8 @@ class Settings(BaseSettings):
     def _check_bounds(self) -> Settings:
         if not 0 <= self.weight_min <= self.weight_max:
             raise ValueError("need 0 <= weight_min <= weight_max")
+        if not self.rerank_boost_min <= 1.0 <= self.rerank_boost_max:
+            raise ValueError("need rerank_boost_min <= 1 <= rerank_boost_max")
         return self
 
 

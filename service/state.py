@@ -6,30 +6,32 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
+import redis.asyncio as aredis
 from fastapi import Depends, Request
+from redis.asyncio.cluster import RedisCluster
 
-from service.registry import LoadedModel, ModelRegistry
+from service.pipeline import RankingPipeline, Serving
+from service.registry import ModelRegistry
 from service.settings import Settings
 
-
-@dataclass(frozen=True)
-class Serving:
-    """The model being served and the feature store view for its schema: swapped as one object."""
-
-    model: LoadedModel
-    store: Any  # service.featurestore.reader.FeatureStore, or None without Redis
+RedisClient = aredis.Redis | RedisCluster
 
 
 @dataclass
 class AppState:
-    """Per-app resources: created in the lifespan, closed when it ends."""
+    """Per-app resources: opened in the lifespan (`service.lifespan`), closed when it ends."""
 
     settings: Settings
     registry: ModelRegistry
     executor: ThreadPoolExecutor
-    client: Any = None  # the shared Redis client (None when no redis_url is configured)
-    serving: Serving | None = None
+    pipeline: RankingPipeline
+    client: RedisClient | None = None  # the shared Redis client (None without redis_url)
     last_reload: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def serving(self) -> Serving | None:
+        """The model being served and its feature store view (the pipeline's)."""
+        return self.pipeline.serving
 
 
 # async on purpose: FastAPI runs plain `def` dependencies in its threadpool (a thread hop
@@ -38,9 +40,9 @@ async def get_state(request: Request) -> AppState:
     return request.app.state.ranker
 
 
-async def get_settings_dep(request: Request) -> Settings:
-    return request.app.state.ranker.settings
+async def get_pipeline(request: Request) -> RankingPipeline:
+    return request.app.state.ranker.pipeline
 
 
 StateDep = Annotated[AppState, Depends(get_state)]
-SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+PipelineDep = Annotated[RankingPipeline, Depends(get_pipeline)]

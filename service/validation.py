@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from ranker.schema import DenseFeature, FeatureSchema
 from service.errors import InvalidRequest
 from service.ranking import InvalidWeights, resolve_weights
+from service.rerank import Bounds, InvalidRules, Rules, attributes, resolve
+from service.rerank_rules import RulesConfig
 from service.schemas import RankRequest
 from service.settings import Settings
 
+# the largest magnitude a dense context value may have (stated in the OpenAPI schema); the
+# encoded value must also be a finite float32
+MAX_DENSE_ABS = 1e30
 
-def check_rank_request(req: RankRequest, settings: Settings, tasks: list[str]) -> dict[str, float]:
-    """Validate candidates and top_k, resolve the weights; return the weights to apply."""
+
+def check_rank_request(req: RankRequest, settings: Settings, tasks: list[str],
+                       dense_context: Mapping[str, DenseFeature] | None = None
+                       ) -> dict[str, float]:
+    """Validate candidates, top_k and the context, resolve the weights; return the weights.
+
+    `dense_context` maps the model's dense context features by name: their values must be
+    numbers (the encoder would raise on text, or feed the model a non-finite input).
+    """
     n = len(req.candidates)
     if n == 0:
         raise InvalidRequest([{"field": "candidates", "message": "at least 1 candidate"}])
@@ -28,6 +45,11 @@ def check_rank_request(req: RankRequest, settings: Settings, tasks: list[str]) -
                                "candidate ids must be unique",
                 }])
             seen[c] = i
+    if req.top_k is not None and req.top_k > settings.max_candidates:
+        raise InvalidRequest([{"field": "top_k",
+                               "message": f"at most {settings.max_candidates} (max_candidates)"}])
+    if dense_context and req.context:
+        check_dense_context(req.context, dense_context)
     try:
         return resolve_weights(
             tasks,
@@ -39,3 +61,52 @@ def check_rank_request(req: RankRequest, settings: Settings, tasks: list[str]) -
         )
     except InvalidWeights as e:
         raise InvalidRequest([{"field": e.field, "message": e.message}]) from e
+
+
+def dense_error(value: Any, feature: DenseFeature) -> str | None:
+    """Why `value` cannot be this dense feature's input, or None (null means the default)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return "must be a number or null (a dense feature)"
+    if not abs(value) <= MAX_DENSE_ABS:  # also NaN; ints of any size compare exactly
+        return f"must be a finite number within ±{MAX_DENSE_ABS:g}"
+    if not math.isfinite(feature.encode_one(float(value))):
+        return "too large for this feature once normalised"
+    return None
+
+
+def check_dense_context(context: Mapping[str, Any],
+                        dense: Mapping[str, DenseFeature]) -> None:
+    """Every dense context feature the request sets must be a number the encoder can take."""
+    errors = []
+    for name, feature in dense.items():
+        if name in context:
+            why = dense_error(context[name], feature)
+            if why is not None:
+                errors.append({"field": f"context.{name}", "message": why})
+    if errors:
+        raise InvalidRequest(errors)
+
+
+def check_rerank(req: RankRequest, settings: Settings, schema: FeatureSchema,
+                 config: RulesConfig, bounds: Bounds | None = None) -> Rules | None:
+    """The request's re-rank rules (its `rerank` over the rules file's preset), checked against
+    the serving model's item attributes and the settings' bounds; None when no rule applies."""
+    if req.rerank is None and config.default_preset is None:
+        return None
+    spec = None if req.rerank is None else req.rerank.model_dump(exclude_unset=True,
+                                                                 by_alias=True)
+    try:
+        return resolve(spec, config.presets, config.default_preset, attributes(schema),
+                       req.candidates, req.top_k, bounds or rerank_bounds(settings))
+    except InvalidRules as e:
+        raise InvalidRequest([{"field": e.field, "message": e.message}]) from e
+
+
+def rerank_bounds(settings: Settings) -> Bounds:
+    """The limits of re-rank rules, from the settings."""
+    return Bounds(settings.rerank_boost_min, settings.rerank_boost_max,
+                  settings.rerank_max_pinned_share, settings.rerank_max_window,
+                  settings.rerank_max_exclude, settings.rerank_diversity_depth,
+                  settings.max_candidates)

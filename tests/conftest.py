@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from service.featurestore.embedded import RedisServer
+from launch.local_redis import RedisServer
 from tests.tiny import MODEL_NAME
 
 

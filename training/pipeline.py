@@ -22,6 +22,7 @@ from training.data import (
     load_raw,
     training_data_info,
 )
+from training.distributed import current
 from training.export import export_model
 from training.metrics import auc
 from training.model import ModelConfig, MultiTaskModel, inputs_from_schema
@@ -85,6 +86,56 @@ def run_training(
     schema = build_schema(spec, raw)
     train, val, test = (encode_split(spec, schema, raw, s) for s in ("train", "val", "test"))
     main_cfg = ModelConfig(inputs=inputs_from_schema(schema), tasks=spec.task_names, **model_kw)
+    models, main_model = train_models(main_cfg, train, val, test, train_cfg, baselines=baselines)
+    info = training_data_info(spec, raw)
+    report: dict[str, Any] = {
+        "dataset": spec.name,
+        "spec": str(spec.path) if spec.path else None,
+        "tasks": spec.task_names,
+        "main": main_cfg.model_type,
+        "model_name": spec.model_name,
+        "config": main_cfg.to_dict(),
+        "train_config": train_cfg.to_dict(),
+        "training_data": info,
+        "models": models,
+    }
+    if current().enabled:  # trained data-parallel (`torchrun`): say on how many ranks
+        report["distributed"] = current().describe()
+    if test.oracle is not None:
+        report["oracle_auc"] = {
+            t: auc(test.labels[:, j], test.oracle[:, j]) for j, t in enumerate(spec.task_names)
+        }
+    save_checkpoint(
+        out / CHECKPOINT,
+        main_model,
+        features=schema.describe(),
+        vocab=schema.vocabularies(),
+        model_name=spec.model_name,
+        metrics={
+            "test": models[main_cfg.model_type]["test"],
+            "oracle_auc": report.get("oracle_auc"),
+        },
+        training_data=info,
+        golden={k: torch.from_numpy(v) for k, v in golden_from(schema, test).items()},
+    )
+    write_report(report, out)
+    return report
+
+
+def train_models(
+    main_cfg: ModelConfig,
+    train: Encoded,
+    val: Encoded,
+    test: Encoded,
+    train_cfg: TrainConfig,
+    *,
+    baselines: bool = True,
+) -> tuple[dict[str, Any], MultiTaskModel]:
+    """Fit the main model (and its baselines) on train/val, evaluate each on test.
+
+    Returns the report's "models" entry (per model: type, tasks, history, test metrics) and the
+    trained main model.
+    """
     configs: dict[str, ModelConfig] = {main_cfg.model_type: main_cfg}
     if baselines:
         configs.update(baseline_configs(main_cfg))
@@ -107,37 +158,7 @@ def run_training(
         if main_model is None:
             main_model = model
     assert main_model is not None
-    info = training_data_info(spec, raw)
-    report: dict[str, Any] = {
-        "dataset": spec.name,
-        "spec": str(spec.path) if spec.path else None,
-        "tasks": spec.task_names,
-        "main": main_cfg.model_type,
-        "model_name": spec.model_name,
-        "config": main_cfg.to_dict(),
-        "train_config": train_cfg.to_dict(),
-        "training_data": info,
-        "models": models,
-    }
-    if test.oracle is not None:
-        report["oracle_auc"] = {
-            t: auc(test.labels[:, j], test.oracle[:, j]) for j, t in enumerate(spec.task_names)
-        }
-    save_checkpoint(
-        out / CHECKPOINT,
-        main_model,
-        features=schema.describe(),
-        vocab=schema.vocabularies(),
-        model_name=spec.model_name,
-        metrics={
-            "test": models[main_cfg.model_type]["test"],
-            "oracle_auc": report.get("oracle_auc"),
-        },
-        training_data=info,
-        golden={k: torch.from_numpy(v) for k, v in golden_from(schema, test).items()},
-    )
-    write_report(report, out)
-    return report
+    return models, main_model
 
 
 def _select(data: Encoded, main: ModelConfig, cfg: ModelConfig) -> Encoded:

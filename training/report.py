@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from training.distributed import rank_zero_only
+
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 CURVES_PNG = "training_curves.png"
@@ -96,8 +98,11 @@ def plot_gates(gates_mean: list[list[float]], tasks: list[str], path: Path, titl
     plt.close(fig)
 
 
+@rank_zero_only
 def write_report(report: dict[str, Any], run_dir: Path) -> dict[str, Path]:
-    """Write report.json, report.md and the plots; returns the written files by name."""
+    """Write report.json, report.md and the plots; returns the written files by name.
+
+    Rank 0 only in a torch.distributed group (others get None)."""
     run_dir = Path(run_dir)
     files = {REPORT_JSON: run_dir / REPORT_JSON, REPORT_MD: run_dir / REPORT_MD}
     files[REPORT_JSON].write_text(json.dumps(report, indent=2) + "\n")

@@ -15,13 +15,21 @@ and the same for share, so like and share mostly follow a click and their true m
 probability is sigmoid(z) * (p_click + leak * (1 - p_click)). The intercepts b_task are solved
 so the mean true probabilities hit the target rates. Every term is a function of observed
 features (ids, categories, dense values, context), which the model can represent.
+
+Each s_k is standardised to std `signal` with the mean and std it has over the sampled
+impressions. All of it (users, items, latent vectors, the parameters of each s_k, those
+standardisation constants, the intercepts, rho, leak) is a `World`, written next to the tables
+(world.npz, world.json), so that `World.probabilities` answers "what is the true p(click),
+p(like), p(share) of user u for item i in context (hour, surface)?" for any pair, which is what
+`ranker simulate` draws its users' behaviour from.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+import zipfile
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +96,238 @@ def _standardize(x: np.ndarray) -> np.ndarray:
     return (x - x.mean()) / (x.std() + 1e-12)
 
 
-def generate(cfg: SyntheticConfig) -> dict[str, pa.Table]:
-    """Build the users, items and impression tables (with labels and true probabilities)."""
+def hour_probabilities() -> np.ndarray:
+    """P(hour) of an impression: a daily cycle peaking in the evening."""
+    hour_p = 1.0 + 0.8 * np.sin((np.arange(24) - 14) / 24 * 2 * np.pi + np.pi / 2)
+    return hour_p / hour_p.sum()
+
+
+SURFACE_P = (0.6, 0.25, 0.15)  # P(surface), in SURFACES order
+SCORES = ("shared", *TASKS)  # the score functions s_k: one shared by all tasks, one per task
+WORLD_NPZ = "world.npz"
+WORLD_JSON = "world.json"
+WORLD_FORMAT = 1
+
+
+@dataclass(eq=False)  # arrays: compare fields with numpy, not ==
+class World:
+    """Everything the generator drew: users, items and the hidden parameters of the true
+    probabilities, so that p_task(user, item, context) can be asked for any pair and context.
+
+    Arrays indexed by score k follow SCORES (shared, click, like, share). The standardisation
+    constants (`score_mean`, `score_std`) and the intercepts were computed on the impressions the
+    generator sampled; they are constants of the world, not recomputed on other pairs.
+    """
+
+    config: SyntheticConfig
+    # users (U,)
+    country: np.ndarray
+    device: np.ndarray
+    interest: np.ndarray
+    activity: np.ndarray
+    tenure: np.ndarray
+    # items (I,)
+    category: np.ndarray
+    age_days: np.ndarray
+    duration: np.ndarray
+    popularity: np.ndarray  # relative chance of an item to be shown (the generator's draw)
+    # latent vectors
+    user_latent: np.ndarray  # (U, L)
+    item_latent: np.ndarray  # (I, L)
+    # standardised dense features, over users / over items (U,), (I,)
+    activity_z: np.ndarray
+    tenure_z: np.ndarray
+    age_z: np.ndarray
+    duration_z: np.ndarray
+    # per score k: s_k before standardisation, see _raw_score
+    affinity: np.ndarray  # (K, L, L)
+    id_scale: np.ndarray  # (K,) id_bias of the score (0 for the task scores)
+    user_bias: np.ndarray  # (K, U) unscaled
+    item_bias: np.ndarray  # (K, I) unscaled
+    country_effect: np.ndarray  # (K, len(COUNTRIES))
+    device_effect: np.ndarray  # (K, len(DEVICES))
+    hour_effect: np.ndarray  # (K, 24)
+    surface_effect: np.ndarray  # (K, len(SURFACES))
+    dense_weight: np.ndarray  # (K, 4): activity, tenure, age, duration (quadratic)
+    score_mean: np.ndarray  # (K,) mean of the raw s_k over the sampled impressions
+    score_std: np.ndarray  # (K,) its std
+    intercept: np.ndarray  # (T,) b_task, TASKS order
+    rho: float
+    leak: float
+
+    @property
+    def n_users(self) -> int:
+        return len(self.activity)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.popularity)
+
+    def user_weights(self) -> np.ndarray:
+        """P(user) of an impression: active users are shown more (the generator's draw)."""
+        pu = self.activity + 1.0
+        return pu / pu.sum()
+
+    def item_weights(self) -> np.ndarray:
+        """P(item) of an impression: the popularity spread (the generator's draw)."""
+        return self.popularity / self.popularity.sum()
+
+    def _raw_score(self, k: int, uid: np.ndarray, iid: np.ndarray, hour: np.ndarray,
+                   surface: np.ndarray) -> np.ndarray:
+        """s_k before standardisation; the generator's expression, term by term, so that on the
+        sampled impressions it is bit for bit what the generator computed."""
+        s = np.einsum("nl,lm,nm->n", self.user_latent[uid], self.affinity[k],
+                      self.item_latent[iid])  # user-item affinity
+        s = s + self.id_scale[k] * (self.user_bias[k][uid] + self.item_bias[k][iid])
+        s = s + self.country_effect[k][self.country[uid]]
+        s = s + self.device_effect[k][self.device[uid]]
+        s = s + self.hour_effect[k][hour] + self.surface_effect[k][surface]
+        w = self.dense_weight[k]
+        dur_z = self.duration_z[iid]
+        return (s + w[0] * self.activity_z[uid] + w[1] * self.tenure_z[uid]
+                + w[2] * self.age_z[iid] + w[3] * (dur_z - 0.5 * dur_z**2))
+
+    def _score(self, k: int, *idx: np.ndarray) -> np.ndarray:
+        s = self._raw_score(k, *idx)
+        return self.config.signal * ((s - self.score_mean[k]) / (self.score_std[k] + 1e-12))
+
+    def logits(self, uid: np.ndarray, iid: np.ndarray, hour: np.ndarray,
+               surface: np.ndarray) -> dict[str, np.ndarray]:
+        """z_task without the intercept: rho * s_shared + sqrt(1 - rho^2) * s_task."""
+        shared = self._score(0, uid, iid, hour, surface)
+        return {t: self.rho * shared + np.sqrt(1 - self.rho**2) * self._score(k + 1, uid, iid,
+                                                                              hour, surface)
+                for k, t in enumerate(TASKS)}
+
+    def conditionals(self, user_idx: Any, item_idx: Any, hour: Any,
+                     surface: Any) -> dict[str, np.ndarray]:
+        """p_click, and q_like, q_share: like | click ~ Bernoulli(q), like | no click ~
+        Bernoulli(leak * q) (the same for share). Arguments broadcast; surface by index or name.
+        """
+        uid, iid, h, sf = self._indices(user_idx, item_idx, hour, surface)
+        z = self.logits(uid, iid, h, sf)
+        return {t: _sigmoid(z[t] + self.intercept[j]) for j, t in enumerate(TASKS)}
+
+    def probabilities(self, user_idx: Any, item_idx: Any, hour: Any,
+                      surface: Any) -> dict[str, np.ndarray]:
+        """The true marginal p(click), p(like), p(share) of user u for item i in context
+        (hour, surface); vectorised, arguments broadcast; surface by index or by name."""
+        c = self.conditionals(user_idx, item_idx, hour, surface)
+        reach = c["click"] + self.leak * (1 - c["click"])
+        return {"click": c["click"], "like": c["like"] * reach, "share": c["share"] * reach}
+
+    def _indices(self, user_idx: Any, item_idx: Any, hour: Any,
+                 surface: Any) -> tuple[np.ndarray, ...]:
+        sf = np.asarray(surface)
+        if sf.dtype.kind in "USO":  # names
+            sf = surface_index(sf)
+        uid, iid, h, sf = np.broadcast_arrays(np.asarray(user_idx), np.asarray(item_idx),
+                                              np.asarray(hour), sf)
+        for name, a, n in (("user", uid, self.n_users), ("item", iid, self.n_items),
+                           ("hour", h, 24), ("surface", sf, len(SURFACES))):
+            if a.dtype.kind not in "iu":
+                raise TypeError(f"{name} indices must be integers, got {a.dtype}")
+            if a.size and (a.min() < 0 or a.max() >= n):
+                raise IndexError(f"{name} index out of range [0, {n}): {a.min()}..{a.max()}")
+        return tuple(np.atleast_1d(a).ravel() if a.ndim == 0 else a for a in (uid, iid, h, sf))
+
+    def user_index(self, ids: Any) -> np.ndarray:
+        """u<k> -> k; an id of no user of this world is an error that names it."""
+        return _id_index(ids, "u", self.n_users, "user")
+
+    def item_index(self, ids: Any) -> np.ndarray:
+        """i<k> -> k; an id of no item of this world is an error that names it."""
+        return _id_index(ids, "i", self.n_items, "item")
+
+    def save(self, out: Path) -> None:
+        """world.npz (the arrays) and world.json (config and scalars) into `out`."""
+        out = Path(out)
+        arrays = {f.name: getattr(self, f.name) for f in fields(self)
+                  if isinstance(getattr(self, f.name), np.ndarray)}
+        _write_npz(out / WORLD_NPZ, arrays)
+        meta = {"format": WORLD_FORMAT, "config": asdict(self.config), "rho": self.rho,
+                "leak": self.leak, "tasks": list(TASKS), "scores": list(SCORES),
+                "countries": list(COUNTRIES), "devices": list(DEVICES),
+                "surfaces": list(SURFACES),
+                "npz_sha256": hashlib.sha256((out / WORLD_NPZ).read_bytes()).hexdigest()}
+        (out / WORLD_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, data_dir: Path) -> World:
+        """The world `write_dataset` saved in `data_dir`."""
+        data_dir = Path(data_dir)
+        meta_path, npz_path = data_dir / WORLD_JSON, data_dir / WORLD_NPZ
+        if not meta_path.is_file() or not npz_path.is_file():
+            raise FileNotFoundError(f"no world in {data_dir} (want {WORLD_JSON} and {WORLD_NPZ}; "
+                                    f"`ranker data --out {data_dir}` writes them)")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != WORLD_FORMAT:
+            raise ValueError(f"{meta_path}: world format {meta.get('format')!r}, "
+                             f"expected {WORLD_FORMAT}")
+        if hashlib.sha256(npz_path.read_bytes()).hexdigest() != meta["npz_sha256"]:
+            raise ValueError(f"{npz_path} does not match the sha256 in {meta_path}")
+        cfg_kw = dict(meta["config"])
+        cfg_kw["split"] = tuple(cfg_kw["split"])
+        with np.load(npz_path) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        return cls(config=SyntheticConfig(**cfg_kw), rho=float(meta["rho"]),
+                   leak=float(meta["leak"]), **arrays)
+
+
+def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """np.savez_compressed without the time stamps, so equal arrays give equal bytes."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, arr in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with zf.open(info, "w") as fh:
+                np.lib.format.write_array(fh, np.ascontiguousarray(arr), allow_pickle=False)
+
+
+def surface_index(names: Any) -> np.ndarray:
+    """Surface names -> indices into SURFACES; an unknown surface is an error naming it."""
+    arr = np.asarray(names)
+    out = np.empty(arr.shape, dtype=np.int64)
+    for pos, name in np.ndenumerate(arr):
+        try:
+            out[pos] = SURFACES.index(str(name))
+        except ValueError:
+            raise KeyError(f"unknown surface {str(name)!r}; surfaces are {SURFACES}") from None
+    return out
+
+
+def _id_index(ids: Any, prefix: str, n: int, what: str) -> np.ndarray:
+    arr = np.asarray(ids)
+    out = np.empty(arr.shape, dtype=np.int64)
+    for pos, raw in np.ndenumerate(arr):
+        text = str(raw)
+        digits = text[len(prefix):]
+        k = int(digits) if text.startswith(prefix) and digits.isdigit() else -1
+        if not 0 <= k < n or digits != str(k):
+            raise KeyError(f"unknown {what} id {text!r}: this world has {prefix}0..{prefix}{n - 1}")
+        out[pos] = k
+    return out
+
+
+def _draw_score_params(rng: np.random.Generator, cfg: SyntheticConfig, id_bias: float,
+                       nu: int, ni: int) -> dict[str, Any]:
+    """The parameters of one score function s_k, in the generator's draw order."""
+    a = rng.normal(size=(cfg.latent_dim, cfg.latent_dim)) / np.sqrt(cfg.latent_dim)
+    # per-id propensities: only in the shared score, since a task-specific one could not be
+    # learned from a sparse task's few positives per id
+    ub, ib = rng.normal(size=nu), rng.normal(size=ni)
+    country = 0.3 * rng.normal(size=len(COUNTRIES))
+    device = 0.3 * rng.normal(size=len(DEVICES))
+    hour = 0.2 * rng.normal(size=24)
+    surface = 0.4 * rng.normal(size=len(SURFACES))
+    w = rng.normal(scale=0.4, size=4)
+    return {"affinity": a, "id_scale": id_bias, "user_bias": ub, "item_bias": ib,
+            "country_effect": country, "device_effect": device, "hour_effect": hour,
+            "surface_effect": surface, "dense_weight": w}
+
+
+def generate_world(cfg: SyntheticConfig) -> tuple[World, dict[str, pa.Table]]:
+    """Draw the world and the users, items and impression tables (labels, true probabilities)."""
     rng = np.random.default_rng(cfg.seed)
     nu, ni, n = cfg.n_users, cfg.n_items, cfg.n_impressions
 
@@ -114,39 +352,36 @@ def generate(cfg: SyntheticConfig) -> dict[str, pa.Table]:
     pi = rng.lognormal(0.0, 0.5, ni)
     uid = rng.choice(nu, n, p=pu / pu.sum())
     iid = rng.choice(ni, n, p=pi / pi.sum())
-    hour_p = 1.0 + 0.8 * np.sin((np.arange(24) - 14) / 24 * 2 * np.pi + np.pi / 2)
-    hour = rng.choice(24, n, p=hour_p / hour_p.sum())
-    surface = rng.choice(len(SURFACES), n, p=[0.6, 0.25, 0.15])
+    hour = rng.choice(24, n, p=hour_probabilities())
+    surface = rng.choice(len(SURFACES), n, p=list(SURFACE_P))
 
-    act_z = _standardize(np.log1p(activity))[uid]
-    ten_z = _standardize(np.log1p(tenure))[uid]
-    age_z = _standardize(np.log1p(age_days))[iid]
-    dur_z = _standardize(np.log1p(duration))[iid]
-
-    def score(id_bias: float) -> np.ndarray:
-        """One random score function s_k of the features, scaled to std `signal`."""
-        a = rng.normal(size=(cfg.latent_dim, cfg.latent_dim)) / np.sqrt(cfg.latent_dim)
-        s = np.einsum("nl,lm,nm->n", u_lat[uid], a, i_lat[iid])  # user-item affinity
-        # per-id propensities: only in the shared score, since a task-specific one could not be
-        # learned from a sparse task's few positives per id
-        s = s + id_bias * (rng.normal(size=nu)[uid] + rng.normal(size=ni)[iid])
-        s = s + 0.3 * rng.normal(size=len(COUNTRIES))[country[uid]]
-        s = s + 0.3 * rng.normal(size=len(DEVICES))[device[uid]]
-        s = s + 0.2 * rng.normal(size=24)[hour] + 0.4 * rng.normal(size=len(SURFACES))[surface]
-        w = rng.normal(scale=0.4, size=4)
-        s = s + w[0] * act_z + w[1] * ten_z + w[2] * age_z + w[3] * (dur_z - 0.5 * dur_z**2)
-        return cfg.signal * _standardize(s)
-
+    # the score parameters are drawn after the impressions: that order fixes the dataset
     rho = float(np.clip(cfg.relatedness, 0.0, 1.0))
-    shared = score(cfg.id_bias)
-    z = {t: rho * shared + np.sqrt(1 - rho**2) * score(0.0) for t in TASKS}
-    p_click = _sigmoid(z["click"] + _solve_intercept(z["click"], cfg.click_rate))
+    params = [_draw_score_params(rng, cfg, cfg.id_bias if k == "shared" else 0.0, nu, ni)
+              for k in SCORES]
+    world = World(
+        config=cfg, country=country, device=device, interest=interest, activity=activity,
+        tenure=tenure, category=category, age_days=age_days, duration=duration, popularity=pi,
+        user_latent=u_lat, item_latent=i_lat,
+        activity_z=_standardize(np.log1p(activity)), tenure_z=_standardize(np.log1p(tenure)),
+        age_z=_standardize(np.log1p(age_days)), duration_z=_standardize(np.log1p(duration)),
+        **{key: np.stack([np.asarray(p[key], dtype=np.float64) for p in params])
+           for key in params[0]},
+        score_mean=np.zeros(len(SCORES)), score_std=np.ones(len(SCORES)),
+        intercept=np.zeros(len(TASKS)), rho=rho, leak=cfg.leak,
+    )
+    # standardisation constants and intercepts: computed on the sampled impressions
+    for k in range(len(SCORES)):
+        raw = world._raw_score(k, uid, iid, hour, surface)
+        world.score_mean[k], world.score_std[k] = raw.mean(), raw.std()
+    z = world.logits(uid, iid, hour, surface)
+    world.intercept[0] = _solve_intercept(z["click"], cfg.click_rate)
+    p_click = _sigmoid(z["click"] + world.intercept[0])
     reach = p_click + cfg.leak * (1 - p_click)  # chance the user engaged enough to like/share
-    q = {
-        t: _sigmoid(z[t] + _solve_intercept(z[t], rate, reach))
-        for t, rate in (("like", cfg.like_rate), ("share", cfg.share_rate))
-    }
-    click = rng.random(n) < p_click
+    for j, (t, rate) in enumerate((("like", cfg.like_rate), ("share", cfg.share_rate)), 1):
+        world.intercept[j] = _solve_intercept(z[t], rate, reach)
+    q = world.conditionals(uid, iid, hour, surface)
+    click = rng.random(n) < q["click"]
     gate = np.where(click, 1.0, cfg.leak)
     like = rng.random(n) < q["like"] * gate
     share = rng.random(n) < q["share"] * gate
@@ -178,7 +413,7 @@ def generate(cfg: SyntheticConfig) -> dict[str, pa.Table]:
             "click": click.astype(np.int8),
             "like": like.astype(np.int8),
             "share": share.astype(np.int8),
-            "p_click": p_click.astype(np.float32),
+            "p_click": q["click"].astype(np.float32),
             "p_like": (q["like"] * reach).astype(np.float32),
             "p_share": (q["share"] * reach).astype(np.float32),
         }
@@ -189,7 +424,12 @@ def generate(cfg: SyntheticConfig) -> dict[str, pa.Table]:
     tables = {"users": users, "items": items}
     for name, idx in zip(SPLITS, parts, strict=True):
         tables[f"impressions_{name}"] = log.take(pa.array(np.sort(idx)))
-    return tables
+    return world, tables
+
+
+def generate(cfg: SyntheticConfig) -> dict[str, pa.Table]:
+    """Build the users, items and impression tables (with labels and true probabilities)."""
+    return generate_world(cfg)[1]
 
 
 def _zipf(k: int, a: float) -> np.ndarray:
@@ -218,10 +458,11 @@ def summarize(cfg: SyntheticConfig, tables: dict[str, pa.Table]) -> dict[str, An
 
 
 def write_dataset(cfg: SyntheticConfig, out: Path) -> dict[str, Any]:
-    """Generate and write the parquet files and dataset.json into `out`; return dataset.json."""
+    """Generate and write the parquet files, the world (world.npz, world.json) and dataset.json
+    into `out`; return dataset.json."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tables = generate(cfg)
+    world, tables = generate_world(cfg)
     h = hashlib.sha256()
     for name in sorted(tables):
         path = out / f"{name}.parquet"
@@ -233,8 +474,10 @@ def write_dataset(cfg: SyntheticConfig, out: Path) -> dict[str, Any]:
         "seed": cfg.seed,
         "config": asdict(cfg),
         **summarize(cfg, tables),
-        "sha256": h.hexdigest(),
+        "sha256": h.hexdigest(),  # of the parquet files
     }
+    world.save(out)  # the hidden parameters, for `ranker simulate` (World.load)
+    info["world_sha256"] = hashlib.sha256((out / WORLD_NPZ).read_bytes()).hexdigest()
     # dataset.json last: its presence means the directory is complete
     (out / DATASET_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return info

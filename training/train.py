@@ -1,9 +1,19 @@
-"""Training loop and evaluation: weighted per-task BCE, Adam, early stopping on validation loss."""
+"""Training loop and evaluation: weighted per-task BCE, Adam, early stopping on validation loss.
+
+The same loop runs on one process or on the ranks of a torch.distributed group
+(`training/distributed.py`): with a group, the model is wrapped in DistributedDataParallel, each
+rank trains on its shard of every global batch and evaluates its shard of the validation split,
+and the validation loss is all-reduced so that every rank takes the same early-stopping decision.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
+import logging
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,14 +21,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from ranker.manifest import GATES_OUTPUT
 from training.data import Encoded
+from training.distributed import LOCAL, Dist, current, rank_zero_only, unwrap, wrap
 from training.metrics import auc, log_loss
 from training.model import ModelConfig, MultiTaskModel
 
 EVAL_BATCH = 8192
+# one JSON line per training step, written by rank 0 when a handler is attached (`step_log`)
+STEPS = logging.getLogger("training.steps")
 
 
 @dataclass(frozen=True)
@@ -67,46 +81,84 @@ def task_losses(out: dict[str, torch.Tensor], y: torch.Tensor, tasks: list[str])
 
 
 def train_one_epoch(
-    model: MultiTaskModel,
+    model: nn.Module,
     data: Encoded,
     opt: torch.optim.Optimizer,
     weights: torch.Tensor,
     cfg: TrainConfig,
     gen: torch.Generator,
     epoch: int,
+    dist: Dist = LOCAL,
 ) -> float:
-    """One pass over shuffled minibatches; returns the mean weighted training loss."""
+    """One pass over shuffled minibatches; returns the mean weighted training loss.
+
+    `model` is a MultiTaskModel, or its DistributedDataParallel wrapper when `dist` is a group:
+    then every rank draws the same permutation (same generator, same seed), takes its rows of
+    each global batch of `cfg.batch_size` (`Dist.shard`) and DDP averages the gradients, so a
+    step is the single process's step on the same global batch.
+    """
     model.train()
-    tasks = model.config.tasks
+    core = unwrap(model)
+    assert isinstance(core, MultiTaskModel)
+    tasks = core.config.tasks
+    dev = dist.device
     inputs = to_tensors(data.inputs)
     labels = torch.from_numpy(data.labels)
     perm = torch.randperm(len(data), generator=gen)
     batches = perm.split(cfg.batch_size)
-    total, running = 0.0, 0.0
-    bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not cfg.progress)
-    for i, idx in enumerate(bar):
-        out = model({k: v[idx] for k, v in inputs.items()})
-        loss = (task_losses(out, labels[idx], tasks) * weights).sum()
+    losses: list[float] = []  # this rank's loss per step
+    running = 0.0
+    bar = tqdm(batches, desc=f"epoch {epoch}", leave=False,
+               disable=not (cfg.progress and dist.is_main))
+    for i, batch in enumerate(bar):
+        idx = dist.shard(batch)  # (B / world_size,)
+        out = model({k: v[idx].to(dev) for k, v in inputs.items()})
+        loss = _step_loss(out, labels[idx].to(dev), tasks, weights, len(batch), dist)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # DDP: all-reduces (averages) the gradients over the ranks here
         opt.step()
-        total += float(loss.detach())
-        running = 0.98 * running + 0.02 * float(loss.detach()) if i else float(loss.detach())
+        losses.append(float(loss.detach()))
+        running = 0.98 * running + 0.02 * losses[-1] if i else losses[-1]
         if i % 20 == 0:
             bar.set_postfix(loss=f"{running:.4f}")
-    return total / max(len(batches), 1)
+    if dist.enabled:
+        # the global batch's loss per step: the mean over ranks of the (scaled) rank losses
+        losses = [x / dist.world_size for x in dist.all_sum(losses)]
+    if dist.is_main and STEPS.isEnabledFor(logging.INFO):
+        for i, (batch, x) in enumerate(zip(batches, losses, strict=True)):
+            STEPS.info(json.dumps({"model": core.config.model_type, "tasks": tasks,
+                                   "epoch": epoch, "step": i, "rows": len(batch), "loss": x}))
+    return sum(losses) / max(len(batches), 1)
+
+
+def _step_loss(out: dict[str, torch.Tensor], y: torch.Tensor, tasks: list[str],
+               weights: torch.Tensor, global_rows: int, dist: Dist) -> torch.Tensor:
+    """The weighted loss this rank backpropagates; DDP's average of it over the ranks is the
+    global batch's mean loss."""
+    if not dist.enabled:
+        return (task_losses(out, y, tasks) * weights).sum()
+    rows = len(y)
+    if rows == 0:
+        # a last batch smaller than the world leaves this rank no rows; it still joins the
+        # gradient all-reduce, with zero gradients for every parameter
+        return sum((o.sum() for o in out.values()), torch.zeros((), device=y.device)) * 0.0
+    loss = (task_losses(out, y, tasks) * weights).sum()
+    # mean over this rank's rows -> its share of the global mean (x1.0 when shards are equal)
+    scale = rows * dist.world_size / global_rows
+    return loss if scale == 1.0 else loss * scale
 
 
 @torch.no_grad()
 def predict(model: MultiTaskModel, data: Encoded) -> dict[str, np.ndarray]:
     """Model outputs for every row, in eval batches: task -> (N,), gates -> (N, T, M)."""
     model.eval()
+    dev = next(model.parameters()).device
     inputs = to_tensors(data.inputs)
     chunks: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(data), EVAL_BATCH):
-        out = model({k: v[start : start + EVAL_BATCH] for k, v in inputs.items()})
+        out = model({k: v[start : start + EVAL_BATCH].to(dev) for k, v in inputs.items()})
         for k, v in out.items():
-            chunks.setdefault(k, []).append(v.numpy())
+            chunks.setdefault(k, []).append(v.cpu().numpy())
     return {k: np.concatenate(v) for k, v in chunks.items()}
 
 
@@ -123,52 +175,102 @@ def evaluate(model: MultiTaskModel, data: Encoded) -> dict[str, Any]:
 
 
 def val_loss(
-    model: MultiTaskModel, data: Encoded, weights: np.ndarray
+    model: MultiTaskModel, data: Encoded, weights: np.ndarray, dist: Dist = LOCAL
 ) -> tuple[float, list[float]]:
-    """Weighted validation log loss and its per-task terms."""
-    pred = predict(model, data)
-    per_task = [log_loss(data.labels[:, j], pred[t]) for j, t in enumerate(model.config.tasks)]
+    """Weighted validation log loss and its per-task terms.
+
+    In a group each rank scores its rows (rank, rank + W, ...) and the per-task sums and the
+    row count are all-reduced: every rank gets the same numbers, over the whole split.
+    """
+    tasks = model.config.tasks
+    if not dist.enabled:
+        pred = predict(model, data)
+        per_task = [log_loss(data.labels[:, j], pred[t]) for j, t in enumerate(tasks)]
+        return float(np.dot(weights, per_task)), per_task
+    part = data.take(np.arange(dist.rank, len(data), dist.world_size))
+    pred = predict(model, part)
+    sums = [log_loss(part.labels[:, j], pred[t]) * len(part) if len(part) else 0.0
+            for j, t in enumerate(tasks)]
+    *totals, rows = dist.all_sum([*sums, float(len(part))])
+    per_task = [x / rows for x in totals]
     return float(np.dot(weights, per_task)), per_task
 
 
 def fit(
     mcfg: ModelConfig, train: Encoded, val: Encoded, cfg: TrainConfig
 ) -> tuple[MultiTaskModel, History]:
-    """Train from a seeded init; keep the weights of the epoch with the best validation loss."""
+    """Train from a seeded init; keep the weights of the epoch with the best validation loss.
+
+    Inside a torch.distributed group (`distributed.process_group`) this is data-parallel: every
+    rank calls it with the same arguments and returns the same model.
+    """
+    dist = current()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     model = MultiTaskModel(mcfg)
     if mcfg.task_kind == "binary":
         model.init_output_bias(train.labels.mean(axis=0).tolist())
+    model.to(dist.device)
+    net = wrap(model, dist)  # DDP broadcasts rank 0's initial weights (they are equal anyway)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     w = np.array([cfg.loss_weights.get(t, 1.0) for t in mcfg.tasks], dtype=np.float64)
-    weights = torch.tensor(w, dtype=torch.float32)
+    weights = torch.tensor(w, dtype=torch.float32, device=dist.device)
     hist = History()
     best_loss, best_state, bad = float("inf"), copy.deepcopy(model.state_dict()), 0
     t0 = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
-        tr = train_one_epoch(model, train, opt, weights, cfg, gen, epoch)
-        vl, per_task = val_loss(model, val, w)
+        tr = train_one_epoch(net, train, opt, weights, cfg, gen, epoch, dist)
+        vl, per_task = val_loss(model, val, w, dist)
         hist.train_loss.append(tr)
         hist.val_loss.append(vl)
         hist.val_task_loss.append(dict(zip(mcfg.tasks, per_task, strict=True)))
-        if cfg.progress:
+        if cfg.progress and dist.is_main:
             tqdm.write(f"epoch {epoch}: train loss {tr:.5f}  val loss {vl:.5f}")
-        if vl < best_loss - 1e-6:
+        improved = vl < best_loss - 1e-6
+        stop = not improved and bad + 1 >= cfg.patience
+        # the all-reduced loss is the same on every rank; rank 0's decision is still the one
+        # taken, so no rank can ever leave the loop (or keep other weights) on its own
+        improved, stop = dist.broadcast_flags([improved, stop])
+        if improved:
             best_loss, best_state, bad = vl, copy.deepcopy(model.state_dict()), 0
             hist.best_epoch = epoch
         else:
             bad += 1
-            if bad >= cfg.patience:
+            if stop:
                 break
     model.load_state_dict(best_state)
-    model.eval()
+    model.cpu().eval()
     hist.seconds = time.perf_counter() - t0
     return model, hist
 
 
+@contextlib.contextmanager
+def step_log(path: Path | None) -> Iterator[None]:
+    """Write every training step's global loss to `path` as JSON lines (rank 0 only)."""
+    if path is None:
+        yield
+        return
+    # delay: the file is opened at the first line, which only rank 0 writes
+    handler = logging.FileHandler(path, mode="w", delay=True)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level, propagate = STEPS.level, STEPS.propagate
+    STEPS.addHandler(handler)
+    STEPS.setLevel(logging.INFO)
+    STEPS.propagate = False  # not on the console
+    try:
+        yield
+    finally:
+        STEPS.removeHandler(handler)
+        STEPS.setLevel(level)
+        STEPS.propagate = propagate
+        handler.close()
+
+
+@rank_zero_only
 def save_checkpoint(path: Path, model: MultiTaskModel, **extra: Any) -> None:
-    """Weights plus everything needed to rebuild the model, loadable with weights_only=True."""
+    """Weights plus everything needed to rebuild the model, loadable with weights_only=True.
+
+    Written by rank 0 only in a torch.distributed group (the ranks hold the same weights)."""
     torch.save({"config": model.config.to_dict(), "state_dict": model.state_dict(), **extra}, path)
 
 

@@ -4,8 +4,9 @@ One MGET (on a cluster: one pipeline of per-slot MGETs per node, the nodes concu
 back the user's record, every candidate's record and the schema's load pointer. The records are
 fixed-size packed binary (`GroupSchema.record_dtype()`), so decoding is one `b"".join` and one
 `np.frombuffer` per group; missing, stale and malformed records are swapped for the group's
-default record, vectorised. The pointer rides along in the same MGET, so a new load is noticed on
-the next request without an extra round trip and without a background task.
+default record, vectorised. The entities' load pointers ride along in the same MGET, so a
+request knows whether it read the current loads; only the first request after a switch reads
+again, under the new load, within its deadline (no background task, no stale read).
 """
 
 from __future__ import annotations
@@ -25,7 +26,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ranker.schema import FeatureSchema, GroupSchema
 from service.featurestore import metrics
-from service.featurestore.keys import DEFAULT_PREFIX, pointer_key, record_key_prefix
+from service.featurestore.keys import (
+    DEFAULT_PREFIX,
+    ENTITY_CODES,
+    pointer_key,
+    record_key_prefix,
+    seen_key,
+)
 
 T = TypeVar("T")
 # Worth another attempt within the deadline: the connection broke or the cluster is resharding.
@@ -53,6 +60,7 @@ class FetchResult:
     items_defaulted: int
     item_defaulted_mask: np.ndarray
     stale: int
+    seen_mask: np.ndarray | None = None  # [N] in the user's seen set; None unless asked for
 
 
 def make_client(
@@ -90,6 +98,29 @@ def make_client(
         **extra,
     )
     return aredis.Redis(connection_pool=pool)
+
+
+async def close_client(client: aredis.Redis | RedisCluster) -> None:
+    """Close a client from `make_client` and every connection of its pool, cluster included.
+
+    A `Redis` built on an explicit pool does not own it, so its own `aclose()` leaves the
+    pool's connections open; here the pool is disconnected too. A `RedisCluster` closes the
+    connections of every node it knows.
+    """
+    if isinstance(client, RedisCluster):
+        await client.aclose()
+    else:
+        await client.aclose(close_connection_pool=True)
+
+
+@dataclass(frozen=True)
+class _LoadView:
+    """The loads a reader reads: the pointers' raw values and the record key prefix of each
+    entity (None: nothing loaded for it, so its keys are not even asked for)."""
+
+    pointers: list[bytes | None]
+    user_prefix: str | None
+    item_prefix: str | None
 
 
 @dataclass(frozen=True)
@@ -168,60 +199,98 @@ class FeatureStore:
         self.max_retries = max_retries
         self.cluster = isinstance(client, RedisCluster)
         self._version = schema.version  # a hash of the schema: compute it once, not per request
-        self._pointer = pointer_key(prefix, self._version)
         self._user = _maybe_codec(schema.group("user"))
         self._item = _maybe_codec(schema.group("item"))
-        self._load_id: str | None = None
-        self._user_prefix = self._item_prefix = ""
+        # one pointer per entity the schema has, in this order at the head of every MGET
+        self._entities = [e for e in ENTITY_CODES if schema.group(e) is not None]
+        self._pointers = [pointer_key(prefix, self._version, e) for e in self._entities]
+        self._view = _LoadView([None] * len(self._entities), None, None)
 
     @property
-    def load_id(self) -> str | None:
-        """The load this reader currently reads (None until a load was found)."""
-        return self._load_id
+    def load_ids(self) -> dict[str, str | None]:
+        """The load this reader currently reads, per entity (None until one was found)."""
+        return {e: None if p is None else p.decode()
+                for e, p in zip(self._entities, self._view.pointers, strict=True)}
 
     async def fetch(
-        self, user_id: str, item_ids: Sequence[str], *, timeout_s: float | None = None
+        self, user_id: str, item_ids: Sequence[str], *, timeout_s: float | None = None,
+        seen: bool = False,
     ) -> FetchResult:
-        """Features of one user and N candidates in one round trip; missing/stale -> defaults."""
+        """Features of one user and N candidates in one round trip; missing/stale -> defaults.
+
+        The MGET carries the pointers; if they name other loads than the keys were built for
+        (a load switched since this reader's last request, or this is its first), the keys'
+        load may have expired (an idle reader), so the request reads again under the loads the
+        pointers name. That second round trip happens once per switch, within the deadline.
+
+        With `seen`, an SMEMBERS of the user's seen set (`seen_key`) goes in the same write as
+        the MGET (one round trip; on a cluster concurrently with it), and `seen_mask` says which
+        candidates are in it. SMEMBERS, not SMISMEMBER of the N candidates: packing N more
+        arguments costs about as much as the MGET's own packing (docs/benchmarks.md); the reply
+        is the whole set, so its writer keeps it bounded.
+        """
         start = time.perf_counter()
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        if self._load_id is None:
-            # No load seen yet: look for the pointer first. Until a load exists this GET is the
-            # request's only round trip (all defaults); the first request after one appears
-            # takes two, every later one takes one.
-            self._set_load_id(
-                await self._call(lambda: self.client.get(self._pointer), deadline, timeout_s)
-            )
-        n = len(item_ids)
-        values: list[bytes | None]
-        if self._load_id is None:
-            values = [None] * (1 + n)  # nothing loaded for this schema: everything defaults
-        else:
-            head = [self._pointer]
-            if self._user is not None:
-                head.append(self._user_prefix + str(user_id))
-            ids = item_ids if self._item is not None else ()
-            raw = await self._call(lambda: self._mget(head, self._item_prefix, ids),
+        deadline = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
+        view = self._view
+        raw = await self._call(lambda: self._mget(view, user_id, item_ids, seen),
+                               deadline, timeout_s)
+        k = len(self._pointers)
+        if raw[:k] != view.pointers:
+            view = self._adopt(raw[:k])
+            raw = await self._call(lambda: self._mget(view, user_id, item_ids, seen),
                                    deadline, timeout_s)
-            self._set_load_id(raw[0])  # values of this request are from the load we asked for
-            values = raw[1:] if self._user is not None else [None, *raw[1:]]
-        result = self._decode(values[0], values[1:] if self._item is not None else [None] * n)
+            if raw[:k] != view.pointers:
+                # Switched again in between: these values are of the loads that were live a
+                # moment ago (kept for the grace period); the next request reads the newer ones.
+                self._adopt(raw[:k])
+        seen_mask = None
+        if seen:
+            # SMISMEMBER answers 0/1 per candidate: bytes() of them is the bool array's buffer
+            seen_mask = seen_candidates(raw[-1], item_ids)
+            raw = raw[:-1]
+        values = raw[k:]
+        user_value = None
+        if view.user_prefix is not None:
+            user_value, values = values[0], values[1:]
+        n = len(item_ids)
+        item_values = values if view.item_prefix is not None else [None] * n
+        result = self._decode(user_value, item_values)
+        result.seen_mask = seen_mask
         metrics.FETCH_SECONDS.observe(time.perf_counter() - start)
         return result
 
-    def _set_load_id(self, raw: bytes | str | None) -> None:
-        load_id = raw.decode() if isinstance(raw, bytes) else raw
-        if load_id != self._load_id and load_id is not None:
-            self._user_prefix = record_key_prefix(self.prefix, self._version, load_id, "user")
-            self._item_prefix = record_key_prefix(self.prefix, self._version, load_id, "item")
-        self._load_id = load_id
+    def _adopt(self, pointers: list[bytes | None]) -> _LoadView:
+        """Read under the loads these pointer values name, from now on."""
+        prefixes: dict[str, str | None] = {"user": None, "item": None}
+        for entity, raw in zip(self._entities, pointers, strict=True):
+            if raw is not None:
+                prefixes[entity] = record_key_prefix(self.prefix, self._version, raw.decode(),
+                                                     entity)
+        self._view = _LoadView(list(pointers), prefixes["user"], prefixes["item"])
+        return self._view
 
-    async def _mget(self, head: list[str], prefix: str, ids: Sequence[str]) -> list[Any]:
-        """MGET of the head keys, then prefix+id for every id."""
+    async def _mget(self, view: _LoadView, user_id: str, item_ids: Sequence[str],
+                    seen: bool = False) -> list[Any]:
+        """MGET of the pointers, the user's key and the items' keys (those of loaded entities);
+        with `seen`, the SMEMBERS reply of the user's seen set is appended as the last value."""
+        head = list(self._pointers)
+        if view.user_prefix is not None:
+            head.append(view.user_prefix + str(user_id))
+        prefix, ids = view.item_prefix or "", item_ids if view.item_prefix is not None else ()
         if self.cluster:
             keys = [*head, *[prefix + str(i) for i in ids]]
+            if seen:  # another slot: sent concurrently, so still one round trip of latency
+                values, member = await asyncio.gather(
+                    self.client.mget_nonatomic(keys),  # type: ignore[union-attr]
+                    self.client.smembers(seen_key(self.prefix, user_id)))
+                return [*values, member]
             return list(await self.client.mget_nonatomic(keys))  # type: ignore[union-attr]
-        return await mget_packed(self.client, pack_mget(head, prefix, ids))  # type: ignore[arg-type]
+        command = pack_mget(head, prefix, ids)
+        if not seen:
+            return await mget_packed(self.client, command)  # type: ignore[arg-type]
+        command += pack_mget([seen_key(self.prefix, user_id)], name=b"SMEMBERS")
+        values, member = await send_packed(self.client, command, 2)  # type: ignore[arg-type]
+        return [*values, member]
 
     def _decode(self, user_value: bytes | None, item_values: Sequence[bytes | None]) -> FetchResult:
         now = time.time()
@@ -244,7 +313,7 @@ class FeatureStore:
         """Run one Redis operation; retry broken connections only while the deadline allows."""
         attempt = 0
         while True:
-            remaining = None if deadline is None else deadline - time.monotonic()
+            remaining = None if deadline is None else deadline - asyncio.get_running_loop().time()
             if remaining is not None and remaining <= 0:
                 metrics.ERRORS.labels("timeout").inc()
                 raise FeatureStoreUnavailable(
@@ -284,17 +353,19 @@ class FeatureStore:
             return False
 
     async def aclose(self) -> None:
-        """Close the client's connections."""
-        await self.client.aclose()
+        """Close the client and its connection pool (see `close_client`)."""
+        await close_client(self.client)
 
 
-def pack_mget(head: Sequence[str], prefix: str = "", ids: Sequence[str] = ()) -> bytes:
+def pack_mget(head: Sequence[str], prefix: str = "", ids: Sequence[str] = (),
+              name: bytes = b"MGET") -> bytes:
     """The RESP encoding of `MGET head... prefix+id...`, built without a string per key.
 
     redis-py packs each argument through its generic encoder, which for the 502 keys of a
     500-candidate request is most of the client's CPU cost of the round trip. Here the ids are
     encoded in one call and joined with a per-length header (`$<len>` and the shared prefix),
-    so the Python work per id is one dict lookup.
+    so the Python work per id is one dict lookup. `name` packs another command of the same
+    shape (SMEMBERS key).
     """
     raw = "\x00".join(ids).encode().split(b"\x00") if ids else []
     if len(raw) != len(ids):  # an id containing NUL: encode one by one
@@ -306,7 +377,7 @@ def pack_mget(head: Sequence[str], prefix: str = "", ids: Sequence[str] = ()) ->
     parts[0::2] = [header[n] for n in lengths]
     parts[1::2] = raw
     head_raw = [k.encode() for k in head]
-    return b"".join([b"*%d\r\n$4\r\nMGET" % (1 + len(head_raw) + len(raw)),
+    return b"".join([b"*%d\r\n$%d\r\n%b" % (1 + len(head_raw) + len(raw), len(name), name),
                      *[b"\r\n$%d\r\n%b" % (len(k), k) for k in head_raw],
                      *parts, b"\r\n"])
 
@@ -329,6 +400,34 @@ async def mget_packed(client: aredis.Redis, command: bytes) -> list[Any]:
     finally:
         await pool.release(conn)
     return list(reply)
+
+
+def seen_candidates(members: Any, item_ids: Sequence[str]) -> np.ndarray:
+    """[N] bool: which candidates are among the seen set's members (bytes, as Redis gives)."""
+    if not members:
+        return np.zeros(len(item_ids), dtype=bool)
+    seen = {m.decode("utf-8", "replace") if isinstance(m, bytes) else str(m) for m in members}
+    # one C-level set lookup per candidate, written straight as the bool array's bytes
+    return np.frombuffer(bytes(map(seen.__contains__, item_ids)), dtype=bool)
+
+
+async def send_packed(client: aredis.Redis, command: bytes, replies: int) -> list[Any]:
+    """Send packed commands in one write on a pooled connection; their `replies` replies.
+
+    As `mget_packed`: one network round trip; on an error reply (raised as `ResponseError`)
+    or a cancellation the connection is closed, so no reply is left half-read on it.
+    """
+    pool = client.connection_pool
+    conn = await pool.get_connection()
+    try:
+        await conn.send_packed_command(command, check_health=False)
+        out = [await conn.read_response() for _ in range(replies)]
+    except BaseException:
+        await conn.disconnect()
+        raise
+    finally:
+        await pool.release(conn)
+    return out
 
 
 def _maybe_codec(group: GroupSchema | None) -> _GroupCodec | None:

@@ -3,9 +3,11 @@
 Encoding is `GroupSchema.encode_columns`, the trainer's own code, so there is no skew. A load is
 written under its own load id beside the live one, then goes live with one SET of the pointer
 key; the previous load's records are then given a short expiry (readers may still be finishing
-requests against it). The load id is a hash of the schema version and the encoded content, so
-loading the same tables twice rewrites the same keys and flips the pointer to the same value:
-idempotent.
+requests against it). Each entity has its own pointer: a load of one table moves only that
+entity's pointer, and only that entity's previous records expire. The load id is a hash of the
+schema version and the encoded content, so loading the same tables twice rewrites the same keys
+and flips the pointers to the values they already have: idempotent. A table that lacks a feature
+column the schema needs is refused (naming the column) unless the caller allows it explicitly.
 """
 
 from __future__ import annotations
@@ -33,6 +35,21 @@ from service.featurestore.keys import (
 SyncClient = redis.Redis | RedisCluster
 DEFAULT_BATCH = 2000
 DEFAULT_OLD_LOAD_GRACE_S = 60
+# The switch: set every pointer of the load and return what each held before, in one atomic
+# step (one script on one slot: the pointers share a hash tag), so the clean-up expires exactly
+# the loads this switch made unreachable, even when two loads race.
+_SWITCH = """
+local previous = {}
+for i, key in ipairs(KEYS) do
+  previous[i] = redis.call('GET', key)
+  redis.call('SET', key, ARGV[1])
+end
+return previous
+"""
+
+
+class MissingColumnsError(ValueError):
+    """A feature table lacks columns the schema needs; the message names them."""
 
 
 @dataclass
@@ -41,7 +58,7 @@ class LoadReport:
 
     schema_version: str
     load_id: str
-    previous_load_id: str | None
+    previous_load_ids: dict[str, str | None]  # per entity loaded: the load its pointer left
     users: int = 0
     items: int = 0
     skipped_null_ids: int = 0
@@ -50,6 +67,7 @@ class LoadReport:
     seconds: float = 0.0
     ttl_s: int | None = None
     old_keys_expiring: int = 0
+    defaulted_columns: dict[str, list[str]] = field(default_factory=dict)  # allowed, per entity
     counts: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -65,6 +83,7 @@ class EncodedGroup:
     records: np.ndarray  # structured array of group.record_dtype()
     skipped_null_ids: int
     duplicate_ids: int
+    defaulted_columns: tuple[str, ...] = ()  # absent from the table, written as their default
 
 
 def ids_as_strings(column: pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -77,10 +96,24 @@ def ids_as_strings(column: pa.Array | pa.ChunkedArray) -> pa.Array:
     return arr
 
 
-def encode_table(group: GroupSchema, table: pa.Table, written_at: float) -> EncodedGroup:
-    """Encode a raw entity table (key column + raw feature columns) into packed records."""
+def encode_table(
+    group: GroupSchema, table: pa.Table, written_at: float, *, allow_missing_columns: bool = False
+) -> EncodedGroup:
+    """Encode a raw entity table (key column + raw feature columns) into packed records.
+
+    A feature column absent from the table raises `MissingColumnsError`: it would be written as
+    the feature's default for every entity. `allow_missing_columns=True` writes the defaults and
+    names the columns in `EncodedGroup.defaulted_columns`.
+    """
     if group.key is None or group.key not in table.column_names:
         raise ValueError(f"{group.entity} table needs its key column {group.key!r}")
+    absent = tuple(name for name in group.feature_names if name not in table.column_names)
+    if absent and not allow_missing_columns:
+        raise MissingColumnsError(
+            f"{group.entity} table lacks the feature column(s) {', '.join(absent)} of the schema "
+            f"(every {group.entity} would get their default); add them, or allow the defaults "
+            "explicitly"
+        )
     ids_arr = ids_as_strings(table.column(group.key))
     valid = pc.is_valid(ids_arr)
     n_null = len(ids_arr) - int(pc.sum(valid).as_py() or 0)
@@ -102,7 +135,7 @@ def encode_table(group: GroupSchema, table: pa.Table, written_at: float) -> Enco
     records["written_at"] = written_at
     records["cat"] = cat
     records["dense"] = dense
-    return EncodedGroup(group.entity, ids, records, n_null, n_dup)
+    return EncodedGroup(group.entity, ids, records, n_null, n_dup, absent)
 
 
 def content_load_id(schema: FeatureSchema, groups: list[EncodedGroup]) -> str:
@@ -180,11 +213,15 @@ def load_tables(
     old_load_grace_s: int | None = DEFAULT_OLD_LOAD_GRACE_S,
     progress: bool = False,
     now: float | None = None,
+    allow_missing_columns: bool = False,
 ) -> LoadReport:
-    """Encode and write the tables as a new load, then switch the schema's pointer to it.
+    """Encode and write the tables as a new load, then switch the pointers of its entities to it.
 
-    `old_load_grace_s=None` leaves the previous load untouched (e.g. to roll back by hand);
-    `now` overrides the records' write time (tests of staleness).
+    Only the entities given move: a load of the items alone leaves the users' pointer (and
+    their records) as they were. Every table is encoded before anything is written, so a refused
+    table (`MissingColumnsError`) writes nothing. `old_load_grace_s=None` leaves the previous
+    load untouched (e.g. to roll back by hand); `now` overrides the records' write time (tests
+    of staleness).
     """
     started = time.perf_counter()
     written_at = time.time() if now is None else now
@@ -193,12 +230,13 @@ def load_tables(
         group = schema.group(entity)
         if group is None or table is None:
             continue
-        encoded.append(encode_table(group, table, written_at))
+        encoded.append(
+            encode_table(group, table, written_at, allow_missing_columns=allow_missing_columns)
+        )
+    if not encoded:
+        raise ValueError("nothing to load: no table for an entity of this schema")
     lid = load_id or content_load_id(schema, encoded)
-    ptr = pointer_key(prefix, schema.version)
-    previous = client.get(ptr)
-    previous_id = previous.decode() if isinstance(previous, bytes) else previous
-    report = LoadReport(schema.version, lid, previous_id, ttl_s=ttl_s)
+    report = LoadReport(schema.version, lid, {}, ttl_s=ttl_s)
     total = sum(len(e.ids) for e in encoded)
     bar = _progress_bar(total, f"load {lid}") if progress else None
     try:
@@ -211,16 +249,29 @@ def load_tables(
             setattr(report, f"{enc.entity}s", len(enc.ids))
             report.skipped_null_ids += enc.skipped_null_ids
             report.duplicate_ids += enc.duplicate_ids
+            if enc.defaulted_columns:
+                report.defaulted_columns[enc.entity] = list(enc.defaulted_columns)
     finally:
         if bar is not None:
             bar.close()
-    client.set(ptr, lid)  # the atomic switch: readers see the new load from their next request
-    if previous_id is not None and previous_id != lid and old_load_grace_s is not None:
-        report.old_keys_expiring = expire_load(
-            client, load_pattern(prefix, schema.version, previous_id), old_load_grace_s, batch_size
-        )
+    # the atomic switch: readers see the new load from their next request
+    entities = [enc.entity for enc in encoded]
+    pointers = [pointer_key(prefix, schema.version, entity) for entity in entities]
+    previous = client.eval(_SWITCH, len(pointers), *pointers, lid)
+    for entity, prev in zip(entities, previous, strict=True):
+        prev_id = prev.decode() if isinstance(prev, bytes) else prev
+        report.previous_load_ids[entity] = prev_id
+        if prev_id is not None and prev_id != lid and old_load_grace_s is not None:
+            report.old_keys_expiring += expire_load(
+                client, load_pattern(prefix, schema.version, prev_id, entity), old_load_grace_s,
+                batch_size,
+            )  # fmt: skip
     report.seconds = time.perf_counter() - started
-    report.counts = {"users": report.users, "items": report.items}
+    report.counts = {
+        "users": report.users,
+        "items": report.items,
+        "defaulted_columns": sum(len(c) for c in report.defaulted_columns.values()),
+    }
     return report
 
 

@@ -1,6 +1,8 @@
 // mmoe-ranker playground: plain JS, no build step, no dependencies, same-origin calls only.
 // Reads the tasks from GET /model, ids from GET /playground/sample, presets from
 // GET /playground/config, and re-ranks through POST /rank whenever a control changes.
+// The re-rank controls send a `rerank` object (diversity, filters, a rules preset); with one on,
+// the request asks for `explain`, so each item says which rule moved it and from where.
 "use strict";
 
 const DEBOUNCE_MS = 150;
@@ -222,6 +224,11 @@ async function rank() {
     explain: $("explain").checked,
   };
   if (Object.keys(context).length) body.context = context;
+  const rerank = currentRerank();
+  if (rerank) {
+    body.rerank = rerank;
+    body.explain = true; // per-item "moved by" comes with explain
+  }
   const seq = ++state.seq;
   setStatus("ranking…", "busy");
   const t0 = performance.now();
@@ -290,6 +297,8 @@ function render(resp, key) {
       el("span", { class: "final", text: fmt(it.score), title: "final score" }),
       el("div", { class: "bars" }, bars),
     ]);
+    const why = whyMoved(it, pos);
+    if (why) li.append(why);
     if (it.id === state.selectedItem) li.classList.add("selected");
     li.addEventListener("click", () => selectItem(it.id));
     return li;
@@ -305,7 +314,76 @@ function render(resp, key) {
     `model ${resp.model.name} v${resp.model.version} · tasks ${tasks.join(", ")}` +
     (state.nExperts ? ` · ${state.nExperts} experts` : "");
   renderLegend(resp.scoring);
+  renderRerankSummary(resp.rerank);
   renderHeatmap();
+}
+
+// ---------- re-rank ----------
+
+function buildRerank(config) {
+  const rc = config || {};
+  const attrSel = $("diversity-attr");
+  attrSel.replaceChildren(...(rc.attributes || []).map((a) => el("option", { value: a, text: a })));
+  if (!(rc.attributes || []).length) $("diversity-on").disabled = true;
+  const presetSel = $("rerank-preset");
+  for (const name of rc.presets || []) presetSel.append(el("option", { value: name, text: name }));
+  $("rerank-preset-row").hidden = !(rc.presets || []).length;
+  presetSel.value = rc.default_preset || "";
+  for (const id of ["diversity-on", "diversity-k", "diversity-w", "diversity-attr", "filters-on",
+    "filter-seen", "rerank-preset"]) {
+    $(id).addEventListener("change", () => scheduleRank(0));
+  }
+  $("filter-ids").addEventListener("input", () => scheduleRank(400));
+}
+
+function currentRerank() {
+  const out = {};
+  const preset = $("rerank-preset").value;
+  out.preset = preset || null; // null: not even the rules file's default preset
+  if ($("diversity-on").checked) {
+    out.diversity = {
+      attribute: $("diversity-attr").value,
+      max_per_window: Number($("diversity-k").value) || 1,
+      window: Number($("diversity-w").value) || 2,
+    };
+  } // unchecked: the preset's own diversity (if any) applies
+  if ($("filters-on").checked) {
+    const { ids } = parseIds($("filter-ids").value);
+    out.filters = { exclude: ids, seen: $("filter-seen").checked };
+  }
+  const anything = preset || out.diversity || out.filters;
+  return anything ? out : (state.config.rerank?.default_preset ? out : null);
+}
+
+function whyMoved(it, pos) {
+  // The rules that moved the item past others, and its place in the plain score order
+  // (an item can also shift with no rule of its own: an item above it was filtered or pinned).
+  const rr = it.rerank;
+  if (!rr || !rr.rules.length) return null;
+  const was = rr.from === pos ? "same place" : `was #${rr.from + 1}`;
+  return el("span", {
+    class: "why", "data-rules": rr.rules.join(","), "data-from": String(rr.from),
+    text: `moved by ${rr.rules.join(" + ")} · ${was}`,
+  });
+}
+
+function renderRerankSummary(summary) {
+  const box = $("rerank-summary");
+  if (!summary) {
+    box.textContent = "";
+    box.dataset.applied = "";
+    return;
+  }
+  const parts = [summary.applied.length ? `applied: ${summary.applied.join(", ")}` : "no rule changed the list"];
+  if (summary.filtered) parts.push(`${summary.filtered} filtered out`);
+  for (const r of summary.relaxed || []) {
+    parts.push(r.rule === "diversity"
+      ? `diversity relaxed at position${r.positions.length > 1 ? "s" : ""} ${r.positions.map((p) => p + 1).join(", ")}`
+      : `${r.rule}: ${r.reason}${r.id ? ` (${r.id})` : ""}`);
+  }
+  for (const a of summary.adjusted || []) parts.push(a);
+  box.textContent = parts.join(" · ");
+  box.dataset.applied = summary.applied.join(",");
 }
 
 function renderLegend(scoring) {
@@ -384,6 +462,7 @@ async function start() {
     $("n-items").max = String(state.config.max_candidates);
     buildSliders();
     buildPresets();
+    buildRerank(state.config.rerank);
     await loadSample(true);
   } catch (e) {
     setStatus(`cannot start: ${e.message || e}`, "error");

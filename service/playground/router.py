@@ -15,6 +15,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 
+from service.errors import error_response, request_id_of
+
 STATIC_DIR = Path(__file__).resolve().parent
 STATIC_FILES = {
     "playground.css": "text/css; charset=utf-8",
@@ -60,10 +62,11 @@ def _max_candidates(request: Request) -> int:
     return int(getattr(getattr(state, "settings", None), "max_candidates", MAX_SAMPLE_ITEMS))
 
 
-def _invalid(field: str, message: str) -> JSONResponse:
-    """The service's 422 shape: the field and the limit."""
-    body = {"error": "invalid_request", "detail": [{"field": field, "message": message}]}
-    return JSONResponse(body, status_code=422)
+def _invalid(request: Request, field: str, message: str) -> Response:
+    """The service's 422 answer: the field and the limit."""
+    return error_response(422, "invalid_request", f"{field}: {message}",
+                          detail=[{"field": field, "message": message}],
+                          request_id=request_id_of(request.scope))
 
 
 @router.get("/playground", include_in_schema=False)
@@ -78,11 +81,11 @@ async def playground_sample(
     users: Annotated[int, Query(ge=1, le=MAX_SAMPLE_USERS)] = 20,
     items: Annotated[int, Query(ge=1, le=MAX_SAMPLE_ITEMS)] = 50,
     seed: Annotated[int | None, Query(ge=0, le=2**32 - 1)] = None,
-) -> JSONResponse:
+) -> Response:
     """Random user ids and item ids from the serving model's vocabularies, plus context choices."""
     limit = _max_candidates(request)
     if items > limit:
-        return _invalid("items", f"at most {limit} items (the service's max_candidates)")
+        return _invalid(request, "items", f"at most {limit} items (the service's max_candidates)")
     model = _serving_model(request)
     schema = model.schema
     rng = random.Random(seed)
@@ -105,8 +108,29 @@ async def playground_config(request: Request) -> JSONResponse:
         "weight_min": getattr(settings, "weight_min", 0.0),
         "weight_max": getattr(settings, "weight_max", 100.0),
         "max_candidates": _max_candidates(request),
+        "rerank": _rerank_config(request),
     }
     return JSONResponse(out, headers={"Cache-Control": "no-store"})
+
+
+def _rerank_config(request: Request) -> dict[str, Any]:
+    """The re-rank controls: the serving model's categorical item attributes, the rules file's
+    preset names and default, the pinned-share bound."""
+    state = getattr(request.app.state, "ranker", None)
+    serving = getattr(state, "serving", None)
+    group = getattr(getattr(serving, "model", None), "schema", None)
+    group = group.group("item") if group is not None else None
+    key = getattr(group, "key", None)
+    attrs = [f.name for f in getattr(group, "categorical", ()) if f.name != key]
+    rules = getattr(getattr(state, "pipeline", None), "rules", None)
+    config = rules.current() if rules is not None else None
+    settings = getattr(state, "settings", None)
+    return {
+        "attributes": attrs,
+        "presets": sorted(getattr(config, "presets", {}) or {}),
+        "default_preset": getattr(config, "default_preset", None),
+        "max_pinned_share": getattr(settings, "rerank_max_pinned_share", 0.2),
+    }
 
 
 @router.get("/playground/{name}", include_in_schema=False)

@@ -38,7 +38,7 @@ def quick_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("bench")
     version_dir = export_tiny_model(tmp / "models", name="mmoe")
     out_dir = tmp / "results"
-    cmd = [sys.executable, "-m", "ranker.cli", "bench", "--quick", "--model-dir",
+    cmd = [sys.executable, "-m", "launch.cli", "bench", "--quick", "--model-dir",
            str(version_dir), "--data-dir", str(tmp / "no-data"), "--out-dir", str(out_dir),
            "--name", "smoke"]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -7,14 +7,15 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+import redis
 from redis.cluster import RedisCluster
 
-from service.featurestore.embedded import RedisClusterServer
+from launch.local_redis import RedisClusterServer
+from ranker.examples import tiny_schema
 from service.featurestore.keys import record_key_prefix
 from service.featurestore.reader import FeatureStore, FeatureStoreUnavailable, make_client
 from service.featurestore.writer import load_tables, make_sync_client
 from tests.featurestore.tables import items_table, users_table
-from tests.tiny import tiny_schema
 
 SCHEMA = tiny_schema()
 ITEMS = [f"i{i}" for i in range(30)]
@@ -80,13 +81,43 @@ async def test_switch_and_idempotent_reload_on_cluster(
     )
     try:
         await fs.fetch("u1", ["i1"])
-        assert fs.load_id == second.load_id
+        assert fs.load_ids == {"user": second.load_id, "item": second.load_id}
         res = await fs.fetch("u1", ["i1"])
         np.testing.assert_allclose(
             res.inputs["user_dense"], [[(np.log1p(3.0) - 1.5) / 0.8]], rtol=1e-6
         )
     finally:
         await fs.aclose()
+
+
+def _cluster_clients(cluster: RedisClusterServer) -> int:
+    """Clients connected to the cluster's nodes, not counting the counting connections."""
+    total = 0
+    for node in cluster.nodes:
+        raw = redis.Redis(host="127.0.0.1", port=node.port, socket_timeout=5)
+        try:
+            total += len(raw.client_list()) - 1
+        finally:
+            raw.close()
+    return total
+
+
+async def test_close_client_disconnects_every_node(
+    cluster: RedisClusterServer, cluster_client: RedisCluster
+) -> None:
+    from service.featurestore.reader import close_client
+
+    load_tables(cluster_client, SCHEMA, users_table(), items_table())
+    before = _cluster_clients(cluster)
+    client = make_client(cluster.url, cluster=True, connect_timeout_s=1.0, socket_timeout_s=1.0)
+    fs = FeatureStore(client, SCHEMA)
+    await fs.fetch("u1", ITEMS)
+    assert _cluster_clients(cluster) - before >= 3  # at least one connection per master
+    await close_client(client)
+    end = time.monotonic() + 5
+    while _cluster_clients(cluster) != before:
+        assert time.monotonic() < end, "the cluster client left connections open"
+        time.sleep(0.02)
 
 
 async def test_cluster_node_down_is_a_typed_error(

@@ -14,13 +14,13 @@ import pyarrow as pa
 import pytest
 import redis
 
+from launch.local_redis import RedisServer
+from ranker.examples import tiny_schema
 from ranker.schema import FeatureSchema
-from service.featurestore.embedded import RedisServer
 from service.featurestore.keys import pointer_key, record_key_prefix
 from service.featurestore.reader import FeatureStore, FeatureStoreUnavailable, make_client
 from service.featurestore.writer import LoadReport, load_tables
 from tests.featurestore.tables import items_table, users_table
-from tests.tiny import tiny_schema
 
 SCHEMA = tiny_schema()
 
@@ -96,7 +96,8 @@ async def test_unknown_user_and_items_get_defaults(redis_url: str, store: Featur
 
 async def test_nothing_loaded_means_all_defaults(redis_url: str, store: FeatureStore) -> None:
     res = await store.fetch("u1", ["i1", "i2"])
-    assert res.user_defaulted and res.items_defaulted == 2 and store.load_id is None
+    assert res.user_defaulted and res.items_defaulted == 2
+    assert store.load_ids == {"user": None, "item": None}
 
 
 async def test_stale_records_are_treated_as_missing(redis_url: str) -> None:
@@ -112,8 +113,9 @@ async def test_stale_records_are_treated_as_missing(redis_url: str) -> None:
         np.testing.assert_allclose(r.inputs["user_dense"], [[-1.875]])
         # one fresh record among stale ones: rewrite i2 with written_at = now
         raw = redis.Redis.from_url(redis_url)
-        assert strict.load_id is not None
-        key = record_key_prefix("rk", SCHEMA.version, strict.load_id, "item") + "i2"
+        item_load = strict.load_ids["item"]
+        assert item_load is not None
+        key = record_key_prefix("rk", SCHEMA.version, item_load, "item") + "i2"
         item_dtype = SCHEMA.group("item").record_dtype()  # type: ignore[union-attr]
         rec: np.ndarray = np.frombuffer(raw.get(key), item_dtype).copy()  # type: ignore[arg-type]
         rec["written_at"] = time.time()
@@ -130,9 +132,10 @@ async def test_stale_records_are_treated_as_missing(redis_url: str) -> None:
 async def test_corrupt_record_is_defaulted(redis_url: str, store: FeatureStore) -> None:
     _load(redis_url)
     await store.fetch("u1", [])
-    assert store.load_id is not None
+    item_load = store.load_ids["item"]
+    assert item_load is not None
     raw = redis.Redis.from_url(redis_url)
-    raw.set(record_key_prefix("rk", SCHEMA.version, store.load_id, "item") + "i1", b"short")
+    raw.set(record_key_prefix("rk", SCHEMA.version, item_load, "item") + "i1", b"short")
     raw.close()
     r = await store.fetch("u1", ["i1", "i2"])
     np.testing.assert_array_equal(r.item_defaulted_mask, [True, False])
@@ -152,7 +155,7 @@ async def test_new_schema_never_decodes_old_records(redis_url: str) -> None:
         _load(redis_url, new)  # both schemas' records now live side by side
         r_new, r_old = await fs_new.fetch("u1", ["i1"]), await fs_old.fetch("u1", ["i1"])
         assert not r_new.user_defaulted and not r_old.user_defaulted
-        assert fs_new.load_id != fs_old.load_id
+        assert fs_new.load_ids != fs_old.load_ids
     finally:
         await fs_new.aclose()
         await fs_old.aclose()
@@ -161,22 +164,24 @@ async def test_new_schema_never_decodes_old_records(redis_url: str) -> None:
 async def test_atomic_switch_to_a_new_load(redis_url: str, store: FeatureStore) -> None:
     first = _load(redis_url)
     r1 = await store.fetch("u3", ["i1"])
-    assert store.load_id == first.load_id
+    assert store.load_ids == {"user": first.load_id, "item": first.load_id}
     second = _load(redis_url, users=users_table(activity_scale=2.0), old_load_grace_s=30)
-    assert second.load_id != first.load_id and second.previous_load_id == first.load_id
+    assert second.load_id != first.load_id
+    assert second.previous_load_ids == {"user": first.load_id, "item": first.load_id}
     assert second.old_keys_expiring == 40
     raw = redis.Redis.from_url(redis_url)
     old_key = record_key_prefix("rk", SCHEMA.version, first.load_id, "user") + "u3"
     assert 0 < raw.ttl(old_key) <= 30  # still readable by requests in flight
-    assert raw.get(pointer_key("rk", SCHEMA.version)) == second.load_id.encode()
+    for entity in ("user", "item"):
+        assert raw.get(pointer_key("rk", SCHEMA.version, entity)) == second.load_id.encode()
     raw.close()
-    # the request that notices the new pointer still reads the old, complete load ...
+    # the request that notices the new pointers reads again, under the new load ...
     r2 = await store.fetch("u3", ["i1"])
-    np.testing.assert_array_equal(r2.inputs["user_dense"], r1.inputs["user_dense"])
-    assert store.load_id == second.load_id
-    # ... and the next one reads the new load; nobody ever saw a half-written load or defaults
+    np.testing.assert_allclose(r2.inputs["user_dense"], [[_activity(6.0)]], rtol=1e-6)
+    assert store.load_ids == {"user": second.load_id, "item": second.load_id}
+    # ... and so does every later one; nobody ever saw a half-written load or defaults
     r3 = await store.fetch("u3", ["i1"])
-    np.testing.assert_allclose(r3.inputs["user_dense"], [[_activity(6.0)]], rtol=1e-6)
+    np.testing.assert_array_equal(r3.inputs["user_dense"], r2.inputs["user_dense"])
     assert not any(r.user_defaulted or r.items_defaulted for r in (r1, r2, r3))
 
 
@@ -185,8 +190,9 @@ async def test_reload_is_idempotent(redis_url: str) -> None:
     raw = redis.Redis.from_url(redis_url)
     keys_after_first = raw.dbsize()
     b = _load(redis_url)
-    assert b.load_id == a.load_id and b.previous_load_id == a.load_id
-    assert b.old_keys_expiring == 0 and raw.dbsize() == keys_after_first == 10 + 30 + 1
+    assert b.load_id == a.load_id
+    assert b.previous_load_ids == {"user": a.load_id, "item": a.load_id}
+    assert b.old_keys_expiring == 0 and raw.dbsize() == keys_after_first == 10 + 30 + 2
     assert raw.ttl(record_key_prefix("rk", SCHEMA.version, a.load_id, "item") + "i1") == -1
     raw.close()
 
@@ -200,7 +206,8 @@ async def test_ttl(redis_url: str) -> None:
 
 
 async def test_null_and_duplicate_ids(redis_url: str, store: FeatureStore) -> None:
-    users = pa.table({"user_id": ["u1", None, "u2", "u1"], "country": ["us", "de", "br", "in"]})
+    users = pa.table({"user_id": ["u1", None, "u2", "u1"], "country": ["us", "de", "br", "in"],
+                      "activity": [1.0, 2.0, 3.0, 4.0]})
     rep = _load(redis_url, users=users)
     assert (rep.users, rep.skipped_null_ids, rep.duplicate_ids) == (2, 1, 1)
     r = await store.fetch("u1", [])

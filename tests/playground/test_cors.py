@@ -9,7 +9,7 @@ import pytest
 from fastapi import FastAPI
 from pydantic import BaseModel
 
-from service.cors import CorsConfigError, add_cors, check_cors_config
+from service.middleware.cors import CorsConfigError, check_cors_config, cors_middleware
 
 ALLOWED = "http://app.example.test:3000"
 OTHER = "http://evil.example.test"
@@ -21,13 +21,14 @@ class Body(BaseModel):
 
 def make_app(origins: list[str], credentials: bool = False) -> FastAPI:
     """A small app with a POST /rank route; CORS installed exactly as the service does."""
-    app = FastAPI()
+    settings = SimpleNamespace(cors_origins=origins, cors_allow_credentials=credentials)
+    cors = cors_middleware(settings)
+    app = FastAPI(middleware=[cors] if cors else [])
 
     @app.post("/rank")
     async def rank(body: Body) -> dict[str, str]:
         return {"user_id": body.user_id}
 
-    add_cors(app, SimpleNamespace(cors_origins=origins, cors_allow_credentials=credentials))
     return app
 
 

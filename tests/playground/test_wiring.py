@@ -12,7 +12,7 @@ import pytest
 from asgi_lifespan import LifespanManager
 
 from service.app import create_app
-from service.cors import CorsConfigError
+from service.middleware.cors import CorsConfigError
 from service.settings import Settings
 
 ORIGIN = "http://localhost:5173"

@@ -76,3 +76,35 @@ def test_feedback_round_trips() -> None:
     ev = FeedbackEvent("r1", "i2", "like", 1_700_000_001.0)
     assert decode_feedback(encode_feedback(ev)) == ev
     assert feedback_table([("5-1", ev)])["event"].to_pylist() == ["like"]
+
+
+@pytest.mark.parametrize("change", [
+    {"ts": float("nan")}, {"ts": -1.0}, {"ts": 1e12}, {"context": [1, 2]}, {"weights": None},
+    {"items": [1, 2, 3]}, {"request_id": 7}, {"arm": 3}, {"model": ["mmoe"]}, {"tasks": None},
+    {"inputs": {"user_cat": ["<U4", [1, 2]]}}, {"inputs": {"item_cat": ["<i8", [2, 1]]}},
+])
+def test_any_bad_meta_is_a_format_error(change: dict) -> None:
+    """Whatever the JSON holds, decoding raises LogFormatError (the exporter's dead letter)."""
+    import orjson
+
+    fields = encode_served(record())
+    meta = {**orjson.loads(fields[b"meta"]), **change}
+    with pytest.raises(LogFormatError):
+        decode_served({**fields, b"meta": orjson.dumps(meta)})
+
+
+def test_feedback_of_another_shape_is_a_format_error() -> None:
+    for meta in (b"[1]", b'{"v": 1, "request_id": "r"}', b'{"v": 1, "request_id": "r", '
+                 b'"item_id": "i", "event": "click", "ts": "soon"}'):
+        with pytest.raises(LogFormatError):
+            decode_feedback({b"meta": meta})
+
+
+def test_the_parquet_layout_names() -> None:
+    from ranker.servedlog import hour_partition, parse_stream_id, part_name, part_range
+
+    assert hour_partition(1_796_115_599.9) == "hour=2026-12-01T08"  # UTC, 08:59:59.9
+    assert part_range(part_name("1796115599000-0", "1796115600000-12")) == (
+        (1796115599000, 0), (1796115600000, 12))
+    assert part_range(".tmp-exporter-1-1-0-2-0.parquet") is None
+    assert parse_stream_id("10-2") > parse_stream_id("9-30")  # numeric, not string, order

@@ -23,7 +23,8 @@ MODES = ("arena", "arena_no_warmup", "no_arena")
 def export_mid_model(repo: Path) -> Path:
     import torch
 
-    from tests.tiny import TASKS, golden_inputs, tiny_schema
+    from ranker.examples import golden_inputs, tiny_schema
+    from tests.tiny import TASKS
     from training.export import export_model
     from training.model import ModelConfig, MultiTaskModel, inputs_from_schema
 
@@ -40,7 +41,7 @@ def run_mode(version_dir: Path, mode: str, calls: int) -> dict[str, object]:
     import onnxruntime as ort
 
     from service.registry import load_version
-    from tests.reliability.procs import rss_kib
+    from tests.support import rss_kib
 
     model = load_version(version_dir, warmup_sizes=())
     opts = ort.SessionOptions()

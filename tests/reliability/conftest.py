@@ -3,7 +3,6 @@ the expected scores of every (user, item) pair computed directly with onnxruntim
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import redis
 
-from service.featurestore.embedded import RedisServer
+from launch.local_redis import RedisServer
 from tests.reliability.oracle import Oracle
 from tests.tiny import MODEL_NAME
 
@@ -57,24 +56,6 @@ def live_redis(feature_redis: RedisServer) -> RedisServer:
     if not feature_redis.running:
         feature_redis.start()
     return feature_redis
-
-
-def service_env(repo: Path, redis_url: str | None, **settings: object) -> dict[str, str]:
-    """RANKER_* environment for a server process: quick warm-up, the test Redis."""
-    env = {
-        "RANKER_MODEL_REPO": str(repo),
-        "RANKER_MODEL_NAME": MODEL_NAME,
-        "RANKER_WARMUP_BATCH_SIZES": "[1, 64]",
-        "RANKER_REQUEST_TIMEOUT_S": "1.0",
-        "RANKER_REDIS_CONNECT_TIMEOUT_S": "0.2",
-        "RANKER_REDIS_SOCKET_TIMEOUT_S": "0.2",
-    }
-    if redis_url:
-        env["RANKER_REDIS_URL"] = redis_url
-    for key, value in settings.items():
-        env[f"RANKER_{key.upper()}"] = value if isinstance(value, str) else json.dumps(value)
-    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    return env
 
 
 def rank_body(i: int, n: int = 20, n_users: int = 10, n_items: int = 60) -> dict[str, Any]:

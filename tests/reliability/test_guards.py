@@ -1,4 +1,4 @@
-"""Unit tests of service/guards on a tiny Starlette app (in-process ASGI, real asyncio timing)."""
+"""Unit tests of the middleware on a tiny Starlette app (in-process ASGI, real asyncio timing)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from service.guards.auth import ApiKeyMiddleware, key_matches, parse_keys
-from service.guards.limits import DeadlineMiddleware, remaining_s
-from service.middleware import RequestContextMiddleware
+from service.middleware.auth import ApiKeyMiddleware, key_matches, parse_keys
+from service.middleware.context import RequestContextMiddleware
+from service.middleware.deadline import DeadlineMiddleware, remaining_s
 
 
 def tiny_app(

@@ -15,9 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.featurestore.embedded import RedisServer
-from tests.reliability.conftest import service_env
-from tests.reliability.procs import ServerProcess
+from launch.local_redis import RedisServer
+from tests.support import ServerProcess, service_env
 
 CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,"
           "response_schema_conformance")

@@ -12,9 +12,9 @@ import httpx
 import orjson
 import redis
 
-from service.featurestore.embedded import RedisServer
-from tests.reliability.conftest import service_env
-from tests.reliability.procs import ServerProcess, run_load
+from launch.local_redis import RedisServer
+from tests.reliability.procs import run_load
+from tests.support import ServerProcess, service_env
 
 MAX_BODY = 4096
 MAX_CANDIDATES = 50

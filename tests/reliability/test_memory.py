@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.featurestore.embedded import RedisServer
-from tests.reliability.conftest import service_env
-from tests.reliability.procs import ServerProcess, post_json, run_load
+from launch.local_redis import RedisServer
+from tests.reliability.procs import post_json, run_load
+from tests.support import ServerProcess, service_env
 
 MAX_CANDIDATES = 1000
 

@@ -14,11 +14,12 @@ import pytest
 import redis
 import redis.asyncio as aredis
 
-from service.featurestore.embedded import RedisServer
-from tests.reliability.conftest import rank_body, service_env
+from launch.local_redis import RedisServer
+from tests.reliability.conftest import rank_body
 from tests.reliability.oracle import Oracle
-from tests.reliability.procs import ServerProcess, post_json, run_load
+from tests.reliability.procs import post_json, run_load
 from tests.reliability.test_readiness_swap import metric_value
+from tests.support import ServerProcess, service_env
 
 
 def pause_redis(url: str, ms: int) -> None:

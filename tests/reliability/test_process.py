@@ -12,13 +12,13 @@ import httpx
 import pytest
 import redis
 
-from service.featurestore.embedded import RedisServer
-from service.guards.wiring import ort_threads_per_worker
-from service.multiproc import clean_multiproc_dir
-from tests.reliability.conftest import rank_body, service_env
-from tests.reliability.procs import ServerProcess, children_of, free_port, post_json, run_load
+from launch.local_redis import RedisServer
+from launch.serve import clean_multiproc_dir, ort_threads_per_worker
+from tests.reliability.conftest import rank_body
+from tests.reliability.procs import post_json, run_load
 from tests.reliability.test_overload_redis import pause_redis
 from tests.reliability.test_readiness_swap import metric_value
+from tests.support import ServerProcess, children_of, free_port, service_env
 
 
 def redis_clients(url: str) -> int:

@@ -9,10 +9,11 @@ from typing import Any
 
 import httpx
 
-from service.featurestore.embedded import RedisServer
-from tests.reliability.conftest import rank_body, service_env
+from launch.local_redis import RedisServer
+from tests.reliability.conftest import rank_body
 from tests.reliability.oracle import Oracle
-from tests.reliability.procs import LoadResult, ServerProcess, post_json, run_load
+from tests.reliability.procs import LoadResult, post_json, run_load
+from tests.support import ServerProcess, service_env
 from tests.tiny import install_version
 
 

@@ -1,11 +1,13 @@
-"""Helpers for the service tests: feature tables, Redis command counts, metric samples."""
+"""Helpers for the service tests: feature tables, Redis command counts, metric samples.
+
+Test settings are `tests.support.settings_for`.
+"""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
@@ -70,21 +72,6 @@ def metric(name: str, labels: dict[str, str] | None = None) -> float:
     """Current value of one sample in this process's registry (0 if absent)."""
     value = REGISTRY.get_sample_value(name, labels or {})
     return float(value) if value is not None else 0.0
-
-
-def settings_for(model_repo: Path, redis_url: str | None, **kw: Any) -> Settings:
-    """Test settings: the tiny model, quick warm-up, the test Redis."""
-    base: dict[str, Any] = {
-        "model_repo": model_repo,
-        "model_name": "mmoe",
-        "redis_url": redis_url,
-        "warmup_batch_sizes": [1, 8],
-        "request_timeout_s": 1.0,
-        "redis_connect_timeout_s": 0.2,
-        "redis_socket_timeout_s": 0.2,
-    }
-    base.update(kw)
-    return Settings(**base)
 
 
 @contextlib.asynccontextmanager

@@ -9,7 +9,8 @@ import httpx
 import pytest
 import redis
 
-from tests.service.helpers import load_features, metric, running_app, settings_for
+from tests.service.helpers import load_features, metric, running_app
+from tests.support import settings_for
 
 pytestmark = pytest.mark.asyncio
 

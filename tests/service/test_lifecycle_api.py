@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from tests.service.helpers import metric, running_app, settings_for
+from tests.service.helpers import metric, running_app
+from tests.support import settings_for
 from tests.tiny import flip_byte, install_version
 
 pytestmark = pytest.mark.asyncio

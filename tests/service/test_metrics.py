@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from service.metrics import SCORE_BUCKETS
-from tests.service.helpers import load_features, metric, running_app, settings_for
+from tests.service.helpers import load_features, metric, running_app
+from tests.support import settings_for
 
 pytestmark = pytest.mark.asyncio
 
@@ -38,7 +39,8 @@ async def test_metrics_present_and_moving(model_repo, redis_url):
         user_def = metric("ranker_defaulted_entities_total", {"entity": "user"})
         click_obs = metric("ranker_task_score_count", {"task": "click"})
         stages = {s: metric("ranker_stage_duration_seconds_count", {"stage": s})
-                  for s in ("validate", "fetch", "decode", "inference", "combine", "serialize")}
+                  for s in ("validate", "fetch", "decode", "inference", "combine", "rerank",
+                            "serialize")}
         gate_before = {(t, str(m)): metric("ranker_gate_weight_sum_total",
                                            {"task": t, "expert": str(m)})
                        for t in ("click", "like", "share") for m in range(4)}

@@ -16,8 +16,8 @@ from tests.service.helpers import (
     metric,
     mget_calls,
     running_app,
-    settings_for,
 )
+from tests.support import settings_for
 
 pytestmark = pytest.mark.asyncio
 

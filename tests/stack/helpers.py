@@ -25,6 +25,8 @@ COUNTERS = {
     "ranker_model_reloads_total",
     "ranker_rejected_requests_total",
     "ranker_inference_runs_total",
+    "ranker_rerank_rules_applied_total",
+    "ranker_rerank_rules_reloads_total",
 }
 HISTOGRAMS = {
     "ranker_request_duration_seconds",
@@ -39,7 +41,7 @@ COUNTERS |= {
     "ranker_featurestore_retries_total",
 }
 HISTOGRAMS |= {"ranker_featurestore_fetch_seconds"}
-GAUGES = {"ranker_model_info", "ranker_inflight_requests"}
+GAUGES = {"ranker_model_info", "ranker_inflight_requests", "ranker_model_fallback"}
 KNOWN_SERIES = (
     COUNTERS
     | GAUGES

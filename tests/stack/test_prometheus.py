@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 import yaml
 
+from launch import procs
 from tests.stack.helpers import (
     KNOWN_SERIES,
     PROM_CONFIG,
@@ -71,27 +72,11 @@ def _http(method: str, url: str, body: bytes | None = None, timeout: float = 5.0
 
 
 def _wait(what: str, check: Callable[[], bool], timeout_s: float, proc: Any = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"{what}: process exited with {proc.returncode}")
-        try:
-            if check():
-                return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+    procs.wait_until(check, timeout_s=timeout_s, proc=proc, what=what, interval_s=0.2)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+    procs.stop(proc, 15.0)
 
 
 def _prometheus_config(target: str, dest: Path) -> Path:
@@ -107,9 +92,10 @@ def _prometheus_config(target: str, dest: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    from service.featurestore.embedded import RedisServer, free_port
+    from launch.local_redis import RedisServer
+    from launch.procs import free_port
     from service.featurestore.writer import load_tables, make_sync_client
-    from tests.stack.test_mainjob import write_tiny_tables
+    from tests.launch.test_mainjob import write_tiny_tables
 
     tmp = tmp_path_factory.mktemp("promstack")
     repo = tmp / "models"
@@ -139,7 +125,7 @@ def stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
                    RANKER_MAX_BODY_BYTES=str(MAX_BODY), RANKER_METRICS_PORT=str(ops_port),
                    PROMETHEUS_MULTIPROC_DIR=str(tmp / "multiproc"))
         service = subprocess.Popen(
-            [sys.executable, "-m", "ranker.cli", "serve", "--host", "127.0.0.1", "--port",
+            [sys.executable, "-m", "launch.cli", "serve", "--host", "127.0.0.1", "--port",
              str(port), "--workers", "2", "--log-level", "warning"], cwd=ROOT, env=env)
         procs.append(service)
         service_url = f"http://127.0.0.1:{port}"

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import pytest
 import yaml
 
@@ -28,7 +27,9 @@ from tests.stack.helpers import (
     rules,
 )
 
-SCHEMA = Path(__file__).with_name("compose_schema.json")
+# The official Compose Specification schema, as check-jsonschema vendors it
+# (`check-jsonschema --builtin-schema vendor.compose-spec`), instead of a hand-written subset.
+COMPOSE_SPEC = "vendor.compose-spec"
 
 
 @pytest.fixture(scope="module")
@@ -39,23 +40,37 @@ def compose() -> dict[str, Any]:
 # ---- docker-compose.yml --------------------------------------------------------------------
 
 
-def test_compose_validates_against_the_compose_schema(compose: dict[str, Any]) -> None:
-    schema = json.loads(SCHEMA.read_text())
-    jsonschema.Draft7Validator.check_schema(schema)
-    jsonschema.validate(compose, schema)
+def check_compose(path: Path) -> subprocess.CompletedProcess[str]:
+    """check-jsonschema's CLI with its vendored compose-spec schema on one file."""
+    return subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", COMPOSE_SPEC, str(path)],
+        capture_output=True, text=True, timeout=120,
+    )
 
 
-def test_compose_schema_rejects_what_compose_would_reject(compose: dict[str, Any]) -> None:
+def test_compose_validates_against_the_compose_specification() -> None:
+    done = check_compose(ROOT / "docker-compose.yml")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "ok -- validation done" in done.stdout
+
+
+def test_compose_schema_rejects_what_compose_would_reject(
+    compose: dict[str, Any], tmp_path: Path
+) -> None:
     """The schema has teeth: a misspelt key and a bad depends_on condition both fail."""
-    schema = json.loads(SCHEMA.read_text())
     typo = json.loads(json.dumps(compose))
     typo["services"]["ranker"]["depends_onn"] = typo["services"]["ranker"].pop("depends_on")
-    with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(typo, schema)
     bad = json.loads(json.dumps(compose))
     bad["services"]["ranker"]["depends_on"]["trainer"]["condition"] = "service_finished"
-    with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(bad, schema)
+    wrong_type = json.loads(json.dumps(compose))
+    wrong_type["services"]["ranker"]["read_only"] = {"yes": True}
+    for name, doc, needle in (("typo", typo, "depends_onn"), ("bad", bad, "service_finished"),
+                              ("type", wrong_type, "read_only")):
+        path = tmp_path / f"{name}.docker-compose.yml"
+        path.write_text(yaml.safe_dump(doc))
+        done = check_compose(path)
+        assert done.returncode == 1, f"{name}: {done.stdout}{done.stderr}"
+        assert needle in done.stdout + done.stderr, f"{name}: {done.stdout}"
 
 
 def test_compose_has_the_five_services(compose: dict[str, Any]) -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ranker.examples import tiny_schema
 from ranker.schema import input_name
-from tests.tiny import tiny_schema
 from training.model import ModelConfig, MultiTaskModel, inputs_from_schema
 from training.train import TrainConfig
 

@@ -11,8 +11,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from ranker.examples import golden_inputs, tiny_schema
 from ranker.manifest import load_manifest, load_schema, verify_files
-from tests.tiny import golden_inputs, tiny_schema
 from training.export import export_model, onnx_bytes, torch_outputs
 from training.model import ModelConfig, ModelType, MultiTaskModel, inputs_from_schema
 

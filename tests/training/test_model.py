@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.tiny import golden_inputs, tiny_schema
+from ranker.examples import golden_inputs, tiny_schema
 from training.model import ModelConfig, ModelType, MultiTaskModel, inputs_from_schema
 
 TASKS = ["click", "like", "share"]

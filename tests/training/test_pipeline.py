@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from ranker.cli import main as ranker
+from launch.cli import main as ranker
 from ranker.manifest import list_versions, load_manifest, load_schema, verify_files
 from training.pipeline import ensure_default_model
 

@@ -1,0 +1,276 @@
+"""The /rank request path as one object: validate, fetch, decode, infer, combine, rerank, encode.
+
+`RankingPipeline.rank` runs the stages in order under one deadline on the event loop's clock
+(the clock `asyncio.timeout_at` and the deadline middleware use) and records each stage's
+duration in `ranker_stage_duration_seconds` through one `metrics.StageTimer`. Every stage is a
+public method, so the benchmark (`bench/floors.py`) times exactly what a request runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from service import metrics
+from service.encode import explained_items, ranked_items_json
+from service.errors import DeadlineExceeded, FeatureStoreDown, ModelUnavailable
+from service.featurestore.reader import FeatureStore, FeatureStoreUnavailable
+from service.ranking import combine as combine_scores
+from service.ranking import rank_order, sample_positions
+from service.registry import LoadedModel
+from service.rerank import Outcome, Rules, attributes
+from service.rerank import apply as apply_rules
+from service.rerank_rules import RulesFile
+from service.schemas import RankRequest
+from service.settings import Settings
+from service.validation import check_rank_request, check_rerank, rerank_bounds
+
+
+@dataclass(frozen=True)
+class Serving:
+    """The model being served and the feature store view for its schema: swapped as one object."""
+
+    model: LoadedModel
+    store: FeatureStore | None  # None without Redis
+
+
+@dataclass
+class Features:
+    """Model inputs for one request and how much of them is made up."""
+
+    inputs: dict[str, np.ndarray]
+    user_defaulted: int
+    items_defaulted: int
+    stale: int
+    degraded_reason: str | None
+    seen_mask: np.ndarray | None = None  # [N] in the user's seen set (only when a rule asks)
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How a request is scored: one weight per task and the formula."""
+
+    weights: dict[str, float]
+    formula: str
+    rerank: Rules | None = None  # None: no re-rank rule applies (today's order, today's body)
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """Per-task scores [N, T], gate weights [N, T, M] or None, final scores [N], order [K]."""
+
+    scores: np.ndarray
+    gates: np.ndarray | None
+    final: np.ndarray
+    order: np.ndarray
+    rerank: Outcome | None = None  # what the re-rank stage did, when rules applied
+
+
+def default_features(model: LoadedModel, n: int, reason: str) -> Features:
+    """Every user and item feature at its default: the degraded ranking."""
+    return Features(model.synthetic_inputs(n), 1, n, 0, reason)
+
+
+class RankingPipeline:
+    """Ranks one request against the model being served (`serving`, swapped by the lifespan)."""
+
+    def __init__(self, settings: Settings, executor: Executor) -> None:
+        self.settings = settings
+        self.executor = executor  # inference runs too long to run inline
+        self.serving: Serving | None = None
+        # the re-rank presets; an invalid file at startup raises (RulesFileError)
+        self.rerank_bounds = rerank_bounds(settings)
+        self.rules = RulesFile(settings.rerank_rules_file, self.rerank_bounds,
+                               settings.rerank_rules_poll_s)
+
+    async def rank(self, req: RankRequest, request_id: str) -> bytes:
+        """The JSON response body for `req`: every stage in order, each one timed."""
+        settings = self.settings
+        loop = asyncio.get_running_loop()
+        timer = metrics.StageTimer()
+        deadline = loop.time() + settings.request_timeout_s
+        # the fetch may use the deadline minus the inference budget; inference always gets its
+        # budget, so a degraded ranking still runs after a feature store timeout
+        reserve = min(settings.inference_budget_s, settings.request_timeout_s / 2)
+        serving = self.serving  # held to the end: the response names exactly this version
+        if serving is None:
+            raise ModelUnavailable("no model loaded yet", headers={"Retry-After": "1"})
+        model = serving.model
+        scoring = self.validate(model, req)
+        timer.lap("validate")
+        feats = await self.fetch(serving, req, deadline - reserve,
+                                 seen=scoring.rerank is not None and scoring.rerank.seen)
+        timer.lap("fetch")
+        inputs = self.decode(model, req, feats)
+        timer.lap("decode")
+        infer_deadline = max(deadline, loop.time() + settings.inference_budget_s)
+        scores, gates = await self.infer(model, inputs, len(req.candidates), infer_deadline)
+        timer.lap("inference")
+        ranking = self.combine(model, scoring, scores, gates, req.top_k)
+        timer.lap("combine")
+        ranking = self.rerank(model, req, scoring, ranking, feats)
+        timer.lap("rerank")
+        body = self.encode(req, model, request_id, scoring, ranking, feats)
+        timer.lap("serialize")
+        record_metrics(model, ranking, feats, settings.score_sample_size)
+        return body
+
+    def validate(self, model: LoadedModel, req: RankRequest) -> Scoring:
+        """Check the request against the settings and the model's tasks (InvalidRequest)."""
+        weights = check_rank_request(req, self.settings, model.tasks, model.dense_context)
+        rules = check_rerank(req, self.settings, model.schema, self.rules.current(),
+                             self.rerank_bounds)
+        return Scoring(weights, req.scoring or self.settings.scoring, rules)
+
+    async def fetch(self, serving: Serving, req: RankRequest, deadline: float,
+                    seen: bool = False) -> Features:
+        """One feature-store round trip before `deadline` (event-loop clock); on failure, fail
+        fast (FeatureStoreDown) or degrade to default features, as configured. With `seen`
+        the user's seen set rides in the same round trip (for the re-rank filter)."""
+        model, store = serving.model, serving.store
+        n = len(req.candidates)
+        if store is None:
+            return default_features(model, n, "no_feature_store")
+        remaining = deadline - asyncio.get_running_loop().time()
+        reason = "redis_timeout"
+        if remaining > 0:
+            try:
+                # the reader enforces `timeout_s` on its Redis calls (no extra task per request)
+                res = await store.fetch(req.user_id, req.candidates, timeout_s=remaining,
+                                        seen=seen)
+                return Features(dict(res.inputs), int(res.user_defaulted),
+                                int(res.items_defaulted), int(res.stale), None, res.seen_mask)
+            except FeatureStoreUnavailable as e:
+                reason = "redis_timeout" if e.timed_out else "redis_unavailable"
+            except (ConnectionError, OSError):
+                reason = "redis_unavailable"
+        if self.settings.redis_failure_mode == "degrade":
+            return default_features(model, n, reason)
+        metrics.REJECTED.labels("deadline" if reason == "redis_timeout"
+                                else "feature_store_unavailable").inc()
+        raise FeatureStoreDown(
+            f"feature store {reason.removeprefix('redis_')}; retry later",
+            headers={"Retry-After": str(self.settings.retry_after_s)},
+        )
+
+    def decode(self, model: LoadedModel, req: RankRequest, feats: Features
+               ) -> dict[str, np.ndarray]:
+        """The model's inputs: the fetched features plus the request's context (batch 1)."""
+        inputs = feats.inputs
+        inputs.update(model.context_inputs(req.context))
+        return inputs
+
+    async def infer(self, model: LoadedModel, inputs: dict[str, np.ndarray], n: int,
+                    deadline: float) -> tuple[np.ndarray, np.ndarray | None]:
+        """One batched run of n candidates: inline if the model's warm-up timing says it is
+        short, else on the inference executor, cut off at `deadline` (event-loop clock).
+
+        Inline saves the executor's thread hop (docs/benchmarks.md); it blocks the event loop
+        for at most `inline_inference_max_ms` and cannot be cut off by the deadline, which is
+        why longer runs go to the executor.
+        """
+        settings = self.settings
+        if model.estimated_run_s(n) * 1e3 <= settings.inline_inference_max_ms:
+            metrics.INFERENCE_RUNS_INLINE.inc()
+            return model.run(inputs)
+        metrics.INFERENCE_RUNS_EXECUTOR.inc()
+        future = asyncio.get_running_loop().run_in_executor(self.executor, model.run, inputs)
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await future
+        except TimeoutError as e:
+            metrics.REJECTED.labels("deadline").inc()
+            raise DeadlineExceeded(
+                f"inference did not finish within {settings.request_timeout_s}s",
+                headers={"Retry-After": str(settings.retry_after_s)}) from e
+
+    def combine(self, model: LoadedModel, scoring: Scoring, scores: np.ndarray,
+                gates: np.ndarray | None, top_k: int | None) -> Ranking:
+        """Final scores from the per-task scores and the request's weights; order and cut."""
+        w = np.array([scoring.weights[t] for t in model.tasks], dtype=np.float64)
+        final = combine_scores(scores, w, scoring.formula)
+        return Ranking(scores, gates, final, rank_order(final, top_k))
+
+    def rerank(self, model: LoadedModel, req: RankRequest, scoring: Scoring, ranking: Ranking,
+               feats: Features) -> Ranking:
+        """Boosts, filters, MMR, pins and diversity on the combined scores (service.rerank);
+        without rules the ranking is returned as it is."""
+        rules = scoring.rerank
+        if rules is None:
+            return ranking
+        out = apply_rules(rules, ranking.final, req.candidates, attributes(model.schema),
+                          feats.inputs, feats.seen_mask, req.top_k, explain=req.explain,
+                          order=ranking.order)
+        metrics.count_rerank(out.applied)
+        return Ranking(ranking.scores, ranking.gates, out.final, out.order, out)
+
+    def encode(self, req: RankRequest, model: LoadedModel, request_id: str, scoring: Scoring,
+               ranking: Ranking, feats: Features) -> bytes:
+        """The response body as JSON; the items are pre-encoded unless gates are asked for."""
+        tasks = model.tasks
+        items: Any
+        if req.explain and ranking.gates is not None:
+            items = explained_items(req.candidates, tasks, ranking.scores, ranking.final,
+                                    ranking.order, ranking.gates)
+            if ranking.rerank is not None:
+                add_rerank_explain(items, ranking.rerank)
+        elif req.explain and ranking.rerank is not None:  # a model without gates
+            items = orjson.loads(ranked_items_json(req.candidates, ranking.order, ranking.final,
+                                                   ranking.scores, tasks))
+            add_rerank_explain(items, ranking.rerank)
+        else:
+            items = orjson.Fragment(ranked_items_json(req.candidates, ranking.order,
+                                                      ranking.final, ranking.scores, tasks))
+        body = {
+            "request_id": request_id,
+            "model": {"name": model.name, "version": model.version},
+            "tasks": tasks,
+            "scoring": scoring.formula,
+            "weights": scoring.weights,
+            "items": items,
+            "defaulted": {"user": feats.user_defaulted, "items": feats.items_defaulted,
+                          "stale": feats.stale},
+            "degraded": feats.degraded_reason is not None,
+            "degraded_reason": feats.degraded_reason,
+        }
+        if ranking.rerank is not None:
+            body["rerank"] = rerank_summary(scoring.rerank, ranking.rerank)
+        return orjson.dumps(body)
+
+
+def rerank_summary(rules: Rules | None, out: Outcome) -> dict[str, Any]:
+    """The response's `rerank` object: what the stage did to this list."""
+    return {"preset": None if rules is None else rules.preset, "applied": out.applied,
+            "filtered": out.filtered, "relaxed": out.relaxed,
+            "adjusted": [] if rules is None else list(rules.adjusted)}
+
+
+def add_rerank_explain(items: list[dict[str, Any]], out: Outcome) -> None:
+    """With explain: each item's position in the plain score order and the rules that moved it."""
+    if out.moved_from is None or out.moved_by is None:
+        return
+    for item, start, rules in zip(items, out.moved_from.tolist(), out.moved_by, strict=True):
+        item["rerank"] = {"from": start, "rules": rules}
+
+
+def record_metrics(model: LoadedModel, ranking: Ranking, feats: Features, sample: int) -> None:
+    """Per-request model metrics: counts, a bounded score sample, gate sums."""
+    scores, gates = ranking.scores, ranking.gates
+    n = scores.shape[0]
+    metrics.SCORED.inc(n)
+    metrics.CANDIDATES.observe(n)
+    if feats.user_defaulted:
+        metrics.DEFAULTED.labels("user").inc(feats.user_defaulted)
+    if feats.items_defaulted:
+        metrics.DEFAULTED.labels("item").inc(feats.items_defaulted)
+    if feats.degraded_reason is not None:
+        metrics.DEGRADED.labels(feats.degraded_reason).inc()
+    if sample:
+        metrics.observe_scores(model.tasks, scores, sample_positions(n, sample))
+    if gates is not None:
+        metrics.add_gate_sums(model.tasks, gates)

@@ -1,0 +1,1 @@
+"""`ranker simulate`: simulated users with known true preferences (see docs/simulation.md)."""
