@@ -31,8 +31,11 @@ def test_flatten_params() -> None:
     assert got == {"train.lr": 0.1, "model.h": "[8, 4]", "seeds": "0,1"}
 
 
-@pytest.mark.skipif(not tracking.mlflow_available(),
-                    reason="mlflow is not installed (the optional `track` extra)")
+needs_mlflow = pytest.mark.skipif(not tracking.mlflow_available(),
+                                  reason="mlflow is not installed (the optional `track` extra)")
+
+
+@needs_mlflow
 def test_a_tracked_run_lists_params_curves_and_artifacts(
     small_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -65,8 +68,7 @@ def test_a_tracked_run_lists_params_curves_and_artifacts(
     assert "model.pt" not in names
 
 
-@pytest.mark.skipif(not tracking.mlflow_available(),
-                    reason="mlflow is not installed (the optional `track` extra)")
+@needs_mlflow
 def test_a_tracked_search_has_a_run_per_trial(
     small_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
