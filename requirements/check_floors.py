@@ -23,12 +23,20 @@ from packaging.version import Version
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# the extras `make test-lowest` resolves (the Makefile's LOCK_EXTRAS; `track`, mlflow, is
+# optional and not resolved with them)
+EXTRAS = ("train", "dev", "local", "analysis", "sim")
+
+
 def declared() -> list[Requirement]:
+    """The base dependencies and those of EXTRAS; the project's own extras (`mmoe-ranker[x]`,
+    which pull in x) are not dependencies of their own."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     reqs = list(project["dependencies"])
-    for extra in project.get("optional-dependencies", {}).values():
-        reqs += extra
-    return [Requirement(r) for r in reqs]
+    for extra in EXTRAS:
+        reqs += project.get("optional-dependencies", {}).get(extra, [])
+    own = canonicalize_name(project["name"])
+    return [r for r in map(Requirement, reqs) if canonicalize_name(r.name) != own]
 
 
 def pinned(path: Path) -> dict[str, Version]:

@@ -141,3 +141,10 @@ def test_pip_sources_are_given_to_uv_with_pip_s_index_strategy() -> None:
     assert args[:2] == ["--index-strategy", "unsafe-best-match"]
     assert args[2:] == ["--index-url", "https://i/simple", "--extra-index-url", "file:///a",
                         "--extra-index-url", "file:///b", "--find-links", "/w"]
+
+
+def test_the_lock_the_floor_check_and_the_makefile_name_the_same_extras() -> None:
+    line = next(x for x in (ROOT / "Makefile").read_text().splitlines()
+                if x.startswith("LOCK_EXTRAS"))
+    make_extras = tuple(re.findall(r"--extra (\w+)", line))
+    assert make_extras == check_floors.EXTRAS == LOCKS["lock.txt"], make_extras
