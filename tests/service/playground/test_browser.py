@@ -23,7 +23,7 @@ from tests.conftest import emptied_url
 from tests.service.playground.live import CHROMIUM, CHROMIUM_ARGS, load_features, run_service
 from tests.support import free_port
 
-ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 TIMEOUT_MS = 15_000
 
 if not CHROMIUM.exists():
