@@ -83,6 +83,14 @@ class InvalidRequest(ServiceError):
                          detail=detail)
 
 
+class Forbidden(ServiceError):
+    """A request asking for something its key does not allow (a forced arm without the admin
+    key)."""
+
+    status = 403
+    code = "forbidden"
+
+
 class FeatureStoreDown(ServiceError):
     status = 503
     code = "feature_store_unavailable"
