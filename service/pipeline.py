@@ -9,6 +9,7 @@ public method, so the benchmark (`bench/floors.py`) times exactly what a request
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -16,11 +17,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import onnxruntime as ort
 import orjson
 
 from service import metrics
 from service.encode import explained_items, ranked_items_json
-from service.errors import DeadlineExceeded, FeatureStoreDown, InvalidRequest, ModelUnavailable
+from service.errors import (
+    DeadlineExceeded,
+    FeatureStoreDown,
+    InferenceFailed,
+    InvalidRequest,
+    ModelUnavailable,
+)
 from service.experiments import Assignment, ForcedArmError, Overrides
 from service.featurestore.reader import FeatureStore, FeatureStoreUnavailable
 from service.ranking import combine as combine_scores
@@ -38,6 +46,14 @@ from service.validation import check_rank_request, check_rerank, rerank_bounds
 
 if TYPE_CHECKING:
     from service.arms import Arms
+
+
+log = logging.getLogger("ranker.pipeline")
+# what onnxruntime raises when a graph fails on an input (Fail, InvalidArgument,
+# RuntimeException in its Python binding; plain Exception subclasses)
+ORT_ERRORS = (ort.capi.onnxruntime_pybind11_state.Fail,
+              ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+              ort.capi.onnxruntime_pybind11_state.RuntimeException)
 
 
 @dataclass(frozen=True)
@@ -255,14 +271,19 @@ class RankingPipeline:
         why longer runs go to the executor.
         """
         settings = self.settings
-        if model.estimated_run_s(n) * 1e3 <= settings.inline_inference_max_ms:
-            metrics.INFERENCE_RUNS_INLINE.inc()
-            return model.run(inputs)
-        metrics.INFERENCE_RUNS_EXECUTOR.inc()
-        future = asyncio.get_running_loop().run_in_executor(self.executor, model.run, inputs)
         try:
+            if model.estimated_run_s(n) * 1e3 <= settings.inline_inference_max_ms:
+                metrics.INFERENCE_RUNS_INLINE.inc()
+                return model.run(inputs)
+            metrics.INFERENCE_RUNS_EXECUTOR.inc()
+            future = asyncio.get_running_loop().run_in_executor(self.executor, model.run, inputs)
             async with asyncio.timeout_at(deadline):
                 return await future
+        except ORT_ERRORS as e:  # the model broke at this input: its version answers a 500
+            log.error("model %s version %s failed at %d candidates: %s: %s", model.name,
+                      model.version, n, type(e).__name__, e)
+            raise InferenceFailed(f"model {model.name} version {model.version} failed at "
+                                  f"inference") from e
         except TimeoutError as e:
             metrics.REJECTED.labels("deadline").inc()
             raise DeadlineExceeded(
