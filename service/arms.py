@@ -213,10 +213,13 @@ class Arms:
         return out
 
     def _publish(self, now: float) -> None:
-        for name, shares in self.shares(now).items():
-            exp = self.config.experiments.get(name)
-            assert exp is not None and exp.canary is not None
-            metrics.CANARY_SHARE.labels(name, exp.canary.arm).set(shares[exp.canary.arm])
+        canaried = self.shares(now)
+        for e in self.config.experiments.experiments:
+            shares = canaried.get(e.name) or e.shares()
+            for arm, share in shares.items():
+                metrics.ARM_SHARE.labels(e.name, arm).set(share)
+            if e.canary is not None:
+                metrics.CANARY_SHARE.labels(e.name, e.canary.arm).set(shares[e.canary.arm])
 
     def state(self, now: float | None = None) -> dict[str, Any]:
         """What /model shows: the file, every experiment's arms and shares now, the canaries."""
@@ -305,6 +308,7 @@ class Arms:
         self.rollbacks[exp.name] = rb
         metrics.CANARY_ROLLBACKS.labels(exp.name, exp.canary.arm, reason).inc()
         metrics.CANARY_SHARE.labels(exp.name, exp.canary.arm).set(0)
+        metrics.ARM_SHARE.labels(exp.name, exp.canary.arm).set(0)
         log.error("canary of experiment %s rolled back: arm %s: %s", exp.name, rb.arm, why)
         try:
             write_rollback(rollback_path(self.path), exp.name, rb,

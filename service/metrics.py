@@ -118,6 +118,9 @@ EXPERIMENTS_RELOADS = Counter("ranker_experiments_reloads",
 MODEL_MEMORY = Gauge("ranker_model_memory_bytes", "Resident memory taken by loading a model "
                      "version (RSS growth over its load and warm-up)", ["name", "version"],
                      multiprocess_mode="max")
+ARM_SHARE = Gauge("ranker_arm_share", "The share of its experiment's users an arm serves now "
+                  "(declared, or the canary's step)", ["experiment", "arm"],
+                  multiprocess_mode="max")
 CANARY_SHARE = Gauge("ranker_canary_share", "The canary arm's share of its experiment's users now",
                      ["experiment", "arm"], multiprocess_mode="min")
 CANARY_ROLLBACKS = Counter("ranker_canary_rollbacks", "Canary arms rolled back to share 0 on a "
