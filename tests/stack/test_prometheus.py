@@ -59,7 +59,7 @@ salt = "stack-1"
 [[experiment.arm]]
 name = "treatment"
 share = 0.5
-preset = "click"
+weights = {click = 1.0, like = 1.0, share = 1.0}  # the defaults: the bursts' answers stay
 [[experiment.arm]]
 name = "control"
 share = 0.5
