@@ -131,7 +131,7 @@ SHADOW_RUNS = Counter("ranker_shadow_runs", "Shadow scorings by result (scored |
 SHADOW_TAU = Histogram("ranker_shadow_kendall_tau", "Kendall's tau-b of the shadow model's and "
                        "the live final scores over a request's candidates",
                        buckets=(-1.0, -0.5, 0.0, 0.25, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0))
-SHADOW_TOP10 = Histogram("ranker_shadow_top10_overlap", "Share of the live top 10 that is in the "
+SHADOW_TOP10 = Histogram("ranker_shadow_top_overlap", "Share of the live top 10 that is in the "
                          "shadow's top 10", buckets=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7,
                                                      0.8, 0.9, 1.0))
 

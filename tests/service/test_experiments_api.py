@@ -268,6 +268,6 @@ async def test_shadow_scores_off_the_request_path(repo2, redis_url, tmp_path):
         recs = [decode_served(fields) for _, fields in client.xrange(stream)]
         client.close()
     assert metric("ranker_shadow_kendall_tau_count") >= taus + 5
-    assert metric("ranker_shadow_top10_overlap_count") >= 5
+    assert metric("ranker_shadow_top_overlap_count") >= 5
     for r in recs:
         assert r.shadow is not None and r.shadow.shape == (len(CANDS),)

@@ -60,7 +60,7 @@ COUNTERS |= {
     "ranker_shadow_runs_total",
 }
 HISTOGRAMS |= {"ranker_arm_request_duration_seconds", "ranker_shadow_kendall_tau",
-               "ranker_shadow_top10_overlap"}
+               "ranker_shadow_top_overlap"}
 GAUGES |= {"ranker_model_memory_bytes", "ranker_arm_share", "ranker_canary_share"}
 KNOWN_SERIES = (
     COUNTERS
