@@ -13,8 +13,10 @@ from training.synthetic import SyntheticConfig, write_dataset
 
 @pytest.fixture(scope="session")
 def world_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # the small world with more users: the report's bootstrap is over users, so its intervals
+    # narrow with their number, not with requests per user
     out = tmp_path_factory.mktemp("world")
-    write_dataset(SyntheticConfig.small(), out)
+    write_dataset(SyntheticConfig.small(n_users=1000), out)
     return out
 
 

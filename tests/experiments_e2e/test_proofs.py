@@ -50,7 +50,9 @@ share = 0.5
 model_version = 2
 """
 
-SIM = ("--candidates", "50", "--top-k", "10", "--timeout", "10")
+# every item of the world a candidate; ranked by the click prediction (the task judged)
+SIM = ("--candidates", "150", "--top-k", "10", "--timeout", "10",
+       "--weights", '{"click": 1, "like": 0, "share": 0}')
 
 
 def test_ab_the_report_finds_the_trained_model_better(ab_models: Path, world_dir: Path,
@@ -61,9 +63,9 @@ def test_ab_the_report_finds_the_trained_model_better(ab_models: Path, world_dir
     exp = tmp_path / "experiments.toml"
     exp.write_text(AB)
     with ServerProcess(server_env(ab_models, url, exp), ready_timeout_s=90) as srv:
-        s = simulate(srv.url, world_dir, tmp_path / "sim.json", "--requests", "1500",
+        s = simulate(srv.url, world_dir, tmp_path / "sim.json", "--requests", "3000",
                      "--concurrency", "4", "--seed", "3", *SIM)
-        assert s["rank_status"] == {"200": 1500}, s["problems"]
+        assert s["rank_status"] == {"200": 3000}, s["problems"]
         assert s["model_versions"].keys() == {"mmoe/1", "mmoe/2"}
         # one QA request forced into the treatment: logged as forced, left out of the report
         body = json.dumps({"user_id": "u0", "candidates": ["i1", "i2", "i3"]}).encode()
@@ -72,7 +74,7 @@ def test_ab_the_report_finds_the_trained_model_better(ab_models: Path, world_dir
             "X-Ranker-Arm": "trained-vs-untrained/treatment"})
         with urllib.request.urlopen(req, timeout=5) as r:
             assert json.loads(r.read())["forced"] is True
-        wait_logged(url, 1501, s["feedback"]["accepted_events"])
+        wait_logged(url, 3001, s["feedback"]["accepted_events"])
     export_logs(url, tmp_path / "logs")
     rep = report(tmp_path / "logs", tmp_path / "report", exp)
     assert rep["forced_impressions_left_out"] == 3
