@@ -73,7 +73,8 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             for i in range(args.runs):
                 if i:
                     exp.write_text(AA.format(i=i))
-                    procs.wait_until(lambda i=i: experiment_in_force(base) == f"aa-{i}",
+                    name = f"aa-{i}"
+                    procs.wait_until(lambda: experiment_in_force(base) == name,  # noqa: B023
                                      timeout_s=30, proc=proc, what="the reload")
                 out = tmp / f"sim-{i}.json"
                 assert simulate(["--base-url", base, "--data-dir", str(world), "--json",

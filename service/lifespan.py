@@ -217,7 +217,7 @@ async def open_experiments(state: AppState, stack: contextlib.AsyncExitStack) ->
     await run_in_threadpool(arms.start)  # ExperimentsError: refuse to start
     state.arms = pipeline.arms = arms
     pipeline.store_for = lambda m: make_store(settings, state.client, m)
-    shadow = ShadowScorer(state.executor, settings.shadow_queue_size,
+    shadow = ShadowScorer(settings.shadow_queue_size,
                           None if pipeline.log is None else pipeline.log.offer_served)
     shadow.start()
     stack.push_async_callback(shadow.aclose)
