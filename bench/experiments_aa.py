@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -45,7 +47,6 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from ranker.manifest import load_manifest, load_schema
     from ranker.servedlog import feedback_stream, served_stream
     from service.featurestore.writer import load_tables
-    from sim.cli import main as simulate
     from training.pipeline import ensure_default_model
     from training.synthetic import SyntheticConfig, write_dataset
 
@@ -77,10 +78,12 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                     procs.wait_until(lambda: experiment_in_force(base) == name,  # noqa: B023
                                      timeout_s=30, proc=proc, what="the reload")
                 out = tmp / f"sim-{i}.json"
-                assert simulate(["--base-url", base, "--data-dir", str(world), "--json",
-                                 str(out), "--requests", str(args.requests), "--concurrency",
-                                 "4", "--seed", str(1000 + i), "--candidates", "150",
-                                 "--top-k", "10", "--timeout", "10"]) == 0
+                # `ranker simulate` as a user runs it (bench and sim are separate layers)
+                subprocess.run([sys.executable, "-m", "launch.cli", "simulate", "--base-url",
+                                base, "--data-dir", str(world), "--json", str(out),
+                                "--requests", str(args.requests), "--concurrency", "4",
+                                "--seed", str(1000 + i), "--candidates", "150", "--top-k",
+                                "10", "--timeout", "10"], check=True, stdout=subprocess.DEVNULL)
                 s = json.loads(out.read_text())
                 assert s["rank_status"] == {"200": args.requests}, s["rank_status"]
                 served += args.requests
