@@ -22,15 +22,18 @@ WORKDIR /app
 
 # ---- deps: the service's dependencies only (base install = no extras: no torch, no redis-server) --
 # Copy only what pip needs to build the package (README.md is not: the image needs no long
-# description, and the build only warns without it).
+# description, and the build only warns without it). The versions are the lock's
+# (requirements/service.txt, `make lock`); the project itself is installed without resolving.
 FROM base AS deps
 COPY pyproject.toml ./
+COPY requirements ./requirements
 COPY ranker ./ranker
 COPY launch ./launch
 COPY service ./service
 COPY training ./training
 COPY bench ./bench
-RUN pip install .
+RUN pip install -r requirements/service.txt \
+ && pip install --no-deps .
 
 # ---- service: what runs in production --------------------------------------------------------
 FROM base AS service
@@ -53,12 +56,10 @@ CMD ["sh", "-c", "mkdir -p \"$PROMETHEUS_MULTIPROC_DIR\" && exec ranker serve --
 # ---- trainer: torch (CPU wheels) for the one-shot data/train/export/features-load job ----------
 # Built on `deps`, so only the train extra is added on top of the service's dependencies.
 FROM deps AS trainer
-# The CPU wheel index keeps the image free of CUDA libraries (torch==2.13.0+cpu sorts above
-# torch==2.13.0, so pip takes the CPU build).
+# The CPU wheel index keeps the image free of CUDA libraries: requirements/train.txt pins the
+# train extra at the lock's versions, torch==2.13.0+cpu among them, which only that index has.
 ENV PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
-# DL3013 (pin versions): this installs the local package; its pins live in pyproject.toml.
-# hadolint ignore=DL3013
-RUN pip install ".[train]" \
+RUN pip install -r requirements/train.txt \
  && mkdir -p /models /data \
  && chown ranker:ranker /models /data
 ENV RANKER_MODEL_REPO=/models \

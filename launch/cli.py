@@ -12,6 +12,7 @@ import sys
 # "subcommand words" -> "module:function(argv) -> int | None"
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("train",): ("launch.train:train_main", "train a model (and its baselines) and evaluate it"),
+    ("tune",): ("launch.train:tune_main", "search hyperparameters (Optuna), then train the best"),
     ("export",): ("launch.train:export_main", "export a checkpoint to the model repository"),
     ("data",): ("launch.train:data_main", "generate the synthetic dataset"),
     ("experiment", "mmoe-synthetic"): (

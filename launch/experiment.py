@@ -7,25 +7,12 @@ from the experiments file (`service.experiments`, structure only: no model repos
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-
-def _positive_int(s: str) -> int:
-    v = int(s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
-    return v
-
-
-def _window(s: str) -> float:
-    v = float(s)
-    if not (v >= 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"must be finite and >= 0, got {s}")
-    return v
+from launch.argtypes import nonnegative_finite, positive_int
 
 
 def report_main(argv: list[str]) -> int:
@@ -39,7 +26,7 @@ def report_main(argv: list[str]) -> int:
     p.add_argument("--logs", type=Path, required=True,
                    help="exported log directory (impressions/, feedback/: ranker logs export)")
     p.add_argument("--out", type=Path, required=True, help="report directory")
-    p.add_argument("--window-s", type=_window, default=DEFAULT_WINDOW_S,
+    p.add_argument("--window-s", type=nonnegative_finite, default=DEFAULT_WINDOW_S,
                    help="attribution window: an event counts within this long after its "
                    "impression (default %(default)s)")
     p.add_argument("--control", help="the control arm (default: 'control', else the first)")
@@ -47,7 +34,7 @@ def report_main(argv: list[str]) -> int:
                    default=os.environ.get("RANKER_EXPERIMENTS_FILE") or None,
                    help="experiments file: the declared shares of the sample-ratio check "
                    "(default $RANKER_EXPERIMENTS_FILE; without one the check is skipped)")
-    p.add_argument("--resamples", type=_positive_int, default=2000,
+    p.add_argument("--resamples", type=positive_int, default=2000,
                    help="bootstrap resamples (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default %(default)s)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")

@@ -166,18 +166,25 @@ class RedisServer(procs.Supervised):
         """Start (or restart, on the same port and directory) and wait until it answers PING."""
         if self.running:
             return self
+        fresh = self._dir is None
         if self._dir is None:
             self._dir = tempfile.mkdtemp(prefix=f"redis-{self.port}-")
         self._log = Path(self._dir) / "redis.log"
-        # its own log file (--logfile): stdout/stderr carry nothing worth keeping
-        self._proc = procs.spawn(self._args(), cwd=self._dir, log=subprocess.DEVNULL)
-        _LIVE.add(self)
         try:
+            # its own log file (--logfile): stdout/stderr carry nothing worth keeping
+            self._proc = procs.spawn(self._args(), cwd=self._dir, log=subprocess.DEVNULL)
+            _LIVE.add(self)
             procs.wait_until(self._pong, timeout_s=self.startup_timeout_s, proc=self._proc,
                              what=f"redis-server on port {self.port}", interval_s=0.01,
                              detail=self.log_tail)
-        except procs.NotReady:
+        except BaseException:
+            # a port already bound, a bad option, a missing binary: nothing may be left behind,
+            # and `with RedisServer()` never reaches close() when start() raises. A directory
+            # made by an earlier start (a restart: it holds dump.rdb) stays for close().
             self.kill()
+            if fresh:
+                shutil.rmtree(self._dir, ignore_errors=True)
+                self._dir = None
             raise
         return self
 

@@ -17,21 +17,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from launch.argtypes import positive_float, positive_int
 from service.featurestore.keys import DEFAULT_PREFIX
-
-
-def _positive_int(s: str) -> int:
-    v = int(s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
-    return v
-
-
-def _positive_float(s: str) -> float:
-    v = float(s)
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
-    return v
 
 
 def export_main(argv: list[str]) -> int:
@@ -56,14 +43,14 @@ def export_main(argv: list[str]) -> int:
     p.add_argument("--consumer", default=DEFAULT_CONSUMER,
                    help="this exporter's name in the group; restart under the same name to "
                    "resume its pending entries (default %(default)s)")
-    p.add_argument("--batch", type=_positive_int, default=DEFAULT_BATCH,
+    p.add_argument("--batch", type=positive_int, default=DEFAULT_BATCH,
                    help="entries per read and file (default %(default)s)")
-    p.add_argument("--block-ms", type=_positive_int, default=DEFAULT_BLOCK_MS,
+    p.add_argument("--block-ms", type=positive_int, default=DEFAULT_BLOCK_MS,
                    help="how long an idle read waits for new entries (default %(default)s)")
     stop = p.add_mutually_exclusive_group()
     stop.add_argument("--until-empty", action="store_true",
                       help="stop once both streams are drained")
-    stop.add_argument("--max-seconds", type=_positive_float, help="stop after this long")
+    stop.add_argument("--max-seconds", type=positive_float, help="stop after this long")
     a = p.parse_args(argv)
     if not a.redis_url:
         p.error("--redis-url is required (or set RANKER_REDIS_URL)")
@@ -97,7 +84,7 @@ def add_from_logs_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training from a served log (ranker logs export --out DIR)")
     g.add_argument("--from-logs", type=Path, metavar="DIR",
                    help="train on DIR/impressions joined with DIR/feedback instead of --spec")
-    g.add_argument("--window-s", type=_positive_float, default=DEFAULT_WINDOW_S,
+    g.add_argument("--window-s", type=positive_float, default=DEFAULT_WINDOW_S,
                    help="attribution window after an impression, seconds (default %(default)s)")
     g.add_argument("--model-repo", type=Path, default=Path("models"),
                    help="repository of the serving models named in the log (default %(default)s)")

@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,47 @@ def prepare_multiproc(workers: int) -> str | None:
     return directory
 
 
+def mark_dead(pids: Iterable[int | None]) -> None:
+    """Drop the live gauges (in flight, model info, ...) of worker processes that have exited.
+
+    prometheus_client keeps one file per process; `live*` gauge modes count only processes not
+    marked dead, so without this a killed worker's last values are summed into /metrics forever.
+    Counters and histograms stay: what a dead worker served was served.
+    """
+    from prometheus_client import multiprocess
+
+    for pid in pids:
+        if pid is not None:
+            multiprocess.mark_process_dead(pid)
+
+
+def supervisor(config: Any, sockets: list[socket.socket]) -> Any:
+    """uvicorn's Multiprocess supervisor, marking each worker dead once it is gone.
+
+    uvicorn replaces a dead worker in `keep_subprocess_alive`, and retires workers on SIGHUP
+    (restart_all) and SIGTTOU in `handle_signals`; its run loop calls both every 0.5 s, so after
+    each tick any worker no longer in `processes` has exited and been joined.
+    """
+    from uvicorn.supervisors import Multiprocess
+
+    class MetricsAwareMultiprocess(Multiprocess):
+        def __init__(self, config: Any, sockets: list[socket.socket]) -> None:
+            super().__init__(config, sockets=sockets)
+            self.known: set[int | None] = set()  # worker pids as of the last tick
+
+        def keep_subprocess_alive(self) -> None:
+            super().keep_subprocess_alive()
+            current = {p.pid for p in self.processes}
+            mark_dead(self.known - current)
+            self.known = current
+
+        def join_all(self) -> None:
+            super().join_all()
+            mark_dead(p.pid for p in self.processes)
+
+    return MetricsAwareMultiprocess(config, sockets=sockets)
+
+
 def bind(host: str, port: int) -> socket.socket:
     """A listening TCP socket, as uvicorn binds it (SO_REUSEADDR, inheritable for workers)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -119,7 +161,6 @@ def export_for_workers(settings: Settings, overrides: dict[str, Any]) -> None:
 def serve(settings: Settings, host: str, port: int, workers: int, log_level: str) -> int:
     """Run uvicorn with the reliability options; returns 0 after a signalled graceful stop."""
     import uvicorn
-    from uvicorn.supervisors import Multiprocess
 
     app: Any
     if workers > 1:
@@ -136,7 +177,7 @@ def serve(settings: Settings, host: str, port: int, workers: int, log_level: str
         sockets.append(bind(host, settings.metrics_port))
     server = uvicorn.Server(config)
     if workers > 1:
-        Multiprocess(config, sockets=sockets).run()
+        supervisor(config, sockets).run()
         return 0
     # uvicorn re-raises the signal after its graceful shutdown; with these handlers in place
     # that re-raise is a no-op, so a clean SIGTERM stop exits 0 instead of dying by the signal

@@ -4,8 +4,15 @@ Layout (numeric versions, newest = highest, as in TF Serving and Triton)::
 
     models/<name>/<version>/model.onnx     the graph, one self-contained file
     models/<name>/<version>/vocab.json     categorical vocabularies, "<entity>.<feature>" -> values
+                                           (empty for a hashed feature: see below)
     models/<name>/<version>/manifest.json  this module's `Manifest`
     models/<name>/<version>/report.md ...  evaluation report and plots (optional)
+
+A hashed categorical (`ranker.schema.HashedVocabulary`, a spec's `hash_buckets`) has no value
+list: its entry in the manifest's `features` carries `hash_buckets` and `hash` (the function's
+name, `ranker.schema.HASH_FUNCTION`) next to `vocab_size` = buckets + 1, and
+`FeatureSchema.from_description` rebuilds the same encoder from them; a hash it does not know
+is refused, so a loader never encodes with another function than the trainer did.
 
 A version directory is complete once `manifest.json` exists: exporters write it last, through a
 rename, so a watcher never sees a half-written version.
@@ -29,6 +36,7 @@ MODEL_FILE = "model.onnx"
 VOCAB_FILE = "vocab.json"
 MANIFEST_FILE = "manifest.json"
 GATES_OUTPUT = "gates"
+GATES_LEVELS_OUTPUT = "gates_levels"  # PLE: every level's task gates [N, L, T, M]
 
 
 class ManifestError(ValueError):
@@ -61,7 +69,7 @@ class Manifest(BaseModel):
     name: str
     version: int = Field(ge=1)
     created_at: str
-    model_type: Literal["mmoe", "omoe", "shared_bottom"]
+    model_type: Literal["mmoe", "omoe", "shared_bottom", "ple", "cgc"]
     tasks: list[str]  # in output order; each is an output of the graph
     task_kind: Literal["binary", "regression"] = "binary"
     n_experts: int = 0  # 0 for models without gates

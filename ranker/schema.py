@@ -10,6 +10,10 @@ there is no training/serving skew because there is one implementation.
 Conventions:
 - categorical index 0 is the out-of-vocabulary / missing bucket; vocabulary entry i is index i+1;
   raw values are compared as strings (``7`` and ``"7"`` are the same value);
+- a hashed categorical (`HashedVocabulary`, for vocabularies too large to list) has no value
+  list: a present value goes to ``1 + stable_hash(value) % buckets`` (`stable_hash`, 64 bits of
+  BLAKE2b over the UTF-8 string, never Python's per-process `hash`), a missing one to 0; its
+  description carries ``hash_buckets`` and ``hash`` so every stage rebuilds the same encoder;
 - dense values are ``(transform(x) - mean) / std`` with the optional transform ``log1p``;
   a missing dense value takes the feature's raw ``default`` (the train mean unless the spec says
   otherwise), encoded like any other value;
@@ -102,18 +106,23 @@ class Vocabulary:
 
     def encode(self, values: Any) -> np.ndarray:
         """Vectorised lookup of raw values (pyarrow array, numpy array or list) -> int32 indices."""
-        if isinstance(values, pa.Array | pa.ChunkedArray):
-            arr = values
-        else:  # from_pandas: NaN counts as missing
-            arr = pa.array(values, from_pandas=True)
-        if pa.types.is_floating(arr.type):
-            # ids read back as floats (1.0) must match their integer spelling ("1")
-            arr = pc.cast(arr, pa.int64(), safe=False)
-        if not pa.types.is_string(arr.type):
-            arr = pc.cast(arr, pa.string())
-        idx = pc.index_in(arr, value_set=self._array)
+        idx = pc.index_in(_as_strings(values), value_set=self._array)
         out = pc.fill_null(pc.add(idx, 1), OOV_INDEX)
         return np.asarray(out.to_numpy(zero_copy_only=False), dtype=np.int32)
+
+
+def _as_strings(values: Any) -> pa.Array | pa.ChunkedArray:
+    """Raw values as pyarrow strings, spelled as `_as_key` spells one value; missing = null."""
+    if isinstance(values, pa.Array | pa.ChunkedArray):
+        arr = values
+    else:  # from_pandas: NaN counts as missing
+        arr = pa.array(values, from_pandas=True)
+    if pa.types.is_floating(arr.type):
+        # ids read back as floats (1.0) must match their integer spelling ("1")
+        arr = pc.cast(arr, pa.int64(), safe=False)
+    if not pa.types.is_string(arr.type):
+        arr = pc.cast(arr, pa.string())
+    return arr
 
 
 def _as_key(value: Any) -> str:
@@ -122,10 +131,64 @@ def _as_key(value: Any) -> str:
     return str(value)
 
 
+HASH_FUNCTION = "blake2b-64"  # the name a hashed feature's description carries
+
+
+def stable_hash(value: str) -> int:
+    """64-bit hash of a string, the same in every process and on every machine (unlike `hash`)."""
+    digest = hashlib.blake2b(value.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+@dataclass(frozen=True)
+class HashedVocabulary:
+    """A categorical encoded by hashing into `buckets` rows (index 0 stays missing): for
+    vocabularies too large to list. Different values may share a row (a collision); that is the
+    price of a bounded table. Same interface as `Vocabulary`, with no listable `values`."""
+
+    buckets: int
+
+    def __post_init__(self) -> None:
+        if self.buckets < 1:
+            raise ValueError(f"hash_buckets must be >= 1, got {self.buckets}")
+
+    @property
+    def values(self) -> tuple[str, ...]:
+        return ()  # nothing to list: callers that sample values (playground, bench) get none
+
+    @property
+    def size(self) -> int:
+        return self.buckets + 1
+
+    @property
+    def sha256(self) -> str:
+        """Of the encoder's definition (there is no value list to hash)."""
+        return hashlib.sha256(f"{HASH_FUNCTION}:{self.buckets}".encode()).hexdigest()
+
+    def bucket(self, key: str) -> int:
+        return 1 + stable_hash(key) % self.buckets
+
+    def encode_one(self, value: Any) -> int:
+        if value is None or _is_nan(value):
+            return OOV_INDEX
+        return self.bucket(_as_key(value))
+
+    def encode(self, values: Any) -> np.ndarray:
+        """Vectorised: each distinct value is hashed once -> int32 indices."""
+        arr = _as_strings(values)
+        if isinstance(arr, pa.ChunkedArray):
+            arr = arr.combine_chunks()
+        d = pc.dictionary_encode(arr)
+        # one code per distinct value, and a trailing OOV for the nulls' index -1
+        codes = np.array([*map(self.bucket, d.dictionary.to_pylist()), OOV_INDEX], np.int32)
+        idx = np.asarray(pc.fill_null(d.indices, -1).to_numpy(zero_copy_only=False))
+        return codes[idx]
+
+
 @dataclass(frozen=True)
 class CategoricalFeature:
     name: str
-    vocab: Vocabulary
+    vocab: Vocabulary | HashedVocabulary
     embedding_dim: int
 
     @property
@@ -133,13 +196,17 @@ class CategoricalFeature:
         return self.vocab.size
 
     def describe(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "name": self.name,
             "vocab_size": self.vocab_size,
             "embedding_dim": self.embedding_dim,
             "vocab_sha256": self.vocab.sha256,
             "default": OOV_INDEX,
         }
+        if isinstance(self.vocab, HashedVocabulary):  # only then: listed features keep their
+            d["hash_buckets"] = self.vocab.buckets  # description (and schema version) as before
+            d["hash"] = HASH_FUNCTION
+        return d
 
 
 @dataclass(frozen=True)
@@ -334,6 +401,7 @@ class FeatureSchema:
         return {"version": self.version, "groups": [g.describe() for g in self.groups]}
 
     def vocabularies(self) -> dict[str, list[str]]:
+        """Every categorical's values by "<entity>.<feature>" (a hashed one's list is empty)."""
         return {
             f"{g.entity}.{f.name}": list(f.vocab.values) for g in self.groups for f in g.categorical
         }
@@ -347,7 +415,14 @@ class FeatureSchema:
         for gd in desc["groups"]:
             cats = []
             for fd in gd["categorical"]:
-                vocab = Vocabulary(tuple(vocabularies[f"{gd['entity']}.{fd['name']}"]))
+                vocab: Vocabulary | HashedVocabulary
+                if "hash_buckets" in fd:
+                    if fd.get("hash") != HASH_FUNCTION:
+                        where = f"{gd['entity']}.{fd['name']}"
+                        raise ValueError(f"{where}: unknown hash {fd.get('hash')!r}")
+                    vocab = HashedVocabulary(int(fd["hash_buckets"]))
+                else:
+                    vocab = Vocabulary(tuple(vocabularies[f"{gd['entity']}.{fd['name']}"]))
                 if vocab.sha256 != fd["vocab_sha256"] or vocab.size != fd["vocab_size"]:
                     raise ValueError(f"vocabulary of {gd['entity']}.{fd['name']} does not match")
                 cats.append(CategoricalFeature(fd["name"], vocab, int(fd["embedding_dim"])))

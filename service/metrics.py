@@ -51,6 +51,15 @@ TASK_SCORE = Histogram("ranker_task_score",
 GATE_WEIGHT_SUM = Counter("ranker_gate_weight_sum",
                           "Sum over scored candidates of the gate weight of (task, expert)",
                           ["task", "expert"])
+# gate health: of one request's gate weight of a task (summed over its candidates), the share
+# of the largest expert; >= POLARISED_SHARE counts the request as polarised for that task
+POLARISED_SHARE = 0.9
+GATE_MAX_SHARE = Gauge("ranker_gate_max_share",
+                       "Largest expert's share of a task's gate weight in the latest request",
+                       ["task"], multiprocess_mode="livemax")
+GATE_POLARISED = Counter("ranker_gate_polarised_requests",
+                         "Requests whose gate put >= 0.9 of a task's weight on one expert",
+                         ["task"])
 DEGRADED = Counter("ranker_degraded_responses", "Responses ranked with default features",
                    ["reason"])
 MODEL_INFO = Gauge("ranker_model_info", "1 for the model version being served",
@@ -164,7 +173,8 @@ def observe_scores(tasks: list[str], scores: np.ndarray, positions: np.ndarray) 
 
 
 def add_gate_sums(tasks: list[str], gates: np.ndarray) -> None:
-    """One increment per (task, expert): the gate weights [N, T, M] summed over candidates."""
+    """One increment per (task, expert): the gate weights [N, T, M] summed over candidates;
+    and per task the largest expert's share of that sum (gate health)."""
     sums = gates.sum(axis=0, dtype=np.float64)
     for j, task in enumerate(tasks):
         for m, v in enumerate(sums[j].tolist()):
@@ -172,9 +182,22 @@ def add_gate_sums(tasks: list[str], gates: np.ndarray) -> None:
             if child is None:
                 child = _GATE_CHILDREN[task, m] = GATE_WEIGHT_SUM.labels(task, str(m))
             child.inc(v)
+    total = sums.sum(axis=1)  # (T,)
+    for j, task in enumerate(tasks):
+        if total[j] <= 0:
+            continue
+        share = float(sums[j].max() / total[j])
+        children = _HEALTH_CHILDREN.get(task)
+        if children is None:
+            children = _HEALTH_CHILDREN[task] = (GATE_MAX_SHARE.labels(task),
+                                                 GATE_POLARISED.labels(task))
+        children[0].set(share)
+        if share >= POLARISED_SHARE:
+            children[1].inc()
 
 
 _GATE_CHILDREN: dict[tuple[str, int], Any] = {}
+_HEALTH_CHILDREN: dict[str, tuple[Any, Any]] = {}
 
 
 def set_model_info(name: str, version: int, old: tuple[str, int] | None) -> None:

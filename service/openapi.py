@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from service.schemas import INT_BOUNDS
+from service.servedlog.feedback import TS_MAX, TS_MIN
 from service.validation import MAX_DENSE_ABS
 
 if TYPE_CHECKING:
@@ -103,10 +104,41 @@ def nullable_branch(prop: dict[str, Any]) -> dict[str, Any]:
     return prop
 
 
+def state_feedback_limits(schemas: dict[str, Any], settings: Settings,
+                          tasks: Sequence[str] | None) -> None:
+    """Write /feedback's limits into its schemas (in place): 1..feedback_max_events events,
+    each one of the serving model's tasks, `ts` within the fixed bounds."""
+    batch, event = schemas.get("FeedbackRequest"), schemas.get("FeedbackEventIn")
+    if batch is None or event is None:
+        return
+    batch["properties"]["events"].update(minItems=1, maxItems=settings.feedback_max_events)
+    props = event["properties"]
+    if tasks is not None:
+        props["event"]["enum"] = list(tasks)
+    props["ts"].update(minimum=TS_MIN, maximum=TS_MAX)
+
+
+def state_rerank_presets(schemas: dict[str, Any], presets: Sequence[str]) -> None:
+    """`rerank.preset` names a preset of the rules file; with none, only null is valid."""
+    spec = schemas.get("RerankSpec")
+    if spec is None:
+        return
+    branch = nullable_branch(spec["properties"]["preset"])
+    if presets:
+        branch["enum"] = sorted(presets)
+    else:
+        branch.clear()
+        branch["not"] = {}
+
+
 def state_limits(schema: dict[str, Any], settings: Settings, tasks: Sequence[str] | None,
-                 dense_context: Sequence[str]) -> dict[str, Any]:
-    """Write the enforced limits into the RankRequest schema (in place); see the module doc."""
-    req = schema.get("components", {}).get("schemas", {}).get("RankRequest")
+                 dense_context: Sequence[str], rerank_presets: Sequence[str] = ()
+                 ) -> dict[str, Any]:
+    """Write the enforced limits into the request schemas (in place); see the module doc."""
+    schemas = schema.get("components", {}).get("schemas", {})
+    state_feedback_limits(schemas, settings, tasks)
+    state_rerank_presets(schemas, rerank_presets)
+    req = schemas.get("RankRequest")
     if req is None:
         return schema
     props = req["properties"]
@@ -132,14 +164,19 @@ def state_limits(schema: dict[str, Any], settings: Settings, tasks: Sequence[str
     return schema
 
 
-def serving_shape(app: FastAPI) -> tuple[tuple[str, ...] | None, tuple[str, ...]]:
-    """(tasks, dense context feature names) of the serving model; (None, ()) before one."""
+def serving_shape(app: FastAPI
+                  ) -> tuple[tuple[str, ...] | None, tuple[str, ...], tuple[str, ...]]:
+    """(tasks, dense context feature names) of the serving model ((None, ()) before one), and
+    the re-rank presets in force."""
     state = getattr(app.state, "ranker", None)
+    pipeline = getattr(state, "pipeline", None)
+    rules = getattr(pipeline, "rules", None)
+    presets = tuple(sorted(rules.current().presets)) if rules is not None else ()
     serving = getattr(state, "serving", None)
     if serving is None:
-        return None, ()
+        return None, (), presets
     model = serving.model
-    return tuple(model.tasks), tuple(model.dense_context)
+    return tuple(model.tasks), tuple(model.dense_context), presets
 
 
 def document_errors(app: FastAPI, settings: Settings | None = None) -> None:

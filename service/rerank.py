@@ -156,7 +156,8 @@ def _attributes(schema: FeatureSchema) -> dict[str, Attribute]:
     group = schema.group("item")
     if group is None:
         return {}
-    out = {f.name: Attribute(f.name, "cat", j, f.vocab._lookup)
+    # a hashed feature lists no values: diversity still works on its codes, value boosts do not
+    out = {f.name: Attribute(f.name, "cat", j, {v: i + 1 for i, v in enumerate(f.vocab.values)})
            for j, f in enumerate(group.categorical)}
     out.update({f.name: Attribute(f.name, "dense", j, mean=f.mean, std=f.std, log1p=f.log1p)
                 for j, f in enumerate(group.dense)})

@@ -117,7 +117,7 @@ class FilterRule(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     exclude: Annotated[list[ItemId], Field(max_length=MAX_EXCLUDE)] = []
-    seen: bool = False
+    seen: Annotated[bool, Strict()] = False
 
 
 class BoostRule(BaseModel):

@@ -19,6 +19,16 @@ from service.settings import Settings
 MAX_DENSE_ABS = 1e30
 
 
+def check_count(field: str, n: int, most: int, noun: str, hint: str = "") -> None:
+    """A list of 1 to `most` entries: InvalidRequest naming `field` (and the limit) otherwise;
+    `hint`, if given, follows the "at most" message."""
+    if n == 0:
+        raise InvalidRequest([{"field": field, "message": f"at least 1 {noun}"}])
+    if n > most:
+        raise InvalidRequest([{"field": field,
+                               "message": f"at most {most} {noun}s (got {n}){hint}"}])
+
+
 def check_rank_request(req: RankRequest, settings: Settings, tasks: list[str],
                        dense_context: Mapping[str, DenseFeature] | None = None
                        ) -> dict[str, float]:
@@ -28,13 +38,7 @@ def check_rank_request(req: RankRequest, settings: Settings, tasks: list[str],
     numbers (the encoder would raise on text, or feed the model a non-finite input).
     """
     n = len(req.candidates)
-    if n == 0:
-        raise InvalidRequest([{"field": "candidates", "message": "at least 1 candidate"}])
-    if n > settings.max_candidates:
-        raise InvalidRequest([{
-            "field": "candidates",
-            "message": f"at most {settings.max_candidates} candidates (got {n})",
-        }])
+    check_count("candidates", n, settings.max_candidates, "candidate")
     if len(set(req.candidates)) != n:
         seen: dict[str, int] = {}
         for i, c in enumerate(req.candidates):

@@ -39,6 +39,16 @@ def redis_url(redis_server: RedisServer) -> str:
 
 
 @pytest.fixture(scope="session")
+def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic dataset (and its world) written by the real generator; read only."""
+    from training.synthetic import SyntheticConfig, write_dataset
+
+    out = tmp_path_factory.mktemp("synthetic")
+    write_dataset(SyntheticConfig.small(), out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real (untrained) tiny MMoE exported through the real exporter: its version directory."""
     from tests.tiny import export_tiny_model

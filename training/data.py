@@ -26,8 +26,11 @@ from ranker.schema import (
     DenseFeature,
     FeatureSchema,
     GroupSchema,
+    HashedVocabulary,
+    Vocabulary,
     vocabulary_from_counts,
 )
+from training.model import POSITION_INPUT
 from training.spec import DatasetSpec, SpecError
 
 SPLITS = ("train", "val", "test")
@@ -170,7 +173,11 @@ def build_schema(spec: DatasetSpec, raw: RawData) -> FeatureSchema:
             if f.name not in cols:
                 raise SpecError(f"feature {entity}.{f.name}: no such column in the {entity} data")
             if f.type == "categorical":
-                vocab = vocabulary_from_counts(cols[f.name], f.min_count, f.max_vocab)
+                vocab: Vocabulary | HashedVocabulary
+                if f.hash_buckets is not None:  # no vocabulary to fit: the hash is fixed
+                    vocab = HashedVocabulary(f.hash_buckets)
+                else:
+                    vocab = vocabulary_from_counts(cols[f.name], f.min_count, f.max_vocab)
                 cats.append(CategoricalFeature(f.name, vocab, f.embedding_dim))
             else:
                 mean, std = _dense_stats(cols[f.name], f.log1p)
@@ -185,14 +192,24 @@ def build_schema(spec: DatasetSpec, raw: RawData) -> FeatureSchema:
 
 
 def labels_of(spec: DatasetSpec, log: pa.Table) -> np.ndarray:
-    """(N, T) float32 labels: the 0/1 column, or column == positive."""
+    """(N, T) float32 labels by each task's rule (`TaskSpec`): the 0/1 column, the raw value in
+    a set of positive values, or the value above a threshold; a missing value is 0."""
     out = np.empty((log.num_rows, len(spec.tasks)), dtype=np.float32)
     for j, t in enumerate(spec.tasks):
         col = log[t.column]
         if t.positive is not None:
-            out[:, j] = np.asarray(pc.fill_null(pc.equal(col, t.positive), False), dtype=np.float32)
+            values = pa.array(t.positive, type=pa.string())
+            hit = pc.is_in(pc.cast(col, pa.string()), value_set=values)
+        elif t.above is not None or t.at_least is not None:
+            try:
+                x = pc.cast(col, pa.float64())
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+                raise SpecError(f"task {t.name}: {t.column} is not numeric: {e}") from e
+            hit = pc.greater(x, t.above) if t.above is not None else pc.greater_equal(x, t.at_least)
         else:
             out[:, j] = np.asarray(pc.cast(col, pa.float32()).to_numpy(zero_copy_only=False))
+            continue
+        out[:, j] = np.asarray(pc.fill_null(hit, False), dtype=np.float32)
     return out
 
 
@@ -208,6 +225,8 @@ def encode_split(spec: DatasetSpec, schema: FeatureSchema, raw: RawData, split: 
         oracle = np.stack(
             [log[spec.source.oracle[t]].to_numpy().astype(np.float32) for t in spec.task_names], 1
         )
+    if POSITION_INPUT in log.column_names:  # a position-biased log: for the position tower only
+        inputs[POSITION_INPUT] = log[POSITION_INPUT].to_numpy().astype(np.int64)  # (N,)
     return Encoded(inputs, labels_of(spec, log), oracle)
 
 

@@ -129,7 +129,7 @@ def export_model(
             model_type=cfg.model_type,
             tasks=list(cfg.tasks),
             task_kind=cfg.task_kind,
-            n_experts=0 if cfg.model_type == "shared_bottom" else cfg.n_experts,
+            n_experts=cfg.gate_width,
             inputs=[
                 TensorSpec(name=s.name, dtype=s.dtype, shape=[s.batch_axis, s.width])
                 for s in schema.input_specs()

@@ -16,6 +16,16 @@ MMoE:          y_t = tower_t( sum_m softmax(W_gt x)_m * expert_m(x) )
 OMoE:          one gate shared by all tasks
 Shared-Bottom: y_t = tower_t( bottom(x) )
 Single-task baselines are Shared-Bottom models with one task each.
+
+PLE / CGC (Tang et al., RecSys 2020): every task has its own experts besides the shared ones;
+task t's gate mixes [its own experts, the shared experts]. CGC is one such level; PLE stacks
+`levels` of them, a shared gate over all experts feeding the next level's shared experts. The
+first level's experts and gates read x, so they are part of the split first layer as above.
+
+Options on the same code path (defaults off): the entire-space click -> like/share chain
+(ESMM, `chain`), a shallow position tower (`position_buckets`, YouTube RecSys 2019), gate
+dropout, and a calibration head (Platt or isotonic) fitted after training and exported with
+the graph (`training/calibration.py`).
 """
 
 from __future__ import annotations
@@ -28,10 +38,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ranker.manifest import GATES_OUTPUT
+from ranker.manifest import GATES_LEVELS_OUTPUT, GATES_OUTPUT
 from ranker.schema import FeatureSchema, InputSpec, group_input_specs, input_name
 
-ModelType = Literal["mmoe", "omoe", "shared_bottom"]
+ModelType = Literal["mmoe", "omoe", "shared_bottom", "ple", "cgc"]
+Calibration = Literal["none", "platt", "isotonic"]
+POSITION_INPUT = "position"  # a training-only input: (B,) int64, 0 = top; never in the graph
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,33 @@ class ModelConfig:
     expert_hidden: list[int] = field(default_factory=lambda: [32, 16])  # per expert
     bottom_hidden: list[int] = field(default_factory=lambda: [128, 64])  # shared_bottom only
     tower_hidden: list[int] = field(default_factory=lambda: [16])
+    # regularisation (issue 17); 0 = off, today's model. Dropout is active in training only,
+    # so the exported graph (traced in eval mode) carries none of it.
+    dropout: float = 0.0  # after every hidden layer of the experts / bottom and the towers
+    embedding_dropout: float = 0.0  # on every embedding lookup
+    # ple / cgc: experts per task, shared experts, extraction levels (cgc is always 1)
+    task_experts: int = 2
+    shared_experts: int = 2
+    levels: int = 2
+    # ESMM: task -> parent, p(task) = p(parent) * p(task | parent); a parent is never chained
+    chain: dict[str, str] = field(default_factory=dict)
+    gate_dropout: float = 0.0  # training only: each gate weight dropped, the rest renormalised
+    # position tower: positions 0..buckets-1 (larger ones clipped), index `buckets` = missing
+    position_buckets: int = 0  # 0: no tower
+    position_hidden: int = 8
+    position_dropout: float = 0.1  # training rows whose position is replaced by "missing"
+    # set by training/calibration.py after training; knots of the isotonic lookup
+    calibration: Calibration = "none"
+    calibration_knots: int = 0
+
+    def __post_init__(self) -> None:
+        for t, parent in self.chain.items():
+            if t not in self.tasks or parent not in self.tasks or t == parent:
+                raise ValueError(f"chain {t!r} -> {parent!r}: both must be distinct tasks")
+            if parent in self.chain:
+                raise ValueError(f"chain parent {parent!r} is itself chained")
+        if self.chain and self.task_kind != "binary":
+            raise ValueError("a task chain needs binary tasks")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,13 +124,41 @@ class ModelConfig:
         return self.bottom_hidden if self.model_type == "shared_bottom" else self.expert_hidden
 
     @property
+    def is_ple(self) -> bool:
+        return self.model_type in ("ple", "cgc")
+
+    @property
+    def n_levels(self) -> int:
+        return 1 if self.model_type == "cgc" else self.levels
+
+    @property
     def n_gates(self) -> int:
+        if self.is_ple:
+            return len(self.tasks)
         return {"mmoe": len(self.tasks), "omoe": 1, "shared_bottom": 0}[self.model_type]
 
     @property
+    def gate_width(self) -> int:
+        """Experts one task's gate mixes: M of the `gates` output [B, T, M] (0: no gates)."""
+        if self.model_type == "shared_bottom":
+            return 0
+        return self.task_experts + self.shared_experts if self.is_ple else self.n_experts
+
+    @property
     def n_units(self) -> int:
-        """Parallel copies of the shared part: the experts, or one bottom."""
+        """Parallel copies of the shared part: the experts, or one bottom. PLE: every task's
+        experts (task 0's first) and then the shared ones."""
+        if self.is_ple:
+            return len(self.tasks) * self.task_experts + self.shared_experts
         return 1 if self.model_type == "shared_bottom" else self.n_experts
+
+    @property
+    def first_gate_width(self) -> int:
+        """Gate logits computed in the first layer: every first-level gate."""
+        if not self.is_ple:
+            return self.n_gates * self.n_experts
+        shared_gate = self.n_units if self.n_levels > 1 else 0
+        return len(self.tasks) * self.gate_width + shared_gate
 
 
 def inputs_from_schema(schema: FeatureSchema) -> list[InputGroup]:
@@ -115,7 +182,7 @@ def _uniform_(t: Tensor, fan_in: int) -> Tensor:
 class GroupEncoder(nn.Module):
     """Embeds one group's categorical features and appends its dense features."""
 
-    def __init__(self, group: InputGroup) -> None:
+    def __init__(self, group: InputGroup, dropout: float = 0.0) -> None:
         super().__init__()
         embs = [
             nn.Embedding(v, d) for v, d in zip(group.vocab_sizes, group.embedding_dims, strict=True)
@@ -123,18 +190,28 @@ class GroupEncoder(nn.Module):
         for emb in embs:
             nn.init.normal_(emb.weight, std=0.05)
         self.embeddings = nn.ModuleList(embs)
+        self.dropout = dropout
 
     def forward(self, cat: Tensor | None, dense: Tensor | None) -> Tensor:
         parts = [emb(cat[:, j]) for j, emb in enumerate(self.embeddings)] if cat is not None else []
+        parts = [_dropout(p, self.dropout, self.training) for p in parts]
         if dense is not None:
             parts.append(dense)
         return torch.cat(parts, dim=1)  # (B_g, width_g)
 
 
+def _dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """Dropout when on; at p = 0 not even called, so a model without it draws no random numbers
+    and trains exactly as before the option existed."""
+    return torch.nn.functional.dropout(x, p, training) if p > 0 and training else x
+
+
 class BatchedMLP(nn.Module):
     """K independent MLPs (experts or towers) as batched matmuls: (K, B, i) -> (K, B, o)."""
 
-    def __init__(self, k: int, widths: list[int], last_activation: bool) -> None:
+    def __init__(
+        self, k: int, widths: list[int], last_activation: bool, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
@@ -142,27 +219,39 @@ class BatchedMLP(nn.Module):
             self.weights.append(_uniform_(nn.Parameter(torch.empty(k, w_in, w_out)), w_in))
             self.biases.append(_uniform_(nn.Parameter(torch.empty(k, 1, w_out)), w_in))
         self.last_activation = last_activation
+        self.dropout = dropout
 
     def forward(self, x: Tensor) -> Tensor:
         n = len(self.weights)
         for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
             x = torch.matmul(x, w) + b  # (K, B, w_out)
             if i < n - 1 or self.last_activation:
-                x = torch.relu(x)
+                x = _dropout(torch.relu(x), self.dropout, self.training)
         return x
 
 
 class MultiTaskModel(nn.Module):
-    """MMoE, OMoE or Shared-Bottom, chosen by `config.model_type`."""
+    """MMoE, OMoE, Shared-Bottom, PLE or CGC, chosen by `config.model_type`."""
+
+    # buffers of the options (registered only when the config asks for them)
+    gate_scatter: Tensor
+    position_roots: Tensor
+    platt: Tensor
+    iso_x: Tensor
+    iso_w: Tensor
+    iso_s: Tensor
+    iso_y0: Tensor
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         c = config
-        self.encoders = nn.ModuleDict({g.entity: GroupEncoder(g) for g in c.inputs})
+        self.encoders = nn.ModuleDict(
+            {g.entity: GroupEncoder(g, c.embedding_dropout) for g in c.inputs}
+        )
         h0 = c.hidden[0]
         # first layer of every expert (or of the bottom) and every gate, split by input group
-        self.first_width = c.n_units * h0 + c.n_gates * c.n_experts
+        self.first_width = c.n_units * h0 + c.first_gate_width
         fan_in = sum(g.width for g in c.inputs)
         self.first = nn.ParameterDict(
             {
@@ -172,8 +261,29 @@ class MultiTaskModel(nn.Module):
         )
         self.first_bias = _uniform_(nn.Parameter(torch.empty(self.first_width)), fan_in)
         # layers after the first, of each expert (or the bottom): (U, B, h0) -> (U, B, E)
-        self.shared = BatchedMLP(c.n_units, c.hidden, last_activation=True)
-        self.towers = BatchedMLP(len(c.tasks), [c.hidden[-1], *c.tower_hidden, 1], False)
+        self.shared = BatchedMLP(c.n_units, c.hidden, last_activation=True, dropout=c.dropout)
+        self.towers = BatchedMLP(
+            len(c.tasks), [c.hidden[-1], *c.tower_hidden, 1], False, dropout=c.dropout
+        )
+        if c.is_ple:
+            self.levels = nn.ModuleList(PLELevel(c, last=lv == c.n_levels - 1)
+                                        for lv in range(1, c.n_levels))
+            # (T, K, U): one-hot of the unit each column of a task's gate weighs
+            scatter = nn.functional.one_hot(ple_gate_index(c), c.n_units).float()
+            self.register_buffer("gate_scatter", scatter, persistent=False)
+        if c.position_buckets:
+            self.position = PositionTower(c.position_buckets, c.position_hidden)
+            roots = torch.tensor([[float(t not in c.chain)] for t in c.tasks])  # (T, 1)
+            self.register_buffer("position_roots", roots, persistent=False)
+        n_tasks = len(c.tasks)
+        if c.calibration == "platt":  # logit -> a * logit + b per task, before the sigmoid
+            self.register_buffer("platt", torch.tensor([[1.0, 0.0]] * n_tasks))  # (T, 2)
+        if c.calibration == "isotonic":
+            # f(p) = y0 + sum_k slope_k * min(relu(p - x_k), width_k): piecewise linear, monotone
+            k = c.calibration_knots
+            for name in ("iso_x", "iso_w", "iso_s"):
+                self.register_buffer(name, torch.zeros(n_tasks, 1, k))  # (T, 1, K)
+            self.register_buffer("iso_y0", torch.zeros(n_tasks, 1))  # (T, 1)
 
     def input_names(self) -> list[str]:
         return [s.name for s in self.config.input_specs()]
@@ -188,28 +298,100 @@ class MultiTaskModel(nn.Module):
             h = h + x_g @ self.first[g.entity]  # (B, first_width)
         return h
 
-    def forward(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+    def logits(self, inputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Tower logits (T, B), position logit included, and the gate outputs."""
         c = self.config
-        h = self.first_layer(inputs)  # (B, U*h0 + G*M)
+        h = self.first_layer(inputs)  # (B, U*h0 + first gate logits)
         h0 = c.hidden[0]
         split = c.n_units * h0
         units = torch.relu(h[:, :split].reshape(-1, c.n_units, h0)).transpose(0, 1)  # (U, B, h0)
+        units = _dropout(units, c.dropout, self.training)
         units = self.shared(units)  # remaining layers: (U, B, E)
         out: dict[str, Tensor] = {}
         if c.model_type == "shared_bottom":
             task_in = units.expand(len(c.tasks), -1, -1)  # (T, B, E)
+        elif c.is_ple:
+            task_in, levels = self._ple(units, h[:, split:])
+            out[GATES_OUTPUT] = levels[-1]  # (B, T, K): the last level's task gates
+            if c.model_type == "ple":
+                out[GATES_LEVELS_OUTPUT] = torch.stack(levels, dim=1)  # (B, L, T, K)
         else:
             logits = h[:, split:].reshape(-1, c.n_gates, c.n_experts)  # (B, G, M)
-            gates = torch.softmax(logits, dim=-1).expand(-1, len(c.tasks), -1)  # (B, T, M)
+            gates = self._gate(logits).expand(-1, len(c.tasks), -1)  # (B, T, M)
             mixed = torch.bmm(gates, units.transpose(0, 1))  # (B, T, M) @ (B, M, E) -> (B, T, E)
             task_in = mixed.transpose(0, 1)  # (T, B, E)
             out[GATES_OUTPUT] = gates
-        y = self.towers(task_in).squeeze(-1)  # (T, B)
-        if c.task_kind == "binary":
-            y = torch.sigmoid(y)
-        for t, task in enumerate(c.tasks):
-            out[task] = y[t]  # (B,)
-        return out
+        z = self.towers(task_in).squeeze(-1)  # (T, B)
+        if c.position_buckets:
+            pos = self.position(inputs.get(POSITION_INPUT) if self.training else None,
+                                c.position_dropout if self.training else 0.0)  # (B,) or (1,)
+            # added to each root task's logit; a chained task inherits it through its parent
+            z = z + self.position_roots * pos.view(1, -1)  # (T, B)
+        return z, out
+
+    def forward(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        c = self.config
+        z, out = self.logits(inputs)  # (T, B)
+        if c.task_kind != "binary":
+            for t, task in enumerate(c.tasks):
+                out[task] = z[t]
+            return out
+        return {**self.head(z), **out}
+
+    def head(self, z: Tensor) -> dict[str, Tensor]:
+        """Logits (T, B) -> per-task probabilities: Platt, sigmoid, the chain, isotonic.
+
+        With a chain, p(child) = p(parent) * q(child) with q in [0, 1], and after isotonic the
+        child is min(iso(p(child)), p(parent)): p(child) <= p(parent) holds in every case."""
+        c = self.config
+        if c.calibration == "platt":
+            z = self.platt[:, :1] * z + self.platt[:, 1:]  # (T, B)
+        y = torch.sigmoid(z)  # (T, B)
+        p = {task: y[t] for t, task in enumerate(c.tasks)}
+        for task, parent in c.chain.items():
+            p[task] = p[parent] * p[task]  # (B,)
+        if c.calibration == "isotonic":
+            y = torch.stack([p[t] for t in c.tasks]).unsqueeze(-1)  # (T, B, 1)
+            ramps = torch.minimum(torch.relu(y - self.iso_x), self.iso_w)  # (T, B, K)
+            y = self.iso_y0 + (ramps * self.iso_s).sum(-1)  # (T, B)
+            p = {task: y[t] for t, task in enumerate(c.tasks)}
+            for task, parent in c.chain.items():
+                p[task] = torch.minimum(p[task], p[parent])
+        return p
+
+    def _gate(self, logits: Tensor) -> Tensor:
+        """softmax over the last axis, with gate dropout in training: (..., M)."""
+        g = torch.softmax(logits, dim=-1)
+        rate = self.config.gate_dropout
+        if self.training and rate > 0:
+            keep = (torch.rand_like(g) >= rate).to(g.dtype)
+            kept = g * keep
+            total = kept.sum(-1, keepdim=True)
+            # a row whose every weight was dropped keeps its gate
+            g = torch.where(total > 0, kept / total.clamp_min(1e-12), g)
+        return g
+
+    def _ple(self, units: Tensor, first_gates: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Progressive extraction: task inputs (T, B, E), every level's task gates (B, T, K)."""
+        c = self.config
+        n_tasks, k = len(c.tasks), c.gate_width
+        task_logits = first_gates[:, : n_tasks * k].reshape(-1, n_tasks, k)  # (B, T, K)
+        shared_logits = first_gates[:, n_tasks * k :]  # (B, U) or (B, 0)
+        levels: list[Tensor] = []
+        for lv in range(c.n_levels):
+            by_row = units.transpose(0, 1)  # (B, U, E)
+            gates = self._gate(task_logits)  # (B, T, K)
+            levels.append(gates)
+            # each task's weights spread over all units (zero off its own and the shared ones)
+            spread = torch.matmul(gates.transpose(0, 1), self.gate_scatter)  # (T, B, U)
+            task_mix = torch.bmm(spread.transpose(0, 1), by_row)  # (B, T, U) @ (B, U, E)
+            if lv == c.n_levels - 1:
+                return task_mix.transpose(0, 1), levels  # (T, B, E)
+            shared_g = self._gate(shared_logits)  # (B, U)
+            shared_mix = torch.bmm(shared_g.unsqueeze(1), by_row).squeeze(1)  # (B, E)
+            nxt = self.levels[lv]
+            units, task_logits, shared_logits = nxt(task_mix.transpose(0, 1), shared_mix)
+        raise AssertionError("unreachable")
 
     @torch.no_grad()
     def init_output_bias(self, base_rates: list[float]) -> None:
@@ -224,7 +406,72 @@ class MultiTaskModel(nn.Module):
 
     def output_names(self) -> list[str]:
         gates = [] if self.config.model_type == "shared_bottom" else [GATES_OUTPUT]
+        if self.config.model_type == "ple":
+            gates.append(GATES_LEVELS_OUTPUT)
         return [*self.config.tasks, *gates]
+
+    def gradnorm_layer(self) -> Tensor:
+        """The last shared layer's weights: GradNorm balances the task gradients there."""
+        return self.shared.weights[-1] if len(self.shared.weights) else self.first_bias
+
+
+def ple_gate_index(c: ModelConfig) -> Tensor:
+    """(T, K) unit indices each task's gate mixes: its own experts, then the shared experts."""
+    n_tasks, kt, ks = len(c.tasks), c.task_experts, c.shared_experts
+    shared = list(range(n_tasks * kt, n_tasks * kt + ks))
+    return torch.tensor([list(range(t * kt, (t + 1) * kt)) + shared for t in range(n_tasks)])
+
+
+class PLELevel(nn.Module):
+    """One extraction level after the first: experts and gates reading the previous level's
+    mixtures (task t's experts and gate read task t's mixture, the shared ones the shared)."""
+
+    source: Tensor
+
+    def __init__(self, c: ModelConfig, last: bool) -> None:
+        super().__init__()
+        n_tasks, e = len(c.tasks), c.hidden[-1]
+        self.experts = BatchedMLP(c.n_units, [e, *c.hidden], last_activation=True)
+        self.task_gates = BatchedMLP(n_tasks, [e, c.gate_width], last_activation=False)
+        self.shared_gate = None if last else BatchedMLP(1, [e, c.n_units], last_activation=False)
+        # unit u reads task t's mixture (its own experts) or the shared one (index T)
+        source = [t for t in range(n_tasks) for _ in range(c.task_experts)]
+        self.register_buffer("source", torch.tensor(source + [n_tasks] * c.shared_experts),
+                             persistent=False)
+
+    def forward(self, task_mix: Tensor, shared_mix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(T, B, E), (B, E) -> units (U, B, E), task gate logits (B, T, K), shared (B, U|0)."""
+        src = torch.cat([task_mix, shared_mix.unsqueeze(0)])  # (T + 1, B, E)
+        units = self.experts(src[self.source])  # each unit's input: (U, B, E)
+        task_logits = self.task_gates(task_mix).transpose(0, 1)  # (B, T, K)
+        if self.shared_gate is None:
+            shared_logits = task_logits.new_zeros(task_logits.shape[0], 0)
+        else:
+            shared_logits = self.shared_gate(shared_mix.unsqueeze(0))[0]  # (B, U)
+        return units, task_logits, shared_logits
+
+
+class PositionTower(nn.Module):
+    """The shallow position tower: position -> embedding -> ReLU layer -> one logit.
+
+    Without positions (serving: the graph has no position input) every row gets the logit of
+    the "missing" bucket, a constant learned from the rows whose position was dropped."""
+
+    def __init__(self, buckets: int, hidden: int) -> None:
+        super().__init__()
+        self.buckets = buckets
+        self.embedding = nn.Embedding(buckets + 1, hidden)  # last row: missing
+        self.out = nn.Linear(hidden, 1)
+
+    def forward(self, position: Tensor | None, dropout: float) -> Tensor:
+        if position is None:
+            idx = torch.full((1,), self.buckets, dtype=torch.long, device=self.out.weight.device)
+        else:
+            idx = position.long().clamp(0, self.buckets - 1)  # (B,)
+            if dropout > 0:
+                drop = torch.rand(idx.shape, device=idx.device) < dropout
+                idx = torch.where(drop, torch.full_like(idx, self.buckets), idx)
+        return self.out(torch.relu(self.embedding(idx))).squeeze(-1)  # (B,) or (1,)
 
 
 class PositionalWrapper(nn.Module):

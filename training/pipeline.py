@@ -4,9 +4,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from ranker.manifest import list_versions, version_dir
 from ranker.schema import CANDIDATE_ENTITY, FeatureSchema
 from training.data import (
     Encoded,
+    RawData,
     build_schema,
     encode_split,
     load_raw,
@@ -27,8 +30,10 @@ from training.export import export_model
 from training.metrics import auc
 from training.model import ModelConfig, MultiTaskModel, inputs_from_schema
 from training.report import write_report
+from training.seeds import paired_tests, seed_summary
 from training.spec import DatasetSpec, load_spec
 from training.synthetic import SyntheticConfig, read_dataset_info, write_dataset
+from training.tracking import Tracker
 from training.train import TrainConfig, evaluate, fit, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -54,15 +59,19 @@ def golden_from(
 
 
 def baseline_configs(main: ModelConfig) -> dict[str, ModelConfig]:
-    """Shared-Bottom, one single-task model per task, and OMoE, sized like the main model."""
+    """Shared-Bottom, one single-task model per task, and OMoE, sized like the main model
+    (and MMoE when the main model is PLE or CGC)."""
     out = {}
     if main.model_type != "shared_bottom":
         out["shared_bottom"] = dataclasses.replace(main, model_type="shared_bottom")
     if len(main.tasks) > 1:
         for t in main.tasks:
-            out[f"single_{t}"] = dataclasses.replace(main, model_type="shared_bottom", tasks=[t])
+            out[f"single_{t}"] = dataclasses.replace(main, model_type="shared_bottom", tasks=[t],
+                                                     chain={})
     if main.model_type != "omoe":
         out["omoe"] = dataclasses.replace(main, model_type="omoe")
+    if main.is_ple:
+        out["mmoe"] = dataclasses.replace(main, model_type="mmoe")
     return out
 
 
@@ -75,30 +84,65 @@ def run_training(
     data_dir: Path | None = None,
     baselines: bool = True,
     threads: int = 1,
+    seeds: Sequence[int] | None = None,
+    tracker: Tracker | None = None,
+    raw: RawData | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train the main model (and baselines) on `spec`, evaluate on test, write the run directory."""
+    """Train the main model (and baselines) on `spec`, evaluate on test, write the run directory.
+
+    `seeds`: train every model once per seed (default: `train_cfg.seed` alone); the report then
+    gains "seeds" (mean ± std per model and task, paired tests), and the checkpoint is the first
+    seed's main model. `tracker`: log to its active MLflow run (the caller opens it). `raw`:
+    the already loaded data (the tuner's). `extra`: more report entries (the tuner's "tuning").
+    """
     # one intra-op thread: these matmuls are small, and on a busy 2-core box a second spinning
     # thread made steps much slower (measured in docs/training.md, "Model, training, evaluation")
     torch.set_num_threads(threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    raw = load_raw(spec, data_dir)
+    raw = raw if raw is not None else load_raw(spec, data_dir)
     schema = build_schema(spec, raw)
     train, val, test = (encode_split(spec, schema, raw, s) for s in ("train", "val", "test"))
     main_cfg = ModelConfig(inputs=inputs_from_schema(schema), tasks=spec.task_names, **model_kw)
-    models, main_model = train_models(main_cfg, train, val, test, train_cfg, baselines=baselines)
+    seed_list = list(seeds) if seeds else [train_cfg.seed]
+    if len(set(seed_list)) != len(seed_list):
+        raise ValueError(f"seeds: each seed once, got {seed_list}")
+    runs: dict[int, dict[str, Any]] = {}
+    main_model: MultiTaskModel | None = None
+    for seed in seed_list:
+        tc = dataclasses.replace(train_cfg, seed=seed)
+        with contextlib.ExitStack() as stack:
+            if tracker and len(seed_list) > 1:  # a nested MLflow run per seed
+                stack.enter_context(tracker.run(f"seed {seed}", {"seed": seed}, nested=True))
+            runs[seed], model = train_models(main_cfg, train, val, test, tc, baselines=baselines)
+            if tracker and len(seed_list) > 1:
+                tracker.log_models(runs[seed], spec.task_names)
+        if main_model is None:
+            main_model = model
+    assert main_model is not None
+    models = runs[seed_list[0]]
     info = training_data_info(spec, raw)
     report: dict[str, Any] = {
         "dataset": spec.name,
         "spec": str(spec.path) if spec.path else None,
         "tasks": spec.task_names,
+        "task_rules": {t.name: t.rule for t in spec.tasks},
         "main": main_cfg.model_type,
         "model_name": spec.model_name,
         "config": main_cfg.to_dict(),
-        "train_config": train_cfg.to_dict(),
+        "train_config": dataclasses.replace(train_cfg, seed=seed_list[0]).to_dict(),
         "training_data": info,
         "models": models,
+        **(extra or {}),
     }
+    if len(seed_list) > 1:
+        report["seeds"] = {
+            "seeds": seed_list,
+            "summary": seed_summary(runs, spec.task_names),
+            "paired": paired_tests(runs, spec.task_names, main_cfg.model_type),
+            "runs": {str(s): runs[s] for s in seed_list},
+        }
     if current().enabled:  # trained data-parallel (`torchrun`): say on how many ranks
         report["distributed"] = current().describe()
     if test.oracle is not None:
@@ -119,7 +163,30 @@ def run_training(
         golden={k: torch.from_numpy(v) for k, v in golden_from(schema, test).items()},
     )
     write_report(report, out)
+    if tracker:
+        tracker.log_params({"dataset": spec.name, "seeds": ",".join(map(str, seed_list)),
+                            "model": {k: v for k, v in main_cfg.to_dict().items()
+                                      if k != "inputs"},
+                            "train": report["train_config"]})
+        if test.oracle is not None:
+            tracker.log_metrics({f"oracle.test_{t}_auc": x
+                                 for t, x in report["oracle_auc"].items()})
+        if "seeds" in report:
+            tracker.log_metrics(_seed_metrics(report["seeds"]["summary"]))
+        else:
+            tracker.log_models(models, spec.task_names)
+        tracker.log_run_dir(out)
     return report
+
+
+def _seed_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """`<model>.test_<task>_auc_mean` / `_std` for the parent run of a multi-seed run."""
+    out = {}
+    for name, per_task in summary.items():
+        for t, c in per_task.items():
+            out[f"{name}.test_{t}_auc_mean"] = c["auc"]["mean"]
+            out[f"{name}.test_{t}_auc_std"] = c["auc"]["std"]
+    return out
 
 
 def train_models(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,11 +24,30 @@ class SpecError(ValueError):
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """One label: `column` read as 0/1, or 1 where the raw `column` equals `positive`."""
+    """One label from a rule on a raw column, declared in the spec:
+
+    - no rule: `column` read as 0/1;
+    - `positive`: 1 where the raw value (as a string) is any of these values;
+    - `above` / `at_least`: 1 where the value read as a number is > / >= the threshold.
+    A missing value is 0 under every rule.
+    """
 
     name: str
     column: str
-    positive: str | None = None
+    positive: tuple[str, ...] | None = None
+    above: float | None = None
+    at_least: float | None = None
+
+    @property
+    def rule(self) -> str:
+        """The rule in words, for reports: `income_50k in ['50000+.']`."""
+        if self.positive is not None:
+            return f"{self.column} in {list(self.positive)}"
+        if self.above is not None:
+            return f"{self.column} > {self.above:g}"
+        if self.at_least is not None:
+            return f"{self.column} >= {self.at_least:g}"
+        return f"{self.column} (0/1)"
 
 
 @dataclass(frozen=True)
@@ -41,6 +60,7 @@ class FeatureSpec:
     default: float | None = None  # raw default of a dense feature; None = the train mean
     min_count: int = 1
     max_vocab: int | None = None
+    hash_buckets: int | None = None  # hash into this many rows instead of a vocabulary
 
 
 @dataclass(frozen=True)
@@ -90,6 +110,18 @@ class DatasetSpec:
     def features_of(self, entity: str) -> list[FeatureSpec]:
         return [f for f in self.features if f.entity == entity]
 
+    def with_min_count(self, min_count: int) -> DatasetSpec:
+        """The same spec with every listed (not hashed) categorical's `min_count` set: values
+        seen fewer times in the train split go to the out-of-vocabulary bucket."""
+        if min_count < 1:
+            raise SpecError(f"min_count: must be >= 1, got {min_count}")
+        feats = [
+            replace(f, min_count=min_count)
+            if f.type == "categorical" and f.hash_buckets is None else f
+            for f in self.features
+        ]
+        return replace(self, features=feats)
+
     def csv_path(self) -> Path:
         """The csv file: `$path_env` if set, else `path` resolved from the repo root."""
         env = os.environ.get(self.source.path_env or "") if self.source.path_env else None
@@ -124,6 +156,12 @@ def _feature(d: dict[str, Any], i: int) -> FeatureSpec:
     dim = int(d.get("embedding_dim", 8))
     if dim < 1:
         raise SpecError(f"{where}.embedding_dim: must be >= 1, got {dim}")
+    buckets = d.get("hash_buckets")
+    if buckets is not None:
+        if ftype != "categorical" or not isinstance(buckets, int) or buckets < 1:
+            raise SpecError(f"{where}.hash_buckets: a positive integer, on a categorical feature")
+        if "min_count" in d or "max_vocab" in d:
+            raise SpecError(f"{where}: min_count and max_vocab do not apply to a hashed feature")
     return FeatureSpec(
         name=name,
         entity=entity,
@@ -133,7 +171,38 @@ def _feature(d: dict[str, Any], i: int) -> FeatureSpec:
         default=None if d.get("default") is None else float(d["default"]),
         min_count=int(d.get("min_count", 1)),
         max_vocab=d.get("max_vocab"),
+        hash_buckets=buckets,
     )
+
+
+_RULES = ("positive", "above", "at_least")
+
+
+def _task(t: dict[str, Any] | str, i: int) -> TaskSpec:
+    """A task entry: a bare label column name, or a table with an optional rule."""
+    if isinstance(t, str):
+        t = {"name": t}
+    where = f"tasks[{i}]"
+    unknown = set(t) - {"name", "column", *_RULES}
+    if unknown:
+        raise SpecError(f"{where}: unknown fields {sorted(unknown)}")
+    name = _get(t, "name", where, str)
+    rules = [r for r in _RULES if r in t]
+    if len(rules) > 1:
+        raise SpecError(f"{where}: one rule of {list(_RULES)}, got {rules}")
+    positive = None
+    if "positive" in t:
+        values = t["positive"] if isinstance(t["positive"], list) else [t["positive"]]
+        if not values or not all(isinstance(v, str | int) for v in values):
+            raise SpecError(f"{where}.positive: a value or a non-empty list of values")
+        positive = tuple(str(v) for v in values)
+    thresholds: dict[str, float | None] = {"above": None, "at_least": None}
+    for key in thresholds:
+        if key in t:
+            if isinstance(t[key], bool) or not isinstance(t[key], int | float):
+                raise SpecError(f"{where}.{key}: a number, got {t[key]!r}")
+            thresholds[key] = float(t[key])
+    return TaskSpec(name, str(t.get("column", name)), positive, **thresholds)
 
 
 def _source(d: dict[str, Any]) -> SourceSpec:
@@ -160,12 +229,7 @@ def _source(d: dict[str, Any]) -> SourceSpec:
 def parse_spec(data: dict[str, Any], path: Path | None = None) -> DatasetSpec:
     """Validate a parsed TOML document into a DatasetSpec."""
     name = _get(data, "name", "spec", str)
-    tasks = []
-    for i, t in enumerate(_get(data, "tasks", "spec", list)):
-        if isinstance(t, str):
-            t = {"name": t}
-        tname = _get(t, "name", f"tasks[{i}]", str)
-        tasks.append(TaskSpec(tname, t.get("column", tname), t.get("positive")))
+    tasks = [_task(t, i) for i, t in enumerate(_get(data, "tasks", "spec", list))]
     if not tasks:
         raise SpecError("spec.tasks: at least one task")
     source = _source(_get(data, "source", "spec", dict))

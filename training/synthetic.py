@@ -67,6 +67,12 @@ class SyntheticConfig:
     id_bias: float = 0.25  # std of the per-user and per-item propensities (shared score)
     id_noise: float = 0.1  # per-id deviation of a user's/item's latent vector from its group
     seed: int = 0
+    # position bias (off at 0): each impression gets a position 0..n_positions-1 from a logging
+    # policy that favours "promoted" items (a per-item propensity unrelated to relevance), and
+    # is clicked with e(p) * p_click, e(p) = (1 + p)^-position_bias (sim/core.py's PositionModel)
+    position_bias: float = 0.0
+    n_positions: int = 10
+    promotion: float = 1.5  # std of the items' promotion propensity in the logging policy
 
     @classmethod
     def small(cls, **kw: Any) -> SyntheticConfig:
@@ -381,7 +387,13 @@ def generate_world(cfg: SyntheticConfig) -> tuple[World, dict[str, pa.Table]]:
     for j, (t, rate) in enumerate((("like", cfg.like_rate), ("share", cfg.share_rate)), 1):
         world.intercept[j] = _solve_intercept(z[t], rate, reach)
     q = world.conditionals(uid, iid, hour, surface)
-    click = rng.random(n) < q["click"]
+    position = examination = None
+    if cfg.position_bias > 0:
+        # its own stream: the draws of the default dataset stay exactly as they were
+        position, examination = _positions(cfg, iid, ni)
+        click = rng.random(n) < q["click"] * examination
+    else:
+        click = rng.random(n) < q["click"]
     gate = np.where(click, 1.0, cfg.leak)
     like = rng.random(n) < q["like"] * gate
     share = rng.random(n) < q["share"] * gate
@@ -418,6 +430,9 @@ def generate_world(cfg: SyntheticConfig) -> tuple[World, dict[str, pa.Table]]:
             "p_share": (q["share"] * reach).astype(np.float32),
         }
     )
+    if position is not None and examination is not None:
+        log = log.append_column("position", pa.array(position.astype(np.int32)))
+        log = log.append_column("examination", pa.array(examination.astype(np.float32)))
     order = rng.permutation(n)
     cuts = np.cumsum([round(f * n) for f in cfg.split[:2]])
     parts = np.split(order, cuts)
@@ -425,6 +440,16 @@ def generate_world(cfg: SyntheticConfig) -> tuple[World, dict[str, pa.Table]]:
     for name, idx in zip(SPLITS, parts, strict=True):
         tables[f"impressions_{name}"] = log.take(pa.array(np.sort(idx)))
     return world, tables
+
+
+def _positions(cfg: SyntheticConfig, iid: np.ndarray, ni: int) -> tuple[np.ndarray, np.ndarray]:
+    """(position, e(position)) per impression: promoted items are shown higher."""
+    prng = np.random.default_rng([cfg.seed, 18])
+    promo = cfg.promotion * prng.normal(size=ni)  # (I,)
+    score = promo[iid] + prng.normal(size=len(iid))  # (N,) the logging policy's score
+    top = 1.0 / (1.0 + np.exp(score))  # in (0, 1): high score -> near 0 (the top)
+    position = np.minimum((top * cfg.n_positions).astype(np.int64), cfg.n_positions - 1)
+    return position, (1.0 + position) ** -cfg.position_bias
 
 
 def generate(cfg: SyntheticConfig) -> dict[str, pa.Table]:

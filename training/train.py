@@ -13,7 +13,7 @@ import copy
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,10 +25,13 @@ from torch import nn
 from tqdm import tqdm
 
 from ranker.manifest import GATES_OUTPUT
+from training.calibration import calibrate, ece, reliability
 from training.data import Encoded
 from training.distributed import LOCAL, Dist, current, rank_zero_only, unwrap, wrap
+from training.losses import LossBalancer, make_balancer
 from training.metrics import auc, log_loss
 from training.model import ModelConfig, MultiTaskModel
+from training.report import gate_health
 
 EVAL_BATCH = 8192
 # one JSON line per training step, written by rank 0 when a handler is attached (`step_log`)
@@ -49,9 +52,39 @@ class TrainConfig:
     loss_weights: dict[str, float] = field(default_factory=dict)  # task -> weight (default 1)
     seed: int = 0
     progress: bool = True
+    # training/losses.py: equal | uncertainty | gradnorm | pcgrad (the last three: one process)
+    loss_balance: str = "equal"
+    gradnorm_alpha: float = 1.5
+    # training/calibration.py: none | platt | isotonic, fitted on validation, part of the graph
+    calibration: str = "none"
+    # the id embeddings' own optimiser settings (issue 17): None / 1.0 = the same as the other
+    # weights, today's training. Embedding rows of rare ids see few gradients and overfit first.
+    embedding_weight_decay: float | None = None  # None: `weight_decay`
+    embedding_lr_mult: float = 1.0  # embedding lr = lr * this
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def param_groups(model: MultiTaskModel, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Adam's parameter groups: the embedding tables with their own lr and weight decay, and
+    every other weight. One group when the embeddings take the defaults (the optimiser is then
+    exactly the one before the option existed)."""
+    emb_wd = cfg.weight_decay if cfg.embedding_weight_decay is None else cfg.embedding_weight_decay
+    if emb_wd == cfg.weight_decay and cfg.embedding_lr_mult == 1.0:
+        return [{"params": list(model.parameters())}]
+    emb = list(model.encoders.parameters())
+    ids = {id(p) for p in emb}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    return [
+        {"params": rest},
+        {"params": emb, "lr": cfg.lr * cfg.embedding_lr_mult, "weight_decay": emb_wd},
+    ]
+
+
+# called after every epoch with (epoch, validation loss, per-task validation losses); it may
+# raise to end training (the tuner's pruning raises optuna.TrialPruned)
+EpochCallback = Callable[[int, float, dict[str, float]], None]
 
 
 @dataclass
@@ -61,6 +94,7 @@ class History:
     train_loss: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
     val_task_loss: list[dict[str, float]] = field(default_factory=list)
+    task_weights: list[dict[str, float]] = field(default_factory=list)  # balancer's, per epoch
     best_epoch: int = -1
     seconds: float = 0.0
 
@@ -89,6 +123,7 @@ def train_one_epoch(
     gen: torch.Generator,
     epoch: int,
     dist: Dist = LOCAL,
+    balancer: LossBalancer | None = None,
 ) -> float:
     """One pass over shuffled minibatches; returns the mean weighted training loss.
 
@@ -113,10 +148,16 @@ def train_one_epoch(
     for i, batch in enumerate(bar):
         idx = dist.shard(batch)  # (B / world_size,)
         out = model({k: v[idx].to(dev) for k, v in inputs.items()})
-        loss = _step_loss(out, labels[idx].to(dev), tasks, weights, len(batch), dist)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()  # DDP: all-reduces (averages) the gradients over the ranks here
-        opt.step()
+        if balancer is None:
+            loss = _step_loss(out, labels[idx].to(dev), tasks, weights, len(batch), dist)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # DDP: all-reduces (averages) the gradients over the ranks here
+            opt.step()
+        else:  # one process: the balancer fills the gradients (training/losses.py)
+            opt.zero_grad(set_to_none=True)
+            loss = balancer.backward(task_losses(out, labels[idx].to(dev), tasks), core)
+            opt.step()
+            balancer.after_step()
         losses.append(float(loss.detach()))
         running = 0.98 * running + 0.02 * losses[-1] if i else losses[-1]
         if i % 20 == 0:
@@ -163,14 +204,22 @@ def predict(model: MultiTaskModel, data: Encoded) -> dict[str, np.ndarray]:
 
 
 def evaluate(model: MultiTaskModel, data: Encoded) -> dict[str, Any]:
-    """AUC and log loss per task, and the mean gate weight per task and expert when gated."""
+    """AUC, log loss and expected calibration error per task, the reliability bins (binary
+    tasks), and when gated the mean gate weight per task and expert and the gates' health."""
     pred = predict(model, data)
     out: dict[str, Any] = {}
+    binary = model.config.task_kind == "binary"
     for j, t in enumerate(model.config.tasks):
         y = data.labels[:, j]
         out[t] = {"auc": auc(y, pred[t]), "log_loss": log_loss(y, pred[t])}
+        if binary:
+            out[t]["ece"] = ece(y, pred[t])
+    if binary:
+        out["reliability"] = {t: reliability(data.labels[:, j], pred[t])
+                              for j, t in enumerate(model.config.tasks)}
     if GATES_OUTPUT in pred:
         out["gates_mean"] = pred[GATES_OUTPUT].mean(axis=0).tolist()  # (T, M)
+        out["gate_health"] = gate_health(pred[GATES_OUTPUT], model.config.tasks)
     return out
 
 
@@ -197,12 +246,17 @@ def val_loss(
 
 
 def fit(
-    mcfg: ModelConfig, train: Encoded, val: Encoded, cfg: TrainConfig
+    mcfg: ModelConfig,
+    train: Encoded,
+    val: Encoded,
+    cfg: TrainConfig,
+    on_epoch: EpochCallback | None = None,
 ) -> tuple[MultiTaskModel, History]:
     """Train from a seeded init; keep the weights of the epoch with the best validation loss.
 
     Inside a torch.distributed group (`distributed.process_group`) this is data-parallel: every
-    rank calls it with the same arguments and returns the same model.
+    rank calls it with the same arguments and returns the same model. `on_epoch` sees every
+    epoch's validation loss (the tuner reports it to Optuna's pruner).
     """
     dist = current()
     torch.manual_seed(cfg.seed)
@@ -212,20 +266,32 @@ def fit(
         model.init_output_bias(train.labels.mean(axis=0).tolist())
     model.to(dist.device)
     net = wrap(model, dist)  # DDP broadcasts rank 0's initial weights (they are equal anyway)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.Adam(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     w = np.array([cfg.loss_weights.get(t, 1.0) for t in mcfg.tasks], dtype=np.float64)
     weights = torch.tensor(w, dtype=torch.float32, device=dist.device)
+    balancer: LossBalancer | None = None
+    if cfg.loss_balance != "equal":
+        if dist.enabled:
+            raise ValueError(f"loss balance {cfg.loss_balance!r} runs on one process only")
+        balancer = make_balancer(cfg.loss_balance, weights, alpha=cfg.gradnorm_alpha,
+                                 seed=cfg.seed).to(dist.device)
+        if cfg.loss_balance == "uncertainty":  # the log-variances train with the model
+            opt.add_param_group({"params": list(balancer.parameters()), "weight_decay": 0.0})
     hist = History()
     best_loss, best_state, bad = float("inf"), copy.deepcopy(model.state_dict()), 0
     t0 = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
-        tr = train_one_epoch(net, train, opt, weights, cfg, gen, epoch, dist)
+        tr = train_one_epoch(net, train, opt, weights, cfg, gen, epoch, dist, balancer)
         vl, per_task = val_loss(model, val, w, dist)
+        if balancer is not None:
+            hist.task_weights.append(dict(zip(mcfg.tasks, balancer.task_weights(), strict=True)))
         hist.train_loss.append(tr)
         hist.val_loss.append(vl)
         hist.val_task_loss.append(dict(zip(mcfg.tasks, per_task, strict=True)))
         if cfg.progress and dist.is_main:
             tqdm.write(f"epoch {epoch}: train loss {tr:.5f}  val loss {vl:.5f}")
+        if on_epoch is not None:
+            on_epoch(epoch, vl, hist.val_task_loss[-1])
         improved = vl < best_loss - 1e-6
         stop = not improved and bad + 1 >= cfg.patience
         # the all-reduced loss is the same on every rank; rank 0's decision is still the one
@@ -240,6 +306,8 @@ def fit(
                 break
     model.load_state_dict(best_state)
     model.cpu().eval()
+    if cfg.calibration != "none":
+        model = calibrate(model, val, cfg.calibration)
     hist.seconds = time.perf_counter() - t0
     return model, hist
 

@@ -13,36 +13,32 @@ from service.pipeline import Serving
 from service.schemas import FeedbackAccepted, FeedbackRequest
 from service.servedlog.writer import ServedLog
 from service.settings import Settings
+from service.validation import check_count
 
 TS_MIN = 946_684_800.0  # 2000-01-01T00:00:00Z: earlier is a unit mistake, not an event
-TS_MAX_AHEAD_S = 86_400.0  # clock skew allowed into the future
+# 2100-01-01T00:00:00Z: a fixed bound, so the OpenAPI schema states exactly what is accepted
+# (a moving "now + skew" cannot be stated); an event stamped after its impression's attribution
+# window is counted as late by the join, not trained on
+TS_MAX = 4_102_444_800.0
 MAX_DETAIL = 20  # errors named per answer (as for /rank's validation errors)
 
 
 def check_feedback(req: FeedbackRequest, settings: Settings, tasks: list[str],
                    now: float) -> list[FeedbackEvent]:
     """The events of a valid batch; InvalidRequest naming each bad field and its limit."""
-    n = len(req.events)
-    if n == 0:
-        raise InvalidRequest([{"field": "events", "message": "at least 1 event"}])
-    if n > settings.feedback_max_events:
-        raise InvalidRequest([{
-            "field": "events",
-            "message": f"at most {settings.feedback_max_events} events (got {n}); "
-                       "send them in smaller batches (feedback_max_events)",
-        }])
+    check_count("events", len(req.events), settings.feedback_max_events, "event",
+                "; send them in smaller batches (feedback_max_events)")
     allowed = frozenset(tasks)
-    ts_max = now + TS_MAX_AHEAD_S
     detail: Detail = []
     for i, ev in enumerate(req.events):
         if ev.event not in allowed:
             detail.append({"field": f"events[{i}].event",
                            "message": f"unknown event {ev.event!r}; one of "
                                       f"{', '.join(tasks)} (the serving model's tasks)"})
-        if not TS_MIN <= ev.ts <= ts_max:
+        if not TS_MIN <= ev.ts <= TS_MAX:
             detail.append({"field": f"events[{i}].ts",
                            "message": f"must be unix seconds from {TS_MIN:.0f} (2000-01-01) "
-                                      f"to now + {TS_MAX_AHEAD_S:.0f}"})
+                                      f"to {TS_MAX:.0f} (2100-01-01)"})
         if len(detail) >= MAX_DETAIL:
             break
     if detail:

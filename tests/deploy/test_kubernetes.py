@@ -74,6 +74,12 @@ def render(rendered: dict[str, list[Obj]], overlay: str) -> list[Obj]:
     return copy.deepcopy(rendered[overlay])
 
 
+@pytest.fixture
+def objects(rendered: dict[str, list[Obj]], overlay: str) -> list[Obj]:
+    """The objects of the overlay the test is parametrized with, a copy it may change."""
+    return render(rendered, overlay)
+
+
 def one(objects: list[Obj], kind: str, name: str) -> Obj:
     found = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
     assert len(found) == 1, f"{kind}/{name}: {len(found)} objects"
@@ -148,9 +154,8 @@ def validate(obj: Obj, version: str) -> None:
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_object_validates_against_the_api_schemas(
-    rendered: dict[str, list[Obj]], overlay: str, version: str
+    objects: list[Obj], overlay: str, version: str
 ) -> None:
-    objects = render(rendered, overlay)
     assert objects
     for obj in objects:
         try:
@@ -257,8 +262,8 @@ def test_loader_matches_kubectl_kustomize(
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_every_pod_is_locked_down(rendered: dict[str, list[Obj]], overlay: str) -> None:
-    specs = list(pod_specs(render(rendered, overlay)))
+def test_every_pod_is_locked_down(objects: list[Obj], overlay: str) -> None:
+    specs = list(pod_specs(objects))
     names = {o["metadata"]["name"] for o, _ in specs}
     assert {"ranker", "ranker-trainer", "ranker-features-load", "ranker-model-retire"} <= names
     if overlay == "local":
@@ -298,10 +303,7 @@ def test_the_uid_is_the_dockerfiles() -> None:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_the_prometheus_multiprocess_dir_is_an_emptydir(
-    rendered: dict[str, list[Obj]], overlay: str
-) -> None:
-    objects = render(rendered, overlay)
+def test_the_prometheus_multiprocess_dir_is_an_emptydir(objects: list[Obj]) -> None:
     c = ranker_container(objects)
     spec = one(objects, "Deployment", "ranker")["spec"]["template"]["spec"]
     env = {e["name"]: e.get("value") for e in c["env"]}
@@ -320,10 +322,7 @@ def resolve_port(container: Obj, port: int | str) -> int:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_one_worker_per_pod_and_probes_on_the_right_paths(
-    rendered: dict[str, list[Obj]], overlay: str
-) -> None:
-    objects = render(rendered, overlay)
+def test_one_worker_per_pod_and_probes_on_the_right_paths(objects: list[Obj]) -> None:
     c = ranker_container(objects)
     cmd = c["command"] + c.get("args", [])
     assert cmd[:2] == ["ranker", "serve"], "the console script, not python -m <module>"
@@ -346,10 +345,7 @@ def test_one_worker_per_pod_and_probes_on_the_right_paths(
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_the_public_service_does_not_expose_the_operator_port(
-    rendered: dict[str, list[Obj]], overlay: str
-) -> None:
-    objects = render(rendered, overlay)
+def test_the_public_service_does_not_expose_the_operator_port(objects: list[Obj]) -> None:
     c = ranker_container(objects)
     ops = int(config(objects)["RANKER_METRICS_PORT"])
     assert ops == OPS_PORT == resolve_port(c, "ops")
@@ -375,10 +371,7 @@ def test_the_public_service_does_not_expose_the_operator_port(
 
 
 @pytest.mark.parametrize("overlay", ("production", "production-keda"))
-def test_the_servicemonitor_scrapes_only_the_operator_service(
-    rendered: dict[str, list[Obj]], overlay: str
-) -> None:
-    objects = render(rendered, overlay)
+def test_the_servicemonitor_scrapes_only_the_operator_service(objects: list[Obj]) -> None:
     sm = one(objects, "ServiceMonitor", "ranker")
     selector = sm["spec"]["selector"]["matchLabels"]
     matched = [o["metadata"]["name"] for o in objects if o["kind"] == "Service"
@@ -408,9 +401,8 @@ def claims(spec: Obj, container: Obj) -> dict[str, tuple[str, bool]]:
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_the_model_repository_is_shared_and_read_only_for_the_service(
-    rendered: dict[str, list[Obj]], overlay: str
+    objects: list[Obj], overlay: str
 ) -> None:
-    objects = render(rendered, overlay)
     repo = config(objects)["RANKER_MODEL_REPO"]
     mounts = {}
     for obj, spec in pod_specs(objects):
@@ -440,10 +432,7 @@ def stage_names() -> set[str]:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_jobs_use_the_right_images_and_commands(
-    rendered: dict[str, list[Obj]], overlay: str
-) -> None:
-    objects = render(rendered, overlay)
+def test_jobs_use_the_right_images_and_commands(objects: list[Obj]) -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
     tags = {"ranker": compose["ranker"]["build"]["target"],
             "ranker-trainer": compose["trainer"]["build"]["target"],
@@ -530,8 +519,7 @@ def secret_refs(objects: list[Obj]) -> set[tuple[str, str]]:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_secrets_come_from_the_secret(rendered: dict[str, list[Obj]], overlay: str) -> None:
-    objects = render(rendered, overlay)
+def test_secrets_come_from_the_secret(objects: list[Obj], overlay: str) -> None:
     refs = secret_refs(objects)
     keys = set(example_secrets())
     assert {(SECRET_NAME, k) for k in keys} == refs, "every key is used and documented"
@@ -558,8 +546,7 @@ def autoscalers(objects: list[Obj]) -> list[Obj]:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_exactly_one_autoscaler_and_a_pdb(rendered: dict[str, list[Obj]], overlay: str) -> None:
-    objects = render(rendered, overlay)
+def test_exactly_one_autoscaler_and_a_pdb(objects: list[Obj]) -> None:
     [scaler] = autoscalers(objects)
     assert scaler["spec"]["scaleTargetRef"]["name"] == "ranker"
     deployment = one(objects, "Deployment", "ranker")

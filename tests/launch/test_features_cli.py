@@ -14,7 +14,7 @@ import redis
 from launch.features import load_main
 from ranker.manifest import load_manifest
 from service.featurestore.keys import pointer_key
-from tests.featurestore.tables import items_table, users_table
+from tests.service.featurestore.tables import items_table, users_table
 
 
 @pytest.fixture

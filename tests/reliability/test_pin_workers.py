@@ -70,15 +70,23 @@ def versions_answered(url: str, n: int) -> set[int]:
     return out
 
 
-def test_a_pin_reaches_every_worker_and_no_watcher_undoes_it(
-    model_repo: Path, pristine_models: Path, live_redis: RedisServer, tmp_path: Path
-) -> None:
+def two_versions_env(model_repo: Path, pristine_models: Path, redis_url: str, tmp_path: Path,
+                     **settings: object) -> tuple[dict[str, str], Path]:
+    """Versions 1 and 2 in the repository, and the env of a watched 2-worker server whose
+    multiprocess metrics directory (returned) tells which worker serves what."""
     install_version(pristine_models, model_repo, 2)
     prom = tmp_path / "prom"
     prom.mkdir()
-    env = service_env(model_repo, live_redis.url, model_watch_interval_s=WATCH_S,
-                      redis_socket_timeout_s=1.0)
+    env = service_env(model_repo, redis_url, model_watch_interval_s=WATCH_S,
+                      redis_socket_timeout_s=1.0, **settings)
     env["PROMETHEUS_MULTIPROC_DIR"] = str(prom)
+    return env, prom
+
+
+def test_a_pin_reaches_every_worker_and_no_watcher_undoes_it(
+    model_repo: Path, pristine_models: Path, live_redis: RedisServer, tmp_path: Path
+) -> None:
+    env, prom = two_versions_env(model_repo, pristine_models, live_redis.url, tmp_path)
     with ServerProcess(env, cli=True, workers=2) as server:
         wait_until_all_serve(prom, "2", workers=2)
 
@@ -102,12 +110,8 @@ def test_a_pin_reaches_every_worker_and_no_watcher_undoes_it(
 def test_the_model_version_setting_pins_every_worker(
     model_repo: Path, pristine_models: Path, live_redis: RedisServer, tmp_path: Path
 ) -> None:
-    install_version(pristine_models, model_repo, 2)
-    prom = tmp_path / "prom"
-    prom.mkdir()
-    env = service_env(model_repo, live_redis.url, model_watch_interval_s=WATCH_S,
-                      model_version=1, redis_socket_timeout_s=1.0)
-    env["PROMETHEUS_MULTIPROC_DIR"] = str(prom)
+    env, prom = two_versions_env(model_repo, pristine_models, live_redis.url, tmp_path,
+                                 model_version=1)
     with ServerProcess(env, cli=True, workers=2) as server:
         wait_until_all_serve(prom, "1", workers=2)  # today: the setting is ignored, v2 serves
         time.sleep(10 * WATCH_S)

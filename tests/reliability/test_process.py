@@ -4,21 +4,26 @@ metrics, API keys, and the operator port for /metrics and /admin."""
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 
 import httpx
-import pytest
 import redis
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from launch.local_redis import RedisServer
 from launch.serve import clean_multiproc_dir, ort_threads_per_worker
 from tests.reliability.conftest import rank_body
-from tests.reliability.procs import post_json, run_load
-from tests.reliability.test_overload_redis import pause_redis
-from tests.reliability.test_readiness_swap import metric_value
-from tests.support import ServerProcess, children_of, free_port, service_env
+from tests.reliability.procs import metric_value, post_json, run_load, wait_for, wait_inflight
+from tests.reliability.test_overload_redis import stalled
+from tests.support import ServerProcess, children_of, free_port, port_open, service_env
+
+INFLIGHT = "ranker_inflight_requests"
 
 
 def redis_clients(url: str) -> int:
@@ -33,28 +38,52 @@ def redis_clients(url: str) -> int:
 async def test_sigterm_finishes_inflight_refuses_new_exits_zero(
     model_repo: Path, live_redis: RedisServer
 ) -> None:
-    env = service_env(model_repo, live_redis.url, request_timeout_s=4.0,
-                      redis_socket_timeout_s=3.0, graceful_shutdown_s=5)
+    env = service_env(model_repo, live_redis.url, request_timeout_s=8.0,
+                      redis_socket_timeout_s=8.0, graceful_shutdown_s=5)
     server = ServerProcess(env, cli=True)
     with server:
-        assert redis_clients(live_redis.url) >= 1  # the service holds a pooled connection
-        pause_redis(live_redis.url, 1200)  # the in-flight requests wait on Redis
         async with httpx.AsyncClient(base_url=server.url, timeout=10) as c:
-            inflight = [asyncio.create_task(c.post("/rank", json=rank_body(i)))
-                        for i in range(4)]
-            await asyncio.sleep(0.3)
-            t_term = time.monotonic()
-            server.signal(signal.SIGTERM)
-            await asyncio.sleep(0.3)
-            with pytest.raises(httpx.ConnectError):  # no longer accepting
-                await httpx.AsyncClient(base_url=server.url, timeout=2).get("/healthz")
+            with stalled(live_redis):  # the in-flight requests wait on Redis
+                inflight = [asyncio.create_task(c.post("/rank", json=rank_body(i)))
+                            for i in range(4)]
+                await wait_inflight(server.url, 4)
+                t_term = time.monotonic()
+                server.signal(signal.SIGTERM)
+                await wait_for(lambda: not port_open(server.port), "new connections refused")
+                still_running = [not t.done() for t in inflight]
             done = await asyncio.gather(*inflight)
         code = await asyncio.to_thread(server.wait, 10.0)
         took = time.monotonic() - t_term
+    assert still_running == [True] * 4  # refused new ones while these were still being served
     assert [r.status_code for r in done] == [200] * 4, [r.text[:100] for r in done]
     assert code == 0, server.log_tail()
     assert took < 5 + 2
-    assert redis_clients(live_redis.url) == 0, "Redis connections closed on shutdown"
+
+
+async def test_sigterm_closes_every_redis_connection_before_exit(
+    model_repo: Path, live_redis: RedisServer, tmp_path: Path
+) -> None:
+    """Counted on a redis-server that keeps running, while the stopped service's process is
+    still alive (a test-only factory keeps it so after its lifespan closed): at exit the kernel
+    would close whatever the service left open, so a count after exit proves nothing."""
+    closed, release = tmp_path / "closed", tmp_path / "release"
+    env = service_env(model_repo, live_redis.url, redis_max_connections=4)
+    env.update(RANKER_TEST_CLOSED=str(closed), RANKER_TEST_RELEASE=str(release))
+    before = redis_clients(live_redis.url)
+    server = ServerProcess(env, app="tests.reliability.lingering_app:create_app")
+    with server:
+        res = await run_load(server.url, post_json("/rank", rank_body), total=40, concurrency=4)
+        serving = redis_clients(live_redis.url)
+        server.signal(signal.SIGTERM)
+        await wait_for(closed.exists, lambda: f"the lifespan closing: {server.log_tail()}")
+        after_close = redis_clients(live_redis.url)
+        alive = server.proc is not None and server.proc.poll() is None
+        release.touch()
+        await asyncio.to_thread(server.wait, 10.0)
+    assert res.by_status == {200: 40}, res.summary()
+    assert serving > before, "the service held pooled connections while serving"
+    assert alive, "the process must still be running when the connections are counted"
+    assert after_close == before, f"{after_close - before} Redis connections left open"
 
 
 async def test_sigterm_cuts_requests_beyond_the_grace_time(
@@ -64,16 +93,15 @@ async def test_sigterm_cuts_requests_beyond_the_grace_time(
                       redis_socket_timeout_s=8.0, graceful_shutdown_s=1)
     server = ServerProcess(env, cli=True)
     with server:
-        pause_redis(live_redis.url, 4000)
         async with httpx.AsyncClient(base_url=server.url, timeout=10) as c:
-            stuck = asyncio.create_task(c.post("/rank", json=rank_body(0)))
-            await asyncio.sleep(0.3)
-            t_term = time.monotonic()
-            server.signal(signal.SIGTERM)
-            code = await asyncio.to_thread(server.wait, 10.0)
-            took = time.monotonic() - t_term
+            with stalled(live_redis):  # for longer than the grace time: until the exit
+                stuck = asyncio.create_task(c.post("/rank", json=rank_body(0)))
+                await wait_inflight(server.url, 1)
+                t_term = time.monotonic()
+                server.signal(signal.SIGTERM)
+                code = await asyncio.to_thread(server.wait, 10.0)
+                took = time.monotonic() - t_term
             outcome = await asyncio.gather(stuck, return_exceptions=True)
-    pause_redis(live_redis.url, 1)  # let the paused server go
     assert code == 0 and took < 1 + 1.5, f"exit {code} after {took:.2f}s"
     cut = outcome[0]
     assert isinstance(cut, httpx.HTTPError) or (
@@ -185,3 +213,63 @@ async def test_api_keys_admin_key_and_operator_port(
     assert health == [200, 200]
     for secret in ("key-one", "key-two", "adm-secret", "nope"):
         assert secret not in log
+
+
+def gauge_of_pid(prom: Path, pid: int, name: str) -> float:
+    """One worker's value of a gauge, read from its own files in the multiprocess directory."""
+    with tempfile.TemporaryDirectory() as one:
+        for f in prom.glob(f"gauge_*_{pid}.db"):
+            shutil.copy(f, one)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=one)
+        return sum(s.value for m in registry.collect() if m.name == name for s in m.samples)
+
+
+def worker_pids(server: ServerProcess, prom: Path) -> set[int]:
+    """The server's children that are workers (they have metric files; a resource tracker not)."""
+    with_files = {int(f.stem.rsplit("_", 1)[-1]) for f in prom.glob("*.db")}
+    return set(children_of(server.pid)) & with_files
+
+
+async def test_a_killed_worker_leaves_no_gauges_behind(
+    model_repo: Path, live_redis: RedisServer, tmp_path: Path
+) -> None:
+    """SIGKILL one of two workers while it holds requests in flight: once uvicorn has replaced
+    it, /metrics no longer counts the dead worker's in-flight requests (nor its other gauges)."""
+    prom = tmp_path / "prom"
+    env = service_env(model_repo, live_redis.url, request_timeout_s=20.0,
+                      redis_socket_timeout_s=20.0, redis_connect_timeout_s=2.0)
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(prom)
+    n = 6
+    with ServerProcess(env, cli=True, workers=2) as server:
+        await wait_for(lambda: len(worker_pids(server, prom)) == 2, "two workers")
+        workers = worker_pids(server, prom)
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+            with stalled(live_redis):  # every /rank waits on its feature fetch
+                held = [asyncio.create_task(close_after(c, i)) for i in range(n)]
+                await wait_for(lambda: sum(gauge_of_pid(prom, p, INFLIGHT) for p in workers) == n,
+                               f"{n} requests in flight")
+                victim = max(workers, key=lambda p: gauge_of_pid(prom, p, INFLIGHT))
+                lost = gauge_of_pid(prom, victim, INFLIGHT)
+                os.kill(victim, signal.SIGKILL)
+            done = await asyncio.gather(*held, return_exceptions=True)
+
+        def replaced() -> bool:
+            now = worker_pids(server, prom)
+            return victim not in now and len(now) == 2
+
+        await wait_for(replaced, "uvicorn replaced the killed worker")
+
+        def scraped_inflight() -> float:
+            text = httpx.get(server.url + "/metrics", timeout=5).text
+            return metric_value(text, INFLIGHT)
+
+        # the scrape itself is the one request in flight; the dead worker's `lost` are not
+        await wait_for(lambda: scraped_inflight() == 1,
+                       lambda: f"/metrics says {scraped_inflight()} in flight, the killed worker "
+                       f"held {lost:g}")
+        files = sorted(f.name for f in prom.glob(f"gauge_*_{victim}.db"))
+    answered = [r for r in done if isinstance(r, httpx.Response)]
+    assert lost >= 1 and len(answered) == n - lost, (lost, done)
+    assert all(r.status_code == 200 for r in answered), [r.text[:100] for r in answered]
+    assert files == [], f"live gauge files of the dead worker {victim}: {files}"

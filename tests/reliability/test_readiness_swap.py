@@ -12,18 +12,16 @@ import httpx
 from launch.local_redis import RedisServer
 from tests.reliability.conftest import rank_body
 from tests.reliability.oracle import Oracle
-from tests.reliability.procs import LoadResult, post_json, run_load
+from tests.reliability.procs import (
+    LoadResult,
+    metric_value,
+    post_json,
+    run_load,
+    scraped,
+    wait_for,
+)
 from tests.support import ServerProcess, service_env
 from tests.tiny import install_version
-
-
-def metric_value(text: str, name: str, labels: str = "") -> float:
-    """Sum of the exposition samples `name{...labels...}` (0 if none)."""
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and labels in line and not line.startswith("#"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def test_not_ready_without_model_then_ready_after_install(
@@ -47,6 +45,13 @@ def test_not_ready_without_model_then_ready_after_install(
         assert first.json()["model"]["version"] == 1
 
 
+def inference_s(url: str) -> tuple[float, float]:
+    """The server's inference-stage histogram so far: (sum of seconds, count)."""
+    name = "ranker_stage_duration_seconds"
+    return (scraped(url, f"{name}_sum", 'stage="inference"'),
+            scraped(url, f"{name}_count", 'stage="inference"'))
+
+
 async def test_first_requests_after_ready_are_not_much_slower(
     model_repo: Path, live_redis: RedisServer, oracle: Oracle
 ) -> None:
@@ -55,15 +60,23 @@ async def test_first_requests_after_ready_are_not_much_slower(
         # sequential, so the latencies are the service's and not the queue's
         first = await run_load(server.url, post_json("/rank", rank_body), total=20,
                                concurrency=1, duration_s=20)
+        s0, n0 = inference_s(server.url)
         await run_load(server.url, post_json("/rank", rank_body), total=200, concurrency=1,
                        duration_s=20)
+        s1, n1 = inference_s(server.url)
         steady = await run_load(server.url, post_json("/rank", rank_body), total=100,
                                 concurrency=1, duration_s=20)
+        s2, n2 = inference_s(server.url)
     assert first.by_status == {200: 20} and steady.by_status == {200: 100}, first.summary()
-    print(f"first 20 median {first.median_s()*1e3:.2f} ms, steady median "
-          f"{steady.median_s()*1e3:.2f} ms")
-    # generous: a cold (un-warmed) session is many times slower on its first calls
-    assert first.median_s() <= 3 * steady.median_s() + 0.002
+    assert (n0, n2 - n1) == (20, 100), (n0, n1, n2)
+    # The model's own time, from the server's stage histogram: what warm-up is for (a cold
+    # onnxruntime session is many times slower on its first runs). End-to-end latency of the
+    # first requests also holds connection set-up (client, Redis pool) and is not asserted.
+    first_ms, steady_ms = s0 / n0 * 1e3, (s2 - s1) / (n2 - n1) * 1e3
+    print(f"inference: first 20 mean {first_ms:.3f} ms, steady mean {steady_ms:.3f} ms; "
+          f"end to end medians {first.median_s() * 1e3:.2f} / {steady.median_s() * 1e3:.2f} ms")
+    # measured: warmed 0.37-0.40 vs 0.26-0.32 ms; with warm-up off 2.47 vs 0.46 ms
+    assert first_ms <= 2 * steady_ms + 0.3
 
 
 async def test_swap_under_load_zero_failures_one_version_each(
@@ -85,19 +98,34 @@ async def test_swap_under_load_zero_failures_one_version_each(
             req = bodies[i]
             oracle.check(body, req["user_id"], req["candidates"])
 
+        def served(version: int) -> int:
+            return sum(1 for _, v in list(versions) if v == version)
+
+        def failures() -> float:
+            text = httpx.get(server.url + "/metrics", timeout=5).text
+            return metric_value(text, "ranker_model_reloads_total", 'result="failure"')
+
         async def installer() -> None:
-            await asyncio.sleep(0.5)
+            # each step waits (bounded) until the watcher has acted on the previous one
+            await wait_for(lambda: served(1) >= 50, "v1 serving under load")
             install_version(pristine_models, model_repo, 2, source=2)
-            await asyncio.sleep(1.0)
+            await wait_for(lambda: served(2) >= 50, "v2 serving under load")
             # refused versions: the old one keeps serving
             install_version(pristine_models, model_repo, 3, source=2, corrupt="byte")
-            await asyncio.sleep(0.6)
+            await wait_for(lambda: failures() >= 1, "corrupt v3 refused")
+            n = served(2)
             install_version(pristine_models, model_repo, 4, source=2, corrupt="schema")
+            await wait_for(lambda: failures() >= 2, "mismatched v4 refused")
+            await wait_for(lambda: served(2) >= n + 50, "v2 still serving after the refusals")
 
+        done = asyncio.Event()
         load = asyncio.create_task(run_load(
-            server.url, post_json("/rank", body_of), total=20_000, concurrency=4,
-            duration_s=3.0, check=check))
-        await installer()
+            server.url, post_json("/rank", body_of), total=50_000, concurrency=4,
+            duration_s=60.0, check=check, stop=done))
+        try:
+            await installer()
+        finally:
+            done.set()
         result: LoadResult = await load
         info = httpx.get(server.url + "/model", timeout=2).json()
         metrics_text = httpx.get(server.url + "/metrics", timeout=2).text

@@ -25,6 +25,7 @@ N_USERS = 10
 N_ITEMS = 60
 # items loaded with identical features and ids outside the vocabulary: they score exactly alike
 TWINS = ["twin_a", "twin_b", "twin_c"]
+CANDS = [f"i{i}" for i in range(40)]  # the candidate list of the /rank tests
 
 
 def feature_tables(seed: int = 0) -> tuple[pa.Table, pa.Table]:

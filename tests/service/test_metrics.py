@@ -20,6 +20,7 @@ NAMES = [
     "ranker_candidates_scored_total",
     "ranker_task_score",
     "ranker_gate_weight_sum_total",
+    "ranker_gate_max_share",
     "ranker_degraded_responses_total",
     "ranker_model_info",
     "ranker_model_reloads_total",
@@ -72,6 +73,11 @@ async def test_metrics_present_and_moving(model_repo, redis_url):
             j = ["click", "like", "share"].index(t)
             got = metric("ranker_gate_weight_sum_total", {"task": t, "expert": m}) - before
             assert got == pytest.approx(gates[:, j, int(m)].sum(), rel=1e-4)
+        # gate health: the largest expert's share of each task's summed gate weight
+        for j, t in enumerate(["click", "like", "share"]):
+            sums = gates[:, j].sum(0)
+            want = sums.max() / sums.sum()
+            assert metric("ranker_gate_max_share", {"task": t}) == pytest.approx(want, rel=1e-4)
         assert metric("ranker_model_info", {"name": "mmoe", "version": "1"}) == 1
         assert "ranker_inflight_requests 1.0" in text  # the scrape itself was in flight
         assert metric("ranker_inflight_requests") == 0

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tests.service.helpers import (
+    CANDS,
     N_ITEMS,
     TWINS,
     load_features,
@@ -21,7 +22,6 @@ from tests.support import settings_for
 
 pytestmark = pytest.mark.asyncio
 
-CANDS = [f"i{i}" for i in range(40)]
 
 
 @pytest.fixture

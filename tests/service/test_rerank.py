@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
@@ -72,6 +72,28 @@ instances = st.integers(2, 9).flatmap(lambda n: st.tuples(
 ))
 
 
+class Case(NamedTuple):
+    """A generated instance whose "k in any w" rule fits in its top_k, with that rule."""
+
+    codes: list[int]
+    scores: np.ndarray
+    k: int
+    w: int
+    top_k: int
+    rules: rr.Rules
+
+
+def _case(inst: tuple[list[int], list[int], int, int, int]) -> Case:
+    codes, scores, k, w, top_k = inst
+    rules = rules_of(diversity(k, w), len(codes), top_k)
+    assert rules is not None
+    return Case(codes, np.asarray(scores, float), k, w, top_k, rules)
+
+
+# the window no longer than the list, and k below w
+diversity_cases = instances.filter(lambda i: i[3] <= i[4] and i[2] < i[3]).map(_case)
+
+
 # ---- no rules ----------------------------------------------------------------------------
 
 
@@ -102,15 +124,10 @@ def test_a_section_set_to_null_turns_the_preset_off() -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(instances)
-def test_diversity_holds_whenever_the_candidates_allow_it(inst: Any) -> None:
-    codes, scores, k, w, top_k = inst
-    n = len(codes)
-    if w > top_k or k >= w:
-        return
-    rules = rules_of(diversity(k, w), n, top_k)
-    assert rules is not None
-    out = rr.apply(rules, np.asarray(scores, float), cands(n), ATTRS, inputs_for(codes), None,
+@given(diversity_cases)
+def test_diversity_holds_whenever_the_candidates_allow_it(case: Case) -> None:
+    codes, k, w, top_k = case.codes, case.k, case.w, case.top_k
+    out = rr.apply(case.rules, case.scores, cands(len(codes)), ATTRS, inputs_for(codes), None,
                    top_k)
     served = [codes[i] for i in out.order.tolist()]
     assert len(set(out.order.tolist())) == len(served) == top_k
@@ -126,17 +143,11 @@ def test_diversity_holds_whenever_the_candidates_allow_it(inst: Any) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(instances)
-def test_diversity_keeps_the_score_order_within_a_value_and_is_deterministic(inst: Any) -> None:
-    codes, scores, k, w, top_k = inst
-    n = len(codes)
-    if w > top_k or k >= w:
-        return
-    rules = rules_of(diversity(k, w), n, top_k)
-    assert rules is not None
-    final = np.asarray(scores, float)
-    a = rr.apply(rules, final, cands(n), ATTRS, inputs_for(codes), None, top_k)
-    b = rr.apply(rules, final.copy(), cands(n), ATTRS, inputs_for(codes), None, top_k)
+@given(diversity_cases)
+def test_diversity_keeps_the_score_order_within_a_value_and_is_deterministic(case: Case) -> None:
+    codes, final, n = case.codes, case.scores, len(case.codes)
+    a = rr.apply(case.rules, final, cands(n), ATTRS, inputs_for(codes), None, case.top_k)
+    b = rr.apply(case.rules, final.copy(), cands(n), ATTRS, inputs_for(codes), None, case.top_k)
     np.testing.assert_array_equal(a.order, b.order)
     today = rank_order(final).tolist()
     for v in set(codes) - {0}:

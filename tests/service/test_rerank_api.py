@@ -16,6 +16,7 @@ from service import rerank as rr
 from service.featurestore.keys import seen_key
 from service.rerank_rules import RulesFileError
 from tests.service.helpers import (
+    CANDS,
     feature_tables,
     load_features,
     metric,
@@ -26,7 +27,6 @@ from tests.support import settings_for
 
 pytestmark = pytest.mark.asyncio
 
-CANDS = [f"i{i}" for i in range(40)]
 _, ITEMS = feature_tables()
 CATEGORY = dict(zip(ITEMS.column("item_id").to_pylist(), ITEMS.column("category").to_pylist(),
                     strict=True))

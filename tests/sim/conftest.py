@@ -1,4 +1,4 @@
-"""Fixtures for the simulator tests: one small synthetic world written by the real generator."""
+"""Fixtures for the simulator tests: the world of the small synthetic dataset (`small_data`)."""
 
 from __future__ import annotations
 
@@ -6,16 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from training.synthetic import SyntheticConfig, World, write_dataset
+from training.synthetic import World
 
 
 @pytest.fixture(scope="session")
-def world_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("world")
-    write_dataset(SyntheticConfig.small(), out)
-    return out
-
-
-@pytest.fixture(scope="session")
-def world(world_dir: Path) -> World:
-    return World.load(world_dir)
+def world(small_data: Path) -> World:
+    return World.load(small_data)

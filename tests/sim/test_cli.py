@@ -36,10 +36,10 @@ def test_other_hosts_are_refused(url: str, why: str) -> None:
     assert re.search(why, error), error
 
 
-def test_refusal_exits_2_before_any_request(world_dir: Path,
+def test_refusal_exits_2_before_any_request(small_data: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     rc = main(["--base-url", "http://10.1.2.3:8000", "--requests", "1",
-               "--data-dir", str(world_dir)])
+               "--data-dir", str(small_data)])
     assert rc == 2
     err = capsys.readouterr().err
     assert "loopback" in err and "10.1.2.3" in err
@@ -51,9 +51,9 @@ def test_refusal_exits_2_before_any_request(world_dir: Path,
     (["--requests", "5", "--max-seconds", "0"], "--max-seconds"),
     (["--requests", "5", "--candidates", "151"], "151 > the world's 150 items"),
 ])
-def test_bad_arguments_exit_2(world_dir: Path, capsys: pytest.CaptureFixture[str],
+def test_bad_arguments_exit_2(small_data: Path, capsys: pytest.CaptureFixture[str],
                               args: list[str], why: str) -> None:
-    rc = main(["--base-url", "http://127.0.0.1:1", "--data-dir", str(world_dir), *args])
+    rc = main(["--base-url", "http://127.0.0.1:1", "--data-dir", str(small_data), *args])
     assert rc == 2
     assert why in capsys.readouterr().err
 
@@ -66,20 +66,20 @@ def test_missing_world_exits_2_and_says_how_to_make_one(
     assert "ranker data" in capsys.readouterr().err
 
 
-def test_weights_must_be_a_json_object_of_numbers(world_dir: Path) -> None:
+def test_weights_must_be_a_json_object_of_numbers(small_data: Path) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["--base-url", "http://127.0.0.1:1", "--requests", "1", "--weights", "[1]"])
     assert exc.value.code == 2
 
 
-def test_nothing_listening_is_counted_not_a_crash(world_dir: Path, tmp_path: Path) -> None:
+def test_nothing_listening_is_counted_not_a_crash(small_data: Path, tmp_path: Path) -> None:
     """A loopback port with no server: every request is counted by its exception name."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "s.json"
     rc = main(["--base-url", f"http://127.0.0.1:{port}", "--requests", "3", "--concurrency", "2",
-               "--data-dir", str(world_dir), "--json", str(out), "--timeout", "2"])
+               "--data-dir", str(small_data), "--json", str(out), "--timeout", "2"])
     assert rc == 0
     s = json.loads(out.read_text())
     assert s["requests"] == 3 and s["rank_status"] == {"ConnectError": 3}
@@ -87,9 +87,9 @@ def test_nothing_listening_is_counted_not_a_crash(world_dir: Path, tmp_path: Pat
     assert s["rates"]["click"] is None  # no impressions: no rate (valid JSON, not NaN)
 
 
-def test_runs_as_a_module(world_dir: Path) -> None:
+def test_runs_as_a_module(small_data: Path) -> None:
     """`python -m sim.cli` until the `ranker` dispatcher lists it."""
     proc = subprocess.run([sys.executable, "-m", "sim.cli", "--base-url", "http://10.9.9.9",
-                           "--requests", "1", "--data-dir", str(world_dir)],
+                           "--requests", "1", "--data-dir", str(small_data)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "loopback" in proc.stderr, proc.stderr

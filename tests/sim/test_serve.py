@@ -24,25 +24,25 @@ RUN_KEYS = ("run",)  # what differs between two runs of the same simulation: tim
 
 
 @pytest.fixture(scope="module")
-def model_repo(world_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def model_repo(small_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real MMoE trained (short run) on the world's impressions and exported."""
     from training.pipeline import ensure_default_model
 
     repo = tmp_path_factory.mktemp("sim_models")
-    ensure_default_model(repo, world_dir, small=True)
+    ensure_default_model(repo, small_data, small=True)
     return repo
 
 
 @pytest.fixture(scope="module")
-def server(model_repo: Path, world_dir: Path, redis_server: RedisServer
+def server(model_repo: Path, small_data: Path, redis_server: RedisServer
            ) -> Iterator[ServerProcess]:
     url = emptied_url(redis_server)
     vdir = model_repo / "mmoe" / "1"
     client = redis.Redis.from_url(url, socket_timeout=5)
     try:
         load_tables(client, load_schema(vdir, load_manifest(vdir)),
-                    pq.read_table(world_dir / "users.parquet"),
-                    pq.read_table(world_dir / "items.parquet"))
+                    pq.read_table(small_data / "users.parquet"),
+                    pq.read_table(small_data / "items.parquet"))
     finally:
         client.close()
     env = {"RANKER_MODEL_REPO": str(model_repo), "RANKER_MODEL_NAME": "mmoe",
@@ -52,18 +52,18 @@ def server(model_repo: Path, world_dir: Path, redis_server: RedisServer
         yield proc
 
 
-def simulate(server: ServerProcess, world_dir: Path, tmp_path: Path, *args: str
+def simulate(server: ServerProcess, small_data: Path, tmp_path: Path, *args: str
              ) -> dict[str, Any]:
     out = tmp_path / f"summary-{len(list(tmp_path.iterdir()))}.json"
-    rc = main(["--base-url", server.url, "--data-dir", str(world_dir), "--json", str(out),
+    rc = main(["--base-url", server.url, "--data-dir", str(small_data), "--json", str(out),
                *args])
     assert rc == 0, server.log_tail()
     summary: dict[str, Any] = json.loads(out.read_text())
     return summary
 
 
-def test_a_bounded_run_adds_up(server: ServerProcess, world_dir: Path, tmp_path: Path) -> None:
-    s = simulate(server, world_dir, tmp_path, "--requests", "40", "--concurrency", "3",
+def test_a_bounded_run_adds_up(server: ServerProcess, small_data: Path, tmp_path: Path) -> None:
+    s = simulate(server, small_data, tmp_path, "--requests", "40", "--concurrency", "3",
                  "--candidates", "60", "--top-k", "8", "--seed", "1", "--api-key", API_KEY,
                  "--weights", '{"click": 1, "like": 4, "share": 8}')
     assert s["requests"] == 40 and s["rank_status"] == {"200": 40}, s["problems"]
@@ -91,27 +91,27 @@ def test_a_bounded_run_adds_up(server: ServerProcess, world_dir: Path, tmp_path:
     assert s["position_model"]["top_k"] == 8 and s["position_model"]["examine"][0] == 1.0
 
 
-def test_same_seed_same_summary_whatever_the_concurrency(server: ServerProcess, world_dir: Path,
+def test_same_seed_same_summary_whatever_the_concurrency(server: ServerProcess, small_data: Path,
                                                          tmp_path: Path) -> None:
     args = ("--requests", "25", "--candidates", "40", "--top-k", "5", "--seed", "9",
             "--api-key", API_KEY)
-    a = simulate(server, world_dir, tmp_path, *args, "--concurrency", "1")
-    b = simulate(server, world_dir, tmp_path, *args, "--concurrency", "4")
+    a = simulate(server, small_data, tmp_path, *args, "--concurrency", "1")
+    b = simulate(server, small_data, tmp_path, *args, "--concurrency", "4")
     for k in RUN_KEYS:
         a.pop(k), b.pop(k)
     assert a == b
 
 
 def test_without_the_api_key_every_request_is_refused_and_counted(
-        server: ServerProcess, world_dir: Path, tmp_path: Path) -> None:
-    s = simulate(server, world_dir, tmp_path, "--requests", "5", "--candidates", "10")
+        server: ServerProcess, small_data: Path, tmp_path: Path) -> None:
+    s = simulate(server, small_data, tmp_path, "--requests", "5", "--candidates", "10")
     assert s["rank_status"] == {"401": 5} and s["impressions"] == 0
     assert s["feedback"]["batches"] == 0 and s["problems_total"] == 5
 
 
-def test_the_run_stops_at_max_seconds(server: ServerProcess, world_dir: Path,
+def test_the_run_stops_at_max_seconds(server: ServerProcess, small_data: Path,
                                       tmp_path: Path) -> None:
-    s = simulate(server, world_dir, tmp_path, "--requests", "1000000", "--max-seconds", "1.5",
+    s = simulate(server, small_data, tmp_path, "--requests", "1000000", "--max-seconds", "1.5",
                  "--candidates", "20", "--api-key", API_KEY, "--timeout", "5")
     assert s["run"]["stopped_by"] == "time" and 0 < s["requests"] < 1_000_000
     assert s["run"]["elapsed_s"] < 1.5 + 2 * 5

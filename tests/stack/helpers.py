@@ -27,6 +27,7 @@ COUNTERS = {
     "ranker_inference_runs_total",
     "ranker_rerank_rules_applied_total",
     "ranker_rerank_rules_reloads_total",
+    "ranker_gate_polarised_requests_total",
 }
 HISTOGRAMS = {
     "ranker_request_duration_seconds",
@@ -49,7 +50,7 @@ COUNTERS |= {
     "ranker_feedback_events_total",
 }
 GAUGES = {"ranker_model_info", "ranker_inflight_requests", "ranker_model_fallback",
-          "ranker_served_log_queue_depth"}
+          "ranker_served_log_queue_depth", "ranker_gate_max_share"}
 # Experiments (service/arms.py, service/shadow.py): arms, canary, shadow, loaded versions.
 COUNTERS |= {
     "ranker_arm_requests_total",

@@ -10,18 +10,18 @@ import torch
 from ranker.schema import FeatureSchema
 from training.data import Encoded, RawData, build_schema, encode_split, load_raw
 from training.spec import DatasetSpec, load_spec
-from training.synthetic import SyntheticConfig, write_dataset
 
 # one thread: the suite runs beside other jobs on 2 cores (see training/pipeline.py)
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="session")
-def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small synthetic dataset written by the real generator."""
-    out = tmp_path_factory.mktemp("synthetic")
-    write_dataset(SyntheticConfig.small(), out)
-    return out
+@pytest.fixture(autouse=True, scope="session")
+def _untracked() -> object:
+    """`ranker train` tracks in MLflow when it is installed: not from these tests, unless one
+    asks (`--track`, tests/training/test_tracking.py)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RANKER_TRACK", "0")
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -37,7 +37,7 @@ from ranker.servedlog import (
 from service.featurestore.reader import FeatureStore, make_client
 from service.featurestore.writer import load_tables, make_sync_client
 from service.servedlog.exporter import Exporter
-from tests.featurestore.tables import items_table, users_table
+from tests.service.featurestore.tables import items_table, users_table
 from tests.tiny import MODEL_NAME, TASKS, tiny_schema
 from training import pipeline
 from training.data import Encoded

@@ -26,8 +26,8 @@ def test_census_spec() -> None:
     spec = load_spec(DATASETS_DIR / "census_income.toml")
     assert spec.model_name == "census-mmoe"
     assert [(t.name, t.column, t.positive) for t in spec.tasks] == [
-        ("income", "income_50k", "50000+."),
-        ("marital", "marital_stat", "Never married"),
+        ("income", "income_50k", ("50000+.",)),
+        ("marital", "marital_stat", ("Never married",)),
     ]
     assert spec.source.separator == ", " and spec.source.na == "?"
     assert len(spec.source.columns) == 42

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import math
-import threading
+import socket
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ from ranker.schema import FeatureSchema
 from service.featurestore.keys import pointer_key, record_key_prefix
 from service.featurestore.reader import FeatureStore, FeatureStoreUnavailable, make_client
 from service.featurestore.writer import LoadReport, load_tables
-from tests.featurestore.tables import items_table, users_table
+from tests.service.featurestore.tables import items_table, users_table
 
 SCHEMA = tiny_schema()
 
@@ -233,26 +234,27 @@ async def test_redis_down_is_a_quick_typed_error(redis_server: RedisServer, redi
     await fs.aclose()
 
 
-async def test_slow_redis_hits_the_deadline_without_desync(redis_url: str) -> None:
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc/net/tcp")
+async def test_slow_redis_hits_the_deadline_without_desync(
+    redis_server: RedisServer, redis_url: str
+) -> None:
     _load(redis_url)
     # one connection only: a timed-out reply left on it would be read by the next request
     fs = FeatureStore(roomy_client(redis_url, max_connections=1), SCHEMA)
+    blocker = sleeper(redis_server)
     try:
         await fs.fetch("u0", ["i0"])
-        blocker = threading.Thread(
-            target=lambda: redis.Redis.from_url(redis_url).execute_command("DEBUG", "SLEEP", 0.3)
-        )
-        blocker.start()
-        time.sleep(0.05)  # let DEBUG SLEEP reach the server first
+        put_to_sleep(blocker, redis_server.port, 0.3)  # asleep before the fetch is sent
         t0 = time.perf_counter()
         with pytest.raises(FeatureStoreUnavailable, match="deadline"):
             await fs.fetch("u1", ["i1", "i2"], timeout_s=0.05)
         assert time.perf_counter() - t0 < 0.2
-        blocker.join(timeout=5)
+        wait(lambda: replied(blocker), "redis-server woke up", timeout_s=10)
         r = await fs.fetch("u2", ["i5", "i6", "i7"], timeout_s=1.0)
         np.testing.assert_array_equal(r.inputs["user_cat"], [[3, 3]])
         np.testing.assert_array_equal(r.inputs["item_cat"][:, 0], [6, 7, 8])
     finally:
+        blocker.close()
         await fs.aclose()
 
 
@@ -279,24 +281,86 @@ async def test_client_is_bounded_and_uses_hiredis(redis_url: str) -> None:
         await fs.aclose()
 
 
-async def test_cancelled_fetch_does_not_desync_the_connection(redis_url: str) -> None:
+def server_unread_bytes(server_port: int, client_port: int) -> int | None:
+    """Bytes redis-server has not read yet from the connection of `client_port`: the receive
+    queue of the server's end of it, from /proc/net/tcp (None if there is no such socket)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = fields[1], fields[2]
+        if (int(local.rsplit(":", 1)[1], 16) == server_port
+                and int(remote.rsplit(":", 1)[1], 16) == client_port):
+            return int(fields[4].split(":")[1], 16)
+    return None
+
+
+def replied(sock: socket.socket) -> bool:
+    """Whether anything came back on a raw socket yet (without waiting)."""
+    try:
+        return sock.recv(64, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+    except BlockingIOError:
+        return False
+
+
+def wait(condition: Any, what: str, timeout_s: float = 5.0) -> None:
+    end = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < end, what
+        time.sleep(0.001)  # poll interval of a bounded wait
+
+
+def sleeper(server: RedisServer) -> socket.socket:
+    """A raw connection to `server` for DEBUG SLEEP (blocking mode, for `replied`)."""
+    sock = socket.create_connection((server.host, server.port), timeout=5)
+    sock.settimeout(None)  # a timeout would make the MSG_DONTWAIT peek wait for readability
+    return sock
+
+
+def put_to_sleep(sock: socket.socket, server_port: int, seconds: float) -> None:
+    """DEBUG SLEEP on `sock`; returns once redis-server is asleep in it (it has read the
+    command and not answered it yet)."""
+    arg = str(seconds).encode()
+    sock.sendall(b"*3\r\n$5\r\nDEBUG\r\n$5\r\nSLEEP\r\n$%d\r\n%s\r\n" % (len(arg), arg))
+    port = sock.getsockname()[1]
+    wait(lambda: server_unread_bytes(server_port, port) == 0 and not replied(sock),
+         "redis-server asleep in DEBUG SLEEP")
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc/net/tcp")
+async def test_cancelled_fetch_does_not_desync_the_connection(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    """The cancel lands, deterministically, after the MGET reached the server and before its
+    reply: the server is asleep in DEBUG SLEEP (seen: it has read that command and not yet
+    answered it), and the MGET's bytes sit unread in the server's receive queue. The reply
+    then arrives on a connection whose reader was cancelled; the next fetch on the one
+    pooled connection must not read it."""
     _load(redis_url)
     fs = FeatureStore(roomy_client(redis_url, max_connections=1), SCHEMA)
+    admin = redis.Redis.from_url(redis_url, socket_timeout=5)
+    blocker = sleeper(redis_server)
     try:
-        await fs.fetch("u0", ["i0"])
-        blocker = threading.Thread(
-            target=lambda: redis.Redis.from_url(redis_url).execute_command("DEBUG", "SLEEP", 0.2)
-        )
-        blocker.start()
-        time.sleep(0.05)
+        before = {c["addr"] for c in admin.client_list()}
+        await fs.fetch("u0", ["i0"])  # opens the pool's only connection
+        (ours,) = {c["addr"] for c in admin.client_list()} - before
+        our_port = int(ours.rsplit(":", 1)[1])
+
+        put_to_sleep(blocker, redis_server.port, 1.5)
         task = asyncio.create_task(fs.fetch("u9", ["i9", "i8"]))
-        await asyncio.sleep(0.05)  # the MGET is sent; its reply is queued behind the sleep
+        end = time.monotonic() + 1.0
+        while not server_unread_bytes(redis_server.port, our_port):  # the MGET is at the server
+            assert time.monotonic() < end, "the MGET never reached the server"
+            await asyncio.sleep(0.001)  # poll interval; lets the task send
+        assert not replied(blocker), "the server woke before the cancel: not mid-reply"
+        assert not task.done()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        blocker.join(timeout=5)
+        wait(lambda: replied(blocker), "redis-server woke up", timeout_s=10)
+        # by now the MGET's reply has been sent on the cancelled connection
         r = await fs.fetch("u1", ["i3"], timeout_s=1.0)  # same single connection slot
         np.testing.assert_array_equal(r.inputs["user_cat"], [[2, 2]])
         np.testing.assert_array_equal(r.inputs["item_cat"], [[4, 0]])
     finally:
+        blocker.close()
+        admin.close()
         await fs.aclose()

@@ -10,14 +10,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import redis
 
 from ranker.servedlog import FeedbackEvent, feedback_stream, served_stream
-from tests.servedlog.helpers import (
+from tests.service.servedlog.helpers import (
     HOUR0,
     PREFIX,
     REPO_ROOT,
@@ -28,13 +26,6 @@ from tests.servedlog.helpers import (
     xadd_feedback,
     xadd_served,
 )
-
-
-@pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(redis_url, socket_timeout=5.0)
-    yield c
-    c.close()
 
 
 def exporter_cmd(url: str, out: Path, *extra: str, entry: str = "launch.logs") -> list[str]:
@@ -67,7 +58,7 @@ def test_a_crash_between_the_two_renames_of_a_batch_loses_and_duplicates_nothing
     # 7 records (one batch): 4 in the 07 hour, 3 in the 08 hour
     recs = [served(i, HOUR0 - 40 + 10 * i) for i in range(7)]
     ids = {xadd_served(client, r): len(r.item_ids) for r in recs}
-    cmd = [sys.executable, "-m", "tests.servedlog.crashing", "1", "export", "--out",
+    cmd = [sys.executable, "-m", "tests.service.servedlog.crashing", "1", "export", "--out",
            str(tmp_path), "--redis-url", redis_url, "--batch", "7", "--until-empty"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=subprocess_env(),
                          cwd=REPO_ROOT, check=False)

@@ -22,7 +22,7 @@ from ranker.servedlog import (
 )
 from service.servedlog.exporter import SyncClient
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 PREFIX = "rk"
 TASKS = ("click", "like", "share")
 HOUR0 = 1_796_112_000.0  # 2026-12-01T08:00:00Z, an hour boundary

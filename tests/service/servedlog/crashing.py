@@ -1,5 +1,6 @@
-"""`python -m tests.servedlog.crashing N export ...`: the exporter, SIGKILLed by itself right
-after its N-th file rename, before the XACK: the crash that at-least-once delivery replays."""
+"""`python -m tests.service.servedlog.crashing N export ...`: the exporter, SIGKILLed by itself
+right after its N-th file rename, before the XACK: the crash that at-least-once delivery
+replays."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from ranker.examples import tiny_schema
 from service.featurestore.keys import record_key_prefix
 from service.featurestore.reader import FeatureStore, FeatureStoreUnavailable, make_client
 from service.featurestore.writer import load_tables, make_sync_client
-from tests.featurestore.tables import items_table, users_table
+from tests.service.featurestore.tables import items_table, users_table
 
 SCHEMA = tiny_schema()
 ITEMS = [f"i{i}" for i in range(30)]

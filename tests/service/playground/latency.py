@@ -1,6 +1,6 @@
 """How long a slider move takes to re-rank in a real browser, by candidate count.
 
-    python -m tests.playground.latency --url http://127.0.0.1:8000 --sizes 20 100 1000
+    python -m tests.service.playground.latency --url http://127.0.0.1:8000 --sizes 20 100 1000
 
 For each size it samples that many items, then moves the `share` slider one step at a time
 (waiting for each re-rank) and reads the page's own timings: the `/rank` fetch as the browser
@@ -16,8 +16,8 @@ from typing import Any
 
 from playwright.sync_api import sync_playwright
 
-from tests.playground.live import CHROMIUM, CHROMIUM_ARGS
-from tests.playground.screenshot import rendered_count, wait_rendered_after
+from tests.service.playground.live import CHROMIUM, CHROMIUM_ARGS
+from tests.service.playground.screenshot import rendered_count, wait_rendered_after
 
 
 def pct(xs: list[float], q: float) -> float:

@@ -29,7 +29,7 @@ from ranker.examples import tiny_schema
 from ranker.manifest import load_manifest, load_schema
 from service.featurestore.reader import FeatureStore, make_client
 from service.featurestore.writer import load_tables
-from tests.featurestore.tables import items_table, users_table
+from tests.service.featurestore.tables import items_table, users_table
 from tests.service.helpers import feature_tables, load_features, metric, running_app
 from tests.support import settings_for
 

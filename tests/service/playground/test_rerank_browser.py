@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.playground.test_browser import (  # noqa: F401  (fixtures)
+from tests.service.playground.test_browser import (  # noqa: F401  (fixtures)
     ARTIFACTS,
     Tab,
     browser,

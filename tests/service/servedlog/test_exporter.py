@@ -4,13 +4,11 @@ letters, an empty stream, trimmed entries, files of two schemas in one partition
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import orjson
 import pyarrow.parquet as pq
-import pytest
 import redis
 from redis.cluster import RedisCluster
 
@@ -22,7 +20,7 @@ from ranker.servedlog import (
     served_stream,
 )
 from service.servedlog.exporter import Committed, Exporter, _File, make_exporter_client
-from tests.servedlog.helpers import (
+from tests.service.servedlog.helpers import (
     HOUR0,
     PREFIX,
     parts,
@@ -33,13 +31,6 @@ from tests.servedlog.helpers import (
     xadd_feedback,
     xadd_served,
 )
-
-
-@pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(redis_url, socket_timeout=5.0)
-    yield c
-    c.close()
 
 
 def export(client: redis.Redis, out: Path, batch: int = 1000) -> dict:

@@ -3,8 +3,9 @@
 Small data makes the effect of task relatedness visible fast: at p = 1 MMoE's shared experts see
 two noisy copies of one target, at p = 0.5 two different targets, so with 300 training samples
 the held-out loss is clearly lower at p = 1. With 10 repeats the ratio of the mean test losses
-(p = 1 over p = 0.5) was 0.804-0.886 for base seeds 1-6 (`python -m
-tests.experiments.test_synthetic_quick`), so the 0.95 asserted here is > 3 of its spreads away.
+(p = 1 over p = 0.5) was 0.804-0.886 for base seeds 1-6
+(`python -m tests.training.experiments.test_synthetic_quick`), so the 0.95 asserted here is > 3
+of its spreads away.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def test_mmoe_does_better_on_related_tasks() -> None:
     assert time.process_time() - cpu0 < 60
 
 
-if __name__ == "__main__":  # the flake check: python -m tests.experiments.test_synthetic_quick
+# the flake check: python -m tests.training.experiments.test_synthetic_quick
+if __name__ == "__main__":
     for s in range(7):
         a, b = quick_effect(s)
         print(f"seed {s}: p=1 {a:.4f}  p=0.5 {b:.4f}  ratio {a / b:.3f}", flush=True)

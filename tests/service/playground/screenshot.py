@@ -1,6 +1,7 @@
 """Take the README's playground screenshot from a running service, the way a user would.
 
-    python -m tests.playground.screenshot --url http://127.0.0.1:8000 --out docs/img/playground.png
+    python -m tests.service.playground.screenshot --url http://127.0.0.1:8000 \
+        --out docs/img/playground.png
 
 It picks a preset, turns `explain` on, nudges one slider (so the list shows how items moved),
 and saves a full-page PNG. Needs Debian's /usr/bin/chromium and the playwright package.
@@ -16,7 +17,7 @@ from typing import Any
 
 from playwright.sync_api import sync_playwright
 
-from tests.playground.live import CHROMIUM, CHROMIUM_ARGS
+from tests.service.playground.live import CHROMIUM, CHROMIUM_ARGS
 
 
 def wait_until(page: Any, js: str, timeout_s: float = 20.0) -> None:

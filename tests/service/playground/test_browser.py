@@ -20,7 +20,7 @@ from launch.local_redis import RedisServer
 from ranker.manifest import load_manifest, load_schema
 from service.settings import Settings
 from tests.conftest import emptied_url
-from tests.playground.live import CHROMIUM, CHROMIUM_ARGS, load_features, run_service
+from tests.service.playground.live import CHROMIUM, CHROMIUM_ARGS, load_features, run_service
 from tests.support import free_port
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
