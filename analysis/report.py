@@ -93,12 +93,17 @@ def experiment_report(
     if not imp_files:
         raise LogError(f"{log_dir / IMPRESSIONS_DIR}: no impression files (ranker logs export)")
     tasks = log_tasks(imp_files)
-    impressions = read_impressions(imp_files, _COLUMNS)
+    has_forced = all("forced" in pq.read_schema(f).names for f in imp_files)
+    impressions = read_impressions(imp_files, (*_COLUMNS, "forced") if has_forced else _COLUMNS)
     feedback = read_feedback(part_files(log_dir / FEEDBACK_DIR))
     labels, keep, counts = join_labels(impressions, feedback, tasks, window_s)
     impressions, labels = impressions.filter(pa.array(keep)), labels[keep]
     in_exp = pc.and_(pc.is_valid(impressions["experiment"]), pc.is_valid(impressions["arm"]))
     mask = np.asarray(in_exp.to_numpy(zero_copy_only=False), dtype=bool)
+    # forced arms (the QA header) are no randomised users: out of every count and the SRM check
+    forced = (np.asarray(pc.fill_null(impressions["forced"], False).to_numpy(
+        zero_copy_only=False), dtype=bool) if has_forced else np.zeros(len(mask), dtype=bool))
+    mask &= ~forced
     exp_col = np.asarray(impressions["experiment"].to_pylist(), dtype=object)
     arm_col = np.asarray(impressions["arm"].to_pylist(), dtype=object)
     users = np.asarray(impressions["user_id"].to_pylist(), dtype=object)
@@ -132,7 +137,8 @@ def experiment_report(
                    "shares",
         },
         "join": counts.as_dict(),
-        "outside_experiments": {"impressions": int((~mask).sum())},
+        "outside_experiments": {"impressions": int((~mask & ~forced).sum())},
+        "forced_impressions_left_out": int(forced.sum()),
         "declared_not_in_log": missing,
         "experiments": experiments,
     }

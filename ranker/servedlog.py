@@ -42,6 +42,7 @@ STREAM_ID = "stream_id"
 IMPRESSION_COLUMNS = (
     STREAM_ID, "ts", "request_id", "user_id", "item_id", "position", "model_name",
     "model_version", "scoring", "weights", "context", "score", "experiment", "arm",
+    "forced", "shadow_score",
 )
 FEEDBACK_COLUMNS = (STREAM_ID, "ts", "request_id", "item_id", "event")
 INPUT_PREFIX = "in_"
@@ -117,6 +118,8 @@ class ServedRecord:
     inputs: Mapping[str, np.ndarray] = field(default_factory=dict)
     experiment: str | None = None
     arm: str | None = None
+    forced: bool = False  # the arm was forced by the QA header: not a randomised user
+    shadow: np.ndarray | None = None  # (K,) the shadow model's final scores, served order
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,10 @@ def encode_served(rec: ServedRecord) -> dict[bytes, bytes]:
         "items": list(rec.item_ids), "experiment": rec.experiment, "arm": rec.arm,
         "inputs": specs,
     }
+    if rec.forced:  # absent when false: records of before the field decode the same
+        meta["forced"] = True
+    if rec.shadow is not None:
+        fields[b"shadow"] = np.ascontiguousarray(rec.shadow, dtype="<f8").tobytes()
     fields[b"meta"] = orjson.dumps(meta)
     fields[b"scores"] = np.ascontiguousarray(rec.scores, dtype="<f4").tobytes()
     fields[b"final"] = np.ascontiguousarray(rec.final, dtype="<f8").tobytes()
@@ -207,7 +214,18 @@ def _decode_served(fields: Mapping[bytes, bytes]) -> ServedRecord:
         weights=meta["weights"], context=meta["context"], tasks=tasks, item_ids=items,
         scores=scores.reshape(k, t), final=final, inputs=inputs,
         experiment=meta.get("experiment"), arm=meta.get("arm"),
+        forced=bool(meta.get("forced", False)), shadow=_shadow(fields, k),
     )
+
+
+def _shadow(fields: Mapping[bytes, bytes], k: int) -> np.ndarray | None:
+    raw = fields.get(b"shadow")
+    if raw is None:
+        return None
+    arr = np.frombuffer(raw, dtype="<f8")
+    if arr.size != k:
+        raise LogFormatError(f"served record of {k} items has {arr.size} shadow scores")
+    return arr
 
 
 def _check_types(meta: dict[str, Any], items: list[Any], tasks: tuple[Any, ...]) -> None:
@@ -287,6 +305,8 @@ def impressions_table(records: Sequence[tuple[str, ServedRecord]]) -> pa.Table:
         cols["score"] += rec.final.tolist()
         cols["experiment"] += [rec.experiment] * k
         cols["arm"] += [rec.arm] * k
+        cols["forced"] += [rec.forced] * k
+        cols["shadow_score"] += [None] * k if rec.shadow is None else rec.shadow.tolist()
         for j, t in enumerate(tasks):
             per_task[t].append(rec.scores[:, j])
         for n in names:
@@ -300,6 +320,8 @@ def impressions_table(records: Sequence[tuple[str, ServedRecord]]) -> pa.Table:
         "position": pa.array(cols["position"], pa.int32()),
         "experiment": pa.array(cols["experiment"], pa.string()),
         "arm": pa.array(cols["arm"], pa.string()),
+        "forced": pa.array(cols["forced"], pa.bool_()),
+        "shadow_score": pa.array(cols["shadow_score"], pa.float64()),
     })
     for t in tasks:
         table = table.append_column(f"{SCORE_PREFIX}{t}",

@@ -83,6 +83,22 @@ class InvalidRequest(ServiceError):
                          detail=detail)
 
 
+class Forbidden(ServiceError):
+    """A request asking for something its key does not allow (a forced arm without the admin
+    key)."""
+
+    status = 403
+    code = "forbidden"
+
+
+class InferenceFailed(ServiceError):
+    """The model raised while scoring (a version that breaks at some batch size): a 500 that
+    names the version, and an error outcome for the arm that served it."""
+
+    status = 500
+    code = "inference_failed"
+
+
 class FeatureStoreDown(ServiceError):
     status = 503
     code = "feature_store_unavailable"

@@ -46,6 +46,7 @@ refused, so a reload without restart is one call.
 from __future__ import annotations
 
 import bisect
+import datetime
 import hashlib
 import itertools
 import math
@@ -67,10 +68,11 @@ SHARE_TOLERANCE = 1e-9
 DEFAULT_TRAFFIC_SALT = "traffic"
 FORCE_HEADER = "X-Ranker-Arm"  # "experiment/arm"; admin key required (checked where it is wired)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # goes into a header and metric labels
-_TOP_KEYS = {"traffic_salt", "experiment"}
+_TOP_KEYS = {"traffic_salt", "experiment", "shadow"}
 _EXPERIMENT_KEYS = {"name", "salt", "traffic", "arm", "canary"}
 _ARM_KEYS = {"name", "share", "model_name", "model_version", "weights", "preset", "scoring"}
-_CANARY_KEYS = {"arm", "steps", "step_s", "max_error_ratio", "max_p99_ms"}
+_CANARY_KEYS = {"arm", "steps", "step_s", "max_error_ratio", "max_p99_ms", "start"}
+_SHADOW_KEYS = {"model_name", "model_version", "share"}
 
 
 class ExperimentsError(ValueError):
@@ -124,6 +126,24 @@ class Canary:
     step_s: float
     max_error_ratio: float
     max_p99_ms: float
+    # unix seconds of step 0; None: the experiments file's mtime (the same on every worker)
+    start: float | None = None
+
+    def step_at(self, now: float, start: float) -> int:
+        """The schedule's step at `now`: one every `step_s` from `start`, the last kept."""
+        if now < start:
+            return 0
+        return min(int((now - start) // self.step_s), len(self.steps) - 1)
+
+
+@dataclass(frozen=True)
+class Shadow:
+    """A model that scores a share of requests off the request path (its scores are logged,
+    its agreement with the live ranking measured); it never changes a response."""
+
+    model_name: str | None = None
+    model_version: int | None = None
+    share: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -200,6 +220,7 @@ class Experiments:
 
     experiments: tuple[Experiment, ...] = ()
     traffic_salt: str = DEFAULT_TRAFFIC_SALT
+    shadow: Shadow | None = None
     source: str | None = None  # the file it came from
     sha256: str | None = None  # of the file's bytes: a reload of the same bytes changes nothing
 
@@ -245,9 +266,12 @@ class Experiments:
     def models(self, default_model: str) -> set[tuple[str, int | None]]:
         """The (model name, version) pairs the arms serve (None: the name's newest version):
         what the registry must hold loaded and warm besides its own."""
-        return {(a.overrides.model_name or default_model, a.overrides.model_version)
-                for e in self.experiments for a in e.arms
-                if a.overrides.model_name is not None or a.overrides.model_version is not None}
+        out = {(a.overrides.model_name or default_model, a.overrides.model_version)
+               for e in self.experiments for a in e.arms
+               if a.overrides.model_name is not None or a.overrides.model_version is not None}
+        if self.shadow is not None:
+            out.add((self.shadow.model_name or default_model, self.shadow.model_version))
+        return out
 
     def shares(self) -> dict[str, dict[str, float]]:
         """Declared shares: experiment -> arm -> share (what the report's SRM check expects)."""
@@ -421,9 +445,37 @@ def _parse_canary(raw: Any, path: str, errs: _Errors, arms: Sequence[Arm]) -> Ca
             errs.add(f"{path}.{key}", f"required: a number {bound} (got {raw.get(key)!r:.40})")
         else:
             values[key] = v
+    start: float | None = None
+    if "start" in raw:
+        v = raw["start"]
+        if isinstance(v, datetime.datetime) and v.tzinfo is not None:
+            start = v.timestamp()
+        elif _finite(v) is not None and v >= 0:
+            start = float(v)
+        else:
+            errs.add(f"{path}.start", f"must be unix seconds or an offset date-time like "
+                     f"2026-12-01T10:00:00Z (got {v!r:.40})")
     if len(errs.lines) > n or not isinstance(arm, str) or not isinstance(steps, list):
         return None
-    return Canary(arm=arm, steps=tuple(float(s) for s in steps), **values)
+    return Canary(arm=arm, steps=tuple(float(s) for s in steps), start=start, **values)
+
+
+def _parse_shadow(raw: Any, errs: _Errors, catalog: Catalog | None) -> Shadow | None:
+    if not isinstance(raw, dict):
+        errs.add("shadow", "must be a table ([shadow])")
+        return None
+    _unknown_keys(raw, _SHADOW_KEYS, "shadow", errs)
+    n = len(errs.lines)
+    share = _finite(raw.get("share", 1.0))
+    if share is None or not 0.0 < share <= 1.0:
+        errs.add("shadow.share", f"a number in (0, 1] (got {raw.get('share')!r:.40})")
+    if raw.get("model_name") is None and raw.get("model_version") is None:
+        errs.add("shadow", "names no model: set model_name and/or model_version")
+    o = _parse_overrides({k: raw[k] for k in ("model_name", "model_version") if k in raw},
+                         "shadow", errs, catalog)
+    if len(errs.lines) > n or share is None:
+        return None
+    return Shadow(model_name=o.model_name, model_version=o.model_version, share=share)
 
 
 def _parse_experiment(raw: Mapping[str, Any], path: str, errs: _Errors,
@@ -479,9 +531,10 @@ def parse_experiments(data: Mapping[str, Any], catalog: Catalog | None = None, *
         if e is not None:
             exps.append(e)
     _check_across(raw_exps, traffic_salt, errs)
+    shadow = _parse_shadow(data["shadow"], errs, catalog) if "shadow" in data else None
     if errs.lines:
         raise ExperimentsError(errs.lines)
-    return Experiments(tuple(exps), traffic_salt, source, sha256)
+    return Experiments(tuple(exps), traffic_salt, shadow, source, sha256)
 
 
 def _check_across(raw_exps: Sequence[Mapping[str, Any]], traffic_salt: str,

@@ -1,6 +1,7 @@
 """The app's lifespan: every shared resource opened in order on one exit stack, closed in
 reverse: the inference executor, the Redis client and its pool, the served log's writer, the
-model registry, the model watcher (which also follows the pin file, docs/operations.md)."""
+model registry, the experiments (their models, watcher and shadow scorer), the model watcher
+(which also follows the pin file, docs/operations.md)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,14 @@ from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 
 from service import metrics
+from service.arms import Arms
 from service.featurestore.reader import FeatureStore, close_client
 from service.featurestore.reader import make_client as make_redis_client
 from service.pipeline import RankingPipeline, Serving
 from service.registry import LoadedModel, ModelRegistry, NoModelError, PinFileError, ReloadResult
 from service.servedlog.writer import ServedLog, make_log_client
 from service.settings import Settings
+from service.shadow import ShadowScorer
 from service.state import AppState, RedisClient
 
 log = logging.getLogger("ranker.app")
@@ -163,6 +166,8 @@ async def open_state(settings: Settings) -> AsyncIterator[AppState]:
         def on_swap(old: LoadedModel | None, new: LoadedModel) -> None:
             pipeline.serving = Serving(new, make_store(settings, client, new))  # one assignment
             metrics.set_model_info(new.name, new.version, (old.name, old.version) if old else None)
+            if new.memory_bytes is not None:
+                metrics.MODEL_MEMORY.labels(new.name, str(new.version)).set(new.memory_bytes)
             metrics.MODEL_RELOADS.labels("success").inc()
 
         def on_failure(version: int, why: str) -> None:
@@ -181,6 +186,7 @@ async def open_state(settings: Settings) -> AsyncIterator[AppState]:
         stack.callback(registry.close)
         state = AppState(settings, registry, executor, pipeline, client)
         await initial_load(state)
+        await open_experiments(state, stack)
         # with the watcher off, each worker still follows the pin file (a pin made through one
         # worker must reach every other)
         follow = settings.model_watch_interval_s > 0
@@ -189,6 +195,38 @@ async def open_state(settings: Settings) -> AsyncIterator[AppState]:
             watcher = asyncio.create_task(watch_models(state, interval, follow))
             stack.push_async_callback(stop_task, watcher)
         yield state
+
+
+async def watch_experiments(arms: Arms, interval_s: float) -> None:
+    """Poll the experiments file (and the canary's rollback file) every `interval_s`."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await run_in_threadpool(arms.tick)
+        except Exception:  # the watcher must survive anything; the failure is logged
+            log.exception("experiments watcher iteration failed")
+
+
+async def open_experiments(state: AppState, stack: contextlib.AsyncExitStack) -> None:
+    """The experiments file, its models loaded and warmed, its watcher and the shadow scorer.
+    A refused file at start-up raises: the service does not start (like a bad setting)."""
+    settings, pipeline = state.settings, state.pipeline
+    if settings.experiments_file is None:
+        return
+    arms = Arms(settings, state.registry)
+    await run_in_threadpool(arms.start)  # ExperimentsError: refuse to start
+    state.arms = pipeline.arms = arms
+    pipeline.store_for = lambda m: make_store(settings, state.client, m)
+    shadow = ShadowScorer(settings.shadow_queue_size,
+                          None if pipeline.log is None else pipeline.log.offer_served)
+    shadow.start()
+    stack.push_async_callback(shadow.aclose)
+    pipeline.shadow = shadow
+    arms.tick()  # the rollback file and the canary gauges
+    interval = settings.experiments_poll_s
+    if interval > 0:
+        task = asyncio.create_task(watch_experiments(arms, interval))
+        stack.push_async_callback(stop_task, task)
 
 
 def lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:

@@ -108,6 +108,42 @@ FEEDBACK_EVENTS = Counter("ranker_feedback_events",
                           "Feedback events accepted, by task and the version that served them",
                           ["task", "model_version"])
 
+
+# experiments (service/experiments.py): experiment and arm names come from the experiments file
+# (validated charset, a handful per file), never from the request; "forced" requests (QA) apart
+ARM_REQUESTS = Counter("ranker_arm_requests", "/rank requests assigned to an experiment arm, by "
+                       "outcome (ok | error) and whether the arm was forced (QA header)",
+                       ["experiment", "arm", "outcome", "forced"])
+ARM_DURATION = Histogram("ranker_arm_request_duration_seconds",
+                         "/rank pipeline latency of requests assigned to an arm",
+                         ["experiment", "arm"], buckets=LATENCY_BUCKETS)
+ARM_IMPRESSIONS = Counter("ranker_arm_impressions", "Items returned by /rank, by experiment arm",
+                          ["experiment", "arm"])
+ARM_FEEDBACK_EVENTS = Counter("ranker_arm_feedback_events",
+                              "Feedback events accepted, by task and the arm that served them",
+                              ["task", "experiment", "arm"])
+EXPERIMENTS_RELOADS = Counter("ranker_experiments_reloads",
+                              "Loads of the experiments file by result", ["result"])
+MODEL_MEMORY = Gauge("ranker_model_memory_bytes", "Resident memory taken by loading a model "
+                     "version (RSS growth over its load and warm-up)", ["name", "version"],
+                     multiprocess_mode="max")
+ARM_SHARE = Gauge("ranker_arm_share", "The share of its experiment's users an arm serves now "
+                  "(declared, or the canary's step)", ["experiment", "arm"],
+                  multiprocess_mode="max")
+CANARY_SHARE = Gauge("ranker_canary_share", "The canary arm's share of its experiment's users now",
+                     ["experiment", "arm"], multiprocess_mode="min")
+CANARY_ROLLBACKS = Counter("ranker_canary_rollbacks", "Canary arms rolled back to share 0 on a "
+                           "breach of their error-ratio or p99 limit", ["experiment", "arm",
+                                                                       "reason"])
+SHADOW_RUNS = Counter("ranker_shadow_runs", "Shadow scorings by result (scored | dropped | "
+                      "failed)", ["result"])
+SHADOW_TAU = Histogram("ranker_shadow_kendall_tau", "Kendall's tau-b of the shadow model's and "
+                       "the live final scores over a request's candidates",
+                       buckets=(-1.0, -0.5, 0.0, 0.25, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0))
+SHADOW_TOP10 = Histogram("ranker_shadow_top_overlap", "Share of the live top 10 that is in the "
+                         "shadow's top 10", buckets=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7,
+                                                     0.8, 0.9, 1.0))
+
 # label children looked up once, not per observation on the hot path
 STAGE = {s: STAGE_DURATION.labels(s) for s in STAGES}
 

@@ -9,16 +9,27 @@ public method, so the benchmark (`bench/floors.py`) times exactly what a request
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import onnxruntime as ort
 import orjson
 
 from service import metrics
 from service.encode import explained_items, ranked_items_json
-from service.errors import DeadlineExceeded, FeatureStoreDown, ModelUnavailable
+from service.errors import (
+    DeadlineExceeded,
+    FeatureStoreDown,
+    InferenceFailed,
+    InvalidRequest,
+    ModelUnavailable,
+)
+from service.experiments import Assignment, ForcedArmError, Overrides
 from service.featurestore.reader import FeatureStore, FeatureStoreUnavailable
 from service.ranking import combine as combine_scores
 from service.ranking import rank_order, sample_positions
@@ -29,7 +40,20 @@ from service.rerank_rules import RulesFile
 from service.schemas import RankRequest
 from service.servedlog.writer import ServedLog
 from service.settings import Settings
+from service.shadow import Job as ShadowJob
+from service.shadow import ShadowScorer
 from service.validation import check_rank_request, check_rerank, rerank_bounds
+
+if TYPE_CHECKING:
+    from service.arms import Arms
+
+
+log = logging.getLogger("ranker.pipeline")
+# what onnxruntime raises when a graph fails on an input (Fail, InvalidArgument,
+# RuntimeException in its Python binding; plain Exception subclasses)
+ORT_ERRORS = (ort.capi.onnxruntime_pybind11_state.Fail,
+              ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+              ort.capi.onnxruntime_pybind11_state.RuntimeException)
 
 
 @dataclass(frozen=True)
@@ -90,18 +114,60 @@ class RankingPipeline:
                                settings.rerank_rules_poll_s)
         self.log: ServedLog | None = None  # the served log (set by the lifespan)
         self.active = 0  # requests inside rank() on this event loop
+        self.arms: Arms | None = None  # the experiments in force (set by the lifespan)
+        self.shadow: ShadowScorer | None = None
+        # a feature store view for an arm's model (its schema; set by the lifespan)
+        self.store_for: Callable[[LoadedModel], FeatureStore | None] = lambda m: None
+        self._arm_serving: dict[tuple[str, int], Serving] = {}
 
-    async def rank(self, req: RankRequest, request_id: str) -> bytes:
-        """The JSON response body for `req`: every stage in order, each one timed."""
+    async def rank(self, req: RankRequest, request_id: str, forced: str | None = None) -> bytes:
+        """The JSON response body for `req`: every stage in order, each one timed. `forced`
+        is an authorised `X-Ranker-Arm` value (experiment/arm)."""
         self.active += 1  # requests in the pipeline now: the log writer works when there are none
         try:
-            return await self._rank(req, request_id)
+            arm = self.assign(req.user_id, forced)
+            if arm is None:
+                return await self._rank(req, request_id)
+            assert self.arms is not None
+            t0, ok = time.perf_counter(), False
+            try:
+                body = await self._rank(req, request_id, arm)
+                ok = True
+                return body
+            except InvalidRequest:
+                ok = True  # the request's fault, not the arm's
+                raise
+            finally:
+                self.arms.record(arm, ok, time.perf_counter() - t0)
         finally:
             self.active -= 1
             if not self.active and self.log is not None:
                 self.log.wake()  # the writer may be waiting for this moment
 
-    async def _rank(self, req: RankRequest, request_id: str) -> bytes:
+    def assign(self, user_id: str, forced: str | None) -> Assignment | None:
+        """The request's experiment arm, or None (the default response)."""
+        if self.arms is None:
+            return None
+        try:
+            return self.arms.resolve(user_id, forced)
+        except ForcedArmError as e:
+            raise InvalidRequest([{"field": "header.X-Ranker-Arm", "message": str(e)}]) from e
+
+    def serving_for(self, arm: Assignment | None) -> Serving | None:
+        """The arm's model and feature store view; the served model without an override."""
+        model = None if arm is None or self.arms is None else self.arms.model_for(arm)
+        if model is None:
+            return self.serving
+        key = (model.name, model.version)
+        got = self._arm_serving.get(key)
+        if got is None or got.model is not model:
+            if len(self._arm_serving) > 16:  # versions come and go with the file
+                self._arm_serving.clear()
+            got = self._arm_serving[key] = Serving(model, self.store_for(model))
+        return got
+
+    async def _rank(self, req: RankRequest, request_id: str,
+                    arm: Assignment | None = None) -> bytes:
         settings = self.settings
         loop = asyncio.get_running_loop()
         timer = metrics.StageTimer()
@@ -109,10 +175,12 @@ class RankingPipeline:
         # the fetch may use the deadline minus the inference budget; inference always gets its
         # budget, so a degraded ranking still runs after a feature store timeout
         reserve = min(settings.inference_budget_s, settings.request_timeout_s / 2)
-        serving = self.serving  # held to the end: the response names exactly this version
+        serving = self.serving_for(arm)  # held to the end: the response names this version
         if serving is None:
             raise ModelUnavailable("no model loaded yet", headers={"Retry-After": "1"})
         model = serving.model
+        if arm is not None:
+            req = apply_overrides(req, arm.overrides)
         scoring = self.validate(model, req)
         timer.lap("validate")
         feats = await self.fetch(serving, req, deadline - reserve,
@@ -127,12 +195,26 @@ class RankingPipeline:
         timer.lap("combine")
         ranking = self.rerank(model, req, scoring, ranking, feats)
         timer.lap("rerank")
-        body = self.encode(req, model, request_id, scoring, ranking, feats)
+        body = self.encode(req, model, request_id, scoring, ranking, feats, arm)
         timer.lap("serialize")
         record_metrics(model, ranking, feats, settings.score_sample_size)
-        if self.log is not None:  # never waits: a sampled response is queued or dropped
-            self.log.served(request_id, req, model, scoring, ranking, inputs)
+        self.after(request_id, req, model, scoring, ranking, inputs, arm)
         return body
+
+    def after(self, request_id: str, req: RankRequest, model: LoadedModel, scoring: Scoring,
+              ranking: Ranking, inputs: dict[str, np.ndarray], arm: Assignment | None) -> None:
+        """The served log and the shadow, off the request path: never waits."""
+        shadow = None
+        if self.arms is not None and self.shadow is not None:
+            shadow = self.arms.shadow_model(request_id)
+        held = None
+        if self.log is not None:  # a sampled response is queued or dropped
+            held = self.log.served(
+                request_id, req, model, scoring, ranking, inputs,
+                None if arm is None else (arm.experiment, arm.arm, arm.forced),
+                hold=shadow is not None)
+        if shadow is not None and self.shadow is not None:
+            self.shadow.offer(ShadowJob(shadow, inputs, scoring, ranking, held))
 
     def validate(self, model: LoadedModel, req: RankRequest) -> Scoring:
         """Check the request against the settings and the model's tasks (InvalidRequest)."""
@@ -189,14 +271,19 @@ class RankingPipeline:
         why longer runs go to the executor.
         """
         settings = self.settings
-        if model.estimated_run_s(n) * 1e3 <= settings.inline_inference_max_ms:
-            metrics.INFERENCE_RUNS_INLINE.inc()
-            return model.run(inputs)
-        metrics.INFERENCE_RUNS_EXECUTOR.inc()
-        future = asyncio.get_running_loop().run_in_executor(self.executor, model.run, inputs)
         try:
+            if model.estimated_run_s(n) * 1e3 <= settings.inline_inference_max_ms:
+                metrics.INFERENCE_RUNS_INLINE.inc()
+                return model.run(inputs)
+            metrics.INFERENCE_RUNS_EXECUTOR.inc()
+            future = asyncio.get_running_loop().run_in_executor(self.executor, model.run, inputs)
             async with asyncio.timeout_at(deadline):
                 return await future
+        except ORT_ERRORS as e:  # the model broke at this input: its version answers a 500
+            log.error("model %s version %s failed at %d candidates: %s: %s", model.name,
+                      model.version, n, type(e).__name__, e)
+            raise InferenceFailed(f"model {model.name} version {model.version} failed at "
+                                  f"inference") from e
         except TimeoutError as e:
             metrics.REJECTED.labels("deadline").inc()
             raise DeadlineExceeded(
@@ -224,7 +311,7 @@ class RankingPipeline:
         return Ranking(ranking.scores, ranking.gates, out.final, out.order, out)
 
     def encode(self, req: RankRequest, model: LoadedModel, request_id: str, scoring: Scoring,
-               ranking: Ranking, feats: Features) -> bytes:
+               ranking: Ranking, feats: Features, arm: Assignment | None = None) -> bytes:
         """The response body as JSON; the items are pre-encoded unless gates are asked for."""
         tasks = model.tasks
         items: Any
@@ -254,7 +341,25 @@ class RankingPipeline:
         }
         if ranking.rerank is not None:
             body["rerank"] = rerank_summary(scoring.rerank, ranking.rerank)
+        if arm is not None:  # only then: the default response stays byte-identical
+            body["experiment"] = arm.experiment
+            body["arm"] = arm.arm
+            if arm.forced:
+                body["forced"] = True
         return orjson.dumps(body)
+
+
+def apply_overrides(req: RankRequest, o: Overrides) -> RankRequest:
+    """The request as the arm serves it. Precedence: the arm is the experiment's treatment, so
+    what it sets wins over the request's own value (weights or preset as a pair: an arm that
+    sets either replaces both; scoring alone); what it leaves unset stays the request's."""
+    update: dict[str, object] = {}
+    if o.weights is not None or o.preset is not None:
+        update["weights"] = None if o.weights is None else dict(o.weights)
+        update["preset"] = o.preset
+    if o.scoring is not None:
+        update["scoring"] = o.scoring
+    return req.model_copy(update=update) if update else req
 
 
 def rerank_summary(rules: Rules | None, out: Outcome) -> dict[str, Any]:

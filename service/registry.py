@@ -73,6 +73,9 @@ class LoadedModel:
     loaded_at: float = field(default_factory=time.time)
     # (batch size, best seconds of one run) at the largest warm-up size; None without warm-up
     timing: tuple[int, float] | None = None
+    # resident memory the process grew by over this version's load and warm-up (None where
+    # /proc is not there); an estimate: other threads allocate meanwhile
+    memory_bytes: int | None = None
 
     @property
     def name(self) -> str:
@@ -178,6 +181,7 @@ def load_version(
 ) -> LoadedModel:
     """Load and check one version directory, or raise ModelLoadError saying what is wrong."""
     t0 = time.perf_counter()
+    rss0 = rss_bytes()
     check = "manifest"
     try:
         manifest = load_manifest(path)
@@ -196,7 +200,18 @@ def load_version(
     model = LoadedModel(manifest, schema, session, Path(path))
     warm_up(model, warmup_sizes)
     model.load_seconds = time.perf_counter() - t0
+    rss1 = rss_bytes()
+    model.memory_bytes = None if rss0 is None or rss1 is None else max(rss1 - rss0, 0)
     return model
+
+
+def rss_bytes() -> int | None:
+    """This process's resident set size (Linux /proc), or None."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def warm_up(model: LoadedModel, sizes: tuple[int, ...]) -> None:
@@ -333,10 +348,57 @@ class ModelRegistry:
         self._failed: dict[int, Refusal] = {}
         self._on_swap = on_swap
         self._on_failure = on_failure
+        # versions an experiments file names besides the current one: (name, version) -> model
+        self._extra: dict[tuple[str, int], LoadedModel] = {}
 
     def close(self) -> None:
         """Stop serving: drop the current model (its session goes with the last reference)."""
         self._current = None  # no lock: a load still running in a thread must not block this
+        self._extra = {}
+
+    # -- several versions at once (experiment arms, the shadow) -------------------------------
+
+    def catalog_versions(self) -> dict[str, list[int]]:
+        """Every model name in the repository and its complete versions."""
+        names = [p.name for p in self.repo.iterdir() if p.is_dir()] if self.repo.is_dir() else []
+        return {n: list_versions(self.repo, n) for n in sorted(names)}
+
+    @property
+    def extra(self) -> dict[tuple[str, int], LoadedModel]:
+        """The versions loaded for experiments, besides the current one."""
+        return dict(self._extra)
+
+    def ensure(self, wanted: set[tuple[str, int | None]]
+               ) -> dict[tuple[str, int | None], LoadedModel]:
+        """Load, check and warm every (name, version) in `wanted` (None: the name's newest),
+        keep them, drop the extra versions no longer wanted; the current model is reused.
+        ModelLoadError names the first that fails (nothing is dropped then)."""
+        with self._lock:
+            cur = self._current
+            out: dict[tuple[str, int | None], LoadedModel] = {}
+            keep: dict[tuple[str, int], LoadedModel] = {}
+            for name, version in sorted(wanted, key=lambda p: (p[0], p[1] or 0)):
+                v = version
+                if v is None:
+                    versions = list_versions(self.repo, name)
+                    if not versions:
+                        raise ModelLoadError(f"no complete version of {name!r}", "manifest")
+                    v = versions[-1]
+                if cur is not None and (cur.name, cur.version) == (name, v):
+                    out[name, version] = cur
+                    continue
+                model = keep.get((name, v)) or self._extra.get((name, v))
+                if model is None:
+                    model = load_version(version_dir(self.repo, name, v), **self._load_kwargs)  # type: ignore[arg-type]
+                    if (model.name, model.version) != (name, v):
+                        raise ModelLoadError(f"manifest says {model.name}/{model.version}, "
+                                             f"expected {name}/{v}", "identity")
+                    log.info("experiments: loaded model %s version %s (%.2fs, %s bytes)",
+                             name, v, model.load_seconds, model.memory_bytes)
+                keep[name, v] = model
+                out[name, version] = model
+            self._extra = keep
+            return out
 
     @property
     def current(self) -> LoadedModel | None:

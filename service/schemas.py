@@ -223,6 +223,12 @@ class RankResponse(BaseModel):
     degraded: bool
     degraded_reason: str | None = None
     rerank: RerankSummary | None = None
+    experiment: str | None = Field(default=None, description="the experiment the user is in "
+                                   "(absent when none applies)")
+    arm: str | None = Field(default=None, description="the arm that served this response "
+                            "(absent when no experiment applies)")
+    forced: bool | None = Field(default=None, description="true when the arm was forced by "
+                                "the X-Ranker-Arm header (QA; absent otherwise)")
 
 
 class ErrorDetail(BaseModel):

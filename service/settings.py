@@ -111,6 +111,13 @@ class Settings(BaseSettings):
     # request id -> model version of recently served requests (online rates by version)
     feedback_recent_requests: int = Field(default=100_000, ge=1)
 
+    # experiments (service/experiments.py, docs/experiments.md): arms, canary, shadow
+    experiments_file: Path | None = None  # TOML; None = no experiment (the default response)
+    experiments_poll_s: float = Field(default=1.0, ge=0)  # mtime check at most this often
+    canary_window_s: float = Field(default=60.0, gt=0)  # a canary arm's outcomes judged over this
+    canary_min_requests: int = Field(default=20, ge=1)  # fewer outcomes in the window: no verdict
+    shadow_queue_size: int = Field(default=64, ge=1)  # jobs waiting for the shadow; then dropped
+
     @model_validator(mode="after")
     def _check_bounds(self) -> Settings:
         if not 0 <= self.weight_min <= self.weight_max:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import redis.asyncio as aredis
 from fastapi import Depends, Request
@@ -13,6 +13,9 @@ from redis.asyncio.cluster import RedisCluster
 from service.pipeline import RankingPipeline, Serving
 from service.registry import ModelRegistry
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.arms import Arms
 
 RedisClient = aredis.Redis | RedisCluster
 
@@ -27,6 +30,7 @@ class AppState:
     pipeline: RankingPipeline
     client: RedisClient | None = None  # the shared Redis client (None without redis_url)
     last_reload: dict[str, Any] = field(default_factory=dict)
+    arms: Arms | None = None  # the experiments file in force (None without one)
 
     @property
     def serving(self) -> Serving | None:

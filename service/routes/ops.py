@@ -95,7 +95,13 @@ async def model_info(state: StateDep) -> Response:
     m = serving.model
     body = m.manifest.model_dump(mode="json", exclude={"golden"})
     body["serving"] = {"loaded_at": m.loaded_at, "load_seconds": round(m.load_seconds, 4),
+                       "memory_bytes": m.memory_bytes,
                        **await run_in_threadpool(lifecycle, state)}
+    if state.arms is not None:  # absent without an experiments file: the body stays as it was
+        body["experiments"] = state.arms.state()
+        body["loaded_versions"] = [
+            {"name": x.name, "version": x.version, "memory_bytes": x.memory_bytes}
+            for x in [m, *state.registry.extra.values()]]
     return json_response(200, body)
 
 

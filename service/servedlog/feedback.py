@@ -51,6 +51,10 @@ def count_feedback(events: list[FeedbackEvent], log: ServedLog) -> None:
     counts = Counter((ev.event, log.version_of(ev.request_id)) for ev in events)
     for (task, version), k in counts.items():
         metrics.FEEDBACK_EVENTS.labels(task, version).inc(k)
+    by_arm = Counter((ev.event, got) for ev in events
+                     if (got := log.arm_of(ev.request_id)) is not None)
+    for (task, (exp, arm)), k in by_arm.items():
+        metrics.ARM_FEEDBACK_EVENTS.labels(task, exp, arm).inc(k)
 
 
 def take_feedback(req: FeedbackRequest, settings: Settings, serving: Serving | None,

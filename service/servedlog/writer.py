@@ -25,7 +25,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 
 import numpy as np
 import redis.asyncio as aredis
@@ -63,6 +63,7 @@ DEFER_MAX_S = 0.1
 WRITE_ATTEMPTS = 3  # per batch; then the batch is dropped as redis_unavailable
 RETRY_BACKOFF_S = 0.05  # doubled after each failed attempt
 UNKNOWN_VERSION = "unknown"
+V = TypeVar("V")
 
 
 def sampled(request_id: str, rate: float) -> bool:
@@ -76,21 +77,21 @@ def sampled(request_id: str, rate: float) -> bool:
     return int.from_bytes(digest, "big") < rate * 2.0**64
 
 
-class RecentVersions:
-    """Request id -> model version of the most recently served requests, at most `size`
-    (the oldest is forgotten first), so a feedback event can be attributed to a version."""
+class RecentVersions(Generic[V]):
+    """Request id -> model version (or arm) of the most recently served requests, at most
+    `size` (the oldest is forgotten first), so a feedback event can be attributed to it."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._map: OrderedDict[str, int] = OrderedDict()
+        self._map: OrderedDict[str, V] = OrderedDict()
 
-    def add(self, request_id: str, version: int) -> None:
+    def add(self, request_id: str, version: V) -> None:
         m = self._map
         m[request_id] = version
         if len(m) > self.size:
             m.popitem(last=False)
 
-    def get(self, request_id: str) -> int | None:
+    def get(self, request_id: str) -> V | None:
         return self._map.get(request_id)
 
     def __len__(self) -> int:
@@ -107,6 +108,10 @@ class Served(NamedTuple):
     scoring: Scoring
     ranking: Ranking
     inputs: Mapping[str, np.ndarray]  # exactly the arrays the model ran on
+    experiment: str | None = None  # the experiment and arm the request was served by
+    arm: str | None = None
+    forced: bool = False  # the arm was forced (QA header): the report leaves it out
+    shadow: np.ndarray | None = None  # the shadow model's final scores [N], candidate order
 
 
 Entry = tuple[str, Any]  # (SERVED, Served) | (FEEDBACK, list[FeedbackEvent])
@@ -151,6 +156,8 @@ def served_record(ref: Served) -> ServedRecord:
         weights=dict(ref.scoring.weights), context=dict(ref.req.context or {}),
         tasks=tuple(model.manifest.tasks), item_ids=item_ids,
         scores=ranking.scores[order], final=ranking.final[order], inputs=inputs,
+        experiment=ref.experiment, arm=ref.arm, forced=ref.forced,
+        shadow=None if ref.shadow is None else ref.shadow[order],
     )
 
 
@@ -224,7 +231,9 @@ class ServedLog:
         self.streams = {SERVED: served_stream(settings.redis_prefix),
                         FEEDBACK: feedback_stream(settings.redis_prefix)}
         self.queue: asyncio.Queue[Entry] = asyncio.Queue(settings.log_queue_size)
-        self.versions = RecentVersions(settings.feedback_recent_requests)
+        self.versions: RecentVersions[int] = RecentVersions(settings.feedback_recent_requests)
+        self.arms: RecentVersions[tuple[str, str]] = RecentVersions(
+            settings.feedback_recent_requests)
         self.down = False  # the last write failed: a full queue is then Redis's fault
         self.closing = False
         self._task: asyncio.Task[None] | None = None
@@ -236,18 +245,39 @@ class ServedLog:
     # ---- the request path: never awaits, never raises ------------------------------------
 
     def served(self, request_id: str, req: RankRequest, model: LoadedModel, scoring: Scoring,
-               ranking: Ranking, inputs: Mapping[str, np.ndarray]) -> None:
-        """One /rank response: count its impressions, remember its version, offer it to the
-        log if its request id is sampled."""
+               ranking: Ranking, inputs: Mapping[str, np.ndarray],
+               arm: tuple[str, str, bool] | None = None, hold: bool = False) -> Served | None:
+        """One /rank response: count its impressions, remember its version (and arm), offer it
+        to the log if its request id is sampled. `arm` is (experiment, arm, forced). With
+        `hold` a sampled record is returned instead of offered (the shadow adds its scores,
+        then `offer_served`)."""
         version = model.version
         child = self._impressions.get(version)
         if child is None:
             child = self._impressions[version] = metrics.IMPRESSIONS.labels(str(version))
-        child.inc(len(ranking.order))
+        k = len(ranking.order)
+        child.inc(k)
         self.versions.add(request_id, version)
+        if arm is not None:
+            metrics.ARM_IMPRESSIONS.labels(arm[0], arm[1]).inc(k)
+            if not arm[2]:
+                self.arms.add(request_id, (arm[0], arm[1]))
         if self.rate and sampled(request_id, self.rate):
-            self._offer(SERVED, Served(time.time(), request_id, req, model, scoring, ranking,
-                                       inputs), 1)
+            exp, name, forced = arm if arm is not None else (None, None, False)
+            ref = Served(time.time(), request_id, req, model, scoring, ranking, inputs, exp,
+                         name, forced)
+            if hold:
+                return ref
+            self._offer(SERVED, ref, 1)
+        return None
+
+    def offer_served(self, ref: Served) -> None:
+        """Offer a record `served(..., hold=True)` returned."""
+        self._offer(SERVED, ref, 1)
+
+    def arm_of(self, request_id: str) -> tuple[str, str] | None:
+        """The (experiment, arm) a recent request was served by (not forced ones), or None."""
+        return self.arms.get(request_id)
 
     def feedback(self, events: list[FeedbackEvent]) -> bool:
         """Offer validated events to the feedback stream; False if they were dropped."""

@@ -387,3 +387,4 @@ def test_the_documented_example_loads(tmp_path: Path) -> None:
     (e,) = cfg.experiments
     assert e.traffic == (0.0, 0.5) and e.canary is not None and e.canary.arm == "treatment"
     assert cfg.traffic_salt == "traffic-1"
+    assert e.canary.start is not None and cfg.shadow is not None and cfg.shadow.share == 0.1

@@ -51,6 +51,18 @@ COUNTERS |= {
 }
 GAUGES = {"ranker_model_info", "ranker_inflight_requests", "ranker_model_fallback",
           "ranker_served_log_queue_depth", "ranker_gate_max_share"}
+# Experiments (service/arms.py, service/shadow.py): arms, canary, shadow, loaded versions.
+COUNTERS |= {
+    "ranker_arm_requests_total",
+    "ranker_arm_impressions_total",
+    "ranker_arm_feedback_events_total",
+    "ranker_experiments_reloads_total",
+    "ranker_canary_rollbacks_total",
+    "ranker_shadow_runs_total",
+}
+HISTOGRAMS |= {"ranker_arm_request_duration_seconds", "ranker_shadow_kendall_tau",
+               "ranker_shadow_top_overlap"}
+GAUGES |= {"ranker_model_memory_bytes", "ranker_arm_share", "ranker_canary_share"}
 KNOWN_SERIES = (
     COUNTERS
     | GAUGES

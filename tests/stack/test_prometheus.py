@@ -50,8 +50,32 @@ pytestmark = pytest.mark.skipif(
 
 TASKS = ("click", "like", "share")  # the tiny model's tasks: the values of the $task variable
 # Dashboard queries that may legitimately return nothing after this traffic, and why.
-EXPECTED_EMPTY: dict[str, str] = {}
+EXPECTED_EMPTY: dict[str, str] = {
+    "Requests per second by experiment arm and outcome / B [task=-]":
+        "forced arms need the admin key, which this stack does not configure (QA traffic only)",
+}
 MAX_BODY = 4096
+STACK_EXPERIMENTS = """
+[[experiment]]
+name = "stack"
+salt = "stack-1"
+[[experiment.arm]]
+name = "treatment"
+share = 0.5
+weights = {click = 1.0, like = 1.0, share = 1.0}  # the defaults: the bursts' answers stay
+[[experiment.arm]]
+name = "control"
+share = 0.5
+[experiment.canary]
+arm = "treatment"
+steps = [0.5, 1.0]
+step_s = 86400
+max_error_ratio = 1.0
+max_p99_ms = 60000
+
+[shadow]
+model_version = 1
+"""
 
 
 @dataclass
@@ -124,12 +148,17 @@ def stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         rules = tmp / "rerank.toml"  # a preset the bursts ask for (the re-rank panel's data)
         rules.write_text('[presets.diverse.diversity]\nattribute = "category"\n'
                          'max_per_window = 1\nwindow = 3\n')
+        # an experiment (arms, a canary that stays within its limits) and a shadow, so the
+        # experiments row has data
+        experiments = tmp / "experiments.toml"
+        experiments.write_text(STACK_EXPERIMENTS)
         env = {k: v for k, v in os.environ.items() if not k.startswith("RANKER_")}
         env.update(RANKER_MODEL_REPO=str(repo), RANKER_MODEL_NAME="ranker",
                    RANKER_REDIS_URL=redis.url, RANKER_REDIS_FAILURE_MODE="degrade",
                    RANKER_MAX_BODY_BYTES=str(MAX_BODY), RANKER_METRICS_PORT=str(ops_port),
                    RANKER_LOG_SAMPLE_RATE="1", RANKER_LOG_WRITE_TIMEOUT_S="0.2",
                    RANKER_RERANK_RULES_FILE=str(rules),
+                   RANKER_EXPERIMENTS_FILE=str(experiments),
                    PROMETHEUS_MULTIPROC_DIR=str(tmp / "multiproc"))
         service = subprocess.Popen(
             [sys.executable, "-m", "launch.cli", "serve", "--host", "127.0.0.1", "--port",
