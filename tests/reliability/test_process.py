@@ -102,7 +102,9 @@ async def test_sigterm_cuts_requests_beyond_the_grace_time(
                 code = await asyncio.to_thread(server.wait, 10.0)
                 took = time.monotonic() - t_term
             outcome = await asyncio.gather(stuck, return_exceptions=True)
-    assert code == 0 and took < 1 + 1.5, f"exit {code} after {took:.2f}s"
+    # grace 1 s + shutdown work; uncut, the stalled requests would run to their 8 s deadline
+    # (2.50 s was seen once at load 6 with two suites running, against a bound of 2.5 s)
+    assert code == 0 and took < 1 + 3.0, f"exit {code} after {took:.2f}s"
     cut = outcome[0]
     assert isinstance(cut, httpx.HTTPError) or (
         isinstance(cut, httpx.Response) and cut.status_code >= 500), cut
