@@ -137,7 +137,10 @@ class Loop:
             "RANKER_LOG_STREAM_MAXLEN": str(10 * self._total_requests() + 1000),
             "RANKER_MODEL_WATCH_INTERVAL_S": "0",  # v2 is picked up by POST /admin/reload
             "RANKER_WARMUP_BATCH_SIZES": json.dumps([1, self.cfg.candidates]),
-            "RANKER_REQUEST_TIMEOUT_S": "5.0",  # a loaded 2-core box: no deadline 503s
+            # a loaded 2-core box: no deadline or Redis-timeout 503s (this measures rankings,
+            # not latency)
+            "RANKER_REQUEST_TIMEOUT_S": "5.0", "RANKER_REDIS_SOCKET_TIMEOUT_S": "1.0",
+            "RANKER_REDIS_CONNECT_TIMEOUT_S": "1.0",
             "PYTHONUNBUFFERED": "1",
         })
         cmd = [sys.executable, "-m", "launch.cli", "serve", "--host", HOST, "--port",
@@ -185,9 +188,7 @@ class Loop:
         if rc != 0:
             raise LoopError(f"ranker simulate ({name}) exited {rc}")
         summary: dict[str, Any] = json.loads(out.read_text())
-        if summary["problems_total"]:
-            raise LoopError(f"simulate {name}: {summary['problems'][:3]}")
-        return summary
+        return summary  # a /rank that was not a 200 is counted there, and checked by the caller
 
     def export_logs(self, out: Path) -> dict[str, Any]:
         t0 = time.monotonic()

@@ -132,9 +132,10 @@ def plot(r: dict[str, Any], path: Path) -> None:
                      label="measured ± 2 sd" if i == 1 else None)
     ax1.set_xticks(range(len(keys)), keys)
     ax1.set_yscale("log")
+    ax1.set_ylim(top=1.5)  # room for the legend above the bars
     ax1.set_ylabel("events per impression")
     ax1.set_title("online rates on the same requests")
-    ax1.legend(fontsize=8)
+    ax1.legend(fontsize=7, ncol=3, loc="upper center")
     aucs = [("v1", "v1_auc", "tab:blue"), ("v2", "v2_auc", "tab:orange"),
             ("oracle", "oracle_auc", "tab:green")]
     for i, (label, key, color) in enumerate(aucs):
