@@ -27,38 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 
-
-def scope_for(body: bytes) -> dict[str, Any]:
-    return {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-        "scheme": "http", "path": "/rank", "raw_path": b"/rank", "query_string": b"",
-        "root_path": "", "client": ("127.0.0.1", 40000), "server": ("127.0.0.1", 8000),
-        "headers": [(b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode())],
-    }
-
-
-async def call(app: Any, body: bytes) -> int:
-    """One POST /rank through the app's ASGI interface; returns the status."""
-    given = False
-    status = 0
-
-    async def receive() -> dict[str, Any]:
-        nonlocal given
-        if not given:
-            given = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        nonlocal status
-        if message["type"] == "http.response.start":
-            status = int(message["status"])
-
-    await app(scope_for(body), receive, send)
-    return status
+from bench.inprocess import alternating, call, latency_ms, request_bodies, timed_calls
 
 
 def redis_cpu(client: Any) -> float:
@@ -69,15 +39,8 @@ def redis_cpu(client: Any) -> float:
 async def block(app: Any, log: Any, bodies: list[bytes], rclient: Any,
                 gap_s: float) -> dict[str, Any]:
     """One setting on a short run of requests: call times, and CPU including the writer's."""
-    times = []
     r0, c0 = redis_cpu(rclient), time.process_time()
-    for body in bodies:
-        t0 = time.perf_counter()
-        status = await call(app, body)
-        times.append(time.perf_counter() - t0)
-        assert status == 200, status
-        if gap_s:
-            await asyncio.sleep(gap_s)  # the client's side of a round trip: the loop is idle
+    times = await timed_calls(app, bodies, gap_s)
     await log.queue.join()  # the writer's work for this block counts in its CPU
     return {"times": times, "cpu": time.process_time() - c0, "redis": redis_cpu(rclient) - r0}
 
@@ -85,9 +48,7 @@ async def block(app: Any, log: Any, bodies: list[bytes], rclient: Any,
 def merged(blocks: list[dict[str, Any]]) -> dict[str, float]:
     times = [t for b in blocks for t in b["times"]]
     n = len(times)
-    return {"p50_ms": float(np.percentile(times, 50)) * 1e3,
-            "p99_ms": float(np.percentile(times, 99)) * 1e3,
-            "cpu_ms": sum(b["cpu"] for b in blocks) / n * 1e3,
+    return {**latency_ms(times), "cpu_ms": sum(b["cpu"] for b in blocks) / n * 1e3,
             "redis_cpu_ms": sum(b["redis"] for b in blocks) / n * 1e3}
 
 
@@ -111,19 +72,9 @@ async def measure(args: argparse.Namespace, repo: Path, url: str) -> dict[str, A
         managed = {"off": m_off.app, "on": m_on.app}
         logs = {k: a.state.ranker.pipeline.log for k, a in apps.items()}
         for run in range(args.warmup_runs + args.runs):
-            bodies = [orjson.dumps({
-                "user_id": f"u{i % 1000}", "preset": "engagement", **top_k,
-                "candidates": [f"i{j}" for j in rng.choice(args.items, args.candidates,
-                                                           replace=False)]})
-                for i in range(args.requests)]
-            # short blocks, the two settings alternating (A B B A ...) on the same requests:
-            # the machine's drift (other processes) falls on both alike
-            got: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
-            for b, start in enumerate(range(0, args.requests, args.block)):
-                part = bodies[start:start + args.block]
-                for name in (("off", "on") if b % 2 == 0 else ("on", "off")):
-                    got[name].append(await block(managed[name], logs[name], part, rclient,
-                                                    args.gap_ms / 1e3))
+            bodies = request_bodies(rng, args.requests, args.items, args.candidates, **top_k)
+            got = await alternating(bodies, args.block, lambda name, part: block(
+                managed[name], logs[name], part, rclient, args.gap_ms / 1e3))
             if run >= args.warmup_runs:
                 for name in out:
                     out[name].append(merged(got[name]))

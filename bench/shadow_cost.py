@@ -6,7 +6,7 @@ Two instances of the real app (`create_app`, middleware, lifespan) in one proces
 redis-server, both serving the default-size MMoE of `bench.measure` as version 1; one has an
 experiments file with `[shadow] model_version = 2` (a copy of version 1: its own onnxruntime
 session of the same size). They take turns in short blocks (A B B A ...) on the same requests,
-one at a time, called at the ASGI level (bench.servedlog_cost's `call`), with a short idle gap
+one at a time, called at the ASGI level (bench.inprocess's `call`), with a short idle gap
 after each response (a client's round trip). A block of the shadow app ends when its shadow
 queue is empty, so the next block of the other app does not run beside leftover shadow work.
 Per run and setting: p50 and p99 of the call time, process CPU per request (the shadow's
@@ -28,21 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 
-from bench.servedlog_cost import call
+from bench.inprocess import alternating, latency_ms, request_bodies, timed_calls
 
 
 async def block(app: Any, shadow: Any, bodies: list[bytes], gap_s: float) -> dict[str, Any]:
-    times = []
     c0 = time.process_time()
-    for body in bodies:
-        t0 = time.perf_counter()
-        status = await call(app, body)
-        times.append(time.perf_counter() - t0)
-        assert status == 200, status
-        if gap_s:
-            await asyncio.sleep(gap_s)
+    times = await timed_calls(app, bodies, gap_s)
     if shadow is not None:
         while not shadow.queue.empty():  # the shadow's work for this block counts in its CPU
             await asyncio.sleep(0.001)
@@ -52,9 +44,7 @@ async def block(app: Any, shadow: Any, bodies: list[bytes], gap_s: float) -> dic
 
 def merged(blocks: list[dict[str, Any]]) -> dict[str, float]:
     times = [t for b in blocks for t in b["times"]]
-    return {"p50_ms": float(np.percentile(times, 50)) * 1e3,
-            "p99_ms": float(np.percentile(times, 99)) * 1e3,
-            "cpu_ms": sum(b["cpu"] for b in blocks) / len(times) * 1e3}
+    return {**latency_ms(times), "cpu_ms": sum(b["cpu"] for b in blocks) / len(times) * 1e3}
 
 
 def copy_version(repo: Path, name: str, src: int, dst: int) -> None:
@@ -86,17 +76,9 @@ async def measure(args: argparse.Namespace, repo: Path, url: str) -> dict[str, A
         shadows = {"off": None, "on": apps["on"].state.ranker.pipeline.shadow}
         assert shadows["on"] is not None
         for run in range(args.warmup_runs + args.runs):
-            bodies = [orjson.dumps({
-                "user_id": f"u{i % 1000}", "preset": "engagement",
-                "candidates": [f"i{j}" for j in rng.choice(args.items, args.candidates,
-                                                           replace=False)]})
-                for i in range(args.requests)]
-            got: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
-            for b, start in enumerate(range(0, args.requests, args.block)):
-                part = bodies[start:start + args.block]
-                for name in (("off", "on") if b % 2 == 0 else ("on", "off")):
-                    got[name].append(await block(managed[name], shadows[name], part,
-                                                 args.gap_ms / 1e3))
+            bodies = request_bodies(rng, args.requests, args.items, args.candidates)
+            got = await alternating(bodies, args.block, lambda name, part: block(
+                managed[name], shadows[name], part, args.gap_ms / 1e3))
             if run >= args.warmup_runs:
                 for name in out:
                     out[name].append(merged(got[name]))
