@@ -9,6 +9,7 @@ with an idle gap after each response, and short blocks of the two settings alter
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
@@ -89,3 +90,16 @@ async def alternating(bodies: list[bytes], size: int,
 def latency_ms(times: list[float]) -> dict[str, float]:
     return {"p50_ms": float(np.percentile(times, 50)) * 1e3,
             "p99_ms": float(np.percentile(times, 99)) * 1e3}
+
+
+def add_ab_arguments(p: argparse.ArgumentParser, requests: int, runs: int) -> None:
+    """The options of a two-setting comparison: request shape, runs, blocks, idle gap."""
+    p.add_argument("--candidates", type=int, default=500)
+    p.add_argument("--requests", type=int, default=requests, help="per run and setting")
+    p.add_argument("--runs", type=int, default=runs, help="measured off/on pairs")
+    p.add_argument("--block", type=int, default=20, help="requests per turn of one setting")
+    p.add_argument("--gap-ms", type=float, default=0.5,
+                   help="idle time between a response and the next request (a client's "
+                        "network round trip; 0 = back to back)")
+    p.add_argument("--warmup-runs", type=int, default=1)
+    p.add_argument("--items", type=int, default=5000)

@@ -28,7 +28,14 @@ from typing import Any
 
 import numpy as np
 
-from bench.inprocess import alternating, call, latency_ms, request_bodies, timed_calls
+from bench.inprocess import (
+    add_ab_arguments,
+    alternating,
+    call,
+    latency_ms,
+    request_bodies,
+    timed_calls,
+)
 
 
 def redis_cpu(client: Any) -> float:
@@ -142,16 +149,8 @@ def summarise(res: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.servedlog_cost")
-    p.add_argument("--candidates", type=int, default=500)
+    add_ab_arguments(p, requests=400, runs=6)
     p.add_argument("--top-k", type=int, default=0, help="0 = every candidate is returned")
-    p.add_argument("--requests", type=int, default=400, help="per block")
-    p.add_argument("--runs", type=int, default=6, help="measured off/on pairs")
-    p.add_argument("--block", type=int, default=20, help="requests per turn of one setting")
-    p.add_argument("--gap-ms", type=float, default=0.5,
-                   help="idle time between a response and the next request (a client's "
-                        "network round trip; 0 = back to back)")
-    p.add_argument("--warmup-runs", type=int, default=1)
-    p.add_argument("--items", type=int, default=5000)
     p.add_argument("--stream-maxlen", type=int, default=2000,
                    help="log_stream_maxlen (records of 500 items are ~25 kB)")
     args = p.parse_args(argv)

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.inprocess import alternating, latency_ms, request_bodies, timed_calls
+from bench.inprocess import add_ab_arguments, alternating, latency_ms, request_bodies, timed_calls
 
 
 async def block(app: Any, shadow: Any, bodies: list[bytes], gap_s: float) -> dict[str, Any]:
@@ -109,14 +109,7 @@ def summarise(res: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.shadow_cost")
-    p.add_argument("--candidates", type=int, default=500)
-    p.add_argument("--requests", type=int, default=300, help="per run and setting")
-    p.add_argument("--runs", type=int, default=3, help="measured off/on pairs")
-    p.add_argument("--block", type=int, default=20, help="requests per turn of one setting")
-    p.add_argument("--gap-ms", type=float, default=0.5,
-                   help="idle time between a response and the next request")
-    p.add_argument("--warmup-runs", type=int, default=1)
-    p.add_argument("--items", type=int, default=5000)
+    add_ab_arguments(p, requests=300, runs=3)
     args = p.parse_args(argv)
 
     from bench.measure import export_model, load_features

@@ -8,7 +8,6 @@ still edit the text (`.replace(...)`) as it would a hand-written file.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 Table = dict[str, Any]
@@ -53,7 +52,3 @@ def canary_toml(name: str, salt: str, steps: list[float], max_error_ratio: float
         canary={"arm": "canary", "steps": steps, "step_s": 3600,
                 "max_error_ratio": max_error_ratio, "max_p99_ms": 5000})
 
-
-def write_experiments(path: Path, text: str) -> Path:
-    path.write_text(text)
-    return path
