@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -103,3 +105,21 @@ def add_ab_arguments(p: argparse.ArgumentParser, requests: int, runs: int) -> No
                         "network round trip; 0 = back to back)")
     p.add_argument("--warmup-runs", type=int, default=1)
     p.add_argument("--items", type=int, default=5000)
+
+
+def run_on_default_model(args: argparse.Namespace,
+                         measure: Callable[[argparse.Namespace, Path, str],
+                                           Coroutine[Any, Any, dict[str, Any]]],
+                         prepare: Callable[[Path, Path], None] | None = None
+                         ) -> dict[str, Any]:
+    """`measure(args, repo, url)` on bench.measure's default-size MMoE exported to a temporary
+    repo (`prepare(repo, version_dir)` runs next) with its features in a fresh redis-server."""
+    from bench.measure import export_model, load_features
+    from launch.local_redis import RedisServer
+
+    with tempfile.TemporaryDirectory() as tmp, RedisServer() as server:
+        vdir = export_model(Path(tmp), args.items)
+        if prepare is not None:
+            prepare(Path(tmp), vdir)
+        load_features(server.url, vdir, args.items)
+        return asyncio.run(measure(args, Path(tmp), server.url))

@@ -19,9 +19,7 @@ Needs the `train` extra (bench.measure exports the default-size MMoE with torch)
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ from bench.inprocess import (
     call,
     latency_ms,
     request_bodies,
+    run_on_default_model,
     timed_calls,
 )
 
@@ -155,13 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="log_stream_maxlen (records of 500 items are ~25 kB)")
     args = p.parse_args(argv)
 
-    from bench.measure import export_model, load_features
-    from launch.local_redis import RedisServer
-
-    with tempfile.TemporaryDirectory() as tmp, RedisServer() as server:
-        vdir = export_model(Path(tmp), args.items)
-        load_features(server.url, vdir, args.items)
-        res = asyncio.run(measure(args, Path(tmp), server.url))
+    res = run_on_default_model(args, measure)
     print("\n".join(summarise(res)))
     return 0
 

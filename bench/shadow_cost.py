@@ -22,14 +22,20 @@ import asyncio
 import json
 import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.inprocess import add_ab_arguments, alternating, latency_ms, request_bodies, timed_calls
+from bench.inprocess import (
+    add_ab_arguments,
+    alternating,
+    latency_ms,
+    request_bodies,
+    run_on_default_model,
+    timed_calls,
+)
 
 
 async def block(app: Any, shadow: Any, bodies: list[bytes], gap_s: float) -> dict[str, Any]:
@@ -112,14 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     add_ab_arguments(p, requests=300, runs=3)
     args = p.parse_args(argv)
 
-    from bench.measure import export_model, load_features
-    from launch.local_redis import RedisServer
-
-    with tempfile.TemporaryDirectory() as tmp, RedisServer() as server:
-        vdir = export_model(Path(tmp), args.items)
-        copy_version(Path(tmp), vdir.parent.name, int(vdir.name), 2)
-        load_features(server.url, vdir, args.items)
-        res = asyncio.run(measure(args, Path(tmp), server.url))
+    res = run_on_default_model(args, measure, lambda repo, vdir: copy_version(
+        repo, vdir.parent.name, int(vdir.name), 2))
     print("\n".join(summarise(res)))
     return 0
 
