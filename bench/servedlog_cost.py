@@ -19,46 +19,22 @@ Needs the `train` extra (bench.measure exports the default-size MMoE with torch)
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 
-
-def scope_for(body: bytes) -> dict[str, Any]:
-    return {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-        "scheme": "http", "path": "/rank", "raw_path": b"/rank", "query_string": b"",
-        "root_path": "", "client": ("127.0.0.1", 40000), "server": ("127.0.0.1", 8000),
-        "headers": [(b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode())],
-    }
-
-
-async def call(app: Any, body: bytes) -> int:
-    """One POST /rank through the app's ASGI interface; returns the status."""
-    given = False
-    status = 0
-
-    async def receive() -> dict[str, Any]:
-        nonlocal given
-        if not given:
-            given = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        nonlocal status
-        if message["type"] == "http.response.start":
-            status = int(message["status"])
-
-    await app(scope_for(body), receive, send)
-    return status
+from bench.inprocess import (
+    add_ab_arguments,
+    alternating,
+    call,
+    latency_ms,
+    request_bodies,
+    run_on_default_model,
+    timed_calls,
+)
 
 
 def redis_cpu(client: Any) -> float:
@@ -69,15 +45,8 @@ def redis_cpu(client: Any) -> float:
 async def block(app: Any, log: Any, bodies: list[bytes], rclient: Any,
                 gap_s: float) -> dict[str, Any]:
     """One setting on a short run of requests: call times, and CPU including the writer's."""
-    times = []
     r0, c0 = redis_cpu(rclient), time.process_time()
-    for body in bodies:
-        t0 = time.perf_counter()
-        status = await call(app, body)
-        times.append(time.perf_counter() - t0)
-        assert status == 200, status
-        if gap_s:
-            await asyncio.sleep(gap_s)  # the client's side of a round trip: the loop is idle
+    times = await timed_calls(app, bodies, gap_s)
     await log.queue.join()  # the writer's work for this block counts in its CPU
     return {"times": times, "cpu": time.process_time() - c0, "redis": redis_cpu(rclient) - r0}
 
@@ -85,9 +54,7 @@ async def block(app: Any, log: Any, bodies: list[bytes], rclient: Any,
 def merged(blocks: list[dict[str, Any]]) -> dict[str, float]:
     times = [t for b in blocks for t in b["times"]]
     n = len(times)
-    return {"p50_ms": float(np.percentile(times, 50)) * 1e3,
-            "p99_ms": float(np.percentile(times, 99)) * 1e3,
-            "cpu_ms": sum(b["cpu"] for b in blocks) / n * 1e3,
+    return {**latency_ms(times), "cpu_ms": sum(b["cpu"] for b in blocks) / n * 1e3,
             "redis_cpu_ms": sum(b["redis"] for b in blocks) / n * 1e3}
 
 
@@ -111,19 +78,9 @@ async def measure(args: argparse.Namespace, repo: Path, url: str) -> dict[str, A
         managed = {"off": m_off.app, "on": m_on.app}
         logs = {k: a.state.ranker.pipeline.log for k, a in apps.items()}
         for run in range(args.warmup_runs + args.runs):
-            bodies = [orjson.dumps({
-                "user_id": f"u{i % 1000}", "preset": "engagement", **top_k,
-                "candidates": [f"i{j}" for j in rng.choice(args.items, args.candidates,
-                                                           replace=False)]})
-                for i in range(args.requests)]
-            # short blocks, the two settings alternating (A B B A ...) on the same requests:
-            # the machine's drift (other processes) falls on both alike
-            got: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
-            for b, start in enumerate(range(0, args.requests, args.block)):
-                part = bodies[start:start + args.block]
-                for name in (("off", "on") if b % 2 == 0 else ("on", "off")):
-                    got[name].append(await block(managed[name], logs[name], part, rclient,
-                                                    args.gap_ms / 1e3))
+            bodies = request_bodies(rng, args.requests, args.items, args.candidates, **top_k)
+            got = await alternating(bodies, args.block, lambda name, part: block(
+                managed[name], logs[name], part, rclient, args.gap_ms / 1e3))
             if run >= args.warmup_runs:
                 for name in out:
                     out[name].append(merged(got[name]))
@@ -191,27 +148,13 @@ def summarise(res: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.servedlog_cost")
-    p.add_argument("--candidates", type=int, default=500)
+    add_ab_arguments(p, requests=400, runs=6)
     p.add_argument("--top-k", type=int, default=0, help="0 = every candidate is returned")
-    p.add_argument("--requests", type=int, default=400, help="per block")
-    p.add_argument("--runs", type=int, default=6, help="measured off/on pairs")
-    p.add_argument("--block", type=int, default=20, help="requests per turn of one setting")
-    p.add_argument("--gap-ms", type=float, default=0.5,
-                   help="idle time between a response and the next request (a client's "
-                        "network round trip; 0 = back to back)")
-    p.add_argument("--warmup-runs", type=int, default=1)
-    p.add_argument("--items", type=int, default=5000)
     p.add_argument("--stream-maxlen", type=int, default=2000,
                    help="log_stream_maxlen (records of 500 items are ~25 kB)")
     args = p.parse_args(argv)
 
-    from bench.measure import export_model, load_features
-    from launch.local_redis import RedisServer
-
-    with tempfile.TemporaryDirectory() as tmp, RedisServer() as server:
-        vdir = export_model(Path(tmp), args.items)
-        load_features(server.url, vdir, args.items)
-        res = asyncio.run(measure(args, Path(tmp), server.url))
+    res = run_on_default_model(args, measure)
     print("\n".join(summarise(res)))
     return 0
 

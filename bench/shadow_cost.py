@@ -6,7 +6,7 @@ Two instances of the real app (`create_app`, middleware, lifespan) in one proces
 redis-server, both serving the default-size MMoE of `bench.measure` as version 1; one has an
 experiments file with `[shadow] model_version = 2` (a copy of version 1: its own onnxruntime
 session of the same size). They take turns in short blocks (A B B A ...) on the same requests,
-one at a time, called at the ASGI level (bench.servedlog_cost's `call`), with a short idle gap
+one at a time, called at the ASGI level (bench.inprocess's `call`), with a short idle gap
 after each response (a client's round trip). A block of the shadow app ends when its shadow
 queue is empty, so the next block of the other app does not run beside leftover shadow work.
 Per run and setting: p50 and p99 of the call time, process CPU per request (the shadow's
@@ -22,27 +22,25 @@ import asyncio
 import json
 import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 
-from bench.servedlog_cost import call
+from bench.inprocess import (
+    add_ab_arguments,
+    alternating,
+    latency_ms,
+    request_bodies,
+    run_on_default_model,
+    timed_calls,
+)
 
 
 async def block(app: Any, shadow: Any, bodies: list[bytes], gap_s: float) -> dict[str, Any]:
-    times = []
     c0 = time.process_time()
-    for body in bodies:
-        t0 = time.perf_counter()
-        status = await call(app, body)
-        times.append(time.perf_counter() - t0)
-        assert status == 200, status
-        if gap_s:
-            await asyncio.sleep(gap_s)
+    times = await timed_calls(app, bodies, gap_s)
     if shadow is not None:
         while not shadow.queue.empty():  # the shadow's work for this block counts in its CPU
             await asyncio.sleep(0.001)
@@ -52,9 +50,7 @@ async def block(app: Any, shadow: Any, bodies: list[bytes], gap_s: float) -> dic
 
 def merged(blocks: list[dict[str, Any]]) -> dict[str, float]:
     times = [t for b in blocks for t in b["times"]]
-    return {"p50_ms": float(np.percentile(times, 50)) * 1e3,
-            "p99_ms": float(np.percentile(times, 99)) * 1e3,
-            "cpu_ms": sum(b["cpu"] for b in blocks) / len(times) * 1e3}
+    return {**latency_ms(times), "cpu_ms": sum(b["cpu"] for b in blocks) / len(times) * 1e3}
 
 
 def copy_version(repo: Path, name: str, src: int, dst: int) -> None:
@@ -86,17 +82,9 @@ async def measure(args: argparse.Namespace, repo: Path, url: str) -> dict[str, A
         shadows = {"off": None, "on": apps["on"].state.ranker.pipeline.shadow}
         assert shadows["on"] is not None
         for run in range(args.warmup_runs + args.runs):
-            bodies = [orjson.dumps({
-                "user_id": f"u{i % 1000}", "preset": "engagement",
-                "candidates": [f"i{j}" for j in rng.choice(args.items, args.candidates,
-                                                           replace=False)]})
-                for i in range(args.requests)]
-            got: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
-            for b, start in enumerate(range(0, args.requests, args.block)):
-                part = bodies[start:start + args.block]
-                for name in (("off", "on") if b % 2 == 0 else ("on", "off")):
-                    got[name].append(await block(managed[name], shadows[name], part,
-                                                 args.gap_ms / 1e3))
+            bodies = request_bodies(rng, args.requests, args.items, args.candidates)
+            got = await alternating(bodies, args.block, lambda name, part: block(
+                managed[name], shadows[name], part, args.gap_ms / 1e3))
             if run >= args.warmup_runs:
                 for name in out:
                     out[name].append(merged(got[name]))
@@ -127,24 +115,11 @@ def summarise(res: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.shadow_cost")
-    p.add_argument("--candidates", type=int, default=500)
-    p.add_argument("--requests", type=int, default=300, help="per run and setting")
-    p.add_argument("--runs", type=int, default=3, help="measured off/on pairs")
-    p.add_argument("--block", type=int, default=20, help="requests per turn of one setting")
-    p.add_argument("--gap-ms", type=float, default=0.5,
-                   help="idle time between a response and the next request")
-    p.add_argument("--warmup-runs", type=int, default=1)
-    p.add_argument("--items", type=int, default=5000)
+    add_ab_arguments(p, requests=300, runs=3)
     args = p.parse_args(argv)
 
-    from bench.measure import export_model, load_features
-    from launch.local_redis import RedisServer
-
-    with tempfile.TemporaryDirectory() as tmp, RedisServer() as server:
-        vdir = export_model(Path(tmp), args.items)
-        copy_version(Path(tmp), vdir.parent.name, int(vdir.name), 2)
-        load_features(server.url, vdir, args.items)
-        res = asyncio.run(measure(args, Path(tmp), server.url))
+    res = run_on_default_model(args, measure, lambda repo, vdir: copy_version(
+        repo, vdir.parent.name, int(vdir.name), 2))
     print("\n".join(summarise(res)))
     return 0
 

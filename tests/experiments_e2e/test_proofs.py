@@ -34,21 +34,10 @@ from tests.experiments_e2e.helpers import (
     simulate,
     wait_logged,
 )
+from tests.service.experiments_files import canary_toml, experiments_toml
 from tests.support import ServerProcess
 
-AB = """
-[[experiment]]
-name = "trained-vs-untrained"
-salt = "ab-1"
-[[experiment.arm]]
-name = "control"
-share = 0.5
-model_version = 1
-[[experiment.arm]]
-name = "treatment"
-share = 0.5
-model_version = 2
-"""
+AB = experiments_toml("trained-vs-untrained", "ab-1")
 
 # every item of the world a candidate; ranked by the click prediction (the task judged)
 SIM = ("--candidates", "150", "--top-k", "10", "--timeout", "10",
@@ -89,9 +78,8 @@ def test_ab_the_report_finds_the_trained_model_better(ab_models: Path, world_dir
 
 
 def aa_file(i: int) -> str:
-    return (f'[[experiment]]\nname = "aa-{i}"\nsalt = "aa-salt-{i}"\n'
-            '[[experiment.arm]]\nname = "control"\nshare = 0.5\n'
-            '[[experiment.arm]]\nname = "treatment"\nshare = 0.5\n')
+    return experiments_toml(f"aa-{i}", f"aa-salt-{i}", [{"name": "control", "share": 0.5},
+                                                        {"name": "treatment", "share": 0.5}])
 
 
 def run_aa(repo: Path, world_dir: Path, url: str, tmp: Path, runs: int, requests: int
@@ -136,24 +124,7 @@ def test_aa_few_false_positives(ab_models: Path, world_dir: Path, redis_server: 
     assert not any(e["srm"]["mismatch"] for e in exps)
 
 
-CANARY = """
-[[experiment]]
-name = "canary"
-salt = "canary-1"
-[[experiment.arm]]
-name = "canary"
-share = 0.0
-model_version = 2
-[[experiment.arm]]
-name = "stable"
-share = 1.0
-[experiment.canary]
-arm = "canary"
-steps = [0.25, 1.0]
-step_s = 3600
-max_error_ratio = 0.1
-max_p99_ms = 5000
-"""
+CANARY = canary_toml("canary", "canary-1", steps=[0.25, 1.0], max_error_ratio=0.1)
 
 
 @pytest.fixture

@@ -25,20 +25,9 @@ from service.experiments import (
     unit_hash,
 )
 from service.settings import DEFAULT_PRESETS, Settings
+from tests.service.experiments_files import experiments_toml
 
-ISSUE_EXAMPLE = """
-[[experiment]]
-name = "v2-vs-v1"
-salt = "2026-12"
-[[experiment.arm]]
-name = "control"
-share = 0.5
-model_version = 1
-[[experiment.arm]]
-name = "treatment"
-share = 0.5
-model_version = 2
-"""
+ISSUE_EXAMPLE = experiments_toml("v2-vs-v1", "2026-12")
 
 CATALOG = Catalog(versions={"mmoe": [1, 2], "other": [1]}, default_model="mmoe",
                   tasks=("click", "like", "share"), presets=DEFAULT_PRESETS,

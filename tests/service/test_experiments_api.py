@@ -12,6 +12,7 @@ import pytest
 from ranker.servedlog import decode_served, served_stream
 from service.app import create_app
 from service.experiments import ExperimentsError, unit_hash
+from tests.service.experiments_files import CONTROL, TREATMENT, canary_toml, experiments_toml
 from tests.service.helpers import load_features, metric, running_app
 from tests.support import settings_for
 from tests.tiny import MODEL_NAME, install_version
@@ -21,20 +22,8 @@ pytestmark = pytest.mark.asyncio
 CANDS = [f"i{i}" for i in range(20)]
 ADMIN = "admin-secret"
 
-AB = """
-[[experiment]]
-name = "v2-vs-v1"
-salt = "s1"
-[[experiment.arm]]
-name = "control"
-share = 0.5
-model_version = 1
-[[experiment.arm]]
-name = "treatment"
-share = 0.5
-model_version = 2
-weights = {click = 1.0, like = 0.0, share = 0.0}
-"""
+AB = experiments_toml("v2-vs-v1", "s1", [CONTROL, TREATMENT | {
+    "weights": {"click": 1.0, "like": 0.0, "share": 0.0}}])
 
 
 @pytest.fixture
@@ -195,24 +184,7 @@ async def test_a_refused_file_at_startup_refuses_to_start(repo2, redis_url, tmp_
             pass
 
 
-CANARY = """
-[[experiment]]
-name = "canary"
-salt = "s1"
-[[experiment.arm]]
-name = "canary"
-share = 0.0
-model_version = 2
-[[experiment.arm]]
-name = "stable"
-share = 1.0
-[experiment.canary]
-arm = "canary"
-steps = [0.5, 1.0]
-step_s = 3600
-max_error_ratio = 0.05
-max_p99_ms = 5000
-"""
+CANARY = canary_toml("canary", "s1", steps=[0.5, 1.0], max_error_ratio=0.05)
 
 
 async def test_a_failing_canary_is_rolled_back(model_repo, redis_url, tmp_path):
