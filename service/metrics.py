@@ -126,12 +126,12 @@ EXPERIMENTS_RELOADS = Counter("ranker_experiments_reloads",
                               "Loads of the experiments file by result", ["result"])
 MODEL_MEMORY = Gauge("ranker_model_memory_bytes", "Resident memory taken by loading a model "
                      "version (RSS growth over its load and warm-up)", ["name", "version"],
-                     multiprocess_mode="max")
+                     multiprocess_mode="livemax")  # live*: a dead worker's value leaves /metrics
 ARM_SHARE = Gauge("ranker_arm_share", "The share of its experiment's users an arm serves now "
                   "(declared, or the canary's step)", ["experiment", "arm"],
-                  multiprocess_mode="max")
+                  multiprocess_mode="livemax")
 CANARY_SHARE = Gauge("ranker_canary_share", "The canary arm's share of its experiment's users now",
-                     ["experiment", "arm"], multiprocess_mode="min")
+                     ["experiment", "arm"], multiprocess_mode="livemin")
 CANARY_ROLLBACKS = Counter("ranker_canary_rollbacks", "Canary arms rolled back to share 0 on a "
                            "breach of their error-ratio or p99 limit", ["experiment", "arm",
                                                                        "reason"])
