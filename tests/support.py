@@ -201,3 +201,20 @@ class ServerProcess(procs.Supervised):
         self.stop()
         with contextlib.suppress(OSError):
             self._log.unlink()
+
+
+def load_world(url: str, vdir: Path, world_dir: Path) -> None:
+    """Load a synthetic world's users and items into Redis with the schema of model `vdir`."""
+    import pyarrow.parquet as pq
+    import redis
+
+    from ranker.manifest import load_manifest, load_schema
+    from service.featurestore.writer import load_tables
+
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        load_tables(client, load_schema(vdir, load_manifest(vdir)),
+                    pq.read_table(world_dir / "users.parquet"),
+                    pq.read_table(world_dir / "items.parquet"))
+    finally:
+        client.close()

@@ -11,26 +11,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 import redis
 
-from ranker.manifest import load_manifest, load_schema
 from ranker.servedlog import feedback_stream, served_stream
-from service.featurestore.writer import load_tables
 from sim.cli import main as simulate_main
 
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN = "e2e-admin"
-
-
-def load_world(url: str, vdir: Path, world_dir: Path) -> None:
-    client = redis.Redis.from_url(url, socket_timeout=5)
-    try:
-        load_tables(client, load_schema(vdir, load_manifest(vdir)),
-                    pq.read_table(world_dir / "users.parquet"),
-                    pq.read_table(world_dir / "items.parquet"))
-    finally:
-        client.close()
 
 
 def server_env(repo: Path, url: str, experiments: Path, **extra: str) -> dict[str, str]:

@@ -27,7 +27,6 @@ from tests.experiments_e2e.helpers import (
     ADMIN,
     export_logs,
     get_json,
-    load_world,
     metric_sum,
     report,
     server_env,
@@ -35,7 +34,7 @@ from tests.experiments_e2e.helpers import (
     wait_logged,
 )
 from tests.service.experiments_files import canary_toml, experiments_toml
-from tests.support import ServerProcess
+from tests.support import ServerProcess, load_world
 
 AB = experiments_toml("trained-vs-untrained", "ab-1")
 

@@ -8,16 +8,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 import pytest
-import redis
 
 from launch.local_redis import RedisServer
-from ranker.manifest import load_manifest, load_schema
-from service.featurestore.writer import load_tables
 from sim.cli import main
 from tests.conftest import emptied_url
-from tests.support import ServerProcess
+from tests.support import ServerProcess, load_world
 
 API_KEY = "sim-test-key"
 RUN_KEYS = ("run",)  # what differs between two runs of the same simulation: timings
@@ -37,14 +33,7 @@ def model_repo(small_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 def server(model_repo: Path, small_data: Path, redis_server: RedisServer
            ) -> Iterator[ServerProcess]:
     url = emptied_url(redis_server)
-    vdir = model_repo / "mmoe" / "1"
-    client = redis.Redis.from_url(url, socket_timeout=5)
-    try:
-        load_tables(client, load_schema(vdir, load_manifest(vdir)),
-                    pq.read_table(small_data / "users.parquet"),
-                    pq.read_table(small_data / "items.parquet"))
-    finally:
-        client.close()
+    load_world(url, model_repo / "mmoe" / "1", small_data)
     env = {"RANKER_MODEL_REPO": str(model_repo), "RANKER_MODEL_NAME": "mmoe",
            "RANKER_REDIS_URL": url, "RANKER_WARMUP_BATCH_SIZES": "[1, 64]",
            "RANKER_REQUEST_TIMEOUT_S": "5.0", "RANKER_API_KEYS": json.dumps([API_KEY])}
