@@ -41,6 +41,7 @@ from typing import Any
 
 from bench.procs import Processes
 from launch import procs
+from launch.argtypes import add_default_flags
 from launch.procs import HOST, free_port
 
 TASKS = ("click", "like", "share")
@@ -370,18 +371,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, help="the world (default WORKDIR/data; generated "
                    "if absent: the default world, or the small one with --small)")
     p.add_argument("--small", action="store_true", help="the small world and a short v1")
-    p.add_argument("--train-requests", type=int, default=d.train_requests)
-    p.add_argument("--eval-requests", type=int, default=d.eval_requests,
-                   help="per evaluation seed and version (default %(default)s)")
-    p.add_argument("--eval-seeds", type=int, default=d.eval_seeds)
-    p.add_argument("--candidates", type=int, default=d.candidates)
-    p.add_argument("--top-k", type=int, default=d.top_k)
-    p.add_argument("--concurrency", type=int, default=d.concurrency)
-    p.add_argument("--max-seconds", type=float, default=d.max_seconds,
-                   help="bound of each simulate call (default %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--epochs", type=int, default=d.epochs, help="v2's epochs")
-    p.add_argument("--window-s", type=float, default=d.window_s)
+    add_default_flags(p, d, "train_requests", "eval_requests", "eval_seeds", "candidates",
+                      "top_k", "concurrency", "max_seconds", "seed", "epochs", "window_s",
+                      eval_requests="per evaluation seed and version (default %(default)s)",
+                      max_seconds="bound of each simulate call (default %(default)s)",
+                      epochs="v2's epochs")
     p.add_argument("--out", type=Path, default=RESULTS,
                    help="where loop-<date>.{json,md,png} go (default bench/results)")
     p.add_argument("--name", help="file stem (default loop-<UTC date>)")

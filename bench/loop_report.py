@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
+
+from bench.report import save_figure, write_files
 
 TASKS = ("click", "like", "share")
 
@@ -146,15 +147,8 @@ def plot(r: dict[str, Any], path: Path) -> None:
     ax2.set_ylabel("AUC")
     ax2.set_title(f"held-out logged impressions ({held['rows']})")
     ax2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_report(result: dict[str, Any], out: Path, stem: str) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{stem}.json", out / f"{stem}.md", out / f"{stem}.png"]
-    paths[0].write_text(json.dumps(result, indent=2, default=str) + "\n")
-    paths[1].write_text(markdown(result))
-    plot(result, paths[2])
-    return paths
+    return write_files(result, out, stem, markdown=markdown, plot=plot)

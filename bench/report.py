@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import subprocess
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -371,16 +372,34 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"p99 latency vs throughput ({results['meta']['started_at']})")
+    save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Every bench figure: tight layout, 110 dpi, closed after (pyplot keeps figures otherwise)."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def write(results: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
-    """<stem>.json, <stem>.md and <stem>-p99.png in out_dir."""
+def write_files(
+    results: dict[str, Any], out_dir: Path, stem: str, *,
+    markdown: Callable[[dict[str, Any]], str],
+    plot: Callable[[dict[str, Any], Path], None],
+    png: str = "{stem}.png",
+) -> list[Path]:
+    """A bench's result as <stem>.json, <stem>.md and a figure (named by `png`) in out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / f"{stem}-p99.png"]
+    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / png.format(stem=stem)]
     paths[0].write_text(json.dumps(results, indent=1, default=str) + "\n")
     paths[1].write_text(markdown(results))
     plot(results, paths[2])
     return paths
+
+
+def write(results: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
+    """<stem>.json, <stem>.md and <stem>-p99.png in out_dir."""
+    return write_files(results, out_dir, stem, markdown=markdown, plot=plot,
+                       png="{stem}-p99.png")

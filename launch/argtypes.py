@@ -25,3 +25,16 @@ def nonnegative_finite(s: str) -> float:
     if not (v >= 0 and math.isfinite(v)):
         raise argparse.ArgumentTypeError(f"must be finite and >= 0, got {s}")
     return v
+
+
+def add_default_flags(
+    p: argparse.ArgumentParser, defaults: object, *fields: str, **helps: str
+) -> None:
+    """One `--field-name` per field of `defaults` (a config dataclass), typed and defaulted by its
+    value there, so a default is declared once, in the config. `helps` by field name."""
+    for name in fields:
+        value = getattr(defaults, name)
+        if not isinstance(value, int | float | str) or isinstance(value, bool):
+            raise TypeError(f"{name}: only int, float and str fields become flags this way")
+        p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value,
+                       help=helps.get(name))

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, get_args
 
+from launch.argtypes import add_default_flags
 from training.spec import load_spec
 
 if TYPE_CHECKING:
@@ -93,24 +94,19 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("--expert-hidden", type=_ints, default=m.expert_hidden)
     p.add_argument("--bottom-hidden", type=_ints, default=m.bottom_hidden)
     p.add_argument("--tower-hidden", type=_ints, default=m.tower_hidden)
-    p.add_argument("--dropout", type=float, default=m.dropout,
-                   help="dropout after the hidden layers of experts/bottom and towers")
-    p.add_argument("--embedding-dropout", type=float, default=m.embedding_dropout)
-    p.add_argument("--epochs", type=int, default=t.epochs)
-    p.add_argument("--patience", type=int, default=t.patience)
-    p.add_argument("--lr", type=float, default=t.lr)
-    p.add_argument("--weight-decay", type=float, default=t.weight_decay)
+    add_default_flags(p, m, "dropout", "embedding_dropout", "gate_dropout",
+                      dropout="dropout after the hidden layers of experts/bottom and towers")
+    add_default_flags(p, t, "epochs", "patience", "lr", "weight_decay", "embedding_lr_mult",
+                      "gradnorm_alpha", embedding_lr_mult="embedding learning rate = --lr x this")
     p.add_argument("--embedding-weight-decay", type=float, default=t.embedding_weight_decay,
                    help="weight decay of the embedding tables (default: --weight-decay)")
-    p.add_argument("--embedding-lr-mult", type=float, default=t.embedding_lr_mult,
-                   help="embedding learning rate = --lr x this")
     p.add_argument("--min-count", type=int,
                    help="every listed categorical: values seen fewer times in train -> OOV "
                         "(default: each feature's min_count in the spec)")
-    p.add_argument("--batch-size", type=int, default=t.batch_size)
+    add_default_flags(p, t, "batch_size")
     p.add_argument("--loss-weights", type=_weights, default=t.loss_weights,
                    help="e.g. click=1,like=2,share=4")
-    p.add_argument("--seed", type=int, default=t.seed)
+    add_default_flags(p, t, "seed")
     p.add_argument("--seeds", type=_ints,
                    help="e.g. 0,1,2,3,4: every model once per seed; mean ± std, paired tests")
     p.add_argument("--tune", type=int, metavar="N",
@@ -126,12 +122,10 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("--step-log", type=Path, help="every step's loss as JSON lines (rank 0)")
     p.add_argument("--loss-balance", choices=["equal", "uncertainty", "gradnorm", "pcgrad"],
                    default=t.loss_balance)
-    p.add_argument("--gradnorm-alpha", type=float, default=t.gradnorm_alpha)
     p.add_argument("--calibration", choices=["none", "platt", "isotonic"], default=t.calibration,
                    help="fitted on validation after training, exported in the graph")
     p.add_argument("--chain", type=_chain, default=m.chain,
                    help="ESMM: like:click,share:click means p(like) = p(click) p(like | click)")
-    p.add_argument("--gate-dropout", type=float, default=m.gate_dropout)
     p.add_argument("--task-experts", type=int, default=m.task_experts, help="ple/cgc")
     p.add_argument("--shared-experts", type=int, default=m.shared_experts, help="ple/cgc")
     p.add_argument("--levels", type=int, default=m.levels, help="ple")

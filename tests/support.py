@@ -22,8 +22,9 @@ from launch.procs import HOST, free_port, port_open
 from service.settings import Settings
 from tests.tiny import MODEL_NAME
 
-__all__ = ["HOST", "ServerProcess", "children_of", "free_port", "port_open", "rss_kib",
-           "service_env", "settings_env", "settings_for"]
+__all__ = ["HOST", "ServerProcess", "children_of", "free_port", "port_open", "redis_client_ids",
+           "redis_command_calls",
+           "rss_kib", "service_env", "settings_env", "settings_for"]
 APP_FACTORY = "service.app:create_app"
 
 
@@ -73,6 +74,32 @@ def service_env(repo: Path, redis_url: str | None, **settings: object) -> dict[s
 
 
 # --- processes ---------------------------------------------------------------------------------
+
+
+def redis_client_ids(url: str) -> set[str]:
+    """Ids of the clients connected to a redis-server, not counting the one asking. Ids, not a
+    count: another test's connection closing late must not pass for (or hide) one of ours."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        me = str(client.client_id())
+        return {str(c["id"]) for c in client.client_list()} - {me}
+    finally:
+        client.close()
+
+
+def redis_command_calls(url: str, *commands: str) -> int:
+    """How many of these commands (e.g. "mget", "get") the server has executed so far, from
+    INFO commandstats: what a test reads to prove a request did, or did not, touch Redis."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in commands)
 
 
 def rss_kib(pid: int) -> int:

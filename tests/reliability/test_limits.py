@@ -10,11 +10,10 @@ from pathlib import Path
 
 import httpx
 import orjson
-import redis
 
 from launch.local_redis import RedisServer
 from tests.reliability.procs import run_load
-from tests.support import ServerProcess, service_env
+from tests.support import ServerProcess, redis_command_calls, service_env
 
 MAX_BODY = 4096
 MAX_CANDIDATES = 50
@@ -22,12 +21,7 @@ MAX_CANDIDATES = 50
 
 def redis_calls(url: str) -> int:
     """Commands that touch features (MGET, GET) executed by the server so far."""
-    client = redis.Redis.from_url(url, socket_timeout=5)
-    try:
-        stats = client.info("commandstats")
-    finally:
-        client.close()
-    return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("mget", "get"))
+    return redis_command_calls(url, "mget", "get")
 
 
 def big_body(n_bytes: int) -> bytes:

@@ -20,6 +20,7 @@ from ranker.manifest import load_manifest, load_schema
 from service.app import create_app
 from service.featurestore.writer import load_tables
 from service.settings import Settings
+from tests.support import redis_command_calls
 
 N_USERS = 10
 N_ITEMS = 60
@@ -60,13 +61,8 @@ def load_features(redis_url: str, version_dir: Path) -> None:
 
 
 def mget_calls(redis_url: str) -> int:
-    """How many MGETs the server has executed (INFO commandstats)."""
-    client = redis.Redis.from_url(redis_url, socket_timeout=5)
-    try:
-        stats = client.info("commandstats")
-    finally:
-        client.close()
-    return int(stats.get("cmdstat_mget", {}).get("calls", 0))
+    """How many MGETs the server has executed."""
+    return redis_command_calls(redis_url, "mget")
 
 
 def metric(name: str, labels: dict[str, str] | None = None) -> float:

@@ -8,23 +8,13 @@ import time
 
 import orjson
 import pytest
-import redis
 
 from service.lifespan import open_state
 from service.schemas import RankRequest
 from tests.service.helpers import load_features
-from tests.support import settings_for
+from tests.support import redis_client_ids, settings_for
 
 pytestmark = pytest.mark.asyncio
-
-
-def redis_clients(url: str) -> int:
-    """Clients connected to the server, not counting the one asking."""
-    client = redis.Redis.from_url(url, socket_timeout=5)
-    try:
-        return int(client.info("clients")["connected_clients"]) - 1
-    finally:
-        client.close()
 
 
 async def wait_for(condition, timeout_s: float = 5.0) -> None:  # type: ignore[no-untyped-def]
@@ -42,17 +32,18 @@ def watchers() -> list[asyncio.Task]:
 async def test_open_state_ranks_and_closes_everything_it_opened(model_repo, redis_url):
     load_features(redis_url, model_repo / "mmoe" / "1")
     settings = settings_for(model_repo, redis_url, model_watch_interval_s=0.05)
-    before = redis_clients(redis_url)  # other tests' clients may linger on the session server
+    before = redis_client_ids(redis_url)  # other tests' clients may linger on the session server
     async with open_state(settings) as state:
         assert state.serving is not None and state.serving.model.version == 1
         req = RankRequest(user_id="u1", candidates=["i1", "i2", "i3"], top_k=2)
         body = json.loads(await state.pipeline.rank(req, "rid-1"))
         assert body["request_id"] == "rid-1" and len(body["items"]) == 2, body
         assert body["defaulted"] == {"user": 0, "items": 0, "stale": 0}, body
-        assert redis_clients(redis_url) > before  # the pool holds the connection it used
+        ours = redis_client_ids(redis_url) - before
+        assert ours  # the pool holds the connection it used
         assert len(watchers()) == 1
         executor = state.executor
-    await wait_for(lambda: redis_clients(redis_url) <= before)  # the client and its pool closed
+    await wait_for(lambda: not ours & redis_client_ids(redis_url))  # the client and pool closed
     assert watchers() == []
     assert state.registry.current is None
     with pytest.raises(RuntimeError):  # shut down

@@ -11,15 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ranker.servedlog import (
-    STREAM_ID,
-    FeedbackEvent,
-    ServedRecord,
-    encode_feedback,
-    encode_served,
-    feedback_stream,
-    served_stream,
-)
+from ranker import servedlog as sl
 from service.servedlog.exporter import SyncClient
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -28,11 +20,11 @@ TASKS = ("click", "like", "share")
 HOUR0 = 1_796_112_000.0  # 2026-12-01T08:00:00Z, an hour boundary
 
 
-def served(i: int, ts: float, k: int | None = None) -> ServedRecord:
+def served(i: int, ts: float, k: int | None = None) -> sl.ServedRecord:
     """Request r<i>: 1-3 items with their (made-up) inputs, user and context once."""
     k = 1 + i % 3 if k is None else k
     rng = np.random.default_rng(i)
-    return ServedRecord(
+    return sl.ServedRecord(
         ts=ts, request_id=f"r{i}", user_id=f"u{i % 5}", model_name="mmoe", model_version=1,
         scoring="weighted_sum", weights={"click": 1.0, "like": 2.0, "share": 4.0},
         context={"hour": 9, "surface": "home"}, tasks=TASKS,
@@ -51,12 +43,12 @@ def xadd(client: SyncClient, key: str, fields: dict[bytes, bytes]) -> str:
     return sid.decode() if isinstance(sid, bytes) else str(sid)
 
 
-def xadd_served(client: SyncClient, rec: ServedRecord) -> str:
-    return xadd(client, served_stream(PREFIX), encode_served(rec))
+def xadd_served(client: SyncClient, rec: sl.ServedRecord) -> str:
+    return xadd(client, sl.served_stream(PREFIX), sl.encode_served(rec))
 
 
-def xadd_feedback(client: SyncClient, ev: FeedbackEvent) -> str:
-    return xadd(client, feedback_stream(PREFIX), encode_feedback(ev))
+def xadd_feedback(client: SyncClient, ev: sl.FeedbackEvent) -> str:
+    return xadd(client, sl.feedback_stream(PREFIX), sl.encode_feedback(ev))
 
 
 def parts(out: Path, kind: str) -> list[Path]:
@@ -76,10 +68,10 @@ def stream_id_counts(out: Path, kind: str) -> Counter[str]:
     if t is None:
         return Counter()
     if "position" in t.column_names:
-        keys = [f"{s}#{p}" for s, p in zip(t[STREAM_ID].to_pylist(), t["position"].to_pylist(),
+        keys = [f"{s}#{p}" for s, p in zip(t[sl.STREAM_ID].to_pylist(), t["position"].to_pylist(),
                                             strict=True)]
         return Counter(keys)
-    return Counter(t[STREAM_ID].to_pylist())
+    return Counter(t[sl.STREAM_ID].to_pylist())
 
 
 def subprocess_env() -> dict[str, str]:
