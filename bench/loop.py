@@ -72,6 +72,10 @@ class LoopConfig:
     model_args: tuple[str, ...] = ()  # more `ranker train` flags for v2 (--experts 4, ...)
     window_s: float = 3600.0
     server_workers: int = 1
+    # RANKER_EXPLORE_RATE of the server during the training traffic (the evaluation traffic is
+    # served by a server that does not explore); v2 is trained with --ips-clip
+    explore_rate: float = 0.0
+    ips_clip: float = 10.0
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -126,9 +130,12 @@ class Loop:
         self.url = f"http://{HOST}:{self.port}"
         self.checks: list[dict[str, Any]] = []
         self.timings: dict[str, float] = {}
+        self.server: Any = None
+        self.explored = 0.0  # requests the training traffic's server explored
+        self.restarted = False  # the evaluation server is not the training traffic's
 
     # the server
-    def serve(self) -> None:
+    def serve(self, explore_rate: float = 0.0, name: str = "server") -> None:
         env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
         env.update({
             "RANKER_MODEL_REPO": str(self.repo), "RANKER_MODEL_NAME": MODEL_NAME,
@@ -142,14 +149,17 @@ class Loop:
             # not latency)
             "RANKER_REQUEST_TIMEOUT_S": "5.0", "RANKER_REDIS_SOCKET_TIMEOUT_S": "1.0",
             "RANKER_REDIS_CONNECT_TIMEOUT_S": "1.0",
+            "RANKER_EXPLORE_RATE": str(explore_rate),
             "PYTHONUNBUFFERED": "1",
         })
         cmd = [sys.executable, "-m", "launch.cli", "serve", "--host", HOST, "--port",
                str(self.port), "--workers", str(self.cfg.server_workers),
                "--log-level", "warning"]
-        proc = self.procs.start("server", cmd, env)
+        if self.server is not None:
+            self.procs.stop(self.server)
+        proc = self.server = self.procs.start(name, cmd, env)
         procs.wait_http(self.url + "/readyz", proc, 120.0, what="the server",
-                        detail=lambda: self.procs.log_tail("server"))
+                        detail=lambda: self.procs.log_tail(name))
 
     def _total_requests(self) -> int:
         return self.cfg.train_requests + 2 * self.cfg.eval_seeds * self.cfg.eval_requests
@@ -207,7 +217,8 @@ class Loop:
         rc, _ = _run_command(["train", "--from-logs", str(log_dir), "--model-repo",
                               str(self.repo), "--out", str(run), "--window-s",
                               str(self.cfg.window_s), "--epochs", str(self.cfg.epochs),
-                              "--no-baselines", "--no-progress", *self.cfg.model_args])
+                              "--no-baselines", "--no-progress", "--ips-clip",
+                              str(self.cfg.ips_clip), *self.cfg.model_args])
         self.timings["train --from-logs"] = round(time.monotonic() - t0, 1)
         if rc != 0:
             raise LoopError(f"ranker train --from-logs exited {rc}")
@@ -243,13 +254,24 @@ class Loop:
         self.timings["v1 (data + train + export)"] = round(time.monotonic() - t0, 1)
         v1 = list_versions(self.repo, MODEL_NAME)[-1]
         self._load_features(v1)
-        self.serve()
+        self.serve(cfg.explore_rate)
 
         train_sim = self.simulate("train-v1", cfg.seed, cfg.train_requests)
         self.wait_written(train_sim["answered"], train_sim["feedback"]["accepted_events"])
         train_log = self.export_logs(self.logs / "train")
         self._check_sim(train_sim, f"v{v1}", v1)
         self._check_export(train_sim, train_log, "train")
+        if cfg.explore_rate:  # the evaluation is of the rankings themselves: no exploration
+            explored = metric_values(self.metrics(), "ranker_explored_requests_total")
+            self.explored = sum(explored.values())
+            expect = cfg.explore_rate * train_sim["answered"]
+            _check(c, "explored requests within 5 sd of the rate (metric)",
+                   abs(self.explored - expect) <= 5 * (expect * (1 - cfg.explore_rate)) ** 0.5
+                   + 1, True)
+            _check(c, "served-log records dropped by the training server (metric)",
+                   self.dropped(), 0.0)
+            self.serve(0.0, name="server-eval")
+            self.restarted = True
 
         seeds = [cfg.seed + 1 + i for i in range(cfg.eval_seeds)]
         eval_v1 = [self.simulate(f"eval-v1-seed{s}", s, cfg.eval_requests) for s in seeds]
@@ -263,10 +285,11 @@ class Loop:
             self._check_sim(s, f"eval v{v1}", v1)
         for s in eval_v2:
             self._check_sim(s, f"eval v{v2}", v2)
-        self.wait_written(
-            train_sim["answered"] + sum(s["answered"] for s in eval_v1 + eval_v2),
-            train_sim["feedback"]["accepted_events"]
-            + sum(s["feedback"]["accepted_events"] for s in eval_v1 + eval_v2))
+        before = (0, 0) if self.restarted else (train_sim["answered"],
+                                                 train_sim["feedback"]["accepted_events"])
+        self.wait_written(  # the counters of the server now serving
+            before[0] + sum(s["answered"] for s in eval_v1 + eval_v2),
+            before[1] + sum(s["feedback"]["accepted_events"] for s in eval_v1 + eval_v2))
         eval_log = self.export_logs(self.logs / "eval")
         _check(c, "served-log records dropped (metric)", self.dropped(), 0.0)
         from bench.loop_analysis import analyse
@@ -276,6 +299,7 @@ class Loop:
         return {
             "config": {**asdict(cfg), "workdir": str(cfg.workdir), "data_dir": str(cfg.data_dir)},
             "versions": {"v1": v1, "v2": v2, "served_after_reload": model.get("version")},
+            "explored_requests": self.explored,
             "simulate": {"train": train_sim, "eval_v1": eval_v1, "eval_v2": eval_v2},
             "export": {"train": train_log, "eval": eval_log},
             "from_logs": v2_report["from_logs"],
@@ -373,9 +397,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--small", action="store_true", help="the small world and a short v1")
     add_default_flags(p, d, "train_requests", "eval_requests", "eval_seeds", "candidates",
                       "top_k", "concurrency", "max_seconds", "seed", "epochs", "window_s",
+                      "explore_rate", "ips_clip",
                       eval_requests="per evaluation seed and version (default %(default)s)",
                       max_seconds="bound of each simulate call (default %(default)s)",
-                      epochs="v2's epochs")
+                      epochs="v2's epochs",
+                      explore_rate="RANKER_EXPLORE_RATE during the training traffic only",
+                      ips_clip="v2's inverse-propensity weight clip (ranker train --ips-clip)")
     p.add_argument("--out", type=Path, default=RESULTS,
                    help="where loop-<date>.{json,md,png} go (default bench/results)")
     p.add_argument("--name", help="file stem (default loop-<UTC date>)")
@@ -388,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
                      train_requests=a.train_requests, eval_requests=a.eval_requests,
                      eval_seeds=a.eval_seeds, candidates=a.candidates, top_k=a.top_k,
                      concurrency=a.concurrency, max_seconds=a.max_seconds, seed=a.seed,
-                     epochs=a.epochs, window_s=a.window_s)
+                     epochs=a.epochs, window_s=a.window_s, explore_rate=a.explore_rate,
+                     ips_clip=a.ips_clip)
     from bench.loop_report import write_report
 
     logging.basicConfig(level=logging.WARNING)

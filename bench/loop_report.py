@@ -36,6 +36,13 @@ def markdown(r: dict[str, Any]) -> str:
         f"{r['v2_rows']['train']} train, {r['v2_rows']['val']} validation, "
         f"{r['v2_rows']['test']} test), labels {j['labels']}, late {j['late']}, orphan "
         f"{j['orphan']}, duplicate {j['duplicate']}",
+        *([f"- exploration: the training traffic's server explored "
+           f"(`RANKER_EXPLORE_RATE={cfg['explore_rate']:g}`: "
+           f"{r.get('explored_requests', 0):.0f} requests served {cfg['top_k']} candidates "
+           "drawn uniformly, propensities logged); v2 trained on inverse-propensity resampled "
+           f"splits (`--ips-clip {cfg['ips_clip']:g}`: "
+           f"{_ips(r['from_logs'].get('ips', {}))}); the evaluation server does not explore"]
+          if cfg.get("explore_rate") else []),
         f"- evaluation: seeds {cfg['seed'] + 1}..{cfg['seed'] + cfg['eval_seeds']}, "
         f"{cfg['eval_requests']} requests each, the **same requests** (users, candidates, "
         f"contexts, and the users' random draws) under v{v1} and under v{v2}: "
@@ -106,6 +113,15 @@ def markdown(r: dict[str, Any]) -> str:
     if r.get("verdict"):
         lines += ["## Verdict", "", r["verdict"], ""]
     return "\n".join(lines)
+
+
+def _ips(ips: dict[str, Any]) -> str:
+    if not ips.get("applied"):
+        return "not applied"
+    return (f"propensities from {ips['propensity_min']:.3g}, median "
+            f"{ips['propensity_median']:.3g}, {ips['clipped_share']:.1%} clipped, effective "
+            f"rows {ips['effective_rows']:.0f}, distinct rows drawn "
+            f"{ips['distinct_rows_drawn']:.0f}")
 
 
 def plot(r: dict[str, Any], path: Path) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from launch.argtypes import positive_float, positive_int
+from launch.argtypes import nonnegative_finite, positive_float, positive_int
 from service.featurestore.keys import DEFAULT_PREFIX
 
 
@@ -79,7 +79,7 @@ def export_main(argv: list[str]) -> int:
 
 def add_from_logs_args(p: argparse.ArgumentParser) -> None:
     """`ranker train`'s flags for training on an exported served log."""
-    from training.from_logs import DEFAULT_WINDOW_S
+    from training.from_logs import DEFAULT_IPS_CLIP, DEFAULT_WINDOW_S
 
     g = p.add_argument_group("training from a served log (ranker logs export --out DIR)")
     g.add_argument("--from-logs", type=Path, metavar="DIR",
@@ -88,6 +88,9 @@ def add_from_logs_args(p: argparse.ArgumentParser) -> None:
                    help="attribution window after an impression, seconds (default %(default)s)")
     g.add_argument("--model-repo", type=Path, default=Path("models"),
                    help="repository of the serving models named in the log (default %(default)s)")
+    g.add_argument("--ips-clip", type=nonnegative_finite, default=DEFAULT_IPS_CLIP,
+                   help="a log of an exploring service (RANKER_EXPLORE_RATE): inverse-propensity "
+                        "weights clipped at this (default %(default)s; 0 = no weighting)")
 
 
 def train_from_logs(p: argparse.ArgumentParser, a: argparse.Namespace, model_kw: dict[str, Any],
@@ -100,7 +103,8 @@ def train_from_logs(p: argparse.ArgumentParser, a: argparse.Namespace, model_kw:
     out = a.out or Path("runs") / DATASET
     try:
         report = run_training_from_logs(a.from_logs, out, model_kw, tc, repo=a.model_repo,
-                                        window_s=a.window_s, baselines=a.baselines)
+                                        window_s=a.window_s, baselines=a.baselines,
+                                        ips_clip=a.ips_clip)
     except LogError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

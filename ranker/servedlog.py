@@ -42,7 +42,7 @@ STREAM_ID = "stream_id"
 IMPRESSION_COLUMNS = (
     STREAM_ID, "ts", "request_id", "user_id", "item_id", "position", "model_name",
     "model_version", "scoring", "weights", "context", "score", "experiment", "arm",
-    "forced", "shadow_score",
+    "forced", "shadow_score", "propensity",
 )
 FEEDBACK_COLUMNS = (STREAM_ID, "ts", "request_id", "item_id", "event")
 INPUT_PREFIX = "in_"
@@ -120,6 +120,8 @@ class ServedRecord:
     arm: str | None = None
     forced: bool = False  # the arm was forced by the QA header: not a randomised user
     shadow: np.ndarray | None = None  # (K,) the shadow model's final scores, served order
+    # (K,) P(each item is in the top K) under an exploring policy; None: deterministic (all 1)
+    propensity: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,8 @@ def encode_served(rec: ServedRecord) -> dict[bytes, bytes]:
         meta["forced"] = True
     if rec.shadow is not None:
         fields[b"shadow"] = np.ascontiguousarray(rec.shadow, dtype="<f8").tobytes()
+    if rec.propensity is not None:
+        fields[b"propensity"] = np.ascontiguousarray(rec.propensity, dtype="<f8").tobytes()
     fields[b"meta"] = orjson.dumps(meta)
     fields[b"scores"] = np.ascontiguousarray(rec.scores, dtype="<f4").tobytes()
     fields[b"final"] = np.ascontiguousarray(rec.final, dtype="<f8").tobytes()
@@ -214,17 +218,26 @@ def _decode_served(fields: Mapping[bytes, bytes]) -> ServedRecord:
         weights=meta["weights"], context=meta["context"], tasks=tasks, item_ids=items,
         scores=scores.reshape(k, t), final=final, inputs=inputs,
         experiment=meta.get("experiment"), arm=meta.get("arm"),
-        forced=bool(meta.get("forced", False)), shadow=_shadow(fields, k),
+        forced=bool(meta.get("forced", False)), shadow=_per_item(fields, b"shadow", k),
+        propensity=_propensity(fields, k),
     )
 
 
-def _shadow(fields: Mapping[bytes, bytes], k: int) -> np.ndarray | None:
-    raw = fields.get(b"shadow")
+def _per_item(fields: Mapping[bytes, bytes], name: bytes, k: int) -> np.ndarray | None:
+    """An optional float64 field of one value per served item."""
+    raw = fields.get(name)
     if raw is None:
         return None
     arr = np.frombuffer(raw, dtype="<f8")
     if arr.size != k:
-        raise LogFormatError(f"served record of {k} items has {arr.size} shadow scores")
+        raise LogFormatError(f"served record of {k} items has {arr.size} {name.decode()} values")
+    return arr
+
+
+def _propensity(fields: Mapping[bytes, bytes], k: int) -> np.ndarray | None:
+    arr = _per_item(fields, b"propensity", k)
+    if arr is not None and not bool(np.all((arr > 0) & (arr <= 1))):  # also false for NaN
+        raise LogFormatError("served record: a propensity outside (0, 1]")
     return arr
 
 
@@ -307,6 +320,7 @@ def impressions_table(records: Sequence[tuple[str, ServedRecord]]) -> pa.Table:
         cols["arm"] += [rec.arm] * k
         cols["forced"] += [rec.forced] * k
         cols["shadow_score"] += [None] * k if rec.shadow is None else rec.shadow.tolist()
+        cols["propensity"] += [1.0] * k if rec.propensity is None else rec.propensity.tolist()
         for j, t in enumerate(tasks):
             per_task[t].append(rec.scores[:, j])
         for n in names:
@@ -322,6 +336,7 @@ def impressions_table(records: Sequence[tuple[str, ServedRecord]]) -> pa.Table:
         "arm": pa.array(cols["arm"], pa.string()),
         "forced": pa.array(cols["forced"], pa.bool_()),
         "shadow_score": pa.array(cols["shadow_score"], pa.float64()),
+        "propensity": pa.array(cols["propensity"], pa.float64()),
     })
     for t in tasks:
         table = table.append_column(f"{SCORE_PREFIX}{t}",

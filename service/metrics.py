@@ -75,6 +75,8 @@ INFERENCE_RUNS_EXECUTOR = INFERENCE_RUNS.labels("executor")
 INFLIGHT = Gauge("ranker_inflight_requests", "Requests being processed",
                  multiprocess_mode="livesum")
 
+EXPLORED = Counter("ranker_explored_requests", "Requests served in a random order "
+                   "(RANKER_EXPLORE_RATE), with their propensities in the served log")
 RERANK_APPLIED = Counter("ranker_rerank_rules_applied", "Requests in which a re-rank rule changed "
                          "something, by rule (service.rerank.RULES)", ["rule"])
 _RERANK_CHILDREN: dict[str, Any] = {}

@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,7 +32,7 @@ from service.errors import (
 from service.experiments import Assignment, ForcedArmError, Overrides
 from service.featurestore.reader import FeatureStore, FeatureStoreUnavailable
 from service.ranking import combine as combine_scores
-from service.ranking import rank_order, sample_positions
+from service.ranking import explore_order, propensities, rank_order, sample_positions
 from service.registry import LoadedModel
 from service.rerank import Outcome, Rules, attributes
 from service.rerank import apply as apply_rules
@@ -94,6 +94,9 @@ class Ranking:
     final: np.ndarray
     order: np.ndarray
     rerank: Outcome | None = None  # what the re-rank stage did, when rules applied
+    # P(each served item is in the top K) under the exploring policy, served order; None when
+    # the service does not explore (every served item's is then 1)
+    propensity: np.ndarray | None = None
 
 
 def default_features(model: LoadedModel, n: int, reason: str) -> Features:
@@ -193,7 +196,7 @@ class RankingPipeline:
         timer.lap("inference")
         ranking = self.combine(model, scoring, scores, gates, req.top_k)
         timer.lap("combine")
-        ranking = self.rerank(model, req, scoring, ranking, feats)
+        ranking = self.explore(request_id, self.rerank(model, req, scoring, ranking, feats))
         timer.lap("rerank")
         body = self.encode(req, model, request_id, scoring, ranking, feats, arm)
         timer.lap("serialize")
@@ -309,6 +312,21 @@ class RankingPipeline:
                           order=ranking.order)
         metrics.count_rerank(out.applied)
         return Ranking(ranking.scores, ranking.gates, out.final, out.order, out)
+
+    def explore(self, request_id: str, ranking: Ranking) -> Ranking:
+        """With RANKER_EXPLORE_RATE > 0: a share of the requests serve K candidates drawn
+        uniformly instead of the top K, and every request carries its items' propensities for
+        the served log. A list the re-rank rules made (filters, pins) is served as it is."""
+        rate = self.settings.explore_rate
+        if not rate or ranking.rerank is not None:
+            return ranking
+        n = ranking.final.shape[0]
+        explored = explore_order(request_id, n, ranking.order.shape[0], rate)
+        if explored is not None:
+            metrics.EXPLORED.inc()
+        order = ranking.order if explored is None else explored
+        return replace(ranking, order=order,
+                       propensity=propensities(ranking.order, order, n, rate))
 
     def encode(self, req: RankRequest, model: LoadedModel, request_id: str, scoring: Scoring,
                ranking: Ranking, feats: Features, arm: Assignment | None = None) -> bytes:

@@ -5,6 +5,7 @@ No I/O and no framework here, so every rule users rely on is tested without a se
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping, Sequence
 
@@ -87,3 +88,39 @@ def sample_positions(n: int, k: int) -> np.ndarray:
     if n <= k:
         return np.arange(n)
     return np.linspace(0, n - 1, num=k).astype(np.int64)
+
+
+def stable_draw(request_id: str, rate: float, salt: bytes = b"") -> bool:
+    """True for a share `rate` of request ids, by a stable hash of the id (the same answer on
+    every worker and every run; Python's own `hash` is salted per process). Decisions with
+    different `salt`s are independent: the explored requests are not the logged ones."""
+    if rate >= 1.0:
+        return True
+    if rate <= 0.0:
+        return False
+    digest = hashlib.blake2b(request_id.encode(), digest_size=8, person=salt).digest()
+    return int.from_bytes(digest, "big") < rate * 2.0**64
+
+
+EXPLORE_SALT = b"explore"
+
+
+def explore_order(request_id: str, n: int, k: int, rate: float) -> np.ndarray | None:
+    """The served order of an exploring request: `k` of the `n` candidate positions drawn
+    uniformly without replacement, in a random order; None for a request that does not explore
+    (a share `rate` does, by its id). Seeded by the id: a retried request gets the same list."""
+    if not stable_draw(request_id, rate, EXPLORE_SALT):
+        return None
+    seed = int.from_bytes(hashlib.blake2b(request_id.encode(), digest_size=8,
+                                          person=EXPLORE_SALT + b"-order").digest(), "big")
+    return np.random.default_rng(seed).permutation(n)[:k]
+
+
+def propensities(greedy: np.ndarray, order: np.ndarray, n: int, rate: float) -> np.ndarray:
+    """P(the logging policy puts each served item in the top k), in served order: the greedy
+    top k (`greedy`, candidate positions) with probability 1 - rate, any k of n uniformly with
+    probability rate. What inverse-propensity weighting divides by (training/from_logs.py)."""
+    k = order.shape[0]
+    in_greedy = np.zeros(n, dtype=bool)
+    in_greedy[greedy] = True
+    return (1.0 - rate) * in_greedy[order] + rate * (k / n)

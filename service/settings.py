@@ -103,6 +103,11 @@ class Settings(BaseSettings):
     # share of /rank responses written to the served log, by a hash of the request id (the same
     # decision on every worker); 0 = off (`ranker run` turns it on)
     log_sample_rate: float = Field(default=0.0, ge=0, le=1)
+    # share of /rank requests that explore (service/ranking.py:explore_order): their top K is
+    # drawn uniformly from the candidates, and the served log records each item's propensity,
+    # so that the next model can be trained on more than the current one's favourites
+    # (docs/closing-the-loop.md, "Exploration"); 0 = off. Not with re-rank rules.
+    explore_rate: float = Field(default=0.0, ge=0, le=1)
     log_queue_size: int = Field(default=1000, ge=1)  # entries waiting for the writer; then dropped
     log_batch_size: int = Field(default=64, ge=1)  # stream entries per Redis pipeline
     log_stream_maxlen: int = Field(default=100_000, ge=1)  # XADD MAXLEN ~ per stream

@@ -21,7 +21,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,9 @@ class ServedLog:
     ts: dict[str, tuple[float, float]]  # per split: first and last impression ts
     counts: JoinCounts
     sha256: str
+    # per split: P(each impression was shown) under the logging policy; all 1 for a log of
+    # a service that does not explore (and for logs from before the column)
+    propensity: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def log_sha256(files: Sequence[Path]) -> str:
@@ -179,6 +182,8 @@ def load_served_log(
     inputs = _encoded_inputs(impressions, schema)
     idx = split_by_time(impressions["request_id"].to_pylist(), fractions)
     ts = impressions["ts"].to_numpy()
+    propensity = (impressions["propensity"].to_numpy() if "propensity" in impressions.column_names
+                  else np.ones(len(impressions)))
     served_by = []
     for name, v in versions:
         mask = pc.and_(pc.equal(impressions["model_name"], name),
@@ -194,7 +199,32 @@ def load_served_log(
         ts={s: (float(ts[i].min()), float(ts[i].max())) for s, i in idx.items()},
         counts=counts,
         sha256=log_sha256([*imp_files, *fb_files]),
+        propensity={s: propensity[i] for s, i in idx.items()},
     )
+
+
+DEFAULT_IPS_CLIP = 10.0
+
+
+def ips_resample(data: Encoded, propensity: np.ndarray, clip: float, seed: int
+                 ) -> tuple[Encoded, dict[str, float]]:
+    """Inverse-propensity weighting by resampling: as many rows as `data`, drawn with
+    replacement with probability proportional to min(1 / propensity, clip), so the model
+    trains on what a uniform choice of the shown items would have shown (an item the logging
+    policy shows rarely counts more), with the weights clipped to bound the variance.
+    Resampling, not a weighted loss: the training loop (balancers, DDP) stays the one path.
+    A log without exploration (every propensity 1) is returned as it is."""
+    n = len(data)
+    if clip <= 0 or n == 0 or bool(np.all(propensity >= 1.0)):
+        return data, {"applied": 0.0}
+    w = np.minimum(1.0 / propensity, clip)
+    idx = np.random.default_rng(seed).choice(n, size=n, replace=True, p=w / w.sum())
+    ess = float(w.sum() ** 2 / np.square(w).sum())  # Kish's effective sample size
+    stats = {"applied": 1.0, "clip": clip, "clipped_share": float(np.mean(1.0 / propensity > clip)),
+             "propensity_min": float(propensity.min()),
+             "propensity_median": float(np.median(propensity)), "effective_rows": round(ess, 1),
+             "distinct_rows_drawn": float(np.unique(idx).size)}
+    return data.take(idx), stats
 
 
 def log_markdown(report: dict[str, Any]) -> str:
@@ -224,6 +254,16 @@ def log_markdown(report: dict[str, Any]) -> str:
         + ".",
         "",
     ]
+    ips = f.get("ips", {})
+    if ips.get("applied"):
+        lines += [
+            f"Inverse-propensity resampling of train and validation (weights min(1/p, "
+            f"{ips['clip']:g})): train propensities from {ips['propensity_min']:.3g} (median "
+            f"{ips['propensity_median']:.3g}), {ips['clipped_share']:.1%} clipped; effective "
+            f"rows {ips['effective_rows']:.0f}, "
+            f"distinct rows drawn {ips['distinct_rows_drawn']:.0f}.",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -242,9 +282,12 @@ def run_training_from_logs(
     fractions: Sequence[float] = DEFAULT_SPLIT,
     baselines: bool = True,
     threads: int = 1,
+    ips_clip: float = DEFAULT_IPS_CLIP,
 ) -> dict[str, Any]:
     """Train on a served log, evaluate per task on its latest requests, write a run directory
-    (`ranker export --run` exports it as the next version of the serving model's name)."""
+    (`ranker export --run` exports it as the next version of the serving model's name). A log
+    of an exploring service trains and early-stops on inverse-propensity resampled train and
+    validation splits (`ips_resample`; `ips_clip` 0 = off); the test split is as logged."""
     torch.set_num_threads(threads)  # as run_training: small matmuls on a shared 2-core box
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -254,6 +297,8 @@ def run_training_from_logs(
     if unknown:
         raise LogError(f"loss weights for {sorted(unknown)}: the model's tasks are {tasks}")
     train, val, test = (served.splits[s] for s in SPLITS)
+    train, ips = ips_resample(train, served.propensity["train"], ips_clip, train_cfg.seed)
+    val, _ = ips_resample(val, served.propensity["val"], ips_clip, train_cfg.seed + 1)
     main_cfg = ModelConfig(inputs=inputs_from_schema(served.schema), tasks=tasks, **model_kw)
     models, main_model = train_models(main_cfg, train, val, test, train_cfg, baselines=baselines)
     info: dict[str, Any] = {
@@ -280,6 +325,7 @@ def run_training_from_logs(
             "counts": served.counts.as_dict(),
             "split_ts": served.ts,
             "split": list(fractions),
+            "ips": ips,
         },
     }
     save_checkpoint(

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 from collections import OrderedDict
@@ -42,6 +41,7 @@ from ranker.servedlog import (
 )
 from service import metrics
 from service.featurestore.reader import close_client, make_client
+from service.ranking import stable_draw
 from service.registry import LoadedModel
 from service.settings import Settings
 
@@ -69,12 +69,7 @@ V = TypeVar("V")
 def sampled(request_id: str, rate: float) -> bool:
     """Whether a request is logged: a stable hash of its id below `rate` (same on every
     worker and every run; Python's own `hash` is salted per process)."""
-    if rate >= 1.0:
-        return True
-    if rate <= 0.0:
-        return False
-    digest = hashlib.blake2b(request_id.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") < rate * 2.0**64
+    return stable_draw(request_id, rate)
 
 
 class RecentVersions(Generic[V]):
@@ -158,6 +153,7 @@ def served_record(ref: Served) -> ServedRecord:
         scores=ranking.scores[order], final=ranking.final[order], inputs=inputs,
         experiment=ref.experiment, arm=ref.arm, forced=ref.forced,
         shadow=None if ref.shadow is None else ref.shadow[order],
+        propensity=ranking.propensity,
     )
 
 

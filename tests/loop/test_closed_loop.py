@@ -27,8 +27,8 @@ def loop(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     work = tmp_path_factory.mktemp("loop")
     cfg = LoopConfig(workdir=work, data_dir=work / "data", small=True, train_requests=600,
                      eval_requests=150, eval_seeds=2, candidates=40, top_k=8, concurrency=3,
-                     max_seconds=120.0, epochs=2)
-    return run_loop(cfg)
+                     max_seconds=120.0, epochs=2, explore_rate=0.2)
+    return run_loop(cfg)  # exploring training traffic: the restart and IPS paths run too
 
 
 def failed(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -59,6 +59,16 @@ def test_every_count_adds_up_through_every_step(loop: dict[str, Any]) -> None:
             + joined["early"] + joined["late"] + joined["duplicate"]) == joined["events"]
     assert joined["late"] == joined["orphan"] == joined["duplicate"] == 0
     assert sum(loop["v2_rows"].values()) == joined["impressions"]
+
+
+def test_the_training_traffic_explored_and_v2_was_trained_on_its_propensities(
+    loop: dict[str, Any]
+) -> None:
+    assert 0 < loop["explored_requests"] < 600
+    ips = loop["from_logs"]["ips"]
+    # the greedy top 8 of 40: 0.8 + 0.2 * 8/40; an item only the exploring 20 % shows: 0.04
+    assert ips["applied"] == 1.0 and ips["propensity_min"] == pytest.approx(0.04)
+    assert 0 < ips["effective_rows"] < loop["v2_rows"]["train"]
 
 
 def test_v2_is_served_after_the_reload(loop: dict[str, Any]) -> None:

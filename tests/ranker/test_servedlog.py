@@ -108,3 +108,20 @@ def test_the_parquet_layout_names() -> None:
         (1796115599000, 0), (1796115600000, 12))
     assert part_range(".tmp-exporter-1-1-0-2-0.parquet") is None
     assert parse_stream_id("10-2") > parse_stream_id("9-30")  # numeric, not string, order
+
+
+def test_propensities_round_trip_reach_the_table_and_are_checked() -> None:
+    import dataclasses
+
+    rec = dataclasses.replace(record(3), propensity=np.array([0.93, 0.03, 0.93]))
+    back = decode_served(encode_served(rec))
+    np.testing.assert_array_equal(back.propensity, rec.propensity)  # type: ignore[arg-type]
+    assert decode_served(encode_served(record(2))).propensity is None
+    table = impressions_table([("1-0", rec), ("2-0", record(2, "r2"))])
+    assert table["propensity"].to_pylist() == [0.93, 0.03, 0.93, 1.0, 1.0]  # absent: 1
+    fields = encode_served(rec)
+    for bad in ([0.5, 0.0, 1.0], [0.5, 1.5, 1.0], [0.5, float("nan"), 1.0]):
+        with pytest.raises(LogFormatError, match="propensity"):
+            decode_served({**fields, b"propensity": np.array(bad, "<f8").tobytes()})
+    with pytest.raises(LogFormatError, match="3 items has 2 propensity"):
+        decode_served({**fields, b"propensity": np.array([0.5, 0.5], "<f8").tobytes()})

@@ -41,7 +41,13 @@ from tests.service.featurestore.tables import items_table, users_table
 from tests.tiny import MODEL_NAME, TASKS, tiny_schema
 from training import pipeline
 from training.data import Encoded
-from training.from_logs import LogError, join_labels, load_served_log, run_training_from_logs
+from training.from_logs import (
+    LogError,
+    ips_resample,
+    join_labels,
+    load_served_log,
+    run_training_from_logs,
+)
 from training.train import TrainConfig
 
 TINY = {"n_experts": 2, "expert_hidden": [8], "tower_hidden": [4]}
@@ -281,6 +287,39 @@ def test_the_split_is_by_time_with_validation_after_training(
     assert {s: len(e) for s, e in served.splits.items()} == {"train": 32, "val": 4, "test": 4}
     assert served.ts["train"] == (T0, T0 + 150) and served.ts["test"] == (T0 + 180, T0 + 190)
     assert served.counts.window_open == 40  # no feedback: every window outlasts the log
+
+
+def test_propensities_follow_their_impressions_into_the_splits(
+    pristine_models: Path, tmp_path: Path
+) -> None:
+    import dataclasses
+
+    recs = [dataclasses.replace(record(f"r{i}", T0 + 10 * i, ["i1", "i2"]),
+                                propensity=np.array([0.9, 0.05 + i / 100]))
+            for i in range(20)]
+    served = load_served_log(write_log(tmp_path / "new", recs), pristine_models)
+    np.testing.assert_allclose(served.propensity["test"], [0.9, 0.23, 0.9, 0.24])
+    # a log of a service that does not explore: all 1, and resampling leaves the split alone
+    plain = load_served_log(write_log(tmp_path / "old", [record(f"r{i}", T0 + i, ["i1"])
+                                                          for i in range(10)]), pristine_models)
+    assert np.all(plain.propensity["train"] == 1.0)
+    same, stats = ips_resample(plain.splits["train"], plain.propensity["train"], 10.0, 0)
+    assert same is plain.splits["train"] and stats == {"applied": 0.0}
+
+
+def test_ips_resampling_draws_rows_in_proportion_to_their_clipped_weights() -> None:
+    n = 20_000
+    data = Encoded({"x": np.arange(n)[:, None]}, np.zeros((n, 3), np.float32), None)
+    # half shown by the greedy policy (p = 1), half only when exploring: p 0.05, clipped to 10
+    p = np.where(np.arange(n) < n // 2, 1.0, 0.05)
+    out, stats = ips_resample(data, p, 10.0, seed=3)
+    assert len(out) == n and stats["clipped_share"] == 0.5 and stats["propensity_min"] == 0.05
+    drawn_rare = float(np.mean(out.inputs["x"][:, 0] >= n // 2))
+    assert abs(drawn_rare - 10 / 11) < 4 * (10 / 11 / 11 / n) ** 0.5  # weights 10 : 1
+    assert 0 < stats["effective_rows"] < n
+    unclipped, _ = ips_resample(data, p, 100.0, seed=3)  # 1/0.05 = 20 : 1
+    assert abs(float(np.mean(unclipped.inputs["x"][:, 0] >= n // 2)) - 20 / 21) < 0.01
+    assert ips_resample(data, p, 0.0, seed=3)[0] is data  # 0 = off
 
 
 # --- end to end ----------------------------------------------------------------------------------
