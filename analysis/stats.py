@@ -5,12 +5,17 @@ randomisation is the user, and one user's impressions are correlated (a heavy cl
 on many of them), so treating impressions as independent trials understates the variance.
 Hence:
 
-- **CIs and p-values: bootstrap over users** (`scipy.stats.bootstrap`, percentile method):
-  users are resampled with replacement, each with all their impressions and events, and the
-  ratio of sums is recomputed. Percentile rather than BCa because BCa's jackknife costs
-  O(users²); the p-value of the lift is the bootstrap's own (two-sided: twice the smaller tail
-  of the resampled lifts beyond 0, with the +1 correction of a Monte Carlo p-value), so the
-  95 % CI excludes 0 exactly when p < 0.05 (up to the resampling's resolution, 2/(B+1)).
+- **CIs: bootstrap over users** (`scipy.stats.bootstrap`, percentile method): users are
+  resampled with replacement, each with all their impressions and events, and the ratio of
+  sums is recomputed. Percentile rather than BCa because BCa's jackknife costs O(users²).
+- **p-values: permutation over users** (`scipy.stats.permutation_test`, independent samples,
+  two-sided): the users' arm labels are shuffled, each user keeping all their impressions and
+  events, and the difference of the rates recomputed. Under "the arms do not differ" the users
+  are exchangeable, so the test's false-positive rate is the level by construction, also for a
+  rare task with a few dozen events per arm, where the bootstrap's own p-value (still reported,
+  `bootstrap_p_value`) was measured anti-conservative: 4 of 20 A/A runs below 0.05 on share
+  (`bench/results/experiments_aa.json` of the first session). A Monte Carlo p-value: at least
+  1/(B+1).
 - **Naive, for comparison:** the two-proportion z-test of statsmodels (`proportions_ztest`)
   and Wilson intervals (`proportion_confint`) that treat every impression as independent.
   Their ratio of widths (`design_effect`, squared) shows how much the clustering matters.
@@ -94,10 +99,11 @@ class Lift:
 
     value: float
     ci: tuple[float, float]  # NaN when some resample of control has no event: lift undefined
-    p_value: float  # bootstrap over users
+    p_value: float  # permutation over users
     naive_p_value: float  # two-proportion z-test over impressions
     difference: float = float("nan")
     difference_ci: tuple[float, float] = (float("nan"), float("nan"))
+    bootstrap_p_value: float = float("nan")  # from the bootstrap distribution of the difference
 
 
 def lift(arm: UserTotals, control: UserTotals, rng: np.random.Generator,
@@ -133,8 +139,30 @@ def lift(arm: UserTotals, control: UserTotals, rng: np.random.Generator,
     if np.isfinite(dist[1]).all():
         llo, lhi = np.percentile(dist[1], [tail, 100 - tail])
         ci = (float(llo), float(lhi))
-    return Lift(value, ci, _tail_p(dist[0]), naive, arm.rate - control.rate,
-                (float(lo), float(hi)))
+    return Lift(value, ci, permutation_p_value(arm, control, rng, n_resamples), naive,
+                arm.rate - control.rate, (float(lo), float(hi)), _tail_p(dist[0]))
+
+
+def permutation_p_value(arm: UserTotals, control: UserTotals, rng: np.random.Generator,
+                        n_resamples: int = 2000) -> float:
+    """Two-sided p-value of 'same rate' by shuffling the users between the two arms."""
+    events = np.concatenate([arm.events, control.events]).astype(np.float64)
+    imps = np.concatenate([arm.impressions, control.impressions]).astype(np.float64)
+    if not events.any():
+        return 1.0  # no event in either arm: every shuffle gives the same (zero) difference
+    ia = np.arange(arm.events.size)
+    ic = np.arange(arm.events.size, events.size)
+
+    def statistic(a: np.ndarray, c: np.ndarray, axis: int = -1) -> np.ndarray:
+        ra = events[a].sum(axis=axis) / imps[a].sum(axis=axis)
+        return ra - events[c].sum(axis=axis) / imps[c].sum(axis=axis)
+
+    res = stats.permutation_test(
+        (ia, ic), statistic, permutation_type="independent", vectorized=True,
+        n_resamples=n_resamples, alternative="two-sided",
+        batch=_batch(events.size), rng=rng,
+    )
+    return float(res.pvalue)
 
 
 def naive_p_value(arm: UserTotals, control: UserTotals) -> float:

@@ -62,6 +62,18 @@ ADMIN_HEADERS = [
     for name, title in (("x-admin-key", "X-Admin-Key"), ("authorization", "Authorization"))
 ]
 
+# /rank's QA header (service/routes/rank.py:forced_arm): read from the request, not a parameter
+FORCE_ARM_PARAMETERS = [
+    {"in": "header", "name": "X-Ranker-Arm", "required": False,
+     "description": "QA: serve this experiment arm, `experiment/arm`, whatever the user's "
+                    "assignment (docs/experiments.md). Needs the admin key (X-Admin-Key or "
+                    "Authorization: Bearer): 403 without it, 422 for an unknown experiment or "
+                    "arm. The response and the served log mark the arm as forced.",
+     # the declared values replace the pattern when the schema is served (state_forced_arms)
+     "schema": {"type": "string", "pattern": "^[^/]+/[^/]+$", "title": "X-Ranker-Arm"}},
+    *ADMIN_HEADERS,
+]
+
 
 def _json(schema: dict[str, Any]) -> dict[str, Any]:
     return {"application/json": {"schema": schema}}
@@ -164,19 +176,39 @@ def state_limits(schema: dict[str, Any], settings: Settings, tasks: Sequence[str
     return schema
 
 
-def serving_shape(app: FastAPI
-                  ) -> tuple[tuple[str, ...] | None, tuple[str, ...], tuple[str, ...]]:
-    """(tasks, dense context feature names) of the serving model ((None, ()) before one), and
-    the re-rank presets in force."""
+Shape = tuple[tuple[str, ...] | None, tuple[str, ...], tuple[str, ...], tuple[str, ...]]
+
+
+def serving_shape(app: FastAPI) -> Shape:
+    """(tasks, dense context feature names) of the serving model ((None, ()) before one), the
+    re-rank presets and the forcible `experiment/arm` values in force."""
     state = getattr(app.state, "ranker", None)
     pipeline = getattr(state, "pipeline", None)
     rules = getattr(pipeline, "rules", None)
     presets = tuple(sorted(rules.current().presets)) if rules is not None else ()
+    arms = getattr(pipeline, "arms", None)
+    forced = () if arms is None else tuple(sorted(
+        f"{e.name}/{a.name}" for e in arms.config.experiments.experiments for a in e.arms))
     serving = getattr(state, "serving", None)
     if serving is None:
-        return None, (), presets
+        return None, (), presets, forced
     model = serving.model
-    return tuple(model.tasks), tuple(model.dense_context), presets
+    return tuple(model.tasks), tuple(model.dense_context), presets, forced
+
+
+def state_forced_arms(schema: dict[str, Any], values: Sequence[str]) -> None:
+    """/rank's X-Ranker-Arm takes the declared `experiment/arm` values (any other is a 422);
+    without an experiment there is none to force and the header is not offered."""
+    op = schema.get("paths", {}).get("/rank", {}).get("post")
+    if op is None:
+        return
+    params = op.get("parameters", [])
+    if not values:
+        op["parameters"] = [p for p in params if p.get("name") != "X-Ranker-Arm"]
+        return
+    for p in params:
+        if p.get("name") == "X-Ranker-Arm":
+            p["schema"] = {"type": "string", "enum": list(values), "title": "X-Ranker-Arm"}
 
 
 def document_errors(app: FastAPI, settings: Settings | None = None) -> None:
@@ -190,7 +222,8 @@ def document_errors(app: FastAPI, settings: Settings | None = None) -> None:
             app.openapi_schema = None  # FastAPI's own generator caches too
             schema = patch_schema(original())
             if settings is not None:
-                state_limits(schema, settings, *shape)
+                state_limits(schema, settings, *shape[:3])
+            state_forced_arms(schema, shape[3])
             app.openapi_schema, built_for[0] = schema, shape
         return app.openapi_schema
 

@@ -150,6 +150,10 @@ class RankingPipeline:
     def assign(self, user_id: str, forced: str | None) -> Assignment | None:
         """The request's experiment arm, or None (the default response)."""
         if self.arms is None:
+            if forced is not None:  # never a silent default response to a QA request
+                raise InvalidRequest([{"field": "header.X-Ranker-Arm",
+                                       "message": "no experiments are configured "
+                                                  "(RANKER_EXPERIMENTS_FILE)"}])
             return None
         try:
             return self.arms.resolve(user_id, forced)

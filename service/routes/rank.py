@@ -8,6 +8,7 @@ from starlette.responses import Response
 from service.errors import Forbidden
 from service.experiments import FORCE_HEADER
 from service.middleware.auth import admin_key_of, key_matches, parse_keys
+from service.openapi import FORCE_ARM_PARAMETERS
 from service.schemas import ErrorResponse, RankRequest, RankResponse
 from service.state import PipelineDep
 
@@ -31,6 +32,7 @@ def forced_arm(request: Request, admin_key: str | None) -> str | None:
     responses={200: {"model": RankResponse}, 403: {"model": ErrorResponse},
                413: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
                503: {"model": ErrorResponse}},
+    openapi_extra={"parameters": FORCE_ARM_PARAMETERS},
 )
 async def rank(req: RankRequest, pipeline: PipelineDep, request: Request) -> Response:
     """Rank the candidates for the user with per-request task weights (an experiment's arm,

@@ -123,6 +123,24 @@ async def test_forced_arm_needs_the_admin_key(repo2, redis_url, tmp_path):
         assert "no arm 'nope'" in bad["message"]
         assert metric("ranker_arm_requests_total", {"experiment": "v2-vs-v1", "arm": "treatment",
                                                     "outcome": "ok", "forced": "true"}) >= 1
+        # the header and the key it needs are in the API description
+        op = (await c.get("/openapi.json")).json()["paths"]["/rank"]["post"]
+        headers = {p["name"].lower(): p for p in op["parameters"] if p["in"] == "header"}
+        assert {"x-ranker-arm", "x-admin-key", "authorization"} <= set(headers)
+        assert headers["x-ranker-arm"]["schema"]["enum"] == ["v2-vs-v1/control",
+                                                             "v2-vs-v1/treatment"]
+        assert {"403", "422"} <= set(op["responses"])
+
+
+async def test_a_forced_arm_without_experiments_is_refused_not_ignored(repo2, redis_url):
+    load_features(redis_url, repo2 / MODEL_NAME / "1")
+    async with running_app(settings(repo2, redis_url, None)) as c:
+        bad = await rank(c, headers={"X-Ranker-Arm": "v2-vs-v1/treatment", "X-Admin-Key": ADMIN},
+                         status=422)
+        assert "header.X-Ranker-Arm" in bad["message"], bad
+        assert "no experiments are configured" in bad["message"], bad
+        op = (await c.get("/openapi.json")).json()["paths"]["/rank"]["post"]
+        assert "X-Ranker-Arm" not in {p["name"] for p in op["parameters"]}  # nothing to force
 
 
 async def test_forced_rows_and_arms_reach_the_served_log(repo2, redis_url, tmp_path):
