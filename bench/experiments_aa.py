@@ -65,6 +65,8 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         env = {"RANKER_MODEL_REPO": str(tmp / "models"), "RANKER_MODEL_NAME": "mmoe",
                "RANKER_REDIS_URL": server.url, "RANKER_WARMUP_BATCH_SIZES": "[1, 64]",
                "RANKER_REQUEST_TIMEOUT_S": "5.0", "RANKER_EXPERIMENTS_FILE": str(exp),
+               # a loaded 2-core box: no Redis-timeout 503s (this measures statistics)
+               "RANKER_REDIS_SOCKET_TIMEOUT_S": "1.0", "RANKER_REDIS_CONNECT_TIMEOUT_S": "1.0",
                "RANKER_EXPERIMENTS_POLL_S": "0.2", "RANKER_LOG_SAMPLE_RATE": "1"}
         proc = procs.spawn(uvicorn_cmd("service.app:create_app", port, factory=True), env=env,
                            log=tmp / "server.log", new_group=True)

@@ -31,6 +31,7 @@ import io
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 import urllib.error
@@ -406,6 +407,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=RESULTS,
                    help="where loop-<date>.{json,md,png} go (default bench/results)")
     p.add_argument("--name", help="file stem (default loop-<UTC date>)")
+    p.add_argument("--v2-args", default="", metavar="'FLAGS'",
+                   help="more `ranker train` flags for v2, one string "
+                        "(e.g. '--embedding-weight-decay 1e-4')")
     return p
 
 
@@ -416,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
                      eval_seeds=a.eval_seeds, candidates=a.candidates, top_k=a.top_k,
                      concurrency=a.concurrency, max_seconds=a.max_seconds, seed=a.seed,
                      epochs=a.epochs, window_s=a.window_s, explore_rate=a.explore_rate,
-                     ips_clip=a.ips_clip)
+                     ips_clip=a.ips_clip, model_args=tuple(shlex.split(a.v2_args)))
     from bench.loop_report import write_report
 
     logging.basicConfig(level=logging.WARNING)
