@@ -150,6 +150,7 @@ class Loop:
             # not latency)
             "RANKER_REQUEST_TIMEOUT_S": "5.0", "RANKER_REDIS_SOCKET_TIMEOUT_S": "1.0",
             "RANKER_REDIS_CONNECT_TIMEOUT_S": "1.0",
+            "RANKER_LOG_WRITE_TIMEOUT_S": "5.0",  # no record may be dropped, even at load 12
             "RANKER_EXPLORE_RATE": str(explore_rate),
             "PYTHONUNBUFFERED": "1",
         })

@@ -49,7 +49,7 @@ from ranker.servedlog import (
 )
 from training.data import Encoded
 from training.distributed import current
-from training.model import ModelConfig, inputs_from_schema
+from training.model import POSITION_INPUT, ModelConfig, inputs_from_schema
 from training.pipeline import CHECKPOINT, golden_from, train_models
 from training.report import REPORT_MD, markdown, write_report
 from training.train import TrainConfig, save_checkpoint
@@ -180,6 +180,8 @@ def load_served_log(
     impressions = impressions.filter(pa.array(keep))
     labels = labels[keep]
     inputs = _encoded_inputs(impressions, schema)
+    # the served position: for `--position-tower` only (a training-only input, as a spec's log)
+    inputs[POSITION_INPUT] = impressions["position"].to_numpy().astype(np.int64)
     idx = split_by_time(impressions["request_id"].to_pylist(), fractions)
     ts = impressions["ts"].to_numpy()
     propensity = (impressions["propensity"].to_numpy() if "propensity" in impressions.column_names

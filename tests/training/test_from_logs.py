@@ -287,6 +287,8 @@ def test_the_split_is_by_time_with_validation_after_training(
     assert {s: len(e) for s, e in served.splits.items()} == {"train": 32, "val": 4, "test": 4}
     assert served.ts["train"] == (T0, T0 + 150) and served.ts["test"] == (T0 + 180, T0 + 190)
     assert served.counts.window_open == 40  # no feedback: every window outlasts the log
+    # the served positions ride along, for --position-tower (a training-only input)
+    np.testing.assert_array_equal(served.splits["test"].inputs["position"], [0, 1, 0, 1])
 
 
 def test_propensities_follow_their_impressions_into_the_splits(
@@ -305,6 +307,23 @@ def test_propensities_follow_their_impressions_into_the_splits(
     assert np.all(plain.propensity["train"] == 1.0)
     same, stats = ips_resample(plain.splits["train"], plain.propensity["train"], 10.0, 0)
     assert same is plain.splits["train"] and stats == {"applied": 0.0}
+
+
+def test_a_position_tower_trains_on_the_served_positions(pristine_models: Path,
+                                                         tmp_path: Path) -> None:
+    import dataclasses
+
+    recs = [dataclasses.replace(record(f"r{i}", T0 + 10 * i, ["i1", "i2", "i3"]),
+                                propensity=np.array([0.9, 0.5, 0.1]))
+            for i in range(30)]
+    events = [ev(f"r{i}", "i1", "click", T0 + 10 * i + 1) for i in range(0, 30, 2)]
+    report = run_training_from_logs(write_log(tmp_path / "log", recs, events), tmp_path / "run",
+                                    {**TINY, "position_buckets": 3},
+                                    TrainConfig(epochs=1, progress=False), repo=pristine_models,
+                                    baselines=False)
+    assert report["config"]["position_buckets"] == 3
+    assert report["from_logs"]["ips"]["applied"] == 1.0
+    assert (tmp_path / "run" / "model.pt").exists()
 
 
 def test_ips_resampling_draws_rows_in_proportion_to_their_clipped_weights() -> None:
