@@ -26,6 +26,7 @@ COUNTERS = {
     "ranker_rejected_requests_total",
     "ranker_inference_runs_total",
     "ranker_rerank_rules_applied_total",
+    "ranker_explored_requests_total",
     "ranker_rerank_rules_reloads_total",
     "ranker_gate_polarised_requests_total",
 }
