@@ -12,6 +12,7 @@ again, under the new load, within its deadline (no background task, no stale rea
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -21,20 +22,32 @@ import numpy as np
 import redis.asyncio as aredis
 from redis.asyncio.cluster import RedisCluster
 from redis.backoff import NoBackoff
-from redis.exceptions import ClusterDownError, ConnectionError, RedisError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    ConnectionError,
+    MaxConnectionsError,
+    MovedError,
+    RedisError,
+    TryAgainError,
+)
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ranker.schema import FeatureSchema, GroupSchema
 from service.featurestore import metrics
+from service.featurestore.cluster import ReplicaRouter, send_on_node
 from service.featurestore.keys import (
     DEFAULT_PREFIX,
     ENTITY_CODES,
     pointer_key,
     record_key_prefix,
+    replica_pointer_key,
+    replica_record_prefix,
     seen_key,
 )
 
 T = TypeVar("T")
+log = logging.getLogger("ranker.featurestore")
 # Worth another attempt within the deadline: the connection broke or the cluster is resharding.
 _RETRYABLE = (ConnectionError, RedisTimeoutError, ClusterDownError)
 
@@ -191,7 +204,14 @@ class FeatureStore:
         prefix: str = DEFAULT_PREFIX,
         max_age_s: float | None = None,
         max_retries: int = 1,
+        cluster_layout: str = "replicated",
     ) -> None:
+        """`cluster_layout` (a cluster only): "replicated" reads each request from one master,
+        the one owning the user's key, and its copy of the items (falling back to the sharded
+        layout where a copy is missing); "sharded" always reads the sharded layout with
+        `mget_nonatomic` (per-slot MGETs on every node)."""
+        if cluster_layout not in ("replicated", "sharded"):
+            raise ValueError(f"cluster_layout: replicated or sharded, not {cluster_layout!r}")
         self.client = client
         self.schema = schema
         self.prefix = prefix
@@ -205,6 +225,12 @@ class FeatureStore:
         self._entities = [e for e in ENTITY_CODES if schema.group(e) is not None]
         self._pointers = [pointer_key(prefix, self._version, e) for e in self._entities]
         self._view = _LoadView([None] * len(self._entities), None, None)
+        self._router = (ReplicaRouter(client) if isinstance(client, RedisCluster)
+                        and cluster_layout == "replicated" else None)
+        self._item_index = self._entities.index("item") if "item" in self._entities else None
+        # (node, tag, copy pointers with a None) found equal to the global pointers: nothing
+        # loaded for that entity, so the copy is not missing and needs no second read
+        self._verified: set[tuple[str, str, tuple[bytes | None, ...]]] = set()
 
     @property
     def load_ids(self) -> dict[str, str | None]:
@@ -277,20 +303,102 @@ class FeatureStore:
         if view.user_prefix is not None:
             head.append(view.user_prefix + str(user_id))
         prefix, ids = view.item_prefix or "", item_ids if view.item_prefix is not None else ()
-        if self.cluster:
-            keys = [*head, *[prefix + str(i) for i in ids]]
-            if seen:  # another slot: sent concurrently, so still one round trip of latency
-                values, member = await asyncio.gather(
-                    self.client.mget_nonatomic(keys),  # type: ignore[union-attr]
-                    self.client.smembers(seen_key(self.prefix, user_id)))
-                return [*values, member]
-            return list(await self.client.mget_nonatomic(keys))  # type: ignore[union-attr]
+        if self._router is not None:
+            return await self._mget_replicated(view, user_id, ids, seen)
+        if self.cluster:  # the seen set is in another slot: sent concurrently (one round trip)
+            return await self._mget_sharded(view, user_id, item_ids, seen)
         command = pack_mget(head, prefix, ids)
         if not seen:
             return await mget_packed(self.client, command)  # type: ignore[arg-type]
         command += pack_mget([seen_key(self.prefix, user_id)], name=b"SMEMBERS")
         values, member = await send_packed(self.client, command, 2)  # type: ignore[arg-type]
         return [*values, member]
+
+    async def _mget_sharded(self, view: _LoadView, user_id: str, item_ids: Sequence[str],
+                            seen: bool) -> list[Any]:
+        """The sharded layout on a cluster: `mget_nonatomic` (per-slot MGETs, per node in one
+        pipeline, the nodes concurrently) of the global pointers and the records."""
+        head = list(self._pointers)
+        if view.user_prefix is not None:
+            head.append(view.user_prefix + str(user_id))
+        prefix, ids = view.item_prefix or "", item_ids if view.item_prefix is not None else ()
+        keys = [*head, *[prefix + str(i) for i in ids]]
+        client: RedisCluster = self.client  # type: ignore[assignment]
+        if seen:
+            values, member = await asyncio.gather(
+                client.mget_nonatomic(keys), client.smembers(seen_key(self.prefix, user_id)))
+            return [*values, member]
+        return list(await client.mget_nonatomic(keys))
+
+    async def _mget_replicated(self, view: _LoadView, user_id: str, ids: Sequence[str],
+                               seen: bool) -> list[Any]:
+        """The replicated layout: ONE master, the owner of the user's key, answers the packed
+        `MGET <its pointer copies> <its item copies>` and `GET <user>` in one round trip; the
+        reply has the shape of the single-node MGET's. Where that master has no copy (a missing
+        pointer copy whose global pointer exists, a master with no tag, a slot moving), the
+        request reads the sharded layout instead, counted in `cluster_fallbacks_total`."""
+        router = self._router
+        assert router is not None
+        await router.ready()
+        user_key = None if view.user_prefix is None else view.user_prefix + str(user_id)
+        node, tag = router.route((user_key or str(user_id)).encode())
+        if tag is None:
+            router.refresh("no_tag")
+            metrics.CLUSTER_FALLBACKS.labels("no_tag").inc()
+            return await self._mget_sharded(view, user_id, ids, seen)
+        k = len(self._pointers)
+        head = [replica_pointer_key(self.prefix, self._version, tag, e) for e in self._entities]
+        item_prefix = ""
+        if ids:
+            load = view.pointers[self._item_index]  # type: ignore[index]
+            item_prefix = replica_record_prefix(self.prefix, self._version, load.decode(), tag)  # type: ignore[union-attr]
+        command = pack_mget(head, item_prefix, ids)
+        replies = 1
+        if user_key is not None:
+            command += pack_mget([user_key], name=b"GET")
+            replies = 2
+        try:
+            if seen:
+                out, member = await asyncio.gather(
+                    send_on_node(node, command, replies),
+                    self.client.smembers(seen_key(self.prefix, user_id)))
+            else:
+                out, member = await send_on_node(node, command, replies), None
+        except MovedError:  # the slot map changed: refresh it; this request reads sharded
+            router.refresh("moved")
+            metrics.CLUSTER_FALLBACKS.labels("moved").inc()
+            return await self._mget_sharded(view, user_id, ids, seen)
+        except (AskError, TryAgainError):  # a slot being migrated
+            metrics.CLUSTER_FALLBACKS.labels("migrating").inc()
+            return await self._mget_sharded(view, user_id, ids, seen)
+        except MaxConnectionsError:
+            raise
+        except (ConnectionError, RedisTimeoutError, ClusterDownError) as exc:
+            # a dead master or a failover: a new slot map names the promoted replica
+            router.refresh("cluster_down" if isinstance(exc, ClusterDownError)
+                           else "timeout" if isinstance(exc, RedisTimeoutError) else "connection")
+            raise
+        values = list(out[0])
+        pointers = values[:k]
+        if None in pointers:
+            key = (node.name, tag, tuple(pointers))
+            if key not in self._verified:
+                sharded = await self._mget_sharded(view, user_id, ids, seen)
+                if sharded[:k] == pointers:  # nothing loaded for that entity: no copy to miss
+                    if len(self._verified) > 256:
+                        self._verified.clear()
+                    self._verified.add(key)
+                else:
+                    metrics.CLUSTER_FALLBACKS.labels("copy_missing").inc()
+                    log.warning("cluster: master %s has no copy of the pointers %s; read the "
+                                "sharded layout (re-run the load to write the copies)",
+                                node.name, sharded[:k])
+                return sharded
+        if user_key is not None:
+            values.insert(k, out[1])
+        if seen:
+            values.append(member)
+        return values
 
     def _decode(self, user_value: bytes | None, item_values: Sequence[bytes | None]) -> FetchResult:
         now = time.time()
@@ -354,6 +462,8 @@ class FeatureStore:
 
     async def aclose(self) -> None:
         """Close the client and its connection pool (see `close_client`)."""
+        if self._router is not None:
+            await self._router.aclose()
         await close_client(self.client)
 
 

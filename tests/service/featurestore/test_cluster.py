@@ -75,7 +75,8 @@ async def test_switch_and_idempotent_reload_on_cluster(
     second = load_tables(
         cluster_client, SCHEMA, users_table(activity_scale=3.0), items_table(), old_load_grace_s=30
     )
-    assert second.old_keys_expiring == 40  # SCAN found the old load on every master
+    # SCAN found the old load on every master: 40 records + 30 items copied to 3 masters
+    assert second.old_keys_expiring == 40 + 3 * 30
     fs = FeatureStore(
         make_client(cluster.url, cluster=True, connect_timeout_s=1.0, socket_timeout_s=1.0), SCHEMA
     )
@@ -113,7 +114,8 @@ async def test_close_client_disconnects_every_node(
     before = _cluster_clients(cluster)
     client = make_client(cluster.url, cluster=True, connect_timeout_s=1.0, socket_timeout_s=1.0)
     fs = FeatureStore(client, SCHEMA)
-    await fs.fetch("u1", ITEMS)
+    for user in range(10):  # a request reads one master (its user's): the users span all three
+        await fs.fetch(f"u{user}", ITEMS)
     ours = _cluster_clients(cluster) - before  # connections of earlier tests may close meanwhile
     assert len({port for port, _ in ours}) == len(cluster.nodes)  # one or more per master
     await close_client(client)
