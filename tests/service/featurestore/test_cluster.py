@@ -13,7 +13,12 @@ from redis.cluster import RedisCluster
 from launch.local_redis import RedisClusterServer
 from ranker.examples import tiny_schema
 from service.featurestore.keys import record_key_prefix
-from service.featurestore.reader import FeatureStore, FeatureStoreUnavailable, make_client
+from service.featurestore.reader import (
+    FeatureStore,
+    FeatureStoreUnavailable,
+    close_client,
+    make_client,
+)
 from service.featurestore.writer import load_tables, make_sync_client
 from tests.service.featurestore.tables import items_table, users_table
 
@@ -144,3 +149,87 @@ async def test_cluster_node_down_is_a_typed_error(
         victim.start()  # same port and dir (nodes.conf): it rejoins with its slots
         await fs.aclose()
     cluster.wait_ok()
+
+
+def _reads_per_node(cluster: RedisClusterServer) -> dict[int, int]:
+    """MGET + GET calls each master has executed so far (INFO commandstats)."""
+    out = {}
+    for node in cluster.nodes:
+        raw = redis.Redis(host="127.0.0.1", port=node.port, socket_timeout=5)
+        try:
+            stats = raw.info("commandstats")
+        finally:
+            raw.close()
+        out[node.port] = sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0))
+                             for c in ("mget", "get"))
+    return out
+
+
+async def test_a_request_reads_one_master_and_matches_the_sharded_layout(
+    cluster: RedisClusterServer, cluster_client: RedisCluster
+) -> None:
+    rep = load_tables(cluster_client, SCHEMA, users_table(), items_table())
+    assert len(set(rep.replica_tags.values())) == 3  # a tag per master
+    client = make_client(cluster.url, cluster=True, connect_timeout_s=1.0, socket_timeout_s=1.0)
+    replicated = FeatureStore(client, SCHEMA)
+    sharded = FeatureStore(client, SCHEMA, cluster_layout="sharded")
+    try:
+        await replicated.fetch("u0", ["i0"])  # learn the loads
+        for user in [f"u{u}" for u in range(10)] + ["nobody"]:
+            before = _reads_per_node(cluster)
+            got = await replicated.fetch(user, [*ITEMS, "unknown"], timeout_s=1.0)
+            after = _reads_per_node(cluster)
+            moved = {port: after[port] - before[port] for port in after}
+            # one MGET (+ one GET of the user) on one master, nothing anywhere else
+            assert sorted(moved.values()) == [0, 0, 2], moved
+            want = await sharded.fetch(user, [*ITEMS, "unknown"], timeout_s=1.0)
+            for name, arr in want.inputs.items():
+                np.testing.assert_array_equal(got.inputs[name], arr, err_msg=f"{user} {name}")
+            assert got.user_defaulted == want.user_defaulted == (user == "nobody")
+            np.testing.assert_array_equal(got.item_defaulted_mask, want.item_defaulted_mask)
+    finally:
+        await close_client(client)
+
+
+async def test_a_missing_copy_falls_back_to_the_sharded_layout_and_is_counted(
+    cluster: RedisClusterServer, cluster_client: RedisCluster
+) -> None:
+    from tests.service.helpers import metric
+
+    rep = load_tables(cluster_client, SCHEMA, users_table(), items_table(), replicate_items=False)
+    assert rep.replica_tags == {}
+    fs = FeatureStore(
+        make_client(cluster.url, cluster=True, connect_timeout_s=1.0, socket_timeout_s=1.0), SCHEMA
+    )
+    label = {"reason": "copy_missing"}
+    try:
+        before = metric("ranker_featurestore_cluster_fallbacks_total", label)
+        res = await fs.fetch("u3", [*ITEMS, "unknown"], timeout_s=1.0)
+        res = await fs.fetch("u3", [*ITEMS, "unknown"], timeout_s=1.0)
+        # never a silent default: the sharded records are read, and the fallback is counted
+        np.testing.assert_array_equal(res.inputs["item_cat"][:30], _expected_item_cat())
+        assert not res.user_defaulted and res.items_defaulted == 1
+        assert metric("ranker_featurestore_cluster_fallbacks_total", label) >= before + 1
+        # a load with copies heals it: the next requests read one master again
+        load_tables(cluster_client, SCHEMA, users_table(), items_table())
+        await fs.fetch("u3", ITEMS)
+        after = metric("ranker_featurestore_cluster_fallbacks_total", label)
+        res = await fs.fetch("u3", [*ITEMS, "unknown"], timeout_s=1.0)
+        np.testing.assert_array_equal(res.inputs["item_cat"][:30], _expected_item_cat())
+        assert metric("ranker_featurestore_cluster_fallbacks_total", label) == after
+    finally:
+        await fs.aclose()
+
+
+async def test_nothing_loaded_on_a_cluster_defaults_everything(
+    cluster: RedisClusterServer, cluster_client: RedisCluster
+) -> None:
+    fs = FeatureStore(
+        make_client(cluster.url, cluster=True, connect_timeout_s=1.0, socket_timeout_s=1.0), SCHEMA
+    )
+    try:
+        for _ in range(2):  # the second read trusts the verified (empty) copy
+            res = await fs.fetch("u3", ITEMS[:5], timeout_s=1.0)
+            assert res.user_defaulted and res.items_defaulted == 5
+    finally:
+        await fs.aclose()
