@@ -233,3 +233,68 @@ async def test_nothing_loaded_on_a_cluster_defaults_everything(
             assert res.user_defaulted and res.items_defaulted == 5
     finally:
         await fs.aclose()
+
+
+def _migrate_slot(cluster: RedisClusterServer, slot: int, source: int, target: int) -> None:
+    """Move one slot and its keys from master port `source` to master port `target`
+    (CLUSTER SETSLOT IMPORTING / MIGRATING, MIGRATE, SETSLOT NODE on every master)."""
+    def conn(port: int) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=10)
+
+    src, dst = conn(source), conn(target)
+    try:
+        src_id, dst_id = src.execute_command("CLUSTER MYID"), dst.execute_command("CLUSTER MYID")
+        dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", src_id)
+        src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", dst_id)
+        while keys := src.execute_command("CLUSTER GETKEYSINSLOT", slot, 1000):
+            src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
+        for node in cluster.nodes:
+            c = conn(node.port)
+            try:
+                c.execute_command("CLUSTER SETSLOT", slot, "NODE", dst_id)
+            finally:
+                c.close()
+    finally:
+        src.close()
+        dst.close()
+
+
+async def test_a_moved_copy_is_followed_and_never_defaults(
+    cluster: RedisClusterServer, cluster_client: RedisCluster
+) -> None:
+    """Reshard the slot of one master's replica tag to another master under a live reader: the
+    request hit by MOVED refreshes the slot map and reads the sharded layout, later ones read
+    the sharded layout where the copy is missing (counted), and a re-load heals it."""
+    from service.featurestore.keys import key_slot
+    from tests.service.helpers import metric
+
+    rep = load_tables(cluster_client, SCHEMA, users_table(), items_table())
+    client = make_client(cluster.url, cluster=True, connect_timeout_s=1.0, socket_timeout_s=1.0)
+    fs = FeatureStore(client, SCHEMA)
+    users = [f"u{u}" for u in range(10)]
+    try:
+        want = {u: (await fs.fetch(u, ITEMS, timeout_s=1.0)).inputs for u in users}
+        owner, tag = next(iter(rep.replica_tags.items()))
+        source = int(owner.rsplit(":", 1)[1])
+        target = next(n.port for n in cluster.nodes if n.port != source)
+        refreshes = metric("ranker_featurestore_topology_refreshes_total", {"reason": "moved"})
+        _migrate_slot(cluster, key_slot(tag.encode()), source, target)
+        for _ in range(2):
+            for u in users:
+                got = await fs.fetch(u, ITEMS, timeout_s=1.0)
+                assert not got.user_defaulted and got.items_defaulted == 0, u
+                for name, arr in want[u].items():
+                    np.testing.assert_array_equal(got.inputs[name], arr, err_msg=f"{u} {name}")
+        assert metric("ranker_featurestore_topology_refreshes_total",
+                      {"reason": "moved"}) >= refreshes + 1
+        again = load_tables(cluster_client, SCHEMA, users_table(), items_table())
+        assert again.load_id == rep.load_id and len(set(again.replica_tags.values())) == 3
+        fallbacks = metric("ranker_featurestore_cluster_fallbacks_total",
+                           {"reason": "copy_missing"})
+        for u in users:
+            got = await fs.fetch(u, ITEMS, timeout_s=1.0)
+            np.testing.assert_array_equal(got.inputs["item_cat"], want[u]["item_cat"])
+        assert metric("ranker_featurestore_cluster_fallbacks_total",
+                      {"reason": "copy_missing"}) == fallbacks
+    finally:
+        await close_client(client)
