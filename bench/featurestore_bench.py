@@ -2,7 +2,8 @@
 
 One run, one private redis-server (and optionally a 3-master cluster) on loopback:
 
-    python -m bench.featurestore_bench [--reps 300] [--no-cluster] [--out results.json]
+    python -m bench.featurestore_bench [--reps 300] [--runs 3] [--no-cluster] [--out r.json]
+                                       [--png r.png]
 
 For 1 user + N candidates (N = 100, 500, 1000) each iteration draws N item ids (5% unknown) and
 times, back to back on the same asyncio client (hiredis parser):
@@ -396,6 +397,37 @@ def print_cluster(report: dict[str, Any]) -> None:
                 print(f"| {n} | {k} | {lo:.2f}x | {mid:.2f}x | {hi:.2f}x |")
 
 
+def plot_cluster(report: dict[str, Any], path: Path) -> None:
+    """Bars of each cluster method's median / single-node fetch median per N (the median run),
+    with the min-max over the runs as error bars; the 1.5x goal as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = report["cluster_summary"]
+    sizes = list(summary)
+    methods = list(summary[sizes[0]])
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / len(methods)
+    for j, m in enumerate(methods):
+        lo, mid, hi = zip(*(summary[n][m] for n in sizes), strict=True)
+        xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(sizes))]
+        ax.bar(xs, mid, width, label=m,
+               yerr=[[b - a for a, b in zip(lo, mid, strict=True)],
+                     [c - b for b, c in zip(mid, hi, strict=True)]], capsize=2)
+    ax.axhline(1.5, color="k", ls="--", lw=1, label="goal: 1.5x")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(sizes)), [f"N = {n}" for n in sizes])
+    ax.set_ylabel("median / single-node fetch median (log)")
+    ax.set_title(f"3-master cluster read paths vs one redis-server, {len(report['cluster_runs'])}"
+                 " runs (bars: median run; whiskers: min-max)")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--reps", type=int, default=300, help="timed iterations per N and method")
@@ -407,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="also write the results as JSON here")
+    p.add_argument("--png", type=Path, help="also plot the cluster ratios here")
     args = p.parse_args(argv)
     schema = bench_schema()
     users, items = bench_tables(schema, args.seed)
@@ -450,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     print_tables(report)
     if args.out is not None:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
+    if args.png is not None and "cluster_summary" in report:
+        plot_cluster(report, args.png)
     return 0
 
 
