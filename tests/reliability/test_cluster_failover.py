@@ -70,6 +70,14 @@ def owner_of(cluster: RedisClusterServer, key: str) -> RedisServer:
     raise AssertionError(f"slot {slot} not covered")
 
 
+def connected_clients(port: int) -> int:
+    c = redis.Redis(host="127.0.0.1", port=port, socket_timeout=0.5, socket_connect_timeout=0.5)
+    try:
+        return int(c.info("clients")["connected_clients"])
+    finally:
+        c.close()
+
+
 async def service_connections(cluster: RedisClusterServer, samples: dict[int, int],
                               stop: asyncio.Event) -> None:
     """Max, per node, of the clients connected (minus this poller) while the load runs."""
@@ -77,12 +85,9 @@ async def service_connections(cluster: RedisClusterServer, samples: dict[int, in
         for node in cluster.all_nodes:
             if not node.running:
                 continue
-            c = redis.Redis(host="127.0.0.1", port=node.port, socket_timeout=0.5,
-                            socket_connect_timeout=0.5)
             with contextlib.suppress(redis.RedisError):
-                n = await asyncio.to_thread(lambda c=c: int(c.info("clients")["connected_clients"]))
+                n = await asyncio.to_thread(connected_clients, node.port)
                 samples[node.port] = max(samples.get(node.port, 0), n - 1)
-            c.close()
         await asyncio.sleep(0.1)  # the sampling interval of a sampler, not a wait
 
 
