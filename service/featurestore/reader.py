@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import numpy as np
 import redis.asyncio as aredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import (
     AskError,
@@ -90,8 +91,21 @@ def make_client(
     Retries are the FeatureStore's job (within each request's deadline), so the client's own
     retry is off. `max_connections` bounds the pool (per node on a cluster); a request waits at
     most `socket_timeout_s` for a free connection, then fails.
+
+    A `redis+sentinel://host:port[,host:port...]/<service>[/<db>]` URL gives a client of the
+    primary that Sentinel names: its pool asks the sentinels for the primary's address whenever
+    it opens a connection, so after a failover the next connections go to the promoted replica
+    (`password` is the data nodes'; the sentinels are asked without one). Its pool does not
+    wait for a free connection: beyond `max_connections` a request fails at once.
     """
     extra: dict[str, Any] = {} if password is None else {"password": password}
+    if url.startswith(SENTINEL_SCHEME):
+        sentinels, service, db = parse_sentinel_url(url)
+        timeouts: dict[str, Any] = {"socket_connect_timeout": connect_timeout_s,
+                                    "socket_timeout": socket_timeout_s}
+        manager = Sentinel(sentinels, sentinel_kwargs=dict(timeouts))
+        return manager.master_for(service, db=db, max_connections=max_connections,
+                                  retry=aredis.retry.Retry(NoBackoff(), 0), **timeouts, **extra)
     if cluster:
         return RedisCluster.from_url(
             url,
@@ -122,8 +136,30 @@ async def close_client(client: aredis.Redis | RedisCluster) -> None:
     """
     if isinstance(client, RedisCluster):
         await client.aclose()
-    else:
-        await client.aclose(close_connection_pool=True)
+        return
+    pool = client.connection_pool
+    await client.aclose(close_connection_pool=True)
+    if isinstance(pool, SentinelConnectionPool):  # and the connections to the sentinels
+        for sentinel in pool.sentinel_manager.sentinels:
+            await sentinel.aclose()
+
+
+SENTINEL_SCHEME = "redis+sentinel://"
+
+
+def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int]:
+    """`redis+sentinel://h1:p1,h2:p2/<service>[/<db>]` -> (sentinels, service name, db)."""
+    rest = url.removeprefix(SENTINEL_SCHEME)
+    hosts, _, path = rest.partition("/")
+    hosts = hosts.rpartition("@")[2]  # a password is passed separately (`password=`)
+    parts = [p for p in path.split("/") if p]
+    if not hosts or not parts:
+        raise ValueError(f"a Sentinel URL is redis+sentinel://host:port[,...]/<service>: {url!r}")
+    sentinels = []
+    for hp in hosts.split(","):
+        host, colon, port = hp.rpartition(":")
+        sentinels.append((host, int(port)) if colon else (hp, 26379))
+    return sentinels, parts[0], int(parts[1]) if len(parts) > 1 else 0
 
 
 @dataclass(frozen=True)
