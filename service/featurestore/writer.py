@@ -360,4 +360,12 @@ def switch_copies(client: SyncClient, prefix: str, schema_version: str, load_id:
             prev_id = prev.decode() if isinstance(prev, bytes) else prev
             if entity == "item" and prev_id is not None and prev_id != load_id:
                 left.add(prev_id)
+    # Pointer copies under a tag no master uses any more (the slots moved since an earlier
+    # load) are deleted: this load's clean-up may expire the records they name, and a master
+    # that gets such a tag back later must find no copy (a counted fallback), not a dangling one.
+    current = {f"{{{t}}}" for t in tags.values()}
+    for key in client.scan_iter(match=f"{prefix}:{{r*}}:{schema_version}:current:*", count=1000):
+        name = key.decode() if isinstance(key, bytes) else str(key)
+        if name[len(prefix) + 1:].split(":", 1)[0] not in current:
+            client.delete(name)
     return left

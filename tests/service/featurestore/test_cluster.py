@@ -289,6 +289,10 @@ async def test_a_moved_copy_is_followed_and_never_defaults(
                       {"reason": "moved"}) >= refreshes + 1
         again = load_tables(cluster_client, SCHEMA, users_table(), items_table())
         assert again.load_id == rep.load_id and len(set(again.replica_tags.values())) == 3
+        # the pointer copies under the tag that lost its master are gone, the others current
+        copies = {k.decode().split(":")[1] for k in cluster_client.scan_iter(
+            match=f"rk:{{r*}}:{SCHEMA.version}:current:*", target_nodes=RedisCluster.PRIMARIES)}
+        assert copies == {f"{{{t}}}" for t in again.replica_tags.values()}
         fallbacks = metric("ranker_featurestore_cluster_fallbacks_total",
                            {"reason": "copy_missing"})
         for u in users:
