@@ -31,7 +31,8 @@ TOPOLOGY_REFRESHES = Counter(
 CLUSTER_FALLBACKS = Counter(
     "ranker_featurestore_cluster_fallbacks_total",
     "Cluster requests read from the sharded layout instead of the master's item copy, by reason "
-    "(copy_missing: the master's copy of a pointer is absent though the load exists; no_tag; "
+    "(copy_missing: the master's copy of a pointer is absent though the load exists; "
+    "copy_stale: its copies name other loads than the global pointers; no_tag; moved; "
     "migrating: a slot being moved)",
     ["reason"],
 )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -241,11 +242,13 @@ class FeatureStore:
         max_age_s: float | None = None,
         max_retries: int = 1,
         cluster_layout: str = "replicated",
+        copy_check_interval_s: float = 1.0,
     ) -> None:
         """`cluster_layout` (a cluster only): "replicated" reads each request from one master,
         the one owning the user's key, and its copy of the items (falling back to the sharded
         layout where a copy is missing); "sharded" always reads the sharded layout with
-        `mget_nonatomic` (per-slot MGETs on every node)."""
+        `mget_nonatomic` (per-slot MGETs on every node). `copy_check_interval_s`: how often
+        (per master) a request also reads the global pointers to check the master's copies."""
         if cluster_layout not in ("replicated", "sharded"):
             raise ValueError(f"cluster_layout: replicated or sharded, not {cluster_layout!r}")
         self.client = client
@@ -267,6 +270,10 @@ class FeatureStore:
         # (node, tag, copy pointers with a None) found equal to the global pointers: nothing
         # loaded for that entity, so the copy is not missing and needs no second read
         self._verified: set[tuple[str, str, tuple[bytes | None, ...]]] = set()
+        # (node, tag, copy pointers) found to differ from the global pointers: read sharded
+        self._stale: set[tuple[str, str, tuple[bytes | None, ...]]] = set()
+        self._copies_checked: dict[str, float] = {}  # node -> event-loop time of its last check
+        self.copy_check_interval_s = copy_check_interval_s
 
     @property
     def load_ids(self) -> dict[str, str | None]:
@@ -393,13 +400,23 @@ class FeatureStore:
         if user_key is not None:
             command += pack_mget([user_key], name=b"GET")
             replies = 2
+        # Once per `copy_check_interval_s` per master, the global pointers ride along (another
+        # node, concurrently): copies that name other loads than they do (a load by a writer
+        # without copies, a manual roll-back of the global pointers, a promoted replica that lost
+        # the last switch) are read through the sharded layout from then on, counted.
+        loop_now = asyncio.get_running_loop().time()
+        check = loop_now - self._copies_checked.get(node.name, -math.inf) \
+            >= self.copy_check_interval_s
+        if check:
+            self._copies_checked[node.name] = loop_now
+        calls: list[Awaitable[Any]] = [send_on_node(node, command, replies)]
+        if seen:
+            calls.append(self.client.smembers(seen_key(self.prefix, user_id)))
+        if check:
+            calls.append(self._global_pointers())
         try:
-            if seen:
-                out, member = await asyncio.gather(
-                    send_on_node(node, command, replies),
-                    self.client.smembers(seen_key(self.prefix, user_id)))
-            else:
-                out, member = await send_on_node(node, command, replies), None
+            got = await asyncio.gather(*calls)
+            out, member = got[0], got[1] if seen else None
         except MovedError:  # the slot map changed: refresh it; this request reads sharded
             router.refresh("moved")
             metrics.CLUSTER_FALLBACKS.labels("moved").inc()
@@ -416,25 +433,48 @@ class FeatureStore:
             raise
         values = list(out[0])
         pointers = values[:k]
-        if None in pointers:
-            key = (node.name, tag, tuple(pointers))
-            if key not in self._verified:
-                sharded = await self._mget_sharded(view, user_id, ids, seen)
-                if sharded[:k] == pointers:  # nothing loaded for that entity: no copy to miss
-                    if len(self._verified) > 256:
-                        self._verified.clear()
-                    self._verified.add(key)
-                else:
-                    metrics.CLUSTER_FALLBACKS.labels("copy_missing").inc()
-                    log.warning("cluster: master %s has no copy of the pointers %s; read the "
-                                "sharded layout (re-run the load to write the copies)",
-                                node.name, sharded[:k])
-                return sharded
+        key = (node.name, tag, tuple(pointers))
+        if check and got[-1] is not None:
+            if list(got[-1]) != pointers and None in pointers:
+                self._verified.discard(key)  # "nothing loaded" no longer: verified again below
+            elif list(got[-1]) != pointers:
+                if key not in self._stale:
+                    log.warning("cluster: master %s's copies of the pointers %s differ from the "
+                                "pointers %s; reading the sharded layout there", node.name,
+                                pointers, list(got[-1]))
+                if len(self._stale) > 256:
+                    self._stale.clear()
+                self._stale.add(key)
+            else:
+                self._stale.discard(key)
+        if key in self._stale:
+            metrics.CLUSTER_FALLBACKS.labels("copy_stale").inc()
+            return await self._mget_sharded(view, user_id, ids, seen)
+        if None in pointers and key not in self._verified:
+            sharded = await self._mget_sharded(view, user_id, ids, seen)
+            if sharded[:k] == pointers:  # nothing loaded for that entity: no copy to miss
+                if len(self._verified) > 256:
+                    self._verified.clear()
+                self._verified.add(key)
+            else:
+                metrics.CLUSTER_FALLBACKS.labels("copy_missing").inc()
+                log.warning("cluster: master %s has no copy of the pointers %s; read the "
+                            "sharded layout (re-run the load to write the copies)",
+                            node.name, sharded[:k])
+            return sharded
         if user_key is not None:
             values.insert(k, out[1])
         if seen:
             values.append(member)
         return values
+
+    async def _global_pointers(self) -> list[Any] | None:
+        """The global pointers (one slot: one MGET), or None if they could not be read (the
+        check is skipped; the request does not fail for it)."""
+        try:
+            return list(await self.client.mget_nonatomic(self._pointers))  # type: ignore[union-attr]
+        except RedisError:
+            return None
 
     def _decode(self, user_value: bytes | None, item_values: Sequence[bytes | None]) -> FetchResult:
         now = time.time()

@@ -171,10 +171,12 @@ async def test_a_request_reads_one_master_and_matches_the_sharded_layout(
     rep = load_tables(cluster_client, SCHEMA, users_table(), items_table())
     assert len(set(rep.replica_tags.values())) == 3  # a tag per master
     client = make_client(cluster.url, cluster=True, connect_timeout_s=1.0, socket_timeout_s=1.0)
-    replicated = FeatureStore(client, SCHEMA)
+    # the check of the copies against the global pointers: once per master here (warm-up)
+    replicated = FeatureStore(client, SCHEMA, copy_check_interval_s=3600)
     sharded = FeatureStore(client, SCHEMA, cluster_layout="sharded")
     try:
-        await replicated.fetch("u0", ["i0"])  # learn the loads
+        for user in range(10):  # learn the loads; every master's copies checked once
+            await replicated.fetch(f"u{user}", ["i0"])
         for user in [f"u{u}" for u in range(10)] + ["nobody"]:
             before = _reads_per_node(cluster)
             got = await replicated.fetch(user, [*ITEMS, "unknown"], timeout_s=1.0)
@@ -302,3 +304,56 @@ async def test_a_moved_copy_is_followed_and_never_defaults(
                       {"reason": "copy_missing"}) == fallbacks
     finally:
         await close_client(client)
+
+
+async def test_copies_naming_another_load_than_the_pointers_are_not_trusted(
+    cluster: RedisClusterServer, cluster_client: RedisCluster
+) -> None:
+    """A load without copies after one with (an old writer; likewise a manual roll-back of the
+    global pointers): the copies still name the first load; the periodic check of the global
+    pointers sees it and those masters are read through the sharded layout (the new load)."""
+    from tests.service.helpers import metric
+
+    load_tables(cluster_client, SCHEMA, users_table(), items_table())
+    client = make_client(cluster.url, cluster=True, connect_timeout_s=1.0, socket_timeout_s=1.0)
+    fs = FeatureStore(client, SCHEMA, copy_check_interval_s=0.0)
+    label = {"reason": "copy_stale"}
+    scaled = (np.log1p(3.0) - 1.5) / 0.8  # u1's activity x3, encoded (as in the switch test)
+    try:
+        await fs.fetch("u1", ["i1"])
+        second = load_tables(cluster_client, SCHEMA, users_table(activity_scale=3.0),
+                             items_table(), replicate_items=False)
+        before = metric("ranker_featurestore_cluster_fallbacks_total", label)
+        for _ in range(3):
+            res = await fs.fetch("u1", ["i1"], timeout_s=1.0)
+            np.testing.assert_allclose(res.inputs["user_dense"], [[scaled]], rtol=1e-6)
+        assert fs.load_ids == {"user": second.load_id, "item": second.load_id}
+        assert metric("ranker_featurestore_cluster_fallbacks_total", label) >= before + 1
+        # a load with copies: the check finds them current again, no more fallbacks
+        load_tables(cluster_client, SCHEMA, users_table(activity_scale=3.0), items_table())
+        await fs.fetch("u1", ["i1"])
+        after = metric("ranker_featurestore_cluster_fallbacks_total", label)
+        res = await fs.fetch("u1", ["i1"], timeout_s=1.0)
+        np.testing.assert_allclose(res.inputs["user_dense"], [[scaled]], rtol=1e-6)
+        assert metric("ranker_featurestore_cluster_fallbacks_total", label) == after
+    finally:
+        await close_client(client)
+
+
+async def test_a_load_without_copies_after_nothing_loaded_is_still_read(
+    cluster: RedisClusterServer, cluster_client: RedisCluster
+) -> None:
+    """The reader remembered "nothing loaded" for a master; a load without copies arrives:
+    the check of the global pointers forgets it, and the load is read (never defaults)."""
+    fs = FeatureStore(
+        make_client(cluster.url, cluster=True, connect_timeout_s=1.0, socket_timeout_s=1.0),
+        SCHEMA, copy_check_interval_s=0.0)
+    try:
+        for _ in range(2):
+            assert (await fs.fetch("u3", ITEMS[:5], timeout_s=1.0)).user_defaulted
+        load_tables(cluster_client, SCHEMA, users_table(), items_table(), replicate_items=False)
+        res = await fs.fetch("u3", ITEMS, timeout_s=1.0)
+        np.testing.assert_array_equal(res.inputs["user_cat"], [[4, 4]])
+        np.testing.assert_array_equal(res.inputs["item_cat"], _expected_item_cat())
+    finally:
+        await fs.aclose()
