@@ -30,6 +30,7 @@ from redis.exceptions import (
     ConnectionError,
     MaxConnectionsError,
     MovedError,
+    RedisClusterException,
     RedisError,
     TryAgainError,
 )
@@ -50,8 +51,10 @@ from service.featurestore.keys import (
 
 T = TypeVar("T")
 log = logging.getLogger("ranker.featurestore")
-# Worth another attempt within the deadline: the connection broke or the cluster is resharding.
-_RETRYABLE = (ConnectionError, RedisTimeoutError, ClusterDownError)
+# Worth another attempt within the deadline: the connection broke or the cluster is resharding
+# (RedisClusterException, not a RedisError: no node reachable for the slot map, a slot not
+# covered during a failover).
+_RETRYABLE = (ConnectionError, RedisTimeoutError, ClusterDownError, RedisClusterException)
 
 
 class FeatureStoreUnavailable(Exception):
@@ -384,7 +387,11 @@ class FeatureStore:
         assert router is not None
         await router.ready()
         user_key = None if view.user_prefix is None else view.user_prefix + str(user_id)
-        node, tag = router.route((user_key or str(user_id)).encode())
+        try:
+            node, tag = router.route((user_key or str(user_id)).encode())
+        except RedisClusterException:  # a slot without a master (mid-failover)
+            router.refresh("connection")
+            raise
         if tag is None:
             router.refresh("no_tag")
             metrics.CLUSTER_FALLBACKS.labels("no_tag").inc()
@@ -426,7 +433,8 @@ class FeatureStore:
             return await self._mget_sharded(view, user_id, ids, seen)
         except MaxConnectionsError:
             raise
-        except (ConnectionError, RedisTimeoutError, ClusterDownError) as exc:
+        except (ConnectionError, RedisTimeoutError, ClusterDownError,
+                RedisClusterException) as exc:
             # a dead master or a failover: a new slot map names the promoted replica
             router.refresh("cluster_down" if isinstance(exc, ClusterDownError)
                            else "timeout" if isinstance(exc, RedisTimeoutError) else "connection")
@@ -533,7 +541,7 @@ class FeatureStore:
         try:
             async with asyncio.timeout(timeout_s):
                 return bool(await self.client.ping())
-        except (TimeoutError, RedisError, OSError):
+        except (TimeoutError, RedisError, RedisClusterException, OSError):
             return False
 
     async def aclose(self) -> None:

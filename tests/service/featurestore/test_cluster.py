@@ -357,3 +357,26 @@ async def test_a_load_without_copies_after_nothing_loaded_is_still_read(
         np.testing.assert_array_equal(res.inputs["item_cat"], _expected_item_cat())
     finally:
         await fs.aclose()
+
+
+async def test_no_node_reachable_is_a_typed_error(
+    cluster: RedisClusterServer, cluster_client: RedisCluster
+) -> None:
+    """A client that cannot reach any node for the slot map (redis-py raises
+    RedisClusterException, which is not a RedisError) gets FeatureStoreUnavailable, not an
+    untyped error (the service would answer 500)."""
+    load_tables(cluster_client, SCHEMA, users_table(), items_table())
+    for node in cluster.nodes:
+        node.kill()
+    fs = FeatureStore(
+        make_client(cluster.url, cluster=True, connect_timeout_s=0.2, socket_timeout_s=0.2), SCHEMA
+    )
+    try:
+        with pytest.raises(FeatureStoreUnavailable, match="connection"):
+            await fs.fetch("u1", ITEMS, timeout_s=2.0)
+        assert await fs.ping() is False
+    finally:
+        for node in cluster.nodes:
+            node.start()  # same ports and nodes.conf: the cluster comes back as it was
+        await fs.aclose()
+    cluster.wait_ok()
