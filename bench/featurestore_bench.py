@@ -2,7 +2,8 @@
 
 One run, one private redis-server (and optionally a 3-master cluster) on loopback:
 
-    python -m bench.featurestore_bench [--reps 300] [--no-cluster] [--out results.json]
+    python -m bench.featurestore_bench [--reps 300] [--runs 3] [--no-cluster] [--out r.json]
+                                       [--png r.png]
 
 For 1 user + N candidates (N = 100, 500, 1000) each iteration draws N item ids (5% unknown) and
 times, back to back on the same asyncio client (hiredis parser):
@@ -22,6 +23,7 @@ import asyncio
 import gc
 import json
 import platform
+import statistics
 import time
 import zlib
 from collections.abc import Awaitable, Callable
@@ -31,13 +33,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import redis
+from redis.asyncio.cluster import RedisCluster as RedisAsyncCluster
 from redis.cluster import RedisCluster
 
 from launch.local_redis import RedisClusterServer, RedisServer
 from ranker.schema import CategoricalFeature, DenseFeature, FeatureSchema, GroupSchema, Vocabulary
+from service.featurestore.cluster import ReplicaRouter, send_on_node
 from service.featurestore.keys import record_key_prefix
-from service.featurestore.reader import FeatureStore, make_client
-from service.featurestore.writer import encode_table, load_tables, make_sync_client
+from service.featurestore.reader import FeatureStore, make_client, pack_mget
+from service.featurestore.writer import copy_tags, encode_table, load_tables, make_sync_client
 
 N_USERS, N_ITEMS = 2_000, 20_000
 SIZES = (100, 500, 1000)
@@ -223,35 +227,78 @@ def bucket_key(item_id: str) -> str:
     return f"bt:{{b{zlib.crc32(item_id.encode()) % CLUSTER_BUCKETS}}}:i:{item_id}"
 
 
-def write_bucketed_items(client: RedisCluster, schema: FeatureSchema, items: pa.Table) -> None:
-    """The item records again under bucket-tagged keys (an alternative layout, measured only)."""
+def node_tag_key_prefix(tag: str) -> str:
+    """Design B: items sharded (not copied) over the masters, one replica tag per master."""
+    return f"nt:{{{tag}}}:i:"
+
+
+def write_bucketed_items(client: RedisCluster, schema: FeatureSchema, items: pa.Table) -> list[str]:
+    """The item records again under alternative layouts (measured only): bucket-tagged keys, and
+    sharded by master under the masters' replica tags (design B); returns those tags."""
     g = schema.group("item")
     assert g is not None and g.key is not None
     enc = encode_table(g, items, time.time())
     size = enc.records.dtype.itemsize
     blob = enc.records.tobytes()
+    tags = sorted(copy_tags(client, True).values())
     pipe = client.pipeline()
     for row, item_id in enumerate(enc.ids):
-        pipe.set(bucket_key(item_id), blob[row * size : (row + 1) * size])
+        record = blob[row * size : (row + 1) * size]
+        pipe.set(bucket_key(item_id), record)
+        tag = tags[zlib.crc32(item_id.encode()) % len(tags)]
+        pipe.set(node_tag_key_prefix(tag) + item_id, record)
     pipe.execute()
+    return tags
 
 
-async def bench_cluster(url: str, schema: FeatureSchema, reps: int, seed: int) -> dict[str, Any]:
-    """FeatureStore.fetch (mget_nonatomic) vs a pipeline of GETs on a 3-master cluster."""
-    client = make_client(url, cluster=True, socket_timeout_s=1.0)
-    fs = FeatureStore(client, schema)
-    await fs.fetch("u0", ["i0"])
+async def bench_cluster(url: str, single_url: str, schema: FeatureSchema, reps: int,
+                        seed: int, tags: list[str], sizes: tuple[int, ...] = SIZES
+                        ) -> dict[str, Any]:
+    """On a 3-master cluster, interleaved per iteration with the single-node fetch (the
+    baseline, same run): FeatureStore.fetch with the replicated layout (one master per request)
+    and the sharded layout (mget_nonatomic), design B (items sharded by master under its tag:
+    one packed MGET per master, concurrently on raw connections, decoded), a pipeline of GETs
+    and the 48-bucket mget_nonatomic (neither decoded)."""
+    client = make_client(url, cluster=True, socket_timeout_s=1.0, connect_timeout_s=1.0)
+    assert isinstance(client, RedisAsyncCluster)
+    fs = FeatureStore(client, schema)  # cluster_layout="replicated"
+    sharded = FeatureStore(client, schema, cluster_layout="sharded")
+    single = FeatureStore(make_client(single_url, socket_timeout_s=1.0), schema)
+    for store in (fs, sharded, single):
+        await store.fetch("u0", ["i0"])
     item_load = fs.load_ids["item"]
-    assert item_load is not None
+    assert item_load is not None and client.nodes_manager.slots_cache
     iprefix = record_key_prefix("rk", schema.version, item_load, "item")
+    router = ReplicaRouter(client)
+    nodes = {}
+    for tag in tags:
+        node, own = router.route(tag.encode())
+        assert own == tag
+        nodes[tag] = node
+
+    async def per_node(ids: list[str]) -> None:
+        by_tag: dict[str, list[int]] = {t: [] for t in tags}
+        for j, i in enumerate(ids):
+            by_tag[tags[zlib.crc32(i.encode()) % len(tags)]].append(j)
+        groups = [(t, rows) for t, rows in by_tag.items() if rows]
+        replies = await asyncio.gather(*[
+            send_on_node(nodes[t], pack_mget((), node_tag_key_prefix(t), [ids[r] for r in rows]),
+                         1) for t, rows in groups])
+        values: list[Any] = [None] * len(ids)
+        for (_, rows), reply in zip(groups, replies, strict=True):
+            for r, v in zip(rows, reply[0], strict=True):
+                values[r] = v
+        fs._decode(None, values)
+
     rng = np.random.default_rng(seed)
     results: dict[str, Any] = {}
-    for n in SIZES:
-        samples: dict[str, list[int]] = {
-            k: [] for k in ("fetch_mget_nonatomic", "pipeline_get", "bucketed_mget_nonatomic")
-        }
+    names = ("single_fetch", "fetch_replicated", "fetch_sharded", "per_node_concurrent",
+             "pipeline_get", "bucketed_mget_nonatomic")
+    for n in sizes:
+        samples: dict[str, list[int]] = {k: [] for k in names}
         for rep in range(reps + 10):
             ids = [f"i{i}" for i in rng.integers(0, N_ITEMS, n)]
+            user = f"u{rng.integers(0, N_USERS)}"
 
             async def pipe_get(ids: list[str] = ids) -> None:
                 pipe = client.pipeline()
@@ -261,28 +308,33 @@ async def bench_cluster(url: str, schema: FeatureSchema, reps: int, seed: int) -
 
             tagged = [bucket_key(i) for i in ids]
             runs: list[tuple[str, Callable[..., Awaitable[Any]], tuple[Any, ...]]] = [
-                ("fetch_mget_nonatomic", fs.fetch, ("u1", ids)),
+                ("single_fetch", single.fetch, (user, ids)),
+                ("fetch_replicated", fs.fetch, (user, ids)),
+                ("fetch_sharded", sharded.fetch, (user, ids)),
+                ("per_node_concurrent", per_node, (ids,)),
                 ("pipeline_get", pipe_get, ()),
-                ("bucketed_mget_nonatomic", client.mget_nonatomic, (tagged,)),  # type: ignore[union-attr]
+                ("bucketed_mget_nonatomic", client.mget_nonatomic, (tagged,)),
             ]
             if rep % 50 == 0:
                 gc.collect()
-            for k in range(3):  # rotate which runs first
-                name, fn, args = runs[(rep + k) % 3]
+            for k in range(len(runs)):  # rotate which runs first
+                name, fn, args = runs[(rep + k) % len(runs)]
                 wall, _ = await timed(fn, *args)
                 if rep >= 10:
                     samples[name].append(wall)
         row: dict[str, Any] = {k: summarize(v) for k, v in samples.items()}
-        base = row["fetch_mget_nonatomic"]["median_ms"]
-        row["pipeline_over_fetch"] = row["pipeline_get"]["median_ms"] / base
-        row["bucketed_over_fetch"] = row["bucketed_mget_nonatomic"]["median_ms"] / base
+        base = row["single_fetch"]["median_ms"]
+        for name in names[1:]:
+            row[f"{name}_over_single"] = row[name]["median_ms"] / base
         results[str(n)] = row
-    await fs.aclose()
+    for store in (fs, sharded, single):
+        await store.aclose()
     return results
 
 
 def samples_cluster_keys() -> tuple[str, ...]:
-    return ("fetch_mget_nonatomic", "pipeline_get", "bucketed_mget_nonatomic")
+    return ("single_fetch", "fetch_replicated", "fetch_sharded", "per_node_concurrent",
+            "pipeline_get", "bucketed_mget_nonatomic")
 
 
 def _cell(stats: dict[str, float]) -> str:
@@ -294,6 +346,16 @@ def print_tables(report: dict[str, Any]) -> None:
     load = report["load"]
     rate = load["records"] / load["seconds"]
     print(f"load_tables: {load['records']} records in {load['seconds']:.2f}s ({rate:,.0f}/s)")
+    if "cluster_load" in report:
+        cl = report["cluster_load"]
+        print(f"load_tables on the cluster (items copied to every master): {cl['records']} "
+              f"records in {cl['seconds']:.2f}s; replica tags {cl['replica_tags']}")
+    if "single" in report:
+        print_single(report)
+    print_cluster(report)
+
+
+def print_single(report: dict[str, Any]) -> None:
     print(f"\nsingle redis-server ({report['reps']} reps; p10 / median / p99, ms)\n")
     head = [
         "N",
@@ -314,25 +376,70 @@ def print_tables(report: dict[str, Any]) -> None:
         cells += [f"{r['hash_over_fetch']:.1f}x"]
         cells += [f"{r['mget_cpu']['median_ms']:.3f} / {r['fetch_cpu']['median_ms']:.3f}"]
         print("| " + " | ".join(cells) + " |")
-    if "cluster" in report:
-        print(f"\n3-master cluster ({report['reps']} reps; p10 / median / p99, ms)\n")
-        print(
-            "| N | fetch (mget_nonatomic) | pipeline of GETs | bucket-tagged mget_nonatomic "
-            "| pipeline / fetch | bucketed / fetch |"
-        )
-        print("|---|---|---|---|---|---|")
-        for n, r in report["cluster"].items():
-            cells = [_cell(r[k]) for k in samples_cluster_keys()]
-            cells += [f"{r['pipeline_over_fetch']:.2f}x", f"{r['bucketed_over_fetch']:.2f}x"]
+
+
+def print_cluster(report: dict[str, Any]) -> None:
+    for run, cluster in enumerate(report.get("cluster_runs", [])):
+        print(f"\n3-master cluster, run {run + 1} ({report['reps']} reps, interleaved with the "
+              "single-node fetch; p10 / median / p99, ms; ratio = median / single-node fetch)\n")
+        keys = samples_cluster_keys()
+        print("| N | " + " | ".join(keys) + " |\n" + "|---" * (len(keys) + 1) + "|")
+        for n, r in cluster.items():
+            cells = [_cell(r["single_fetch"])]
+            cells += [f"{_cell(r[k])} ({r[k + '_over_single']:.2f}x)" for k in keys[1:]]
             print(f"| {n} | " + " | ".join(cells) + " |")
+    if "cluster_summary" in report:
+        print("\nratio to the single-node fetch over the runs (min / median / max of the runs' "
+              "medians)\n")
+        print("| N | method | min | median | max |\n|---|---|---|---|---|")
+        for n, per in report["cluster_summary"].items():
+            for k, (lo, mid, hi) in per.items():
+                print(f"| {n} | {k} | {lo:.2f}x | {mid:.2f}x | {hi:.2f}x |")
+
+
+def plot_cluster(report: dict[str, Any], path: Path) -> None:
+    """Bars of each cluster method's median / single-node fetch median per N (the median run),
+    with the min-max over the runs as error bars; the 1.5x goal as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = report["cluster_summary"]
+    sizes = list(summary)
+    methods = list(summary[sizes[0]])
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / len(methods)
+    for j, m in enumerate(methods):
+        lo, mid, hi = zip(*(summary[n][m] for n in sizes), strict=True)
+        xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(sizes))]
+        ax.bar(xs, mid, width, label=m,
+               yerr=[[b - a for a, b in zip(lo, mid, strict=True)],
+                     [c - b for b, c in zip(mid, hi, strict=True)]], capsize=2)
+    ax.axhline(1.5, color="k", ls="--", lw=1, label="goal: 1.5x")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(sizes)), [f"N = {n}" for n in sizes])
+    ax.set_ylabel("median / single-node fetch median (log)")
+    ax.set_title(f"3-master cluster read paths vs one redis-server, {len(report['cluster_runs'])}"
+                 " runs (bars: median run; whiskers: min-max)")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--reps", type=int, default=300, help="timed iterations per N and method")
     p.add_argument("--no-cluster", action="store_true", help="skip the 3-master cluster part")
+    p.add_argument("--no-single", action="store_true",
+                   help="skip the single-node tables (the cluster part still has its baseline)")
+    p.add_argument("--runs", type=int, default=1,
+                   help="repeat the cluster comparison this many times (spread of the ratios)")
+    p.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="also write the results as JSON here")
+    p.add_argument("--png", type=Path, help="also plot the cluster ratios here")
     args = p.parse_args(argv)
     schema = bench_schema()
     users, items = bench_tables(schema, args.seed)
@@ -343,26 +450,41 @@ def main(argv: list[str] | None = None) -> int:
         "records": {"users": N_USERS, "items": N_ITEMS},
     }
     gc.disable()  # collected between iterations instead (gc.collect() outside the timings)
+    sizes = tuple(args.sizes)
     with RedisServer() as server:
         client = redis.Redis.from_url(server.url)
         rep = load_tables(client, schema, users, items)
         client.close()
         report["load"] = {"records": rep.users + rep.items, "seconds": rep.seconds}
-        write_hash_layout(server.url, schema, users, items)
-        report["single"] = asyncio.run(bench_single(server.url, schema, args.reps, args.seed))
-    if not args.no_cluster:
-        with RedisClusterServer(masters=3) as cluster:
-            sync = make_sync_client(cluster.url, cluster=True)
-            assert isinstance(sync, RedisCluster)
-            load_tables(sync, schema, users, items)
-            write_bucketed_items(sync, schema, items)
-            sync.close()
-            report["cluster"] = asyncio.run(
-                bench_cluster(cluster.url, schema, args.reps, args.seed)
-            )
+        if not args.no_single:
+            write_hash_layout(server.url, schema, users, items)
+            report["single"] = asyncio.run(bench_single(server.url, schema, args.reps, args.seed))
+        if not args.no_cluster:
+            with RedisClusterServer(masters=3) as cluster:
+                sync = make_sync_client(cluster.url, cluster=True)
+                assert isinstance(sync, RedisCluster)
+                crep = load_tables(sync, schema, users, items)
+                report["cluster_load"] = {"records": crep.users + crep.items,
+                                          "seconds": crep.seconds,
+                                          "replica_tags": crep.replica_tags}
+                tags = write_bucketed_items(sync, schema, items)
+                sync.close()
+                report["cluster_runs"] = [
+                    asyncio.run(bench_cluster(cluster.url, server.url, schema, args.reps,
+                                              args.seed + run, tags, sizes))
+                    for run in range(args.runs)
+                ]
+            report["cluster_summary"] = {
+                str(n): {k: [f(r[str(n)][f"{k}_over_single"] for r in report["cluster_runs"])
+                             for f in (min, statistics.median, max)]
+                         for k in samples_cluster_keys()[1:]}
+                for n in sizes
+            }
     print_tables(report)
     if args.out is not None:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
+    if args.png is not None and "cluster_summary" in report:
+        plot_cluster(report, args.png)
     return 0
 
 

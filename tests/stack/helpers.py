@@ -41,6 +41,8 @@ COUNTERS |= {
     "ranker_featurestore_defaulted_total",
     "ranker_featurestore_errors_total",
     "ranker_featurestore_retries_total",
+    "ranker_featurestore_topology_refreshes_total",  # a cluster only
+    "ranker_featurestore_cluster_fallbacks_total",  # a cluster only
 }
 HISTOGRAMS |= {"ranker_featurestore_fetch_seconds"}
 # The served log and feedback (service/servedlog): writer health and online rates by version.
