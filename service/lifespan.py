@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager
@@ -50,13 +51,27 @@ async def close_quietly(client: RedisClient) -> None:
         await close_client(client)
 
 
+# every feature store view made in this process: stopped at shutdown, before the shared client
+# is closed (a cluster view may have a topology refresh under way)
+_STORES: weakref.WeakSet[FeatureStore] = weakref.WeakSet()
+
+
 def make_store(settings: Settings, client: RedisClient | None,
                model: LoadedModel) -> FeatureStore | None:
     """A feature store view for this model's schema (its keys carry the schema version)."""
     if client is None:
         return None
-    return FeatureStore(client, model.schema, prefix=settings.redis_prefix,
-                        max_age_s=settings.feature_max_age_s)
+    store = FeatureStore(client, model.schema, prefix=settings.redis_prefix,
+                         max_age_s=settings.feature_max_age_s)
+    _STORES.add(store)
+    return store
+
+
+async def stop_stores(client: RedisClient) -> None:
+    """Stop the views of `client` (their background work), then close it and its pool."""
+    for store in [s for s in _STORES if s.client is client]:
+        await store.stop()
+    await close_quietly(client)
 
 
 def remember(state: AppState, res: ReloadResult) -> None:
@@ -153,7 +168,7 @@ async def open_state(settings: Settings) -> AsyncIterator[AppState]:
         stack.callback(executor.shutdown, wait=False, cancel_futures=True)
         client = make_client(settings)
         if client is not None:
-            stack.push_async_callback(close_quietly, client)
+            stack.push_async_callback(stop_stores, client)
         pipeline = RankingPipeline(settings, executor)
         # the served log's writer task: flushed on exit within the graceful period, then its
         # own Redis client closed

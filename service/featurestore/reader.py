@@ -544,10 +544,15 @@ class FeatureStore:
         except (TimeoutError, RedisError, RedisClusterException, OSError):
             return False
 
-    async def aclose(self) -> None:
-        """Close the client and its connection pool (see `close_client`)."""
+    async def stop(self) -> None:
+        """Cancel this view's own background work (a cluster topology refresh under way); the
+        client, shared with the other views, stays open."""
         if self._router is not None:
             await self._router.aclose()
+
+    async def aclose(self) -> None:
+        """Stop, then close the client and its connection pool (see `close_client`)."""
+        await self.stop()
         await close_client(self.client)
 
 
