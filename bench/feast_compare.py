@@ -111,6 +111,17 @@ def headline(runs: list[dict[str, Any]]) -> dict[str, Any]:
                                             for r in runs])
         for m in METHODS:
             row[f"{m}_median_ms"] = spread([r[n][m]["median_ms"] for r in runs])
+        if all("ours_cpu" in r[n] for r in runs):  # client CPU per call, same process
+            row["cpu_feast_over_ours"] = spread(
+                [r[n]["feast_cpu"]["median_ms"] / r[n]["ours_cpu"]["median_ms"] for r in runs])
+            row["cpu_feast_3_over_ours"] = spread(
+                [r[n]["feast_3_cpu"]["median_ms"] / r[n]["ours_cpu"]["median_ms"] for r in runs])
+        if all("ours_lock" in r[n] for r in runs):  # our fetch in the project's venv
+            row["ours_lock_median_ms"] = spread([r[n]["ours_lock"]["median_ms"] for r in runs])
+            row["feast_over_ours_lock"] = spread(
+                [r[n]["feast"]["median_ms"] / r[n]["ours_lock"]["median_ms"] for r in runs])
+            row["feast_3_over_ours_lock"] = spread(
+                [r[n]["feast_3"]["median_ms"] / r[n]["ours_lock"]["median_ms"] for r in runs])
         out[n] = row
     return out
 
@@ -142,6 +153,25 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {n} | {r(h['ours_median_ms'], '', '.3f')} | {r(h['feast_median_ms'], '', '.2f')}"
             f" | **{r(h['feast_over_ours'])}** | {r(h['feast_3_over_ours'])} "
             f"| {r(h['feast_full_over_ours'])} |")
+    cpu = [(n, h) for n, h in report["headline"].items() if "cpu_feast_over_ours" in h]
+    if cpu:
+        lines += ["", "Client CPU per call (this thread's CPU time, same process; Redis's own "
+                  "work not included), Feast / ours:", "",
+                  "| N | feast / ours | feast, 3 item features / ours |", "|---|---|---|"]
+        for n, h in cpu:
+            lines.append(f"| {n} | {r(h['cpu_feast_over_ours'])} "
+                         f"| {r(h['cpu_feast_3_over_ours'])} |")
+    lock = [(n, h) for n, h in report["headline"].items() if "ours_lock_median_ms" in h]
+    if lock:
+        lines += ["", "Our fetch alone in the project's venv (the lock's redis-py "
+                  f"{report.get('ours_redis_py', '?')}; feast pins redis<8), same redis-server, "
+                  "right after each run:", "",
+                  "| N | ours, project venv (ms) | feast / it | feast, 3 item features / it |",
+                  "|---|---|---|---|"]
+        for n, h in lock:
+            lines.append(f"| {n} | {r(h['ours_lock_median_ms'], '', '.3f')} "
+                         f"| **{r(h['feast_over_ours_lock'])}** "
+                         f"| {r(h['feast_3_over_ours_lock'])} |")
     lines += ["", "## Every run (p10 / median / p99, ms)", "",
               "| run | N | ours | feast | feast, 3 item features | feast + to_dict + arrays |",
               "|---|---|---|---|---|---|"]
@@ -154,10 +184,12 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-async def timed_ours(fs: Any, user: str, ids: list[str]) -> int:
-    t0 = time.perf_counter_ns()
+async def timed_ours(fs: Any, user: str, ids: list[str]) -> tuple[int, int]:
+    """(wall, this thread's CPU) ns of one fetch; the CPU time is the client's own work, far
+    less disturbed than the wall time when other processes compete for the cores."""
+    t0, c0 = time.perf_counter_ns(), time.thread_time_ns()
     await fs.fetch(user, ids)
-    return time.perf_counter_ns() - t0
+    return time.perf_counter_ns() - t0, time.thread_time_ns() - c0
 
 
 async def one_run(url: str, reader: Any, schema: FeatureSchema, reps: int, seed: int,
@@ -173,6 +205,7 @@ async def one_run(url: str, reader: Any, schema: FeatureSchema, reps: int, seed:
     out: dict[str, Any] = {}
     for n in sizes:
         samples: dict[str, list[int]] = {m: [] for m in METHODS}
+        cpu: dict[str, list[int]] = {m: [] for m in METHODS}
         for rep in range(reps + 5):  # the first 5 are warm-up
             ids = [f"i{i}" for i in rng.integers(0, int(n_items * 1.05), n)]  # ~5 % unknown
             user = f"u{rng.integers(0, n_users)}"
@@ -180,24 +213,62 @@ async def one_run(url: str, reader: Any, schema: FeatureSchema, reps: int, seed:
                      ("feast_full", reader.full.get_arrays)]
             if rep % 20 == 0:
                 gc.collect()  # outside the timings; the collector is off while timing
-            times: dict[str, int] = {}
+            times: dict[str, tuple[int, int]] = {}
             if rep % 2 == 0:  # ours first on even iterations, last on odd ones
                 times["ours"] = await timed_ours(fs, user, ids)
             for name, fn in calls if rep % 4 < 2 else reversed(calls):
-                t0 = time.perf_counter_ns()
+                t0, c0 = time.perf_counter_ns(), time.thread_time_ns()
                 fn(user, ids)
-                times[name] = time.perf_counter_ns() - t0
+                times[name] = time.perf_counter_ns() - t0, time.thread_time_ns() - c0
             if rep % 2:
                 times["ours"] = await timed_ours(fs, user, ids)
             if rep >= 5:
-                for k, v in times.items():
-                    samples[k].append(v)
+                for k, (wall, c) in times.items():
+                    samples[k].append(wall)
+                    cpu[k].append(c)
         out[str(n)] = {m: summarize_ms(v) for m, v in samples.items()}
+        out[str(n)] |= {f"{m}_cpu": summarize_ms(v) for m, v in cpu.items()}
         row = out[str(n)]
         print(f"  N={n}: ours {row['ours']['median_ms']:.3f} ms, feast "
               f"{row['feast']['median_ms']:.2f} ms "
               f"({row['feast']['median_ms'] / row['ours']['median_ms']:.1f}x)", file=sys.stderr)
     await fs.aclose()
+    return out
+
+
+async def ours_only(url: str, schema: FeatureSchema, reps: int, seed: int,
+                    sizes: tuple[int, ...], n_users: int, n_items: int) -> dict[str, Any]:
+    """Our fetch alone on the same draws as `one_run` (for `--ours-python`: the project's venv,
+    whose redis-py is the lock's, not the one feast pins)."""
+    from service.featurestore.reader import FeatureStore, make_client
+
+    fs = FeatureStore(make_client(url, socket_timeout_s=2.0), schema)
+    await fs.fetch("u0", ["i0"])
+    rng = np.random.default_rng(seed)
+    out: dict[str, Any] = {}
+    for n in sizes:
+        samples: list[int] = []
+        for rep in range(reps + 5):
+            ids = [f"i{i}" for i in rng.integers(0, int(n_items * 1.05), n)]
+            user = f"u{rng.integers(0, n_users)}"
+            if rep % 20 == 0:
+                gc.collect()
+            wall, _ = await timed_ours(fs, user, ids)
+            if rep >= 5:
+                samples.append(wall)
+        out[str(n)] = {"ours_lock": summarize_ms(samples)}
+    await fs.aclose()
+    return out
+
+
+def run_ours_python(python: str, url: str, args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    """`ours_only` in another interpreter (the project's venv) against the same redis-server."""
+    import subprocess
+
+    cmd = [python, "-m", "bench.feast_compare", "--ours-only", url, "--reps", str(args.reps),
+           "--sizes", args.sizes, "--seed", str(seed)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600)
+    out: dict[str, Any] = json.loads(res.stdout)
     return out
 
 
@@ -214,7 +285,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", type=Path, help="write feast-<date>.json and .md here")
     p.add_argument("--name", help="file stem (default feast-<UTC date>)")
+    p.add_argument("--ours-python", help="also time our fetch alone in this interpreter (the "
+                   "project's venv: the lock's redis-py; feast pins redis<8) after each run")
+    p.add_argument("--ours-only", metavar="URL", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.ours_only:
+        from bench.featurestore_bench import N_ITEMS, N_USERS, bench_schema
+
+        sizes = tuple(int(s) for s in args.sizes.split(","))
+        gc.disable()
+        got = asyncio.run(ours_only(args.ours_only, bench_schema(), args.reps, args.seed, sizes,
+                                    N_USERS, N_ITEMS))
+        import redis
+
+        print(json.dumps({"redis_py": redis.__version__, "sizes": got}))
+        return 0
     missing = feast_missing()
     if missing is not None:
         print(missing, file=sys.stderr)
@@ -259,8 +344,14 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for i in range(args.runs):
                 print(f"run {i + 1}/{args.runs}", file=sys.stderr)
-                runs.append(asyncio.run(one_run(server.url, readers, schema, args.reps,
-                                                args.seed + 1 + i, sizes, N_USERS, N_ITEMS)))
+                run = asyncio.run(one_run(server.url, readers, schema, args.reps,
+                                          args.seed + 1 + i, sizes, N_USERS, N_ITEMS))
+                if args.ours_python:
+                    lock = run_ours_python(args.ours_python, server.url, args, args.seed + 1 + i)
+                    report["ours_redis_py"] = lock["redis_py"]
+                    for n, row in lock["sizes"].items():
+                        run[n].update(row)
+                runs.append(run)
         finally:
             gc.enable()
     report["runs"] = runs
