@@ -117,21 +117,29 @@ def children_cpu_s() -> float:
 
 
 def worker_pids(pgid: int) -> list[int]:
-    """The uvicorn worker processes of a server's group (its children that serve), sorted."""
+    """The processes of a server's group that serve: uvicorn's spawned workers (not the
+    supervisor, not multiprocessing's resource tracker), or the leader itself if it has none."""
     pids = sorted(proc_cpu(pgid=pgid))
-    return [p for p in pids if p != pgid] or pids
+    workers = []
+    for pid in pids:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in cmdline:
+            workers.append(pid)
+    return workers or [pgid]
 
 
 def cpu_split(before: dict[int, float], after: dict[int, float], seconds: float,
-              leader: int) -> dict[str, Any]:
-    """Per-process CPU use over a point (cores busy): the workers sorted, the supervisor apart."""
+              workers: list[int]) -> dict[str, Any]:
+    """Per-process CPU use over a point (cores busy): each worker, sorted, and the rest of the
+    group (supervisor, resource tracker) together."""
     delta = {p: after[p] - before.get(p, 0.0) for p in after}
-    workers = sorted((v / seconds for p, v in delta.items() if p != leader or len(delta) == 1),
-                     reverse=True)
-    return {"workers_cores": [round(w, 3) for w in workers],
-            "supervisor_cores": round(delta.get(leader, 0.0) / seconds, 3) if len(delta) > 1
-            else 0.0,
-            "total_s": sum(delta.values())}
+    mine = sorted((delta.get(p, 0.0) / seconds for p in workers), reverse=True)
+    rest = sum(v for p, v in delta.items() if p not in workers)
+    return {"workers_cores": [round(w, 3) for w in mine],
+            "supervisor_cores": round(rest / seconds, 3), "total_s": sum(delta.values())}
 
 
 class Bench:
@@ -145,6 +153,7 @@ class Bench:
         self.script = workdir / "bodies.lua"
         self.script.write_text(WRK_SCRIPT)
         self.servers: dict[int, tuple[str, int]] = {}  # workers -> (base url, pgid)
+        self.workers: dict[int, list[int]] = {}  # workers -> their pids
 
     def start(self, workers: int) -> None:
         port = free_port()
@@ -161,12 +170,13 @@ class Bench:
         while len(worker_pids(proc.pid)) < workers and time.monotonic() < deadline:
             time.sleep(0.2)  # every worker up (each one answers /readyz only for itself)
         self.servers[workers] = (base, proc.pid)
+        self.workers[workers] = worker_pids(proc.pid)
 
     def pin(self, pinned: bool) -> None:
         """Each worker on its own core (1-worker server: core 0), or all cores allowed."""
         cores = sorted(os.sched_getaffinity(0))
-        for _, pgid in self.servers.values():
-            for i, pid in enumerate(worker_pids(pgid)):
+        for pids in self.workers.values():
+            for i, pid in enumerate(pids):
                 os.sched_setaffinity(pid, {cores[i % len(cores)]} if pinned else set(cores))
 
     def point(self, design: str, workers: int, connections: int) -> dict[str, Any]:
@@ -175,10 +185,12 @@ class Bench:
         base, pgid = self.servers[workers]
         url = base + "/rank"
         if design.startswith("wrk"):
-            warm = ["wrk", "-t1", f"-c{connections}", f"-d{a.warmup}s", "-s", str(self.script),
-                    url, "--", str(self.bodies)]
+            # wrk takes whole seconds
+            warm = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(a.warmup))}s", "-s",
+                    str(self.script), url, "--", str(self.bodies)]
             subprocess.run(warm, capture_output=True, check=True, timeout=a.warmup + 30)
-            cmd = [*warm[:3], f"-d{a.duration}s", f"--timeout={a.timeout}s", *warm[4:]]
+            cmd = [*warm[:3], f"-d{max(1, round(a.duration))}s", "--timeout",
+                   f"{max(1, round(a.timeout))}s", *warm[4:]]
         else:
             cmd = [sys.executable, "-m", "bench.loadgen", "--url", url, "--bodies",
                    str(self.bodies), "--candidates", str(a.candidates), "--concurrency",
@@ -200,7 +212,7 @@ class Bench:
             out = json.loads(res.stdout)
             out["errors"] = out.get("errors", {})
         # CPU over the whole load-generator process (warm-up included for pyloadgen)
-        split = cpu_split(server0, server1, wall, pgid)
+        split = cpu_split(server0, server1, wall, self.workers[workers])
         done = max(out.get("completed_total", out["ok"]), 1)
         out.update(
             design=design, workers=workers, connections=connections, wall_s=wall,

@@ -25,14 +25,14 @@ def test_parse_wrk_counts_only_successes_as_throughput() -> None:
     assert got["p50_ms"] == 1.5 and got["p99_ms"] == 9.0
 
 
-def test_cpu_split_separates_the_supervisor_from_the_workers() -> None:
-    before = {10: 1.0, 11: 2.0, 12: 2.0}
-    after = {10: 1.1, 11: 6.0, 12: 4.0}  # leader 10; workers 11 and 12
-    got = wb.cpu_split(before, after, 5.0, leader=10)
+def test_cpu_split_separates_the_workers_from_the_rest_of_the_group() -> None:
+    before = {10: 1.0, 11: 2.0, 12: 2.0, 13: 0.0}
+    after = {10: 1.1, 11: 6.0, 12: 4.0, 13: 0.0}  # supervisor 10, workers 11 and 12, tracker 13
+    got = wb.cpu_split(before, after, 5.0, workers=[11, 12])
     assert got["workers_cores"] == [0.8, 0.4]
     assert got["supervisor_cores"] == pytest.approx(0.02)
     assert got["total_s"] == pytest.approx(6.1)
-    one = wb.cpu_split({20: 0.0}, {20: 4.5}, 5.0, leader=20)  # one worker: the leader serves
+    one = wb.cpu_split({20: 0.0}, {20: 4.5}, 5.0, workers=[20])  # one worker: the leader serves
     assert one["workers_cores"] == [0.9] and one["supervisor_cores"] == 0.0
 
 
