@@ -53,7 +53,9 @@ def test_ratios_pair_consecutive_runs_and_judge_the_median() -> None:
 def test_the_cpu_bound_counts_redis_and_the_load_generator_on_two_cores(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(wb.os, "sched_getaffinity", lambda pid: {0, 1})
-    got = wb.cpu_ceiling([point("wrk", 1, 900)])["wrk"]
-    assert got["w1_bound_rps"] == pytest.approx(1000.0)
-    assert got["w2_bound_rps"] == pytest.approx(2000 / 1.25)
-    assert got["ratio_bound"] == pytest.approx(1.6)
+    two = point("wrk", 2, 1300) | {"server_cpu_ms_per_req": 1.1}  # a second process costs
+    got = wb.cpu_ceiling([point("wrk", 1, 900), two])["wrk"]
+    assert got["w1_bound_rps"] == pytest.approx(1000.0)  # one core: 1 / 1.0 ms
+    assert got["w2_bound_rps"] == pytest.approx(2000 / 1.35)  # two cores: 2 / (1.1 + 0.25) ms
+    assert got["ratio_bound"] == pytest.approx(2 / 1.35)
+    assert wb.cpu_ceiling([point("wrk", 1, 900)]) == {}  # no 2-worker point, no bound
