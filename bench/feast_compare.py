@@ -184,6 +184,56 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot(report: dict[str, Any], path: Path) -> bool:
+    """Median latency per N (log scale) of each method, every run a point; False without
+    matplotlib (the feast venv may not have it: `--replot` the JSON from the project's venv)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = {"ours": "ours: FeatureStore.fetch + decode", "ours_lock": "ours, project venv",
+              "feast": "feast get_online_features", "feast_3": "feast, 3 item features",
+              "feast_full": "feast + to_dict + arrays"}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ns = [int(n) for n in report["runs"][0]]
+    for m, label in labels.items():
+        if m not in report["runs"][0][str(ns[0])]:
+            continue
+        med = [float(np.median([r[str(n)][m]["median_ms"] for r in report["runs"]])) for n in ns]
+        (line,) = ax.plot(ns, med, "-o", label=label)
+        for r in report["runs"]:
+            ax.plot(ns, [r[str(n)][m]["median_ms"] for n in ns], ".", color=line.get_color(),
+                    alpha=0.4)
+    ax.set_yscale("log")
+    ax.set_xlabel("items per request (+ 1 user)")
+    ax.set_ylabel("median latency per call, ms (log)")
+    h = report["headline"].get("500", {}).get("feast_over_ours")
+    title = "Feast vs ours, same Redis, same run"
+    if h:
+        title += f": {h['median']:.0f}x at N=500 [{h['min']:.0f}, {h['max']:.0f}]"
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write(report: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
+    """JSON, Markdown and (with matplotlib) PNG of a report."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
+    paths[0].write_text(json.dumps(report, indent=2) + "\n")
+    paths[1].write_text(markdown(report))
+    if plot(report, out_dir / f"{stem}.png"):
+        paths.append(out_dir / f"{stem}.png")
+    return paths
+
+
 async def timed_ours(fs: Any, user: str, ids: list[str]) -> tuple[int, int]:
     """(wall, this thread's CPU) ns of one fetch; the CPU time is the client's own work, far
     less disturbed than the wall time when other processes compete for the cores."""
@@ -288,7 +338,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ours-python", help="also time our fetch alone in this interpreter (the "
                    "project's venv: the lock's redis-py; feast pins redis<8) after each run")
     p.add_argument("--ours-only", metavar="URL", help=argparse.SUPPRESS)
+    p.add_argument("--replot", type=Path, metavar="JSON",
+                   help="rewrite the Markdown and PNG of a report's JSON (no measurement)")
     args = p.parse_args(argv)
+    if args.replot:
+        saved = json.loads(args.replot.read_text())
+        for path in write(saved, args.replot.parent, args.replot.stem):
+            print(path)
+        return 0
     if args.ours_only:
         from bench.featurestore_bench import N_ITEMS, N_USERS, bench_schema
 
@@ -360,11 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(report)
     print(text)
     if args.out_dir is not None:
-        stem = args.name or f"feast-{report['date']}"
-        args.out_dir.mkdir(parents=True, exist_ok=True)
-        (args.out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-        (args.out_dir / f"{stem}.md").write_text(text)
-        print(args.out_dir / f"{stem}.json", args.out_dir / f"{stem}.md", file=sys.stderr)
+        for path in write(report, args.out_dir, args.name or f"feast-{report['date']}"):
+            print(path, file=sys.stderr)
     return 0
 
 

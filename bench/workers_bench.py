@@ -329,6 +329,57 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot(report: dict[str, Any], path: Path) -> bool:
+    """Throughput of every point, 1 vs 2 workers per design, and the CPU bound; False without
+    matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    designs = list(report["ratios"])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, d in enumerate(designs):
+        r = report["ratios"][d]
+        for w, key, color in ((1, "rps_w1", "tab:blue"), (2, "rps_w2", "tab:orange")):
+            xs = [i + (w - 1.5) * 0.3] * len(r[key])
+            ax.plot(xs, r[key], "o", color=color, label=f"{w} worker{'s' * (w > 1)}"
+                    if i == 0 else None)
+        c = report["cpu_ceiling"].get(d)
+        if c:
+            ax.hlines([c["w1_bound_rps"]], i - 0.45, i - 0.05, colors="tab:blue",
+                      linestyles="dashed")
+            ax.hlines([c["w2_bound_rps"]], i + 0.05, i + 0.45, colors="tab:orange",
+                      linestyles="dashed")
+        ax.annotate(f"{r['ratio']['median']:.2f}x", (i, 0), textcoords="offset points",
+                    xytext=(0, 5), ha="center")
+    ax.set_xticks(range(len(designs)), designs)
+    ax.set_ylim(bottom=0)
+    ax.set_ylabel("req/s (200s), closed loop")
+    a = report["args"]
+    ax.set_title(f"1 vs 2 workers, {a['connections']} connections, N={a['candidates']}; dashed: "
+                 "what the cores allow if nothing else ran", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write(report: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
+    """JSON, Markdown and (with matplotlib) PNG of a report."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
+    paths[0].write_text(json.dumps(report, indent=2) + "\n")
+    paths[1].write_text(markdown(report))
+    if plot(report, out_dir / f"{stem}.png"):
+        paths.append(out_dir / f"{stem}.png")
+    return paths
+
+
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from bench.inprocess import request_bodies
     from bench.measure import export_model, load_features
@@ -377,7 +428,16 @@ def main(argv: list[str] | None = None) -> int:
                    "request's queueing may pass it, and a 503 is work thrown away)")
     p.add_argument("--out-dir", type=Path)
     p.add_argument("--name", help="file stem (default workers-<UTC date>)")
+    p.add_argument("--replot", type=Path, metavar="JSON",
+                   help="rewrite the Markdown and PNG of a report's JSON (no measurement)")
     args = p.parse_args(argv)
+    if args.replot:
+        saved = json.loads(args.replot.read_text())
+        saved["ratios"] = ratios(saved["points"])
+        saved["cpu_ceiling"] = cpu_ceiling(saved["points"])
+        for path in write(saved, args.replot.parent, args.replot.stem):
+            print(path)
+        return 0
     args.designs = [d for d in args.designs.split(",") if d]
     unknown = set(args.designs) - set(DESIGNS)
     if unknown:
@@ -416,11 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(report)
     print(text)
     if args.out_dir is not None:
-        stem = args.name or f"workers-{report['date']}"
-        args.out_dir.mkdir(parents=True, exist_ok=True)
-        (args.out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-        (args.out_dir / f"{stem}.md").write_text(text)
-        print(args.out_dir / f"{stem}.json", args.out_dir / f"{stem}.md", file=sys.stderr)
+        for path in write(report, args.out_dir, args.name or f"workers-{report['date']}"):
+            print(path, file=sys.stderr)
     return 0
 
 
