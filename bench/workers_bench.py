@@ -104,6 +104,21 @@ def proc_cpu(pids: set[int] | None = None, pgid: int | None = None) -> dict[int,
     return out
 
 
+def runqueue_wait_s(pids: list[int]) -> dict[int, float]:
+    """pid -> seconds its threads spent runnable but waiting for a core (/proc/*/schedstat):
+    how much CPU a process wanted and did not get."""
+    out: dict[int, float] = {}
+    for pid in pids:
+        total = 0
+        for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+            try:
+                total += int(stat.read_text().split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+        out[pid] = total / 1e9
+    return out
+
+
 def machine_busy_s() -> float:
     """CPU seconds the whole machine spent not idle (all cores), from /proc/stat."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -133,10 +148,10 @@ def worker_pids(pgid: int) -> list[int]:
 
 def cpu_split(before: dict[int, float], after: dict[int, float], seconds: float,
               workers: list[int]) -> dict[str, Any]:
-    """Per-process CPU use over a point (cores busy): each worker, sorted, and the rest of the
-    group (supervisor, resource tracker) together."""
+    """Per-process CPU use over a point (cores busy): each worker, in the order given, and the
+    rest of the group (supervisor, resource tracker) together."""
     delta = {p: after[p] - before.get(p, 0.0) for p in after}
-    mine = sorted((delta.get(p, 0.0) / seconds for p in workers), reverse=True)
+    mine = [delta.get(p, 0.0) / seconds for p in workers]
     rest = sum(v for p, v in delta.items() if p not in workers)
     return {"workers_cores": [round(w, 3) for w in mine],
             "supervisor_cores": round(rest / seconds, 3), "total_s": sum(delta.values())}
@@ -198,6 +213,7 @@ class Bench:
                    str(self.bodies), "--candidates", str(a.candidates), "--concurrency",
                    str(connections), "--duration", str(a.duration), "--warmup", str(a.warmup)]
         server0 = proc_cpu(pgid=pgid)
+        wait0 = runqueue_wait_s(self.workers[workers])
         redis0 = proc_cpu(pids={self.redis_pid}).get(self.redis_pid, 0.0)
         client0, busy0, t0 = children_cpu_s(), machine_busy_s(), time.perf_counter()
         res = subprocess.run(cmd, capture_output=True, text=True, check=False,
@@ -205,6 +221,7 @@ class Bench:
         wall = time.perf_counter() - t0
         client_s, busy_s = children_cpu_s() - client0, machine_busy_s() - busy0
         server1 = proc_cpu(pgid=pgid)
+        wait1 = runqueue_wait_s(self.workers[workers])
         redis_s = proc_cpu(pids={self.redis_pid}).get(self.redis_pid, 0.0) - redis0
         if res.returncode != 0:
             raise RuntimeError(f"{cmd[0]} failed: {res.stderr[-2000:]}")
@@ -220,6 +237,9 @@ class Bench:
             design=design, workers=workers, connections=connections, wall_s=wall,
             loadgen_cores=client_s / wall, server_cores=split["total_s"] / wall,
             workers_cores=split["workers_cores"], supervisor_cores=split["supervisor_cores"],
+            # per worker: seconds per second runnable but not running (wanted a core, got none)
+            workers_waiting=[round((wait1.get(p, 0.0) - wait0.get(p, 0.0)) / wall, 3)
+                             for p in self.workers[workers]],
             redis_cores=redis_s / wall, machine_busy_cores=busy_s / wall,
             others_cores=max(0.0, (busy_s - client_s - split["total_s"] - redis_s) / wall),
             server_cpu_ms_per_req=split["total_s"] / done * 1e3,
@@ -295,7 +315,9 @@ def markdown(report: dict[str, Any]) -> str:
                      + ", ".join(f"{x:,.0f}" for x in r["rps_w2"]) + " | "
                      + ("met" if r["met"] else "**missed**") + " |")
     lines += ["", "## Where the CPU went (cores busy during each point)", "",
-              "| design | workers | rep | req/s | p50 / p99 ms | errors | per worker | "
+              "Per worker: cores used, and (in brackets, where measured) cores' worth of time it "
+              "was runnable but waiting for a core (/proc/<pid>/task/*/schedstat).", "",
+              "| design | workers | rep | req/s | p50 / p99 ms | errors | per worker (waiting) | "
               "server | Redis | load generator | others | machine busy | server + Redis CPU "
               "ms/req | load generator ms/req |", "|---|---|---|---|---|---|---|---|---|---|---|"
               "---|---|---|"]
@@ -304,6 +326,8 @@ def markdown(report: dict[str, Any]) -> str:
         k = (p["design"], p["workers"])
         seen[k] = seen.get(k, 0) + 1
         per = " + ".join(f"{w:.2f}" for w in p["workers_cores"])
+        if "workers_waiting" in p:
+            per += " (" + " + ".join(f"{w:.2f}" for w in p["workers_waiting"]) + ")"
         lines.append(
             f"| {p['design']} | {p['workers']} | {seen[k]} | {p['rps']:,.0f} | "
             f"{p.get('p50_ms', float('nan')):.1f} / {p.get('p99_ms', float('nan')):.1f} | "
@@ -406,7 +430,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     points.append(p)
                     print(f"  {design} w{w} rep {rep}: {p['rps']:,.0f} req/s, loadgen "
                           f"{p['loadgen_cores']:.2f} cores, workers {p['workers_cores']}, "
-                          f"redis {p['redis_cores']:.2f}, others {p['others_cores']:.2f}, "
+                          f"waiting {p['workers_waiting']}, redis {p['redis_cores']:.2f}, "
+                          f"others {p['others_cores']:.2f}, "
                           f"errors {p['errors']}", file=sys.stderr)
         bench.pin(False)
     return {"points": points}
