@@ -105,17 +105,14 @@ def proc_cpu(pids: set[int] | None = None, pgid: int | None = None) -> dict[int,
 
 
 def runqueue_wait_s(pids: list[int]) -> dict[int, float]:
-    """pid -> seconds its threads spent runnable but waiting for a core (/proc/*/schedstat):
-    how much CPU a process wanted and did not get."""
+    """pid -> seconds its main thread (the event loop, which does a request's work) spent
+    runnable but waiting for a core (/proc/<pid>/schedstat). CPU it wanted and did not get."""
     out: dict[int, float] = {}
     for pid in pids:
-        total = 0
-        for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
-            try:
-                total += int(stat.read_text().split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-        out[pid] = total / 1e9
+        try:
+            out[pid] = int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+        except (OSError, IndexError, ValueError):
+            continue
     return out
 
 
@@ -315,8 +312,9 @@ def markdown(report: dict[str, Any]) -> str:
                      + ", ".join(f"{x:,.0f}" for x in r["rps_w2"]) + " | "
                      + ("met" if r["met"] else "**missed**") + " |")
     lines += ["", "## Where the CPU went (cores busy during each point)", "",
-              "Per worker: cores used, and (in brackets, where measured) cores' worth of time it "
-              "was runnable but waiting for a core (/proc/<pid>/task/*/schedstat).", "",
+              "Per worker: cores used, and (in brackets, where measured) the share of the time "
+              "its event loop's thread was runnable but waiting for a core "
+              "(/proc/<pid>/schedstat).", "",
               "| design | workers | rep | req/s | p50 / p99 ms | errors | per worker (waiting) | "
               "server | Redis | load generator | others | machine busy | server + Redis CPU "
               "ms/req | load generator ms/req |", "|---|---|---|---|---|---|---|---|---|---|---|"
