@@ -1,6 +1,7 @@
 """Feast's `get_online_features` next to our `FeatureStore.fetch`, same Redis, same run.
 
-    python -m bench.feast_compare [--reps 200] [--runs 3] [--out-dir bench/results]
+    python -m bench.feast_compare [--reps 200] [--runs 3] [--out-dir bench/results] \
+        [--ours-python .venv/bin/python]
 
 The world is the feature-store bench's (`bench.featurestore_bench`: 2,000 users with 4
 categorical + 8 dense features, 20,000 items with 6 + 12, 5 % of candidate ids unknown). One
@@ -15,9 +16,13 @@ back in one process, alternating which goes first:
   feast_full  `feast`, then `.to_dict()` and numpy arrays: what a ranker needs from the answer
 
 Each run is a fresh pass (its own seed); ratios are Feast median / our median per run, and the
-report gives their median and range over the runs. Feast is not a dependency of the project:
-it lives in the `feast` extra, installed in a venv of its own (it pins packages the service's
-lock moves); without it this prints why and exits 0 having measured nothing.
+report gives their median and range over the runs, by wall time and by the calling thread's CPU
+time. `--ours-python` also times our fetch alone in that interpreter (the project's venv: the
+lock's redis-py, where feast pins redis<8) on the same draws right after each run.
+
+Feast is not a dependency of the project: it lives in the `feast` extra, installed in a venv
+of its own (it pins packages the service's lock moves); without it this prints why and exits 0
+having measured nothing.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Imports `feast` at the top: only `bench.feast_compare` imports this module, and only after it
 has checked that feast is importable (the `feast` extra, installed in a venv of its own; see
-docs/benchmarks.md). Nothing in `service/` or `ranker/` may import feast (import-linter).
+docs/benchmarks.md). Nothing in `service`, `ranker`, `launch` or `training` may import feast
+(import-linter's `service-no-feast`).
 
 A Feast repository is generated in a temporary directory: `feature_store.yaml` (local provider,
 file registry, file offline store, the Redis online store at the bench's redis-server), one
