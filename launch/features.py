@@ -14,7 +14,9 @@ from ranker.schema import FeatureSchema
 from service.featurestore.keys import DEFAULT_PREFIX
 from service.featurestore.writer import (
     DEFAULT_BATCH,
+    DEFAULT_MAX_UNKNOWN_LIST_SHARE,
     DEFAULT_OLD_LOAD_GRACE_S,
+    BadListError,
     MissingColumnsError,
     load_tables,
     make_sync_client,
@@ -52,6 +54,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="write a feature column absent from a table as its default for every entity "
         "(refused otherwise; the report lists such columns)",
+    )
+    p.add_argument(
+        "--max-unknown-list-share",
+        type=float,
+        default=DEFAULT_MAX_UNKNOWN_LIST_SHARE,
+        help="refuse a list feature (a history) whose present ids are more than this share "
+        "unknown to the model's vocabulary (default %(default)s)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -103,9 +112,13 @@ def load_main(argv: list[str]) -> int:
             old_load_grace_s=None if args.keep_old else args.old_load_grace,
             progress=not args.no_progress,
             allow_missing_columns=args.allow_missing_columns,
+            max_unknown_list_share=args.max_unknown_list_share,
         )
     except MissingColumnsError as e:
         print(f"error: {e} (--allow-missing-columns)", file=sys.stderr)
+        return 2
+    except BadListError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
         client.close()

@@ -8,10 +8,11 @@ loader and the service) encodes every split.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -27,11 +28,13 @@ from ranker.schema import (
     FeatureSchema,
     GroupSchema,
     HashedVocabulary,
+    ListFeature,
+    ListPooling,
     Vocabulary,
     vocabulary_from_counts,
 )
 from training.model import POSITION_INPUT
-from training.spec import DatasetSpec, SpecError
+from training.spec import DatasetSpec, FeatureSpec, SpecError
 
 SPLITS = ("train", "val", "test")
 
@@ -163,6 +166,7 @@ def build_schema(spec: DatasetSpec, raw: RawData) -> FeatureSchema:
     """Fit vocabularies and dense statistics on the train split (joined), in spec order."""
     train = raw.splits["train"]
     groups = []
+    lists: dict[str, list[FeatureSpec]] = {}
     for entity in ENTITIES:
         feats = spec.features_of(entity)
         if not feats:
@@ -172,7 +176,9 @@ def build_schema(spec: DatasetSpec, raw: RawData) -> FeatureSchema:
         for f in feats:
             if f.name not in cols:
                 raise SpecError(f"feature {entity}.{f.name}: no such column in the {entity} data")
-            if f.type == "categorical":
+            if f.type == "list":  # after every group's categoricals: it takes one's vocabulary
+                lists.setdefault(entity, []).append(f)
+            elif f.type == "categorical":
                 vocab: Vocabulary | HashedVocabulary
                 if f.hash_buckets is not None:  # no vocabulary to fit: the hash is fixed
                     vocab = HashedVocabulary(f.hash_buckets)
@@ -188,7 +194,20 @@ def build_schema(spec: DatasetSpec, raw: RawData) -> FeatureSchema:
                 dense.append(DenseFeature(f.name, mean, std, default, f.log1p))
         key = {"user": spec.source.user_key, "item": spec.source.item_key}.get(entity)
         groups.append(GroupSchema(entity, key, tuple(cats), tuple(dense)))
-    return FeatureSchema(tuple(groups))
+    return FeatureSchema(tuple(_add_lists(groups, lists)))
+
+
+def _add_lists(groups: list[GroupSchema], lists: dict[str, list[FeatureSpec]]
+               ) -> list[GroupSchema]:
+    """The groups with their list features, each given its table's vocabulary."""
+    vocab = {f"{g.entity}.{c.name}": c.vocab for g in groups for c in g.categorical}
+    out = []
+    for g in groups:
+        feats = tuple(ListFeature(f.name, f.max_len, f.table, vocab[f.table],
+                                  cast(ListPooling, f.pooling))
+                      for f in lists.get(g.entity, []))
+        out.append(dataclasses.replace(g, lists=feats) if feats else g)
+    return out
 
 
 def labels_of(spec: DatasetSpec, log: pa.Table) -> np.ndarray:
@@ -219,7 +238,7 @@ def encode_split(spec: DatasetSpec, schema: FeatureSchema, raw: RawData, split: 
     n = log.num_rows
     inputs: dict[str, np.ndarray] = {}
     for g in schema.groups:
-        inputs.update(g.inputs(*g.encode_columns(joined_columns(spec, raw, log, g.entity), n)))
+        inputs.update(g.encode_inputs(joined_columns(spec, raw, log, g.entity), n))
     oracle = None
     if spec.source.oracle:
         oracle = np.stack(

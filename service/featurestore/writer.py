@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import redis
 from redis.cluster import RedisCluster
 
-from ranker.schema import FeatureSchema, GroupSchema
+from ranker.schema import FeatureSchema, GroupSchema, ListColumnError, ListTooLongError
 from service.featurestore.keys import (
     DEFAULT_PREFIX,
     load_pattern,
@@ -52,6 +52,15 @@ class MissingColumnsError(ValueError):
     """A feature table lacks columns the schema needs; the message names them."""
 
 
+class BadListError(ValueError):
+    """A list feature's column the load refuses: longer than the cap, not a list of ids, or
+    mostly ids the model does not know (the wrong id spelling, most likely)."""
+
+
+# a list column whose present ids are more than this share unknown to the vocabulary is refused
+DEFAULT_MAX_UNKNOWN_LIST_SHARE = 0.5
+
+
 @dataclass
 class LoadReport:
     """What a load wrote."""
@@ -63,6 +72,8 @@ class LoadReport:
     items: int = 0
     skipped_null_ids: int = 0
     duplicate_ids: int = 0
+    list_ids: int = 0  # ids in the loaded list features (histories)
+    list_unknown_ids: int = 0  # of them, ids the vocabulary lacks (dropped like padding)
     bytes_written: int = 0
     seconds: float = 0.0
     ttl_s: int | None = None
@@ -84,6 +95,8 @@ class EncodedGroup:
     skipped_null_ids: int
     duplicate_ids: int
     defaulted_columns: tuple[str, ...] = ()  # absent from the table, written as their default
+    list_ids: int = 0
+    list_unknown_ids: int = 0
 
 
 def ids_as_strings(column: pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -97,13 +110,16 @@ def ids_as_strings(column: pa.Array | pa.ChunkedArray) -> pa.Array:
 
 
 def encode_table(
-    group: GroupSchema, table: pa.Table, written_at: float, *, allow_missing_columns: bool = False
+    group: GroupSchema, table: pa.Table, written_at: float, *, allow_missing_columns: bool = False,
+    max_unknown_list_share: float = DEFAULT_MAX_UNKNOWN_LIST_SHARE,
 ) -> EncodedGroup:
     """Encode a raw entity table (key column + raw feature columns) into packed records.
 
     A feature column absent from the table raises `MissingColumnsError`: it would be written as
     the feature's default for every entity. `allow_missing_columns=True` writes the defaults and
-    names the columns in `EncodedGroup.defaulted_columns`.
+    names the columns in `EncodedGroup.defaulted_columns`. A list feature's column with a list
+    longer than its cap, of something other than ids, or whose present ids are more than
+    `max_unknown_list_share` unknown to the vocabulary raises `BadListError`.
     """
     if group.key is None or group.key not in table.column_names:
         raise ValueError(f"{group.entity} table needs its key column {group.key!r}")
@@ -135,7 +151,25 @@ def encode_table(
     records["written_at"] = written_at
     records["cat"] = cat
     records["dense"] = dense
-    return EncodedGroup(group.entity, ids, records, n_null, n_dup, absent)
+    n_list = n_unknown = 0
+    if group.lists:
+        try:
+            records["list"], n_unknown = group.encode_lists(columns, table.num_rows)
+        except (ListTooLongError, ListColumnError) as e:
+            raise BadListError(f"{group.entity} table: {e}") from e
+        n_list = sum(_list_ids(columns[f.name]) for f in group.lists if f.name in columns)
+        if n_list and n_unknown > max_unknown_list_share * n_list:
+            raise BadListError(
+                f"{group.entity} table: {n_unknown} of the {n_list} ids in its list features "
+                f"are unknown to the model's vocabulary (more than {max_unknown_list_share:.0%}"
+                "): are they spelled as the ids the model was trained on?")
+    return EncodedGroup(group.entity, ids, records, n_null, n_dup, absent, n_list, n_unknown)
+
+
+def _list_ids(column: pa.Array | pa.ChunkedArray) -> int:
+    """Present (non-null) ids in a list column."""
+    flat = pc.list_flatten(column)
+    return len(flat) - flat.null_count
 
 
 def content_load_id(schema: FeatureSchema, groups: list[EncodedGroup]) -> str:
@@ -147,6 +181,8 @@ def content_load_id(schema: FeatureSchema, groups: list[EncodedGroup]) -> str:
         # hash the features, not the write time, so a re-load keeps its id
         h.update(np.ascontiguousarray(g.records["cat"]).tobytes())
         h.update(np.ascontiguousarray(g.records["dense"]).tobytes())
+        if "list" in g.records.dtype.names:
+            h.update(np.ascontiguousarray(g.records["list"]).tobytes())
     return h.hexdigest()[:12]
 
 
@@ -214,14 +250,15 @@ def load_tables(
     progress: bool = False,
     now: float | None = None,
     allow_missing_columns: bool = False,
+    max_unknown_list_share: float = DEFAULT_MAX_UNKNOWN_LIST_SHARE,
 ) -> LoadReport:
     """Encode and write the tables as a new load, then switch the pointers of its entities to it.
 
     Only the entities given move: a load of the items alone leaves the users' pointer (and
     their records) as they were. Every table is encoded before anything is written, so a refused
-    table (`MissingColumnsError`) writes nothing. `old_load_grace_s=None` leaves the previous
-    load untouched (e.g. to roll back by hand); `now` overrides the records' write time (tests
-    of staleness).
+    table (`MissingColumnsError`, `BadListError`) writes nothing. `old_load_grace_s=None`
+    leaves the previous load untouched (e.g. to roll back by hand); `now` overrides the
+    records' write time (tests of staleness).
     """
     started = time.perf_counter()
     written_at = time.time() if now is None else now
@@ -231,7 +268,8 @@ def load_tables(
         if group is None or table is None:
             continue
         encoded.append(
-            encode_table(group, table, written_at, allow_missing_columns=allow_missing_columns)
+            encode_table(group, table, written_at, allow_missing_columns=allow_missing_columns,
+                         max_unknown_list_share=max_unknown_list_share)
         )
     if not encoded:
         raise ValueError("nothing to load: no table for an entity of this schema")
@@ -249,6 +287,8 @@ def load_tables(
             setattr(report, f"{enc.entity}s", len(enc.ids))
             report.skipped_null_ids += enc.skipped_null_ids
             report.duplicate_ids += enc.duplicate_ids
+            report.list_ids += enc.list_ids
+            report.list_unknown_ids += enc.list_unknown_ids
             if enc.defaulted_columns:
                 report.defaulted_columns[enc.entity] = list(enc.defaulted_columns)
     finally:
