@@ -181,7 +181,7 @@ def content_load_id(schema: FeatureSchema, groups: list[EncodedGroup]) -> str:
         # hash the features, not the write time, so a re-load keeps its id
         h.update(np.ascontiguousarray(g.records["cat"]).tobytes())
         h.update(np.ascontiguousarray(g.records["dense"]).tobytes())
-        if "list" in g.records.dtype.names:
+        if "list" in (g.records.dtype.names or ()):
             h.update(np.ascontiguousarray(g.records["list"]).tobytes())
     return h.hexdigest()[:12]
 
