@@ -133,12 +133,7 @@ class ModelConfig:
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        for g in d["inputs"]:  # a group without lists is described as before the option
-            if not g["list_lengths"]:
-                for k in [k for k in g if k.startswith("list_")]:
-                    del g[k]
-        return d
+        return asdict(self)
 
     def input_specs(self) -> list[InputSpec]:
         """The graph's inputs in order, as `FeatureSchema.input_specs` lists them."""

@@ -14,19 +14,23 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import redis
 from redis.cluster import RedisCluster
 
 from ranker.schema import FeatureSchema, GroupSchema, ListColumnError, ListTooLongError
+from service.featurestore.bulk import BatchWriter
 from service.featurestore.keys import (
     DEFAULT_PREFIX,
+    ENTITY_CODES,
     load_pattern,
     pointer_key,
     record_key_prefix,
@@ -76,6 +80,10 @@ class LoadReport:
     list_unknown_ids: int = 0  # of them, ids the vocabulary lacks (dropped like padding)
     bytes_written: int = 0
     seconds: float = 0.0
+    resumed_rows: int = 0  # rows a killed run of this load had written: skipped, not rewritten
+    records_written: int = 0  # by this run
+    records_per_s: float = 0.0  # records_written over the seconds spent writing them
+    redis_bytes_per_record: dict[str, float] = field(default_factory=dict)  # MEMORY USAGE sample
     ttl_s: int | None = None
     old_keys_expiring: int = 0
     defaulted_columns: dict[str, list[str]] = field(default_factory=dict)  # allowed, per entity
@@ -186,9 +194,16 @@ def content_load_id(schema: FeatureSchema, groups: list[EncodedGroup]) -> str:
     return h.hexdigest()[:12]
 
 
-def _batches(n: int, size: int) -> Iterator[tuple[int, int]]:
-    for start in range(0, n, size):
-        yield start, min(n, start + size)
+def progress_key(prefix: str, schema_version: str, load_id: str, entity: str) -> str:
+    """Rows of one entity's source a load has written so far (the resume marker): beside the
+    load's records, never matched by their SCAN pattern, deleted when the load goes live."""
+    return f"{prefix}:{schema_version}:{load_id}:progress:{ENTITY_CODES[entity]}"
+
+
+def written_rows(client: SyncClient, key: str) -> int:
+    """The progress marker's value: rows already written by an earlier run of this load."""
+    raw = client.get(key)
+    return int(raw) if raw is not None else 0
 
 
 def write_group(
@@ -199,18 +214,24 @@ def write_group(
     ttl_s: int | None,
     batch_size: int,
     progress: Callable[[int], None] | None = None,
+    progress_key: str | None = None,
+    start: int = 0,
 ) -> int:
-    """Pipelined SETs of one group's records in batches; returns the bytes written."""
+    """One group's records from row `start` on, in batches (`service.featurestore.bulk`), each
+    batch with its progress marker when `progress_key` is given; returns the bytes written."""
     size = enc.records.dtype.itemsize
     blob = enc.records.tobytes()
-    for start, stop in _batches(len(enc.ids), batch_size):
-        pipe = client.pipeline(transaction=False)
-        for row in range(start, stop):
-            pipe.set(key_prefix + enc.ids[row], blob[row * size : (row + 1) * size], ex=ttl_s)
-        pipe.execute()
-        if progress is not None:
-            progress(stop - start)
-    return len(blob)
+    writer = BatchWriter(client, ttl_s)
+    try:
+        for lo in range(start, len(enc.ids), batch_size):
+            hi = min(len(enc.ids), lo + batch_size)
+            writer.write(key_prefix, enc.ids[lo:hi], blob[lo * size : hi * size], size,
+                         None if progress_key is None else (progress_key, hi))
+            if progress is not None:
+                progress(hi - lo)
+    finally:
+        writer.close()
+    return max(0, len(enc.ids) - start) * size
 
 
 def expire_load(client: SyncClient, pattern: str, grace_s: int, batch_size: int) -> int:
@@ -275,29 +296,52 @@ def load_tables(
         raise ValueError("nothing to load: no table for an entity of this schema")
     lid = load_id or content_load_id(schema, encoded)
     report = LoadReport(schema.version, lid, {}, ttl_s=ttl_s)
+    keys = {e.entity: progress_key(prefix, schema.version, lid, e.entity) for e in encoded}
+    done = {e.entity: min(written_rows(client, keys[e.entity]), len(e.ids)) for e in encoded}
     total = sum(len(e.ids) for e in encoded)
-    bar = _progress_bar(total, f"load {lid}") if progress else None
+    bar = _progress_bar(total, f"load {lid}", sum(done.values())) if progress else None
+    writing = time.perf_counter()
     try:
         for enc in encoded:
             key_prefix = record_key_prefix(prefix, schema.version, lid, enc.entity)
             report.bytes_written += write_group(
                 client, key_prefix, enc, ttl_s=ttl_s, batch_size=batch_size,
                 progress=bar.update if bar is not None else None,
+                progress_key=keys[enc.entity], start=done[enc.entity],
             )  # fmt: skip
             setattr(report, f"{enc.entity}s", len(enc.ids))
             report.skipped_null_ids += enc.skipped_null_ids
             report.duplicate_ids += enc.duplicate_ids
             report.list_ids += enc.list_ids
             report.list_unknown_ids += enc.list_unknown_ids
+            report.resumed_rows += done[enc.entity]
+            report.records_written += len(enc.ids) - done[enc.entity]
             if enc.defaulted_columns:
                 report.defaulted_columns[enc.entity] = list(enc.defaulted_columns)
+            report.redis_bytes_per_record[enc.entity] = sample_memory_usage(
+                client, key_prefix, enc.ids)
     finally:
         if bar is not None:
             bar.close()
-    # the atomic switch: readers see the new load from their next request
-    entities = [enc.entity for enc in encoded]
+    _rate(report, time.perf_counter() - writing)
+    return _go_live(client, schema, report, list(keys), keys, prefix, old_load_grace_s,
+                    batch_size, started)
+
+
+def _rate(report: LoadReport, seconds: float) -> None:
+    report.records_per_s = report.records_written / seconds if seconds > 0 else 0.0
+
+
+def _go_live(client: SyncClient, schema: FeatureSchema, report: LoadReport, entities: list[str],
+             progress_keys: dict[str, str], prefix: str, old_load_grace_s: int | None,
+             batch_size: int, started: float) -> LoadReport:
+    """The atomic switch (readers see the new load from their next request), then the resume
+    markers go and the loads the switch left expire."""
+    lid = report.load_id
     pointers = [pointer_key(prefix, schema.version, entity) for entity in entities]
     previous = client.eval(_SWITCH, len(pointers), *pointers, lid)
+    for key in progress_keys.values():
+        client.delete(key)
     for entity, prev in zip(entities, previous, strict=True):
         prev_id = prev.decode() if isinstance(prev, bytes) else prev
         report.previous_load_ids[entity] = prev_id
@@ -315,10 +359,156 @@ def load_tables(
     return report
 
 
-def _progress_bar(total: int, desc: str) -> Any:
+MEMORY_SAMPLE = 64  # records whose MEMORY USAGE a load reports the mean of
+
+
+def sample_memory_usage(client: SyncClient, key_prefix: str, ids: list[str],
+                        n: int = MEMORY_SAMPLE) -> float:
+    """Mean `MEMORY USAGE` (bytes Redis holds per key, key and overhead included) of up to n
+    of these records, spread evenly over them; 0.0 with no ids."""
+    if not ids:
+        return 0.0
+    picks = sorted({ids[int(i)] for i in np.linspace(0, len(ids) - 1, min(n, len(ids)))})
+    sizes = [client.memory_usage(key_prefix + i, samples=0) for i in picks]
+    got = [int(x) for x in sizes if x is not None]
+    return float(np.mean(got)) if got else 0.0
+
+
+def file_load_id(schema: FeatureSchema, sources: dict[str, Path]) -> str:
+    """Deterministic load id of a streamed load: the schema version and the files' sha256, so
+    the same files give the same id (a killed load's rerun finds its progress)."""
+    from ranker.manifest import sha256_file
+
+    h = hashlib.sha256(schema.version.encode())
+    for entity in sorted(sources):
+        h.update(entity.encode())
+        h.update(sha256_file(Path(sources[entity])).encode())
+    return "f" + h.hexdigest()[:11]
+
+
+DEFAULT_STREAM_ROWS = 20_000  # rows of Parquet read, encoded and written per step
+
+
+def load_files(
+    client: SyncClient,
+    schema: FeatureSchema,
+    users_path: Path | None,
+    items_path: Path | None,
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    ttl_s: int | None = None,
+    batch_size: int = DEFAULT_STREAM_ROWS,
+    load_id: str | None = None,
+    old_load_grace_s: int | None = DEFAULT_OLD_LOAD_GRACE_S,
+    progress: bool = False,
+    now: float | None = None,
+    allow_missing_columns: bool = False,
+    max_unknown_list_share: float = DEFAULT_MAX_UNKNOWN_LIST_SHARE,
+) -> LoadReport:
+    """`load_tables` for Parquet files too large to hold: each file is read `batch_size` rows
+    at a time (`iter_batches`, only the columns the schema needs), encoded and written, so
+    memory stays bounded by a batch whatever the file's size.
+
+    The load id comes from the files' bytes (`file_load_id`). Every batch is written with its
+    progress marker in one atomic command, so a killed load, run again on the same files,
+    resumes after its last applied batch (`resumed_rows`). A missing column is refused before
+    anything is written; a bad list (`BadListError`) met midway stops the load before the
+    switch (nothing goes live) and expires what it wrote. Duplicate ids: the last row wins, as
+    with `load_tables`.
+    """
+    started = time.perf_counter()
+    written_at = time.time() if now is None else now
+    sources: dict[str, Path] = {}
+    for entity, path in (("user", users_path), ("item", items_path)):
+        group = schema.group(entity)
+        if group is None or path is None:
+            continue
+        names = pq.read_schema(path).names
+        if group.key not in names:
+            raise ValueError(f"{entity} table needs its key column {group.key!r}")
+        absent = [n for n in group.feature_names if n not in names]
+        if absent and not allow_missing_columns:
+            raise MissingColumnsError(
+                f"{entity} table lacks the feature column(s) {', '.join(absent)} of the schema "
+                f"(every {entity} would get their default); add them, or allow the defaults "
+                "explicitly")
+        sources[entity] = Path(path)
+    if not sources:
+        raise ValueError("nothing to load: no table for an entity of this schema")
+    lid = load_id or file_load_id(schema, sources)
+    report = LoadReport(schema.version, lid, {}, ttl_s=ttl_s)
+    keys = {e: progress_key(prefix, schema.version, lid, e) for e in sources}
+    files = {e: pq.ParquetFile(p) for e, p in sources.items()}
+    done = {e: min(written_rows(client, keys[e]), files[e].metadata.num_rows) for e in sources}
+    total = sum(f.metadata.num_rows for f in files.values())
+    bar = _progress_bar(total, f"load {lid}", sum(done.values())) if progress else None
+    writing = time.perf_counter()
+    try:
+        for entity, pf in files.items():
+            group = schema.group(entity)
+            assert group is not None and group.key is not None
+            key_prefix = record_key_prefix(prefix, schema.version, lid, entity)
+            columns = [group.key, *[n for n in group.feature_names if n in pf.schema_arrow.names]]
+            seen: list[np.ndarray] = []
+            sample: list[str] = []
+            size = group.record_dtype().itemsize
+            writer = BatchWriter(client, ttl_s)
+            consumed, rows = 0, 0
+            try:
+                for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
+                    start, consumed = consumed, consumed + batch.num_rows
+                    if consumed <= done[entity]:
+                        continue  # written by the killed run
+                    table = pa.Table.from_batches([batch])
+                    if start < done[entity]:
+                        table = table.slice(done[entity] - start)
+                    enc = encode_table(group, table, written_at,
+                                       allow_missing_columns=allow_missing_columns,
+                                       max_unknown_list_share=max_unknown_list_share)
+                    writer.write(key_prefix, enc.ids, enc.records.tobytes(), size,
+                                 (keys[entity], consumed))
+                    rows += len(enc.ids)
+                    report.skipped_null_ids += enc.skipped_null_ids
+                    report.duplicate_ids += enc.duplicate_ids
+                    report.list_ids += enc.list_ids
+                    report.list_unknown_ids += enc.list_unknown_ids
+                    report.bytes_written += len(enc.ids) * size
+                    if enc.defaulted_columns:
+                        report.defaulted_columns[entity] = list(enc.defaulted_columns)
+                    seen.append(np.fromiter(map(hash, enc.ids), np.int64, len(enc.ids)))
+                    sample.extend(enc.ids[:: max(1, len(enc.ids) // 8)][:8])
+                    if bar is not None:
+                        bar.update(table.num_rows)
+            finally:
+                writer.close()
+            ids_hashed = np.concatenate(seen) if seen else np.zeros(0, np.int64)
+            across = len(ids_hashed) - len(np.unique(ids_hashed))  # the same id in two batches
+            report.duplicate_ids += across
+            # entities loaded: this run's, and (resumed) one a row the killed run wrote
+            setattr(report, f"{entity}s", rows - across + done[entity])
+            report.resumed_rows += done[entity]
+            report.records_written += rows
+            report.redis_bytes_per_record[entity] = sample_memory_usage(client, key_prefix,
+                                                                        sample)
+    except BadListError:
+        for entity in sources:  # nothing went live; what this load wrote goes
+            expire_load(client, load_pattern(prefix, schema.version, lid, entity),
+                        DEFAULT_OLD_LOAD_GRACE_S if old_load_grace_s is None else
+                        old_load_grace_s, 2000)
+            client.delete(keys[entity])
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    _rate(report, time.perf_counter() - writing)
+    return _go_live(client, schema, report, list(sources), keys, prefix, old_load_grace_s,
+                    2000, started)
+
+
+def _progress_bar(total: int, desc: str, initial: int = 0) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="rec", unit_scale=True)
+    return tqdm(total=total, desc=desc, unit="rec", unit_scale=True, initial=initial)
 
 
 def make_sync_client(

@@ -48,7 +48,13 @@ def test_a_schema_without_lists_is_described_as_before() -> None:
     user = s.group("user")
     assert user is not None and "list" not in (user.record_dtype().names or ())
     cfg = ModelConfig(inputs=inputs_from_schema(s))
-    assert all(not k.startswith("list_") for g in cfg.to_dict()["inputs"] for k in g)
+    assert all(not g["list_lengths"] for g in cfg.to_dict()["inputs"])
+    # a checkpoint's config from before list features still loads
+    old = cfg.to_dict()
+    for g in old["inputs"]:
+        for k in [k for k in g if k.startswith("list_")]:
+            del g[k]
+    assert ModelConfig.from_dict(old) == cfg
 
 
 def test_encoding_pads_drops_unknown_ids_and_defaults_missing() -> None:
