@@ -537,6 +537,8 @@ def draw_history(cfg: SyntheticConfig, u_lat: np.ndarray, i_lat: np.ndarray,
     flat = picks[keep]  # row-major: each user's ids in order
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     ids = pa.array(np.char.add("i", flat.astype(str))) if len(flat) else pa.array([], pa.string())
+    if isinstance(ids, pa.ChunkedArray):  # pyarrow chunks a large numpy string conversion
+        ids = ids.combine_chunks()
     return pa.ListArray.from_arrays(pa.array(offsets), ids)
 
 

@@ -16,20 +16,29 @@ one batch on resume (the same values: idempotent, but not exactly once).
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, TypeAlias
 
+import numpy as np
+import pyarrow as pa
 import redis
 from redis.cluster import RedisCluster
 
 SyncClient = redis.Redis | RedisCluster
 
 
-def pack_records(key_prefix: str, ids: list[str], blob: bytes, size: int, ttl_s: int | None,
+Ids: TypeAlias = Sequence[str] | pa.Array
+
+
+def pack_records(key_prefix: str, ids: Ids, blob: bytes, size: int, ttl_s: int | None,
                  progress: tuple[str, int] | None = None) -> tuple[bytes, int]:
     """The RESP bytes of one batch and how many replies it gets.
 
     `blob` is the batch's records back to back (`size` bytes each), `ids` the entities' ids in
-    the same order; `progress` = (key, value) rides in the same atomic command."""
+    the same order (a pyarrow string array is packed without a Python object per id);
+    `progress` = (key, value) rides in the same atomic command."""
+    if isinstance(ids, pa.Array):
+        return _pack_arrow(key_prefix, ids, blob, size, ttl_s, progress)
     raw = "\x00".join(ids).encode().split(b"\x00") if ids else []
     if len(raw) != len(ids):  # an id containing NUL: encode one by one
         raw = [i.encode() for i in ids]
@@ -71,6 +80,63 @@ def pack_records(key_prefix: str, ids: list[str], blob: bytes, size: int, ttl_s:
     return b"".join([head, *parts, tail]), replies
 
 
+def _progress_resp(progress: tuple[str, int]) -> tuple[bytes, bytes]:
+    pk, pv = progress[0].encode(), str(progress[1]).encode()
+    return pk, pv
+
+
+def _pack_arrow(key_prefix: str, ids: pa.Array, blob: bytes, size: int, ttl_s: int | None,
+                progress: tuple[str, int] | None) -> tuple[bytes, int]:
+    """`pack_records` with numpy: the records are grouped by id length (an MSET's pairs, and
+    a transaction's SETs, may come in any order: the ids are distinct) and each group's
+    commands are one (rows, width) byte matrix filled column block by column block."""
+    if not pa.types.is_string(ids.type):
+        ids = ids.cast(pa.string())
+    n = len(ids)
+    offsets = np.frombuffer(ids.buffers()[1], np.int32)[ids.offset : ids.offset + n + 1]
+    data = ids.buffers()[2]
+    chars = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
+    lengths = np.diff(offsets)
+    values = np.frombuffer(blob, np.uint8, n * size).reshape(n, size)
+    pre = key_prefix.encode()
+    mid = np.frombuffer(b"\r\n$%d\r\n" % size, np.uint8)
+    if ttl_s is None:
+        tail = np.zeros(0, np.uint8)
+        head_of = lambda k: b"\r\n$%d\r\n%b" % (len(pre) + k, pre)  # noqa: E731
+    else:
+        ex = str(int(ttl_s)).encode()
+        tail = np.frombuffer(b"\r\n$2\r\nEX\r\n$%d\r\n%b\r\n" % (len(ex), ex), np.uint8)
+        head_of = lambda k: b"*5\r\n$3\r\nSET\r\n$%d\r\n%b" % (len(pre) + k, pre)  # noqa: E731
+    blocks: list[bytes] = []
+    for k in np.flatnonzero(np.bincount(lengths)).tolist():  # (np.unique: 3x slower here)
+        rows = np.nonzero(lengths == k)[0]  # (m,)
+        head = np.frombuffer(head_of(k), np.uint8)
+        widths = [len(head), k, len(mid), size, len(tail)]
+        out = np.empty((len(rows), sum(widths)), np.uint8)
+        a = len(head)
+        out[:, :a] = head
+        out[:, a : a + k] = chars[offsets[rows][:, None] + np.arange(k)]  # (m, k) the ids
+        out[:, a + k : a + k + len(mid)] = mid
+        b = a + k + len(mid)
+        out[:, b : b + size] = values[rows]
+        out[:, b + size :] = tail
+        blocks.append(out.tobytes())
+    body = b"".join(blocks)
+    if ttl_s is None:
+        tail_b = b""
+        if progress is not None:
+            pk, pv = _progress_resp(progress)
+            tail_b = b"\r\n$%d\r\n%b\r\n$%d\r\n%b" % (len(pk), pk, len(pv), pv)
+        args = 1 + 2 * n + (2 if progress is not None else 0)
+        return b"".join([b"*%d\r\n$4\r\nMSET" % args, body, tail_b, b"\r\n"]), 1
+    if progress is None:
+        return body, n
+    pk, pv = _progress_resp(progress)
+    return (b"*1\r\n$5\r\nMULTI\r\n" + body
+            + b"*3\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(pk), pk, len(pv), pv)
+            + b"*1\r\n$4\r\nEXEC\r\n"), n + 3
+
+
 class BatchWriter:
     """Sends packed batches on one connection, `window` of them in flight; `close()` waits for
     every reply (an error reply is raised there or at the next `write`)."""
@@ -87,11 +153,12 @@ class BatchWriter:
             self._pool = client.connection_pool
             self._conn = self._pool.get_connection()
 
-    def write(self, key_prefix: str, ids: list[str], blob: bytes, size: int,
+    def write(self, key_prefix: str, ids: Ids, blob: bytes, size: int,
               progress: tuple[str, int] | None = None) -> None:
         if self.cluster:
+            names: list[str] = ids.to_pylist() if isinstance(ids, pa.Array) else list(ids)
             pipe = self.client.pipeline(transaction=False)
-            for row, entity_id in enumerate(ids):
+            for row, entity_id in enumerate(names):
                 pipe.set(key_prefix + entity_id, blob[row * size : (row + 1) * size],
                          ex=self.ttl_s)
             pipe.execute()
