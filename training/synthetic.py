@@ -585,6 +585,10 @@ def summarize(cfg: SyntheticConfig, tables: dict[str, pa.Table]) -> dict[str, An
 def write_dataset(cfg: SyntheticConfig, out: Path) -> dict[str, Any]:
     """Generate and write the parquet files, the world (world.npz, world.json) and dataset.json
     into `out`; return dataset.json."""
+    if cfg.is_wide:  # the production profile: streamed in chunks (bounded memory)
+        from training.bigworld import write_streamed
+
+        return write_streamed(cfg, out)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     world, tables = generate_world(cfg)

@@ -160,3 +160,67 @@ def test_a_history_item_ranks_its_own_neighbourhood_under_attention() -> None:
                                   "item_cat": cands})[0]
     torch.testing.assert_close(none, torch.zeros_like(none))
     assert HISTORY_FEATURE == "recent_items"
+
+
+@pytest.fixture(scope="module")
+def production_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from training.synthetic import SyntheticConfig, write_dataset
+
+    out = tmp_path_factory.mktemp("production")
+    write_dataset(SyntheticConfig.production(0.002), out)  # streamed: a wide config
+    return out
+
+
+def test_the_streamed_world_is_deterministic_and_has_the_production_shape(
+        production_data: Path, tmp_path: Path) -> None:
+    from training.bigworld import write_streamed
+    from training.synthetic import HISTORY_COLUMN, SyntheticConfig, World, read_dataset_info
+
+    info = read_dataset_info(production_data)
+    assert info is not None and "streamed" in info
+    cfg = SyntheticConfig.production(0.002)
+    sizes = info["sizes"]
+    assert sum(sizes[f"impressions_{s}"] for s in ("train", "val", "test")) == cfg.n_impressions
+    assert (sizes["users"], sizes["items"]) == (cfg.n_users, cfg.n_items)
+    assert abs(info["rates"]["train"]["click"] - cfg.click_rate) < 0.02
+    assert info["oracle_auc"]["click"] > 0.6
+    again = write_streamed(cfg, tmp_path / "again", chunk=5_000)
+    other = write_streamed(cfg, tmp_path / "other", chunk=5_000)
+    assert again["sha256"] == other["sha256"]  # the same config and chunk: the same bytes
+    world = World.load(production_data)
+    p = world.probabilities(np.array([0, 1]), np.array([3, 4]), np.array([20, 8]),
+                            np.array(["home", "search"]))
+    assert all(0 < v.min() and v.max() < 1 for v in p.values())
+    import pyarrow.parquet as pq
+
+    users = pq.read_table(production_data / "users.parquet")
+    lengths = np.array([len(h or []) for h in users.column(HISTORY_COLUMN).to_pylist()])
+    assert lengths.max() <= cfg.history_len and (lengths == 0).mean() > 0.03
+    assert users.num_columns == 6 + 1 + cfg.extra_user_features
+
+
+def test_the_factorized_join_equals_the_materialised_one(production_data: Path) -> None:
+    from training.data import (
+        Gathered,
+        build_schema,
+        encode_split,
+        factorized,
+        joined_columns,
+        load_raw,
+    )
+    from training.spec import load_spec
+
+    spec = load_spec("synthetic_production")
+    raw = load_raw(spec, production_data)
+    assert factorized(spec, raw)
+    schema = build_schema(spec, raw)
+    enc = encode_split(spec, schema, raw, "val")
+    assert isinstance(enc.inputs["user_list"], Gathered)
+    log = raw.splits["val"]
+    for g in schema.groups:
+        want = g.encode_inputs(joined_columns(spec, raw, log, g.entity), log.num_rows)
+        for name, arr in want.items():
+            np.testing.assert_array_equal(np.asarray(enc.inputs[name]), arr)
+    idx = np.array([5, 0, 17])
+    np.testing.assert_array_equal(enc.inputs["user_list"][idx], np.asarray(
+        enc.inputs["user_list"])[idx])
