@@ -224,3 +224,30 @@ def test_the_factorized_join_equals_the_materialised_one(production_data: Path) 
     idx = np.array([5, 0, 17])
     np.testing.assert_array_equal(enc.inputs["user_list"][idx], np.asarray(
         enc.inputs["user_list"])[idx])
+
+
+def test_a_spec_list_feature_is_checked_field_by_field() -> None:
+    from training.spec import SpecError, parse_spec
+
+    def spec(**feature: object) -> dict:
+        return {"name": "s", "tasks": ["click"], "source": {
+            "kind": "tables", "users": "u.parquet", "items": "i.parquet", "user_key": "user_id",
+            "item_key": "item_id", "splits": {"train": "a", "val": "b", "test": "c"}},
+            "features": [{"name": "item_id", "entity": "item", "type": "categorical"},
+                         {"name": "h", "entity": "user", "type": "list", **feature}]}
+
+    ok = parse_spec(spec(max_len=5, table="item.item_id"))
+    assert (ok.features[1].max_len, ok.features[1].table, ok.features[1].pooling) == (
+        5, "item.item_id", "mean")
+    for bad, msg in (({"table": "item.item_id"}, "max_len"),
+                     ({"max_len": 0, "table": "item.item_id"}, "max_len"),
+                     ({"max_len": 5}, "table"),
+                     ({"max_len": 5, "table": "item.nope"}, "no categorical feature"),
+                     ({"max_len": 5, "table": "item.item_id", "pooling": "max"}, "pooling"),
+                     ({"max_len": 5, "table": "item.item_id", "embedding_dim": 4},
+                      "do not apply")):
+        with pytest.raises(SpecError, match=msg):
+            parse_spec(spec(**bad))
+    with pytest.raises(SpecError, match="apply to a list feature only"):
+        parse_spec({**spec(max_len=5, table="item.item_id"), "features": [
+            {"name": "item_id", "entity": "item", "type": "categorical", "max_len": 3}]})
