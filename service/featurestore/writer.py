@@ -12,13 +12,16 @@ column the schema needs is refused (naming the column) unless the caller allows 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import queue
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -38,6 +41,7 @@ from service.featurestore.keys import (
 )
 
 SyncClient = redis.Redis | RedisCluster
+T = TypeVar("T")
 DEFAULT_BATCH = 2000
 DEFAULT_OLD_LOAD_GRACE_S = 60
 # The switch: set every pointer of the load and return what each held before, in one atomic
@@ -383,6 +387,45 @@ def sample_memory_usage(client: SyncClient, key_prefix: str, ids: list[str],
     return float(np.mean(got)) if got else 0.0
 
 
+def prefetched(items: Iterator[T], depth: int = 2) -> Iterator[T]:
+    """`items`, produced on a thread up to `depth` ahead; its exception re-raised here. The
+    consumer stopping early (an error) stops the producer at its next item."""
+    q: queue.Queue[tuple[str, Any]] = queue.Queue(depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(("item", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(("end", None))
+        except BaseException as e:  # handed to the consumer
+            q.put(("error", e))
+
+    thread = threading.Thread(target=produce, name="load-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                q.get_nowait()
+        thread.join(timeout=5)
+
+
 def _id_hashes(ids: pa.Array) -> np.ndarray:
     """64-bit hashes of the ids (to count an id repeated in two batches without keeping the
     ids): pyarrow's dictionary of a batch is distinct already, so hashed per distinct id."""
@@ -468,18 +511,29 @@ def load_files(
             sample: list[str] = []
             size = group.record_dtype().itemsize
             writer = BatchWriter(client, ttl_s)
-            consumed, rows = 0, 0
+            rows = 0
             try:
-                for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
-                    start, consumed = consumed, consumed + batch.num_rows
-                    if consumed <= done[entity]:
-                        continue  # written by the killed run
-                    table = pa.Table.from_batches([batch])
-                    if start < done[entity]:
-                        table = table.slice(done[entity] - start)
-                    enc = encode_table(group, table, written_at,
-                                       allow_missing_columns=allow_missing_columns,
-                                       max_unknown_list_share=max_unknown_list_share)
+                def encoded(pf: pq.ParquetFile = pf, group: GroupSchema = group,
+                            skip: int = done[entity], columns: list[str] = columns,
+                            ) -> Iterator[tuple[EncodedGroup, int, int]]:
+                    """(batch encoded, rows of the file read, rows of this batch) from row
+                    `skip` on."""
+                    consumed = 0
+                    for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
+                        start, consumed = consumed, consumed + batch.num_rows
+                        if consumed <= skip:
+                            continue  # written by the killed run
+                        table = pa.Table.from_batches([batch])
+                        if start < skip:
+                            table = table.slice(skip - start)
+                        yield (encode_table(group, table, written_at,
+                                            allow_missing_columns=allow_missing_columns,
+                                            max_unknown_list_share=max_unknown_list_share),
+                               consumed, table.num_rows)
+
+                # the next batch is read and encoded (pyarrow and numpy, mostly without the
+                # GIL) on a thread while this one packs and sends the current one
+                for enc, consumed, n_read in prefetched(encoded()):
                     writer.write(key_prefix, enc.id_array, enc.records.tobytes(), size,
                                  (keys[entity], consumed))
                     rows += len(enc)
@@ -493,7 +547,7 @@ def load_files(
                     seen.append(_id_hashes(enc.id_array))
                     sample.extend(enc.id_array[:: max(1, len(enc) // 8)][:8].to_pylist())
                     if bar is not None:
-                        bar.update(table.num_rows)
+                        bar.update(n_read)
             finally:
                 writer.close()
             ids_hashed = np.concatenate(seen) if seen else np.zeros(0, np.int64)
