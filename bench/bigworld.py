@@ -207,7 +207,32 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def export_untrained(spec_name: str, data_dir: Path, repo: Path, name: str = "mmoe") -> Path:
+    """The production-size model's graph without its training: the schema fitted on the
+    world's train split (1 M user ids, 100 k item ids), the default `ModelConfig`, initial
+    weights; golden rows from the test split. Its latency is the trained model's (the same
+    graph and tables); its scores are not, and the results say which one was measured."""
+    from training.data import build_schema, encode_split, load_raw, training_data_info
+    from training.export import export_model
+    from training.model import ModelConfig, MultiTaskModel, inputs_from_schema
+    from training.pipeline import golden_from
+    from training.spec import load_spec
+
+    spec = load_spec(spec_name)
+    raw = load_raw(spec, data_dir)
+    schema = build_schema(spec, raw)
+    test = encode_split(spec, schema, raw, "test")
+    model = MultiTaskModel(ModelConfig(inputs=inputs_from_schema(schema), tasks=spec.task_names))
+    return export_model(model.eval(), schema, repo, name, golden_from(schema, test),
+                        metrics={"untrained": True},
+                        training_data=training_data_info(spec, raw))
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export-untrained"]:  # export-untrained SPEC DATA_DIR REPO
+        print(export_untrained(argv[1], Path(argv[2]), Path(argv[3])))
+        return 0
     p = argparse.ArgumentParser(prog="python -m bench.bigworld", description=__doc__)
     p.add_argument("--world", action="append", required=True,
                    help="name=<model version dir>:<data dir> (first: the baseline)")
@@ -225,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         worlds[name] = (Path(vdir).resolve(), Path(ddir).resolve())
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": "python -m bench.bigworld " + " ".join(argv or sys.argv[1:]),
+        "command": "python -m bench.bigworld " + " ".join(argv),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "loadavg_start": [round(x, 2) for x in os.getloadavg()]},
         "worlds": {}}
