@@ -112,3 +112,42 @@ def test_a_killed_load_resumes_without_losing_or_repeating_a_record(
         for name in ("cat", "dense", "list"):
             np.testing.assert_array_equal(rec[name], want[name][lo : lo + 50_000])
     raw.close()
+
+
+def test_a_bad_list_midway_stops_the_streamed_load_before_the_switch(
+        list_model: Path, tmp_path: Path, redis_url: str) -> None:
+    from service.featurestore.writer import BadListError, load_files
+
+    schema = load_schema(list_model, load_manifest(list_model))
+    histories = [["i1"]] * 30 + [["i2"] * 9]  # the last row is over the cap (8)
+    path = tmp_path / "users.parquet"
+    pq.write_table(pa.table({"user_id": [f"u{k}" for k in range(31)],
+                             "country": ["us"] * 31, "activity": [1.0] * 31,
+                             HISTORY_FEATURE: pa.array(histories, pa.list_(pa.string()))}),
+                   path)
+    raw = redis.Redis.from_url(redis_url, socket_timeout=5)
+    with pytest.raises(BadListError, match="max_len = 8"):
+        load_files(raw, schema, path, None, batch_size=10, old_load_grace_s=30)
+    lid = file_load_id(schema, {"user": path})
+    keys = list(raw.scan_iter(match=load_pattern("rk", schema.version, lid, "user")))
+    assert len(keys) == 30  # the three good batches were written, then expire
+    assert all(0 < raw.ttl(k) <= 30 for k in keys)
+    assert raw.get(pointer_key("rk", schema.version, "user")) is None
+    assert raw.get(progress_key("rk", schema.version, lid, "user")) is None
+    raw.close()
+
+
+def test_prefetched_hands_over_the_producers_error() -> None:
+    from service.featurestore.writer import prefetched
+
+    def items():  # type: ignore[no-untyped-def]
+        yield 1
+        yield 2
+        raise RuntimeError("bad batch")
+
+    got = []
+    with pytest.raises(RuntimeError, match="bad batch"):
+        for x in prefetched(items()):
+            got.append(x)
+    assert got == [1, 2]
+    assert list(prefetched(iter(range(5)), depth=1)) == [0, 1, 2, 3, 4]
