@@ -38,11 +38,11 @@ from ranker.manifest import MODEL_FILE, load_manifest, load_schema
 NS = (100, 500, 1000)
 
 
-def load_features(version_dir: Path, data_dir: Path, url: str) -> dict[str, Any]:
+def load_features(version_dir: Path, users: Path, items: Path, url: str) -> dict[str, Any]:
     """`ranker features load` as its own process, timed, its peak RSS (GNU time if present)."""
     cmd = [sys.executable, "-m", "launch.cli", "features", "load", "--model-dir",
-           str(version_dir), "--users", str(data_dir / "users.parquet"), "--items",
-           str(data_dir / "items.parquet"), "--redis-url", url, "--no-progress"]
+           str(version_dir), "--users", str(users), "--items", str(items), "--redis-url", url,
+           "--no-progress"]
     gnu_time = shutil.which("time") or ("/usr/bin/time" if Path("/usr/bin/time").exists()
                                         else None)
     rss_file = Path(tempfile.mkstemp(prefix="rss-")[1])
@@ -72,11 +72,22 @@ def load_features(version_dir: Path, data_dir: Path, url: str) -> dict[str, Any]
             "load_id": report["load_id"]}
 
 
-def request_files(workdir: Path, data_dir: Path, schema: Any, count: int
+def items_file(schema: Any, data_dir: Path, workdir: Path) -> Path:
+    """The world's items, topped up to the largest N with generated items (`pad_entities`,
+    as `ranker bench` does) when the world has fewer."""
+    path = data_dir / "items.parquet"
+    if pq.ParquetFile(path).metadata.num_rows >= max(NS):
+        return path
+    padded = workdir / "items-padded.parquet"
+    pq.write_table(data.pad_entities(schema, pq.read_table(path), "item", max(NS)), padded)
+    return padded
+
+
+def request_files(workdir: Path, users_path: Path, items_path: Path, schema: Any, count: int
                   ) -> tuple[dict[int, Path], dict[int, list[dict[str, Any]]]]:
     """Seeded bodies per N (users and items of the world's tables), as files and dicts."""
-    users = pq.read_table(data_dir / "users.parquet", columns=["user_id"])
-    items = pq.read_table(data_dir / "items.parquet", columns=["item_id"])
+    users = pq.read_table(users_path, columns=["user_id"])
+    items = pq.read_table(items_path, columns=["item_id"])
     user_ids = users.column(0).to_pylist()
     item_ids = items.column(0).to_pylist()
     ctx = {"hour": 20, "surface": "home"} if schema.group("context") is not None else None
@@ -105,11 +116,14 @@ def measure_world(name: str, version_dir: Path, data_dir: Path, plan: Plan, work
                            "model_bytes": (version_dir / MODEL_FILE).stat().st_size}
     with RedisServer() as rs, Processes(wdir / "logs") as procs:
         log(f"{name}: loading the features of {data_dir}")
-        out["load"] = load_features(version_dir, data_dir, rs.url)
+        items = items_file(schema, data_dir, wdir)
+        out["items_generated"] = items != data_dir / "items.parquet"
+        out["load"] = load_features(version_dir, data_dir / "users.parquet", items, rs.url)
         log(f"  {out['load']['records']} records at {out['load']['records_per_s']:,.0f}/s, "
             f"peak RSS {out['load']['peak_rss_mb']} MB")
         env = Env(version_dir, schema, rs.url, wdir, procs, plan, redis_pid=rs.pid)
-        env.body_files, reqs = request_files(wdir, data_dir, schema, plan.bodies_per_n)
+        env.body_files, reqs = request_files(wdir, data_dir / "users.parquet", items, schema,
+                                             plan.bodies_per_n)
         model = load_version(version_dir, warmup_sizes=())
         session = floors.make_session(version_dir / MODEL_FILE, 1, 1, "all")
         lid = out["load"]["load_id"]
