@@ -39,8 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default=DEFAULT_PREFIX, help="key prefix (default %(default)s)")
     p.add_argument("--ttl", type=int, default=None, help="expire records after this many seconds")
     p.add_argument("--batch-size", type=int, default=DEFAULT_STREAM_ROWS,
-                   help="rows read, encoded and written per step: one command of that many "
-                   "records (default %(default)s; memory is bounded by it)")
+                   help="records per command (default %(default)s); the files are read and "
+                   "encoded 50 000 rows at a time (memory is bounded by that)")
     p.add_argument("--load-id", help="override the content-derived load id")
     p.add_argument(
         "--old-load-grace",

@@ -110,6 +110,7 @@ class EncodedGroup:
     defaulted_columns: tuple[str, ...] = ()  # absent from the table, written as their default
     list_ids: int = 0
     list_unknown_ids: int = 0
+    source_rows: np.ndarray | None = None  # each record's row in the encoded table (None: all)
 
     @functools.cached_property
     def ids(self) -> list[str]:
@@ -154,8 +155,10 @@ def encode_table(
     ids_arr = ids_as_strings(table.column(group.key))
     valid = pc.is_valid(ids_arr)
     n_null = len(ids_arr) - int(pc.sum(valid).as_py() or 0)
+    source = np.arange(table.num_rows)  # (n,) the input row of each record kept
     if n_null:
         table, ids_arr = table.filter(valid), ids_arr.filter(valid)
+        source = source[np.asarray(valid.to_numpy(zero_copy_only=False), dtype=bool)]
     # Duplicate ids: the last row wins, as it would with repeated SETs; count them.
     n_dup = len(ids_arr) - pc.count_distinct(ids_arr).as_py()
     if n_dup:
@@ -165,6 +168,7 @@ def encode_table(
         keep.sort()
         table = table.take(pa.array(keep))
         ids_arr = ids_arr.take(pa.array(keep))
+        source = source[keep]
     present = set(table.column_names)
     columns = {name: table.column(name) for name in group.feature_names if name in present}
     cat, dense = group.encode_columns(columns, table.num_rows)
@@ -184,7 +188,8 @@ def encode_table(
                 f"{group.entity} table: {n_unknown} of the {n_list} ids in its list features "
                 f"are unknown to the model's vocabulary (more than {max_unknown_list_share:.0%}"
                 "): are they spelled as the ids the model was trained on?")
-    return EncodedGroup(group.entity, ids_arr, records, n_null, n_dup, absent, n_list, n_unknown)
+    return EncodedGroup(group.entity, ids_arr, records, n_null, n_dup, absent, n_list, n_unknown,
+                        source if (n_null or n_dup) else None)
 
 
 def _list_ids(column: pa.Array | pa.ChunkedArray) -> int:
@@ -444,7 +449,9 @@ def file_load_id(schema: FeatureSchema, sources: dict[str, Path]) -> str:
     return "f" + h.hexdigest()[:11]
 
 
-DEFAULT_STREAM_ROWS = 5_000  # rows of Parquet read, encoded and written per step (one command)
+DEFAULT_STREAM_ROWS = 5_000  # records per command (MSET): Redis blocks other clients for one
+DEFAULT_READ_ROWS = 50_000  # rows of Parquet read and encoded per step (several commands):
+# encoding a vocabulary lookup costs per call, so larger steps amortise it
 
 
 def load_files(
@@ -462,10 +469,12 @@ def load_files(
     now: float | None = None,
     allow_missing_columns: bool = False,
     max_unknown_list_share: float = DEFAULT_MAX_UNKNOWN_LIST_SHARE,
+    read_rows: int = DEFAULT_READ_ROWS,
 ) -> LoadReport:
-    """`load_tables` for Parquet files too large to hold: each file is read `batch_size` rows
-    at a time (`iter_batches`, only the columns the schema needs), encoded and written, so
-    memory stays bounded by a batch whatever the file's size.
+    """`load_tables` for Parquet files too large to hold: each file is read `read_rows` rows
+    at a time (`iter_batches`, only the columns the schema needs), encoded, and written in
+    commands of `batch_size` records, so memory stays bounded by a step whatever the file's
+    size.
 
     The load id comes from the files' bytes (`file_load_id`). Every batch is written with its
     progress marker in one atomic command, so a killed load, run again on the same files,
@@ -516,10 +525,11 @@ def load_files(
                 def encoded(pf: pq.ParquetFile = pf, group: GroupSchema = group,
                             skip: int = done[entity], columns: list[str] = columns,
                             ) -> Iterator[tuple[EncodedGroup, int, int]]:
-                    """(batch encoded, rows of the file read, rows of this batch) from row
+                    """(step encoded, the file row of its first row, its rows) from row
                     `skip` on."""
                     consumed = 0
-                    for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
+                    for batch in pf.iter_batches(batch_size=max(read_rows, batch_size),
+                                                 columns=columns):
                         start, consumed = consumed, consumed + batch.num_rows
                         if consumed <= skip:
                             continue  # written by the killed run
@@ -529,13 +539,24 @@ def load_files(
                         yield (encode_table(group, table, written_at,
                                             allow_missing_columns=allow_missing_columns,
                                             max_unknown_list_share=max_unknown_list_share),
-                               consumed, table.num_rows)
+                               consumed - table.num_rows, table.num_rows)
 
                 # the next batch is read and encoded (pyarrow and numpy, mostly without the
                 # GIL) on a thread while this one packs and sends the current one
-                for enc, consumed, n_read in prefetched(encoded()):
-                    writer.write(key_prefix, enc.id_array, enc.records.tobytes(), size,
-                                 (keys[entity], consumed))
+                for enc, first, n_read in prefetched(encoded()):
+                    blob = enc.records.tobytes()
+                    for lo in range(0, len(enc), batch_size):
+                        hi = min(len(enc), lo + batch_size)
+                        # the marker: rows of the file up to this command's last record (the
+                        # rest of the step if it is the last command: skipped rows included)
+                        src = enc.source_rows
+                        done_to = (first + n_read if hi == len(enc) else
+                                   first + (hi if src is None else int(src[hi - 1]) + 1))
+                        writer.write(key_prefix, enc.id_array[lo:hi],
+                                     blob[lo * size : hi * size], size, (keys[entity], done_to))
+                    if not len(enc):  # a step of null ids only: its rows are done too (the
+                        # marker alone, in order after the commands in flight)
+                        writer.write(key_prefix, [], b"", size, (keys[entity], first + n_read))
                     rows += len(enc)
                     report.skipped_null_ids += enc.skipped_null_ids
                     report.duplicate_ids += enc.duplicate_ids

@@ -127,7 +127,7 @@ def test_a_bad_list_midway_stops_the_streamed_load_before_the_switch(
                    path)
     raw = redis.Redis.from_url(redis_url, socket_timeout=5)
     with pytest.raises(BadListError, match="max_len = 8"):
-        load_files(raw, schema, path, None, batch_size=10, old_load_grace_s=30)
+        load_files(raw, schema, path, None, batch_size=10, read_rows=10, old_load_grace_s=30)
     lid = file_load_id(schema, {"user": path})
     keys = list(raw.scan_iter(match=load_pattern("rk", schema.version, lid, "user")))
     assert len(keys) == 30  # the three good batches were written, then expire
