@@ -6,8 +6,10 @@ key; the previous load's records are then given a short expiry (readers may stil
 requests against it). Each entity has its own pointer: a load of one table moves only that
 entity's pointer, and only that entity's previous records expire. The load id is a hash of the
 schema version and the encoded content, so loading the same tables twice rewrites the same keys
-and flips the pointers to the values they already have: idempotent. A table that lacks a feature
-column the schema needs is refused (naming the column) unless the caller allows it explicitly.
+and flips the pointers to the values they already have: idempotent (`load_files`, which streams
+Parquet files, hashes the files instead). A table that lacks a feature column the schema needs
+is refused (naming the column) unless the caller allows it explicitly. The batches go through
+`service.featurestore.bulk` with a progress marker each, so a killed load resumes.
 """
 
 from __future__ import annotations
