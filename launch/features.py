@@ -7,16 +7,16 @@ import json
 import sys
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from ranker.manifest import list_versions, load_manifest, load_schema, version_dir
 from ranker.schema import FeatureSchema
 from service.featurestore.keys import DEFAULT_PREFIX
 from service.featurestore.writer import (
-    DEFAULT_BATCH,
+    DEFAULT_MAX_UNKNOWN_LIST_SHARE,
     DEFAULT_OLD_LOAD_GRACE_S,
+    DEFAULT_STREAM_ROWS,
+    BadListError,
     MissingColumnsError,
-    load_tables,
+    load_files,
     make_sync_client,
 )
 
@@ -38,7 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--password", help="Redis password (or put it in the URL)")
     p.add_argument("--prefix", default=DEFAULT_PREFIX, help="key prefix (default %(default)s)")
     p.add_argument("--ttl", type=int, default=None, help="expire records after this many seconds")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="SETs per pipeline")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_STREAM_ROWS,
+                   help="records per command (default %(default)s); the files are read and "
+                   "encoded 50 000 rows at a time (memory is bounded by that)")
     p.add_argument("--load-id", help="override the content-derived load id")
     p.add_argument(
         "--old-load-grace",
@@ -52,6 +54,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="write a feature column absent from a table as its default for every entity "
         "(refused otherwise; the report lists such columns)",
+    )
+    p.add_argument(
+        "--max-unknown-list-share",
+        type=float,
+        default=DEFAULT_MAX_UNKNOWN_LIST_SHARE,
+        help="refuse a list feature (a history) whose present ids are more than this share "
+        "unknown to the model's vocabulary (default %(default)s)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -87,15 +96,15 @@ def load_main(argv: list[str]) -> int:
         print("error: --batch-size and --ttl must be >= 1", file=sys.stderr)
         return 2
     schema, vdir = resolve_schema(args)
-    users = pq.read_table(args.users) if args.users is not None else None
-    items = pq.read_table(args.items) if args.items is not None else None
     client = make_sync_client(args.redis_url, cluster=args.cluster, password=args.password)
     try:
-        report = load_tables(
+        # streamed: the Parquet files are read in batches; a killed load rerun on the same
+        # files resumes after its last written batch (service/featurestore/writer.py)
+        report = load_files(
             client,
             schema,
-            users,
-            items,
+            args.users,
+            args.items,
             prefix=args.prefix,
             ttl_s=args.ttl,
             batch_size=args.batch_size,
@@ -103,16 +112,25 @@ def load_main(argv: list[str]) -> int:
             old_load_grace_s=None if args.keep_old else args.old_load_grace,
             progress=not args.no_progress,
             allow_missing_columns=args.allow_missing_columns,
+            max_unknown_list_share=args.max_unknown_list_share,
         )
     except MissingColumnsError as e:
         print(f"error: {e} (--allow-missing-columns)", file=sys.stderr)
+        return 2
+    except BadListError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
         client.close()
     print(
         f"loaded {report.users} users and {report.items} items "
         f"({report.bytes_written / 1e6:.2f} MB) for schema {report.schema_version} of {vdir} "
-        f"as load {report.load_id} in {report.seconds:.2f}s"
+        f"as load {report.load_id} in {report.seconds:.2f}s "
+        f"({report.records_per_s:,.0f} records/s"
+        + "".join(f", {entity} {size:.0f} B/record in Redis"
+                  for entity, size in report.redis_bytes_per_record.items()) + ")"
+        + (f"; resumed after {report.resumed_rows} rows written before"
+           if report.resumed_rows else "")
         + "".join(f"; previous {entity} load {lid}"
                   for entity, lid in report.previous_load_ids.items() if lid)
         + "".join(f"; {entity} columns defaulted: {', '.join(cols)}"

@@ -55,6 +55,12 @@ def data_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="ranker data", description=data_main.__doc__)
     p.add_argument("--out", type=Path, default=Path("data/synthetic"))
     p.add_argument("--small", action="store_true", help="a tiny dataset (tests, smoke runs)")
+    p.add_argument("--profile", choices=["default", "production"], default="default",
+                   help="production: 1 M users, 100 k items, 10 M impressions, a 20-item "
+                        "history, 20 extra features per entity (train with "
+                        "--spec synthetic_production)")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="with --profile production: every count times this (0.1 = 10 %%)")
     p.add_argument("--impressions", type=int, help="number of impressions (all splits)")
     p.add_argument("--users", type=int)
     p.add_argument("--items", type=int)
@@ -69,7 +75,12 @@ def data_main(argv: list[str]) -> int:
                          ("position_bias", a.position_bias)):
         if value is not None:
             kw[field] = value
-    cfg = SyntheticConfig.small(**kw) if a.small else SyntheticConfig(**kw)  # type: ignore[arg-type]
+    if a.profile == "production":
+        if a.small:
+            p.error("--small and --profile production: use --scale for a smaller production world")
+        cfg = SyntheticConfig.production(a.scale, **kw)
+    else:
+        cfg = SyntheticConfig.small(**kw) if a.small else SyntheticConfig(**kw)  # type: ignore[arg-type]
     info = write_dataset(cfg, a.out)
     keys = ("sizes", "rates", "after_click", "oracle_auc")
     print(json.dumps({k: info[k] for k in keys}, indent=2))

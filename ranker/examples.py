@@ -14,8 +14,12 @@ from ranker.schema import (
     DenseFeature,
     FeatureSchema,
     GroupSchema,
+    ListFeature,
+    ListPooling,
     Vocabulary,
 )
+
+HISTORY_FEATURE = "recent_items"  # the example list feature: a user's recent item ids
 
 
 def tiny_schema(n_users: int = 50, n_items: int = 200) -> FeatureSchema:
@@ -53,6 +57,18 @@ def tiny_schema(n_users: int = 50, n_items: int = 200) -> FeatureSchema:
     return FeatureSchema((user, item, context))
 
 
+def tiny_list_schema(n_users: int = 50, n_items: int = 200, max_len: int = 6,
+                     pooling: ListPooling = "mean") -> FeatureSchema:
+    """`tiny_schema` plus a user list feature: the user's recent item ids (`HISTORY_FEATURE`),
+    up to `max_len`, sharing the item id's vocabulary and embedding table."""
+    base = tiny_schema(n_users, n_items)
+    user, item, context = base.groups
+    history = ListFeature(HISTORY_FEATURE, max_len, "item.item_id", item.categorical[0].vocab,
+                          pooling)
+    user = GroupSchema(user.entity, user.key, user.categorical, user.dense, (history,))
+    return FeatureSchema((user, item, context))
+
+
 def golden_inputs(schema: FeatureSchema, n: int = 4, seed: int = 0) -> dict[str, np.ndarray]:
     """One user and context row broadcast over n random candidates, as the service sends them."""
     rng = np.random.default_rng(seed)
@@ -67,5 +83,12 @@ def golden_inputs(schema: FeatureSchema, n: int = 4, seed: int = 0) -> dict[str,
             ).astype(np.int64)
         if g.n_dense:
             dense = rng.normal(size=(rows, g.n_dense)).astype(np.float32)
-        out.update(g.inputs(cat, dense))
+        lists = None
+        if g.lists:  # ids of the list's table, the tail padding (a part-filled history)
+            lists = np.zeros((rows, g.list_width), np.int64)
+            for f, cols in zip(g.lists, g.list_slices(), strict=True):
+                filled = rng.integers(0, f.max_len + 1, rows)  # (rows,) 0 = empty history
+                ids = rng.integers(1, f.vocab.size, (rows, f.max_len))
+                lists[:, cols] = np.where(np.arange(f.max_len) < filled[:, None], ids, 0)
+        out.update(g.inputs(cat, dense, lists))
     return out

@@ -21,7 +21,18 @@ Conventions:
   ``<entity>_cat`` (int64 indices) and ``<entity>_dense`` (float32), listed by
   `FeatureSchema.input_specs`; the item group's batch is the candidates, the user's and the
   context's is 1 at serving time. Everything that builds or reads model inputs (trainer,
-  export, loader, feature store reader, service, benchmark) asks this module for them.
+  export, loader, feature store reader, service, benchmark) asks this module for them;
+- a list feature (`ListFeature`, e.g. the user's recent item ids) holds up to `max_len` ids of
+  another group's categorical (its `table`, e.g. ``item.item_id``): it is encoded with that
+  feature's vocabulary and embedded with that feature's embedding table (one table, so a
+  history item and a candidate share their vector). The encoded list is `max_len` indices,
+  the list's ids in order (most recent first), then `LIST_PADDING` (0) to the cap; an id
+  outside the vocabulary encodes to 0 too, so it is dropped like padding. A missing or empty
+  list (a new user) is all padding, the feature's default, and pools to the zero vector. A
+  raw list longer than `max_len` is an error (`ListTooLongError`), never silently cut. A
+  group's lists reach the model as a third input ``<entity>_list`` (int64, [batch, sum of
+  the caps], each feature's block in order), and sit in the stored record the same way;
+  groups without lists have no such input and keep their record layout and schema version.
 """
 
 from __future__ import annotations
@@ -40,8 +51,11 @@ import pyarrow.compute as pc
 ENTITIES = ("user", "item", "context")
 CANDIDATE_ENTITY = "item"  # the group whose rows are the candidates; the others come once per user
 OOV_INDEX = 0
-InputKind = Literal["cat", "dense"]
-INPUT_DTYPES: dict[InputKind, str] = {"cat": "int64", "dense": "float32"}
+LIST_PADDING = 0  # the index that fills a list past its ids (OOV_INDEX: an unknown id drops too)
+InputKind = Literal["cat", "dense", "list"]
+INPUT_DTYPES: dict[InputKind, str] = {"cat": "int64", "dense": "float32", "list": "int64"}
+ListPooling = Literal["mean", "attention"]
+LIST_POOLINGS: tuple[ListPooling, ...] = ("mean", "attention")
 
 
 def input_name(entity: str, kind: InputKind) -> str:
@@ -68,14 +82,18 @@ class InputSpec(NamedTuple):
         return batch_axis(self.entity)
 
 
-def group_input_specs(entity: str, n_cat: int, n_dense: int) -> list[InputSpec]:
-    """The model inputs of one feature group: its categorical, then its dense tensor, if any."""
-    widths: dict[InputKind, int] = {"cat": n_cat, "dense": n_dense}
+def group_input_specs(entity: str, n_cat: int, n_dense: int, list_width: int = 0
+                      ) -> list[InputSpec]:
+    """The model inputs of one feature group: its categorical, dense and list tensors, if any."""
+    widths: dict[InputKind, int] = {"cat": n_cat, "dense": n_dense, "list": list_width}
     return [
         InputSpec(input_name(entity, kind), INPUT_DTYPES[kind], width, entity, kind)
         for kind, width in widths.items()
         if width
     ]
+
+
+DICT_LOOKUP_RATIO = 8  # values per call below vocabulary size / this: looked up one by one
 
 
 @dataclass(frozen=True)
@@ -105,8 +123,17 @@ class Vocabulary:
         return self._lookup.get(_as_key(value), OOV_INDEX)
 
     def encode(self, values: Any) -> np.ndarray:
-        """Vectorised lookup of raw values (pyarrow array, numpy array or list) -> int32 indices."""
-        idx = pc.index_in(_as_strings(values), value_set=self._array)
+        """Vectorised lookup of raw values (pyarrow array, numpy array or list) -> int32 indices.
+
+        `index_in` hashes the whole vocabulary on every call; for a few values against a large
+        vocabulary (a loader's batch of 5 000 users against a million ids) the dict lookup
+        per value is far cheaper. Both compare the same strings: the same indices."""
+        arr = _as_strings(values)
+        if len(arr) * DICT_LOOKUP_RATIO < len(self.values):
+            get = self._lookup.get
+            return np.fromiter((OOV_INDEX if v is None else get(v, OOV_INDEX)
+                                for v in arr.to_pylist()), np.int32, len(arr))
+        idx = pc.index_in(arr, value_set=self._array)
         out = pc.fill_null(pc.add(idx, 1), OOV_INDEX)
         return np.asarray(out.to_numpy(zero_copy_only=False), dtype=np.int32)
 
@@ -250,6 +277,99 @@ def _is_nan(value: Any) -> bool:
     return isinstance(value, float) and math.isnan(value)
 
 
+class ListTooLongError(ValueError):
+    """A raw list longer than its feature's `max_len`; the message names the feature and row."""
+
+
+class ListColumnError(ValueError):
+    """A list feature's column that is not a list of ids; the message names the feature."""
+
+
+@dataclass(frozen=True)
+class ListFeature:
+    """Up to `max_len` ids of the categorical `table` ("<entity>.<feature>"), encoded with its
+    vocabulary and embedded with its embedding table, pooled by `pooling` ("mean" over the
+    non-padding positions; "attention": weighted by each id's similarity to the candidate's
+    id, for a user list of item ids). See the module docstring for padding and defaults."""
+
+    name: str
+    max_len: int
+    table: str
+    vocab: Vocabulary | HashedVocabulary
+    pooling: ListPooling = "mean"
+
+    def __post_init__(self) -> None:
+        if self.max_len < 1:
+            raise ValueError(f"list feature {self.name}: max_len must be >= 1, got {self.max_len}")
+        if self.pooling not in LIST_POOLINGS:
+            raise ValueError(f"list feature {self.name}: pooling {self.pooling!r} is not one of "
+                             f"{LIST_POOLINGS}")
+        if self.table.count(".") != 1:
+            raise ValueError(f"list feature {self.name}: table {self.table!r} is not "
+                             "<entity>.<feature>")
+
+    @property
+    def table_entity(self) -> str:
+        return self.table.split(".")[0]
+
+    @property
+    def table_feature(self) -> str:
+        return self.table.split(".")[1]
+
+    def encode(self, values: Any, n_rows: int) -> tuple[np.ndarray, int]:
+        """Raw lists (a pyarrow list column or Python lists; None = missing) -> ([n, max_len]
+        int32 indices padded with LIST_PADDING, how many present ids the vocabulary lacks).
+
+        Vectorised: the ids of every row are encoded in one call and scattered into place by
+        their offsets. A list longer than `max_len` raises `ListTooLongError`."""
+        arr = values
+        if not isinstance(arr, pa.Array | pa.ChunkedArray):
+            arr = pa.array(list(values), from_pandas=True)
+        if isinstance(arr, pa.ChunkedArray):
+            arr = arr.combine_chunks() if arr.num_chunks else pa.array([], pa.list_(pa.string()))
+        if pa.types.is_null(arr.type):  # every row missing
+            return np.full((n_rows, self.max_len), LIST_PADDING, np.int32), 0
+        if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)):
+            raise ListColumnError(f"list feature {self.name}: the column must be a list of ids, "
+                                  f"got {arr.type}")
+        if len(arr) != n_rows:
+            raise ValueError(f"list feature {self.name}: {len(arr)} rows, expected {n_rows}")
+        lengths = np.asarray(pc.fill_null(pc.list_value_length(arr), 0)
+                             .to_numpy(zero_copy_only=False), dtype=np.int64)
+        if n_rows and int(lengths.max()) > self.max_len:
+            row = int(np.argmax(lengths > self.max_len))
+            over = int((lengths > self.max_len).sum())
+            raise ListTooLongError(
+                f"list feature {self.name}: {over} row(s) hold more than max_len = "
+                f"{self.max_len} ids (row {row}: {int(lengths[row])}); the cap is part of the "
+                "model's schema: cut the lists to the most recent max_len ids before loading")
+        flat = arr.flatten()  # the present lists' ids, null lists skipped
+        if pa.types.is_nested(flat.type):
+            raise ListColumnError(f"list feature {self.name}: the ids must be strings or "
+                                  f"integers, got a list of {flat.type}")
+        out = np.full((n_rows, self.max_len), LIST_PADDING, np.int32)
+        if not len(flat):
+            return out, 0
+        codes = self.vocab.encode(flat)  # (sum of lengths,) int32, unknown -> 0
+        starts = np.cumsum(lengths) - lengths  # (n,) first flat position of each row
+        row_of = np.repeat(np.arange(n_rows), lengths)  # (sum,)
+        out[row_of, np.arange(len(flat)) - starts[row_of]] = codes
+        present = len(flat) - int(flat.null_count)
+        return out, present - int(np.count_nonzero(codes))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "max_len": self.max_len,
+            "table": self.table,
+            "pooling": self.pooling,
+            "vocab_size": self.vocab.size,
+            "vocab_sha256": self.vocab.sha256,
+            "padding": LIST_PADDING,
+            "default": [],  # missing or empty: all padding, pooled to the zero vector
+        }
+
+
 @dataclass(frozen=True)
 class GroupSchema:
     """The features of one entity (user, item or context), in model input order."""
@@ -258,6 +378,11 @@ class GroupSchema:
     key: str | None  # id column of the entity's table; None for context
     categorical: tuple[CategoricalFeature, ...]
     dense: tuple[DenseFeature, ...]
+    lists: tuple[ListFeature, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.lists and self.entity == "context":
+            raise ValueError("list features belong to the user or item group, not the context")
 
     @property
     def n_cat(self) -> int:
@@ -268,18 +393,54 @@ class GroupSchema:
         return len(self.dense)
 
     @property
+    def list_width(self) -> int:
+        """Columns of the group's list input: the sum of its lists' caps (0: no lists)."""
+        return sum(f.max_len for f in self.lists)
+
+    def list_slices(self) -> list[slice]:
+        """Each list feature's columns in the group's list input, in order."""
+        out, start = [], 0
+        for f in self.lists:
+            out.append(slice(start, start + f.max_len))
+            start += f.max_len
+        return out
+
+    @property
     def feature_names(self) -> list[str]:
-        return [f.name for f in self.categorical] + [f.name for f in self.dense]
+        return ([f.name for f in self.categorical] + [f.name for f in self.dense]
+                + [f.name for f in self.lists])
 
     def record_dtype(self) -> np.dtype:
-        """Packed little-endian binary record of one entity in the feature store."""
-        return np.dtype(
-            [
-                ("written_at", "<f8"),
-                ("cat", "<i4", (self.n_cat,)),
-                ("dense", "<f4", (self.n_dense,)),
-            ]
-        )
+        """Packed little-endian binary record of one entity in the feature store (the lists'
+        field only when the group has lists: other records keep their layout)."""
+        fields: list[tuple[Any, ...]] = [
+            ("written_at", "<f8"),
+            ("cat", "<i4", (self.n_cat,)),
+            ("dense", "<f4", (self.n_dense,)),
+        ]
+        if self.lists:
+            fields.append(("list", "<i4", (self.list_width,)))
+        return np.dtype(fields)
+
+    def default_lists(self) -> np.ndarray:
+        """The lists of a missing entity (and of a missing or empty history): [width] padding."""
+        return np.full(self.list_width, LIST_PADDING, dtype=np.int32)
+
+    def encode_lists(self, columns: Mapping[str, Any], n_rows: int) -> tuple[np.ndarray, int]:
+        """Raw list columns -> ([n, list_width] int32, ids the vocabularies lack); an absent
+        column is all padding (its default)."""
+        out = np.full((n_rows, self.list_width), LIST_PADDING, dtype=np.int32)
+        unknown = 0
+        for f, cols in zip(self.lists, self.list_slices(), strict=True):
+            if f.name in columns:
+                out[:, cols], missed = f.encode(columns[f.name], n_rows)
+                unknown += missed
+        return out, unknown
+
+    def list_bounds(self) -> np.ndarray:
+        """[list_width] int: each list column's vocabulary size (a valid index is below it)."""
+        return np.concatenate([np.full(f.max_len, f.vocab.size, np.int64) for f in self.lists]
+                              ) if self.lists else np.zeros(0, np.int64)
 
     def default_row(self) -> tuple[np.ndarray, np.ndarray]:
         """Encoded values used when the whole entity is missing: ([n_cat] int32, [n_dense] f32)."""
@@ -311,29 +472,44 @@ class GroupSchema:
 
     def input_specs(self) -> list[InputSpec]:
         """This group's model inputs (none if the group has no features of a kind)."""
-        return group_input_specs(self.entity, self.n_cat, self.n_dense)
+        return group_input_specs(self.entity, self.n_cat, self.n_dense, self.list_width)
 
-    def inputs(self, cat: np.ndarray, dense: np.ndarray) -> dict[str, np.ndarray]:
-        """Encoded arrays (cat [n, n_cat], dense [n, n_dense]) as this group's model inputs."""
+    def inputs(self, cat: np.ndarray, dense: np.ndarray,
+               lists: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Encoded arrays (cat [n, n_cat], dense [n, n_dense], lists [n, list_width]) as this
+        group's model inputs; lists None = every list at its default (all padding)."""
         out: dict[str, np.ndarray] = {}
         if self.n_cat:
             out[input_name(self.entity, "cat")] = cat.astype(np.int64, copy=False)
         if self.n_dense:
             out[input_name(self.entity, "dense")] = dense
+        if self.lists:
+            if lists is None:
+                lists = np.tile(self.default_lists(), (len(cat), 1))
+            out[input_name(self.entity, "list")] = lists.astype(np.int64, copy=False)
         return out
+
+    def encode_inputs(self, columns: Mapping[str, Any], n_rows: int) -> dict[str, np.ndarray]:
+        """Raw columns -> this group's model inputs (`encode_columns` and `encode_lists`)."""
+        lists = self.encode_lists(columns, n_rows)[0] if self.lists else None
+        return self.inputs(*self.encode_columns(columns, n_rows), lists)
 
     def default_inputs(self, rows: int) -> dict[str, np.ndarray]:
         """The default row (`default_row`) repeated over `rows` rows, as model inputs."""
         cat, dense = self.default_row()
-        return self.inputs(np.tile(cat.astype(np.int64), (rows, 1)), np.tile(dense, (rows, 1)))
+        return self.inputs(np.tile(cat.astype(np.int64), (rows, 1)), np.tile(dense, (rows, 1)),
+                           np.tile(self.default_lists().astype(np.int64), (rows, 1)))
 
     def describe(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "entity": self.entity,
             "key": self.key,
             "categorical": [f.describe() for f in self.categorical],
             "dense": [f.describe() for f in self.dense],
         }
+        if self.lists:  # only then: a group without lists keeps its description and version
+            d["lists"] = [f.describe() for f in self.lists]
+        return d
 
 
 def _to_float_array(values: Any) -> np.ndarray:
@@ -354,6 +530,25 @@ class FeatureSchema:
         entities = [g.entity for g in self.groups]
         if entities != [e for e in ENTITIES if e in entities]:
             raise ValueError(f"groups must be ordered {ENTITIES} and unique, got {entities}")
+        for g in self.groups:
+            for f in g.lists:
+                table = self.table_of(f)
+                if table.vocab != f.vocab:
+                    raise ValueError(f"list feature {g.entity}.{f.name}: its vocabulary is not "
+                                     f"the one of {f.table}")
+                if f.pooling == "attention" and (f.table_entity != CANDIDATE_ENTITY
+                                                 or g.entity == CANDIDATE_ENTITY):
+                    raise ValueError(f"list feature {g.entity}.{f.name}: attention pools a "
+                                     "non-candidate list of candidate ids")
+
+    def table_of(self, f: ListFeature) -> CategoricalFeature:
+        """The categorical whose vocabulary and embedding table list feature `f` shares."""
+        group = self.group(f.table_entity)
+        found = None if group is None else next(
+            (c for c in group.categorical if c.name == f.table_feature), None)
+        if found is None:
+            raise ValueError(f"list feature {f.name}: no categorical {f.table} in the schema")
+        return found
 
     def group(self, entity: str) -> GroupSchema | None:
         return next((g for g in self.groups if g.entity == entity), None)
@@ -431,10 +626,36 @@ class FeatureSchema:
                 for fd in gd["dense"]
             ]
             groups.append(GroupSchema(gd["entity"], gd["key"], tuple(cats), tuple(dense)))
+        groups = _with_lists(groups, desc["groups"])
         schema = cls(tuple(groups))
         if "version" in desc and desc["version"] != schema.version:
             raise ValueError(f"schema version {desc['version']} != recomputed {schema.version}")
         return schema
+
+
+def _with_lists(groups: list[GroupSchema], descs: Sequence[Mapping[str, Any]]
+                ) -> list[GroupSchema]:
+    """The groups with the list features their descriptions carry, each given the vocabulary
+    of the categorical it names (after every group's categoricals exist: a user list names an
+    item feature)."""
+    vocab = {f"{g.entity}.{c.name}": c.vocab for g in groups for c in g.categorical}
+    out = []
+    for g, gd in zip(groups, descs, strict=True):
+        lists = []
+        for fd in gd.get("lists", []):
+            where = f"{g.entity}.{fd['name']}"
+            if fd["table"] not in vocab:
+                raise ValueError(f"{where}: list of {fd['table']!r}, no such categorical")
+            v = vocab[fd["table"]]
+            if v.sha256 != fd["vocab_sha256"] or v.size != fd["vocab_size"]:
+                raise ValueError(f"vocabulary of {where} ({fd['table']}) does not match")
+            if fd.get("padding", LIST_PADDING) != LIST_PADDING:
+                raise ValueError(f"{where}: padding {fd['padding']!r}, expected {LIST_PADDING}")
+            lists.append(ListFeature(fd["name"], int(fd["max_len"]), fd["table"], v,
+                                     fd.get("pooling", "mean")))
+        out.append(GroupSchema(g.entity, g.key, g.categorical, g.dense, tuple(lists))
+                   if lists else g)
+    return out
 
 
 def vocabulary_from_counts(

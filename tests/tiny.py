@@ -8,20 +8,23 @@ import shutil
 from pathlib import Path
 
 from ranker.examples import golden_inputs, tiny_schema
+from ranker.schema import FeatureSchema
 
 TASKS = ["click", "like", "share"]
 MODEL_NAME = "mmoe"
 
 
-def export_tiny_model(repo: Path, name: str = "ranker", seed: int = 0, **config: object) -> Path:
-    """An untrained but real MMoE, exported through the real exporter; returns its version dir."""
+def export_tiny_model(repo: Path, name: str = "ranker", seed: int = 0,
+                      schema: FeatureSchema | None = None, **config: object) -> Path:
+    """An untrained but real MMoE, exported through the real exporter; returns its version dir.
+    `schema`: another feature schema than `tiny_schema()` (e.g. `tiny_list_schema()`)."""
     import torch
 
     from training.export import export_model
     from training.model import ModelConfig, MultiTaskModel, inputs_from_schema
 
     torch.manual_seed(seed)
-    schema = tiny_schema()
+    schema = tiny_schema() if schema is None else schema
     cfg = ModelConfig(
         inputs=inputs_from_schema(schema),
         tasks=TASKS,

@@ -8,10 +8,11 @@ loader and the service) encodes every split.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -27,11 +28,13 @@ from ranker.schema import (
     FeatureSchema,
     GroupSchema,
     HashedVocabulary,
+    ListFeature,
+    ListPooling,
     Vocabulary,
     vocabulary_from_counts,
 )
 from training.model import POSITION_INPUT
-from training.spec import DatasetSpec, SpecError
+from training.spec import DatasetSpec, FeatureSpec, SpecError
 
 SPLITS = ("train", "val", "test")
 
@@ -44,16 +47,62 @@ class RawData:
     users: pa.Table | None
     items: pa.Table | None
     sha256: str  # of the source files
+    # encoded entity tables of the factorized join (`Gathered`), by (schema version, entity)
+    encoded_entities: dict[tuple[str, str], dict[str, np.ndarray]] = dataclasses.field(
+        default_factory=dict, repr=False)
 
     def row_counts(self) -> dict[str, int]:
         return {k: t.num_rows for k, t in self.splits.items()}
 
 
+class Gathered:
+    """An input of the factorized join: row i is `table[rows[i]]`, the entity's encoded row
+    of impression i, gathered per batch instead of materialised for every impression (at 10 M
+    impressions over a million users' 20-item histories that matrix would not fit). Works on
+    numpy arrays and on torch tensors alike (`training.train.to_tensors` converts it)."""
+
+    def __init__(self, table: Any, rows: Any) -> None:
+        self.table = table  # (entities + 1, width): the last row is the missing entity's
+        self.rows = rows  # (N,) int64 row of each impression
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.rows), *self.table.shape[1:])
+
+    @property
+    def dtype(self) -> Any:
+        return self.table.dtype
+
+    def __getitem__(self, idx: Any) -> Any:
+        return self.table[self.rows[idx]]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = np.asarray(self.table[self.rows])
+        return out if dtype is None else out.astype(dtype)
+
+
+# The factorized join (`Gathered`) serves a spec with list features, or a log larger than this
+# (rows of a split): the default dataset keeps the materialised join, as before.
+FACTORIZE_ROWS = 1_000_000
+
+
+def factorized(spec: DatasetSpec, raw: RawData) -> bool:
+    """Whether `encode_split` gathers entity rows per batch instead of joining up front."""
+    if spec.source.kind != "tables":
+        return False
+    return (any(f.type == "list" for f in spec.features)
+            or max(t.num_rows for t in raw.splits.values()) > FACTORIZE_ROWS)
+
+
 @dataclass
 class Encoded:
-    """One split, encoded: model inputs (tiled, every group has N rows), labels [N, T], oracle."""
+    """One split, encoded: model inputs (tiled, every group has N rows; an entity's may be
+    `Gathered`), labels [N, T], oracle."""
 
-    inputs: dict[str, np.ndarray]
+    inputs: dict[str, Any]
     labels: np.ndarray  # (N, T) float32
     oracle: np.ndarray | None  # (N, T) true probabilities, synthetic data only
 
@@ -62,7 +111,7 @@ class Encoded:
 
     def take(self, idx: np.ndarray) -> Encoded:
         return Encoded(
-            {k: v[idx] for k, v in self.inputs.items()},
+            {k: v[idx] for k, v in self.inputs.items()},  # a Gathered input materialises
             self.labels[idx],
             None if self.oracle is None else self.oracle[idx],
         )
@@ -148,6 +197,55 @@ def joined_columns(spec: DatasetSpec, raw: RawData, log: pa.Table, entity: str) 
     return {n: picked[n] for n in picked.column_names}
 
 
+class _Join:
+    """The log's rows of one entity's columns, joined one column at a time on demand."""
+
+    def __init__(self, spec: DatasetSpec, raw: RawData, log: pa.Table, entity: str) -> None:
+        self.log = log
+        self.table = None if entity == "context" else (raw.users if entity == "user"
+                                                       else raw.items)
+        if self.table is None:
+            self.names = set(log.column_names)
+            self.idx = None
+        else:
+            key = spec.source.user_key if entity == "user" else spec.source.item_key
+            self.names = set(self.table.column_names)
+            self.idx = pc.index_in(log[key], value_set=self.table[key].combine_chunks())
+
+    def column(self, name: str) -> Any:
+        if self.table is None:
+            return self.log[name]
+        return self.table[name].take(self.idx)
+
+
+def entity_rows(spec: DatasetSpec, raw: RawData, log: pa.Table, entity: str) -> np.ndarray:
+    """(N,) int64: each log row's row in the entity table; a missing entity gets the row past
+    the end (`Gathered` tables carry the default row there)."""
+    table = raw.users if entity == "user" else raw.items
+    key = spec.source.user_key if entity == "user" else spec.source.item_key
+    assert table is not None and key is not None
+    idx = pc.index_in(log[key], value_set=table[key].combine_chunks())
+    return np.asarray(pc.fill_null(idx, table.num_rows).to_numpy(zero_copy_only=False),
+                      dtype=np.int64)
+
+
+def encoded_entity(spec: DatasetSpec, schema: FeatureSchema, raw: RawData,
+                   entity: str) -> dict[str, np.ndarray]:
+    """An entity table encoded once per schema (every split shares it), its default row
+    appended: input name -> (entities + 1, width)."""
+    key = (schema.version, entity)
+    if key not in raw.encoded_entities:
+        g = schema.group(entity)
+        table = raw.users if entity == "user" else raw.items
+        assert g is not None and table is not None
+        cols = {n: table[n] for n in g.feature_names if n in table.column_names}
+        enc = g.encode_inputs(cols, table.num_rows)
+        default = g.default_inputs(1)
+        raw.encoded_entities[key] = {k: np.concatenate([v, default[k].astype(v.dtype)])
+                                     for k, v in enc.items()}
+    return raw.encoded_entities[key]
+
+
 def _dense_stats(values: Any, log1p: bool) -> tuple[float, float]:
     x = np.asarray(pc.cast(values, pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
     x = x[~np.isnan(x)]
@@ -163,15 +261,20 @@ def build_schema(spec: DatasetSpec, raw: RawData) -> FeatureSchema:
     """Fit vocabularies and dense statistics on the train split (joined), in spec order."""
     train = raw.splits["train"]
     groups = []
+    lists: dict[str, list[FeatureSpec]] = {}
     for entity in ENTITIES:
         feats = spec.features_of(entity)
         if not feats:
             continue
-        cols = joined_columns(spec, raw, train, entity)
+        join = _Join(spec, raw, train, entity)
         cats, dense = [], []
         for f in feats:
-            if f.name not in cols:
+            if f.name not in join.names:
                 raise SpecError(f"feature {entity}.{f.name}: no such column in the {entity} data")
+            if f.type == "list":  # after every group's categoricals: it takes one's vocabulary
+                lists.setdefault(entity, []).append(f)
+                continue
+            cols = {f.name: join.column(f.name)}  # one joined column at a time: bounded memory
             if f.type == "categorical":
                 vocab: Vocabulary | HashedVocabulary
                 if f.hash_buckets is not None:  # no vocabulary to fit: the hash is fixed
@@ -188,7 +291,20 @@ def build_schema(spec: DatasetSpec, raw: RawData) -> FeatureSchema:
                 dense.append(DenseFeature(f.name, mean, std, default, f.log1p))
         key = {"user": spec.source.user_key, "item": spec.source.item_key}.get(entity)
         groups.append(GroupSchema(entity, key, tuple(cats), tuple(dense)))
-    return FeatureSchema(tuple(groups))
+    return FeatureSchema(tuple(_add_lists(groups, lists)))
+
+
+def _add_lists(groups: list[GroupSchema], lists: dict[str, list[FeatureSpec]]
+               ) -> list[GroupSchema]:
+    """The groups with their list features, each given its table's vocabulary."""
+    vocab = {f"{g.entity}.{c.name}": c.vocab for g in groups for c in g.categorical}
+    out = []
+    for g in groups:
+        feats = tuple(ListFeature(f.name, f.max_len, f.table, vocab[f.table],
+                                  cast(ListPooling, f.pooling))
+                      for f in lists.get(g.entity, []))
+        out.append(dataclasses.replace(g, lists=feats) if feats else g)
+    return out
 
 
 def labels_of(spec: DatasetSpec, log: pa.Table) -> np.ndarray:
@@ -217,9 +333,15 @@ def encode_split(spec: DatasetSpec, schema: FeatureSchema, raw: RawData, split: 
     """Join and encode one split with the shared schema encoder."""
     log = raw.splits[split]
     n = log.num_rows
-    inputs: dict[str, np.ndarray] = {}
+    inputs: dict[str, Any] = {}
+    gather = factorized(spec, raw)
     for g in schema.groups:
-        inputs.update(g.inputs(*g.encode_columns(joined_columns(spec, raw, log, g.entity), n)))
+        if gather and g.entity != "context":
+            rows = entity_rows(spec, raw, log, g.entity)
+            for name, table in encoded_entity(spec, schema, raw, g.entity).items():
+                inputs[name] = Gathered(table, rows)
+            continue
+        inputs.update(g.encode_inputs(joined_columns(spec, raw, log, g.entity), n))
     oracle = None
     if spec.source.oracle:
         oracle = np.stack(

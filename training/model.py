@@ -39,7 +39,14 @@ import torch
 from torch import Tensor, nn
 
 from ranker.manifest import GATES_LEVELS_OUTPUT, GATES_OUTPUT
-from ranker.schema import FeatureSchema, InputSpec, group_input_specs, input_name
+from ranker.schema import (
+    CANDIDATE_ENTITY,
+    LIST_PADDING,
+    FeatureSchema,
+    InputSpec,
+    group_input_specs,
+    input_name,
+)
 
 ModelType = Literal["mmoe", "omoe", "shared_bottom", "ple", "cgc"]
 Calibration = Literal["none", "platt", "isotonic"]
@@ -54,14 +61,28 @@ class InputGroup:
     vocab_sizes: list[int]
     embedding_dims: list[int]
     n_dense: int
+    # list features (ranker.schema.ListFeature), in order: each one's cap, the group and the
+    # categorical column whose embedding table it shares, that table's dim, and its pooling
+    list_lengths: list[int] = field(default_factory=list)
+    list_entities: list[str] = field(default_factory=list)
+    list_columns: list[int] = field(default_factory=list)
+    list_dims: list[int] = field(default_factory=list)
+    list_pooling: list[str] = field(default_factory=list)
+
+    @property
+    def base_width(self) -> int:
+        """Width of the embedded categoricals and the dense values."""
+        return sum(self.embedding_dims) + self.n_dense
 
     @property
     def width(self) -> int:
-        return sum(self.embedding_dims) + self.n_dense
+        """Width of the group's part of x: the base, then each list's pooled embedding."""
+        return self.base_width + sum(self.list_dims)
 
     def input_specs(self) -> list[InputSpec]:
         """The group's graph inputs, named by the feature contract."""
-        return group_input_specs(self.entity, len(self.vocab_sizes), self.n_dense)
+        return group_input_specs(self.entity, len(self.vocab_sizes), self.n_dense,
+                                 sum(self.list_lengths))
 
 
 @dataclass(frozen=True)
@@ -105,14 +126,14 @@ class ModelConfig:
         if self.chain and self.task_kind != "binary":
             raise ValueError("a task chain needs binary tasks")
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         d = dict(d)
         d["inputs"] = [InputGroup(**g) for g in d["inputs"]]
         return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
     def input_specs(self) -> list[InputSpec]:
         """The graph's inputs in order, as `FeatureSchema.input_specs` lists them."""
@@ -162,15 +183,26 @@ class ModelConfig:
 
 
 def inputs_from_schema(schema: FeatureSchema) -> list[InputGroup]:
-    return [
-        InputGroup(
+    out = []
+    for g in schema.groups:
+        tables = [schema.table_of(f) for f in g.lists]
+        columns = []
+        for f in g.lists:
+            owner = schema.group(f.table_entity)
+            assert owner is not None  # table_of found it
+            columns.append([c.name for c in owner.categorical].index(f.table_feature))
+        out.append(InputGroup(
             entity=g.entity,
             vocab_sizes=[f.vocab_size for f in g.categorical],
             embedding_dims=[f.embedding_dim for f in g.categorical],
             n_dense=g.n_dense,
-        )
-        for g in schema.groups
-    ]
+            list_lengths=[f.max_len for f in g.lists],
+            list_entities=[f.table_entity for f in g.lists],
+            list_columns=columns,
+            list_dims=[t.embedding_dim for t in tables],
+            list_pooling=[f.pooling for f in g.lists],
+        ))
+    return out
 
 
 def _uniform_(t: Tensor, fan_in: int) -> Tensor:
@@ -289,14 +321,53 @@ class MultiTaskModel(nn.Module):
         return [s.name for s in self.config.input_specs()]
 
     def first_layer(self, inputs: dict[str, Tensor]) -> Tensor:
-        """Sum over groups of x_g @ W_g, broadcasting groups whose batch is 1: (B, first_width)."""
+        """Sum over groups of x_g @ W_g, broadcasting groups whose batch is 1: (B, first_width).
+
+        A group with list features has x_g = [base_g, pooled list_1, ...]; each block is its
+        own product with its rows of W_g (the same sum), so a mean-pooled user history is
+        computed once per request and broadcast like the rest of the user's share."""
         h: Tensor = self.first_bias
         for g in self.config.inputs:
             x_g = self.encoders[g.entity](
                 inputs.get(input_name(g.entity, "cat")), inputs.get(input_name(g.entity, "dense"))
-            )  # (B_g, width_g), B_g in {1, B}
-            h = h + x_g @ self.first[g.entity]  # (B, first_width)
+            )  # (B_g, base_width_g), B_g in {1, B}
+            if not g.list_lengths:
+                h = h + x_g @ self.first[g.entity]  # (B, first_width)
+                continue
+            w = self.first[g.entity]  # (width_g, first_width)
+            h = h + x_g @ w[: g.base_width]
+            row = g.base_width
+            for j, pooled in enumerate(self.pooled_lists(g, inputs)):  # (B_g or B, d_j)
+                h = h + pooled @ w[row : row + g.list_dims[j]]
+                row += g.list_dims[j]
         return h
+
+    def pooled_lists(self, g: InputGroup, inputs: dict[str, Tensor]) -> list[Tensor]:
+        """Each list feature of group g, embedded with its table and pooled: (B_g, d) for
+        mean pooling, (B, d) for attention against the candidates. Padding (index 0) never
+        counts; an all-padding list (no history) pools to zeros."""
+        lists = inputs[input_name(g.entity, "list")]  # (B_g, sum of caps) int64
+        out, start = [], 0
+        for j, length in enumerate(g.list_lengths):
+            ids = lists[:, start : start + length]  # (B_g, L)
+            start += length
+            encoder = self.encoders[g.list_entities[j]]
+            assert isinstance(encoder, GroupEncoder)
+            table = encoder.embeddings[g.list_columns[j]]
+            assert isinstance(table, nn.Embedding)
+            e = table(ids)  # (B_g, L, d)
+            mask = (ids != LIST_PADDING).to(e.dtype).unsqueeze(-1)  # (B_g, L, 1)
+            if g.list_pooling[j] == "attention":
+                cand = inputs[input_name(CANDIDATE_ENTITY, "cat")][:, g.list_columns[j]]
+                q = table(cand).unsqueeze(1)  # (B, 1, d): the candidate's own id vector
+                logits = (e * q).sum(-1, keepdim=True) / math.sqrt(g.list_dims[j])  # (B, L, 1)
+                logits = logits + (mask - 1.0) * 1e9  # padding -> -1e9: weight 0 after softmax
+                weight = torch.softmax(logits, dim=1) * mask  # (B, L, 1); all padding -> 0
+                out.append((weight * e).sum(1))  # (B, d)
+            else:
+                count = mask.sum(1).clamp_min(1.0)  # (B_g, 1)
+                out.append((e * mask).sum(1) / count)  # (B_g, d)
+        return out
 
     def logits(self, inputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """Tower logits (T, B), position logit included, and the gate outputs."""

@@ -54,13 +54,18 @@ class TaskSpec:
 class FeatureSpec:
     name: str
     entity: Literal["user", "item", "context"]
-    type: Literal["categorical", "dense"]
+    type: Literal["categorical", "dense", "list"]
     embedding_dim: int = 8
     log1p: bool = False
     default: float | None = None  # raw default of a dense feature; None = the train mean
     min_count: int = 1
     max_vocab: int | None = None
     hash_buckets: int | None = None  # hash into this many rows instead of a vocabulary
+    # a list feature (ranker.schema.ListFeature): its cap, the "<entity>.<feature>" categorical
+    # whose vocabulary and embedding table it shares, and how it is pooled
+    max_len: int = 0
+    table: str = ""
+    pooling: str = "mean"
 
 
 @dataclass(frozen=True)
@@ -151,8 +156,26 @@ def _feature(d: dict[str, Any], i: int) -> FeatureSpec:
     if entity not in ENTITIES:
         raise SpecError(f"{where}.entity: {entity!r} is not one of {ENTITIES}")
     ftype = _get(d, "type", where, str)
-    if ftype not in ("categorical", "dense"):
-        raise SpecError(f"{where}.type: {ftype!r} is not categorical or dense")
+    if ftype not in ("categorical", "dense", "list"):
+        raise SpecError(f"{where}.type: {ftype!r} is not categorical, dense or list")
+    list_fields = {"max_len", "table", "pooling"} & set(d)
+    if ftype == "list":
+        if entity == "context":
+            raise SpecError(f"{where}: a list feature belongs to the user or item entity")
+        if not isinstance(d.get("max_len"), int) or d["max_len"] < 1:
+            raise SpecError(f"{where}.max_len: a list feature needs a positive integer cap")
+        table = d.get("table")
+        if not isinstance(table, str) or table.count(".") != 1:
+            raise SpecError(f"{where}.table: the shared categorical as <entity>.<feature>")
+        if d.get("pooling", "mean") not in ("mean", "attention"):
+            raise SpecError(f"{where}.pooling: mean or attention, got {d['pooling']!r}")
+        extra = {"embedding_dim", "log1p", "default", "min_count", "max_vocab",
+                 "hash_buckets"} & set(d)
+        if extra:
+            raise SpecError(f"{where}: {sorted(extra)} do not apply to a list feature (it "
+                            "takes its table's vocabulary and embedding)")
+    elif list_fields:
+        raise SpecError(f"{where}: {sorted(list_fields)} apply to a list feature only")
     dim = int(d.get("embedding_dim", 8))
     if dim < 1:
         raise SpecError(f"{where}.embedding_dim: must be >= 1, got {dim}")
@@ -172,6 +195,9 @@ def _feature(d: dict[str, Any], i: int) -> FeatureSpec:
         min_count=int(d.get("min_count", 1)),
         max_vocab=d.get("max_vocab"),
         hash_buckets=buckets,
+        max_len=int(d.get("max_len", 0)),
+        table=str(d.get("table", "")),
+        pooling=str(d.get("pooling", "mean")),
     )
 
 
@@ -242,6 +268,11 @@ def parse_spec(data: dict[str, Any], path: Path | None = None) -> DatasetSpec:
             raise SpecError(f"feature {f.name}: entity user needs source.users and source.user_key")
         if f.entity == "item" and not (source.items and source.item_key):
             raise SpecError(f"feature {f.name}: entity item needs source.items and source.item_key")
+    cats = {f"{f.entity}.{f.name}" for f in features if f.type == "categorical"}
+    for f in features:
+        if f.type == "list" and f.table not in cats:
+            raise SpecError(f"feature {f.name}: table {f.table!r} is no categorical feature "
+                            f"of the spec ({sorted(cats)})")
     label_cols = {t.column for t in tasks}
     leaked = [f.name for f in features if f.entity == "context" and f.name in label_cols]
     if leaked:

@@ -73,12 +73,39 @@ class SyntheticConfig:
     position_bias: float = 0.0
     n_positions: int = 10
     promotion: float = 1.5  # std of the items' promotion propensity in the logging policy
+    # the users' recent items (off at 0): up to history_len item ids per user, drawn from the
+    # categories the user's own latent vector prefers (so the history says what the user
+    # likes), popular items more often; a share of the users has none (a new user)
+    history_len: int = 0
+    history_empty_share: float = 0.1
+    history_focus: float = 0.7  # how strongly the history follows the user's preferences
+    # wider entities (off at 0): that many extra dense and categorical columns per user and
+    # per item, noise the labels do not depend on (record size, encode and load cost)
+    extra_user_features: int = 0
+    extra_item_features: int = 0
 
     @classmethod
     def small(cls, **kw: Any) -> SyntheticConfig:
         """A dataset of seconds, for tests."""
         base = {"n_users": 200, "n_items": 150, "n_impressions": 20_000}
         return cls(**{**base, **kw})
+
+    @classmethod
+    def production(cls, scale: float = 1.0, **kw: Any) -> SyntheticConfig:
+        """The production-size world (issue 20): 1 M users, 100 k items, 10 M impressions, a
+        20-item history and tens of features per entity; `scale` shrinks every count (0.01:
+        the same shape at 1 %, for tests and measured fractions)."""
+        base: dict[str, Any] = {
+            "n_users": max(10, round(1_000_000 * scale)),
+            "n_items": max(10, round(100_000 * scale)),
+            "n_impressions": max(1000, round(10_000_000 * scale)),
+            "history_len": 20, "extra_user_features": 20, "extra_item_features": 20,
+        }
+        return cls(**{**base, **kw})
+
+    @property
+    def is_wide(self) -> bool:
+        return bool(self.history_len or self.extra_user_features or self.extra_item_features)
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -416,6 +443,9 @@ def generate_world(cfg: SyntheticConfig) -> tuple[World, dict[str, pa.Table]]:
             "duration_s": duration,
         }
     )
+    if cfg.is_wide:  # their own streams: the default world's draws stay exactly as they were
+        users, items = widen_tables(cfg, users, items, u_lat, i_lat, category, pi,
+                                    world.affinity[0])
     log = pa.table(
         {
             "user_id": pa.array(np.asarray(users["user_id"])[uid]),
@@ -440,6 +470,76 @@ def generate_world(cfg: SyntheticConfig) -> tuple[World, dict[str, pa.Table]]:
     for name, idx in zip(SPLITS, parts, strict=True):
         tables[f"impressions_{name}"] = log.take(pa.array(np.sort(idx)))
     return world, tables
+
+
+HISTORY_COLUMN = "recent_items"  # the users' list feature: their recent item ids
+EXTRA_CATEGORIES = 16  # values of each extra categorical column
+
+
+def widen_tables(cfg: SyntheticConfig, users: pa.Table, items: pa.Table, u_lat: np.ndarray,
+                 i_lat: np.ndarray, category: np.ndarray, popularity: np.ndarray,
+                 affinity: np.ndarray, user_offset: int = 0) -> tuple[pa.Table, pa.Table]:
+    """The users' history column and the extra columns of both tables (config permitting)."""
+    if cfg.history_len:
+        hist = draw_history(cfg, u_lat, i_lat, category, popularity, affinity, user_offset)
+        users = users.append_column(HISTORY_COLUMN, hist)
+    users = _extra_columns(users, cfg.extra_user_features, "u", [cfg.seed, 21, user_offset])
+    items = _extra_columns(items, cfg.extra_item_features, "i", [cfg.seed, 22])
+    return users, items
+
+
+def _extra_columns(table: pa.Table, n: int, code: str, seed: list[int]) -> pa.Table:
+    """n extra columns, alternating dense (lognormal) and categorical (k0..k15), of noise."""
+    rng = np.random.default_rng(seed)
+    rows = table.num_rows
+    names = np.array([f"k{v}" for v in range(EXTRA_CATEGORIES)])
+    for j in range(n):
+        if j % 2 == 0:
+            table = table.append_column(f"{code}_x{j}", pa.array(
+                np.round(rng.lognormal(1.0, 1.0, rows), 3)))
+        else:
+            table = table.append_column(f"{code}_k{j}", pa.array(
+                names[rng.integers(0, EXTRA_CATEGORIES, rows)]))
+    return table
+
+
+def draw_history(cfg: SyntheticConfig, u_lat: np.ndarray, i_lat: np.ndarray,
+                 category: np.ndarray, popularity: np.ndarray, affinity: np.ndarray,
+                 user_offset: int = 0, chunk: int = 50_000) -> pa.ListArray:
+    """Each user's recent item ids (list<string>, most recent first, up to history_len):
+    categories drawn by softmax(focus * u A c) over the category centroids c, an item of the
+    category by popularity. Vectorised in chunks of users (bounded memory)."""
+    rng = np.random.default_rng([cfg.seed, 20, user_offset])
+    nu, ni, h = len(u_lat), len(i_lat), cfg.history_len
+    n_cat = cfg.n_categories
+    counts = np.bincount(category, minlength=n_cat).astype(np.float64)  # (C,)
+    centroid = np.stack([np.bincount(category, i_lat[:, d], n_cat) for d in range(i_lat.shape[1])],
+                        1) / np.maximum(counts, 1)[:, None]  # (C, L)
+    present = counts > 0
+    order = np.argsort(category, kind="stable")  # items grouped by category
+    pop = popularity[order]
+    cum = np.cumsum(pop)  # (I,)
+    cat_end = np.cumsum(np.bincount(category, popularity, n_cat))  # (C,) cum popularity
+    cat_start = cat_end - np.bincount(category, popularity, n_cat)
+    lengths = np.where(rng.random(nu) < cfg.history_empty_share, 0, rng.integers(1, h + 1, nu))
+    picks = np.empty((nu, h), np.int64)
+    for a in range(0, nu, chunk):
+        b = min(nu, a + chunk)
+        logits = cfg.history_focus * (u_lat[a:b] @ affinity @ centroid.T)  # (n, C)
+        logits[:, ~present] = -np.inf
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        cdf = np.cumsum(p / p.sum(1, keepdims=True), axis=1)  # (n, C)
+        r = rng.random((b - a, h))
+        cats = np.minimum((r[:, :, None] > cdf[:, None, :]).sum(-1), n_cat - 1)  # (n, H)
+        u = cat_start[cats] + rng.random((b - a, h)) * (cat_end[cats] - cat_start[cats])
+        picks[a:b] = order[np.minimum(np.searchsorted(cum, u, side="right"), ni - 1)]
+    keep = np.arange(h)[None, :] < lengths[:, None]  # (U, H)
+    flat = picks[keep]  # row-major: each user's ids in order
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    ids = pa.array(np.char.add("i", flat.astype(str))) if len(flat) else pa.array([], pa.string())
+    if isinstance(ids, pa.ChunkedArray):  # pyarrow chunks a large numpy string conversion
+        ids = ids.combine_chunks()
+    return pa.ListArray.from_arrays(pa.array(offsets), ids)
 
 
 def _positions(cfg: SyntheticConfig, iid: np.ndarray, ni: int) -> tuple[np.ndarray, np.ndarray]:
@@ -485,6 +585,10 @@ def summarize(cfg: SyntheticConfig, tables: dict[str, pa.Table]) -> dict[str, An
 def write_dataset(cfg: SyntheticConfig, out: Path) -> dict[str, Any]:
     """Generate and write the parquet files, the world (world.npz, world.json) and dataset.json
     into `out`; return dataset.json."""
+    if cfg.is_wide:  # the production profile: streamed in chunks (bounded memory)
+        from training.bigworld import write_streamed
+
+        return write_streamed(cfg, out)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     world, tables = generate_world(cfg)

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from ranker.manifest import GATES_OUTPUT
 from training.calibration import calibrate, ece, reliability
-from training.data import Encoded
+from training.data import Encoded, Gathered
 from training.distributed import LOCAL, Dist, current, rank_zero_only, unwrap, wrap
 from training.losses import LossBalancer, make_balancer
 from training.metrics import auc, log_loss
@@ -102,8 +102,11 @@ class History:
         return asdict(self)
 
 
-def to_tensors(inputs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in inputs.items()}
+def to_tensors(inputs: dict[str, Any]) -> dict[str, Any]:
+    """numpy inputs as tensors; a `Gathered` input stays gathered (its table and rows)."""
+    return {k: Gathered(torch.from_numpy(v.table), torch.from_numpy(v.rows))
+            if isinstance(v, Gathered) else torch.from_numpy(np.ascontiguousarray(v))
+            for k, v in inputs.items()}
 
 
 def task_losses(out: dict[str, torch.Tensor], y: torch.Tensor, tasks: list[str]) -> torch.Tensor:

@@ -4,9 +4,11 @@ One MGET (on a cluster: one pipeline of per-slot MGETs per node, the nodes concu
 back the user's record, every candidate's record and the schema's load pointer. The records are
 fixed-size packed binary (`GroupSchema.record_dtype()`), so decoding is one `b"".join` and one
 `np.frombuffer` per group; missing, stale and malformed records are swapped for the group's
-default record, vectorised. The entities' load pointers ride along in the same MGET, so a
-request knows whether it read the current loads; only the first request after a switch reads
-again, under the new load, within its deadline (no background task, no stale read).
+default record, vectorised; so is a record whose list ids fall outside their vocabulary (a
+foreign or corrupt writer), since the graph would gather out of range. The entities' load
+pointers ride along in the same MGET, so a request knows whether it read the current loads;
+only the first request after a switch reads again, under the new load, within its deadline
+(no background task, no stale read).
 """
 
 from __future__ import annotations
@@ -185,6 +187,7 @@ class _GroupCodec:
     default_bytes: bytes
     default_cat: np.ndarray
     default_dense: np.ndarray
+    list_bounds: np.ndarray  # [list_width]: an index at or above its column's bound is corrupt
 
     @classmethod
     def of(cls, group: GroupSchema) -> _GroupCodec:
@@ -194,12 +197,15 @@ class _GroupCodec:
         rec["written_at"] = np.inf  # never stale: the default is used only where flagged
         rec["cat"] = cat
         rec["dense"] = dense
-        return cls(group, dtype, rec.tobytes(), cat.astype(np.int64), dense)
+        if group.lists:
+            rec["list"] = group.default_lists()  # a missing user's history: all padding
+        return cls(group, dtype, rec.tobytes(), cat.astype(np.int64), dense, group.list_bounds())
 
     def decode(
         self, values: Sequence[bytes | None], now: float, max_age_s: float | None
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-        """Raw values -> (cat int64 [n,k], dense f32 [n,d], defaulted bool [n], stale count)."""
+    ) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
+        """Raw values -> (the group's model inputs: cat int64 [n,k], dense f32 [n,d] and, with
+        lists, list int64 [n,w]; defaulted bool [n]; stale count)."""
         n, size, default = len(values), self.dtype.itemsize, self.default_bytes
         missing = [v is None for v in values]
         parts: list[bytes] = [default if m else v for v, m in zip(values, missing, strict=True)]  # type: ignore[misc]
@@ -215,22 +221,35 @@ class _GroupCodec:
             joined = b"".join([default if b else p for p, b in zip(parts, bad, strict=True)])
         rec = np.frombuffer(joined, self.dtype, count=n)
         defaulted = np.fromiter(missing, dtype=bool, count=n)
+        replace = None  # rows whose record is used no further: stale, or lists out of range
         stale = 0
         if max_age_s is not None and n:
-            stale_mask = (now - rec["written_at"]) > max_age_s
-            stale = int(stale_mask.sum())
-            defaulted |= stale_mask
+            replace = (now - rec["written_at"]) > max_age_s
+            stale = int(replace.sum())
+            defaulted |= replace
+        lists = None
+        if self.group.lists:
+            lists = rec["list"].astype(np.int64)  # (n, w) contiguous
+            # an index outside its vocabulary would make the graph's gather fail (or, worse,
+            # read another row): such a record is corrupt and defaulted, never ranked with
+            if n and (lists.min() < 0 or (lists >= self.list_bounds).any()):
+                bad_rows = ((lists < 0) | (lists >= self.list_bounds)).any(axis=1) & ~defaulted
+                corrupt += int(bad_rows.sum())
+                defaulted |= bad_rows
+                replace = bad_rows if replace is None else replace | bad_rows
         cat = rec["cat"].astype(np.int64)  # a contiguous copy, as onnxruntime wants
         dense = np.array(rec["dense"], dtype=np.float32, order="C")
-        if stale:
-            cat[stale_mask] = self.default_cat
-            dense[stale_mask] = self.default_dense
+        if replace is not None and replace.any():
+            cat[replace] = self.default_cat
+            dense[replace] = self.default_dense
+            if lists is not None:
+                lists[replace] = self.group.default_lists()
         entity = self.group.entity
         absent = int(defaulted.sum()) - stale - corrupt
         for reason, count in (("missing", absent), ("stale", stale), ("corrupt", corrupt)):
             if count:
                 metrics.DEFAULTED.labels(entity, reason).inc(count)
-        return cat, dense, defaulted, stale
+        return self.group.inputs(cat, dense, lists), defaulted, stale
 
 
 class FeatureStore:
@@ -489,13 +508,14 @@ class FeatureStore:
         inputs: dict[str, np.ndarray] = {}
         user_defaulted, stale = False, 0  # a schema without user features defaults nothing
         if self._user is not None:
-            cat, dense, defaulted, user_stale = self._user.decode([user_value], now, self.max_age_s)
-            inputs.update(self._user.group.inputs(cat, dense))
+            user_inputs, defaulted, user_stale = self._user.decode([user_value], now,
+                                                                   self.max_age_s)
+            inputs.update(user_inputs)
             user_defaulted, stale = bool(defaulted[0]), user_stale
         mask = np.ones(len(item_values), dtype=bool)
         if self._item is not None:
-            cat, dense, mask, item_stale = self._item.decode(item_values, now, self.max_age_s)
-            inputs.update(self._item.group.inputs(cat, dense))
+            item_inputs, mask, item_stale = self._item.decode(item_values, now, self.max_age_s)
+            inputs.update(item_inputs)
             stale += item_stale
         return FetchResult(inputs, user_defaulted, int(mask.sum()), mask, stale)
 

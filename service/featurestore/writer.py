@@ -6,27 +6,37 @@ key; the previous load's records are then given a short expiry (readers may stil
 requests against it). Each entity has its own pointer: a load of one table moves only that
 entity's pointer, and only that entity's previous records expire. The load id is a hash of the
 schema version and the encoded content, so loading the same tables twice rewrites the same keys
-and flips the pointers to the values they already have: idempotent. A table that lacks a feature
-column the schema needs is refused (naming the column) unless the caller allows it explicitly.
+and flips the pointers to the values they already have: idempotent (`load_files`, which streams
+Parquet files, hashes the files instead). A table that lacks a feature column the schema needs
+is refused (naming the column) unless the caller allows it explicitly. The batches go through
+`service.featurestore.bulk` with a progress marker each, so a killed load resumes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import redis
 from redis.cluster import RedisCluster
 
-from ranker.schema import FeatureSchema, GroupSchema
+from ranker.schema import FeatureSchema, GroupSchema, ListColumnError, ListTooLongError
+from service.featurestore.bulk import BatchWriter
 from service.featurestore.keys import (
     DEFAULT_PREFIX,
+    ENTITY_CODES,
     load_pattern,
     pointer_key,
     record_key_prefix,
@@ -37,6 +47,7 @@ from service.featurestore.keys import (
 )
 
 SyncClient = redis.Redis | RedisCluster
+T = TypeVar("T")
 DEFAULT_BATCH = 2000
 DEFAULT_OLD_LOAD_GRACE_S = 60
 # The switch: set every pointer of the load and return what each held before, in one atomic
@@ -56,6 +67,15 @@ class MissingColumnsError(ValueError):
     """A feature table lacks columns the schema needs; the message names them."""
 
 
+class BadListError(ValueError):
+    """A list feature's column the load refuses: longer than the cap, not a list of ids, or
+    mostly ids the model does not know (the wrong id spelling, most likely)."""
+
+
+# a list column whose present ids are more than this share unknown to the vocabulary is refused
+DEFAULT_MAX_UNKNOWN_LIST_SHARE = 0.5
+
+
 @dataclass
 class LoadReport:
     """What a load wrote."""
@@ -67,8 +87,14 @@ class LoadReport:
     items: int = 0
     skipped_null_ids: int = 0
     duplicate_ids: int = 0
+    list_ids: int = 0  # ids in the loaded list features (histories)
+    list_unknown_ids: int = 0  # of them, ids the vocabulary lacks (dropped like padding)
     bytes_written: int = 0
     seconds: float = 0.0
+    resumed_rows: int = 0  # rows a killed run of this load had written: skipped, not rewritten
+    records_written: int = 0  # by this run
+    records_per_s: float = 0.0  # records_written over the seconds spent writing them
+    redis_bytes_per_record: dict[str, float] = field(default_factory=dict)  # MEMORY USAGE sample
     ttl_s: int | None = None
     old_keys_expiring: int = 0
     defaulted_columns: dict[str, list[str]] = field(default_factory=dict)  # allowed, per entity
@@ -84,11 +110,22 @@ class EncodedGroup:
     """One entity table, encoded: ids as strings and the packed records, row for row."""
 
     entity: str
-    ids: list[str]
+    id_array: pa.Array  # string ids, null-free and distinct
     records: np.ndarray  # structured array of group.record_dtype()
     skipped_null_ids: int
     duplicate_ids: int
     defaulted_columns: tuple[str, ...] = ()  # absent from the table, written as their default
+    list_ids: int = 0
+    list_unknown_ids: int = 0
+    source_rows: np.ndarray | None = None  # each record's row in the encoded table (None: all)
+
+    @functools.cached_property
+    def ids(self) -> list[str]:
+        """The ids as Python strings (the batch writer packs `id_array` without them)."""
+        return self.id_array.to_pylist()
+
+    def __len__(self) -> int:
+        return len(self.id_array)
 
 
 def ids_as_strings(column: pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -102,13 +139,16 @@ def ids_as_strings(column: pa.Array | pa.ChunkedArray) -> pa.Array:
 
 
 def encode_table(
-    group: GroupSchema, table: pa.Table, written_at: float, *, allow_missing_columns: bool = False
+    group: GroupSchema, table: pa.Table, written_at: float, *, allow_missing_columns: bool = False,
+    max_unknown_list_share: float = DEFAULT_MAX_UNKNOWN_LIST_SHARE,
 ) -> EncodedGroup:
     """Encode a raw entity table (key column + raw feature columns) into packed records.
 
     A feature column absent from the table raises `MissingColumnsError`: it would be written as
     the feature's default for every entity. `allow_missing_columns=True` writes the defaults and
-    names the columns in `EncodedGroup.defaulted_columns`.
+    names the columns in `EncodedGroup.defaulted_columns`. A list feature's column with a list
+    longer than its cap, of something other than ids, or whose present ids are more than
+    `max_unknown_list_share` unknown to the vocabulary raises `BadListError`.
     """
     if group.key is None or group.key not in table.column_names:
         raise ValueError(f"{group.entity} table needs its key column {group.key!r}")
@@ -122,17 +162,20 @@ def encode_table(
     ids_arr = ids_as_strings(table.column(group.key))
     valid = pc.is_valid(ids_arr)
     n_null = len(ids_arr) - int(pc.sum(valid).as_py() or 0)
+    source = np.arange(table.num_rows)  # (n,) the input row of each record kept
     if n_null:
         table, ids_arr = table.filter(valid), ids_arr.filter(valid)
+        source = source[np.asarray(valid.to_numpy(zero_copy_only=False), dtype=bool)]
     # Duplicate ids: the last row wins, as it would with repeated SETs; count them.
-    ids = ids_arr.to_pylist()
-    last = {entity_id: row for row, entity_id in enumerate(ids)}
-    n_dup = len(ids) - len(last)
+    n_dup = len(ids_arr) - pc.count_distinct(ids_arr).as_py()
     if n_dup:
+        ids = ids_arr.to_pylist()
+        last = {entity_id: row for row, entity_id in enumerate(ids)}
         keep = np.fromiter(last.values(), dtype=np.int64, count=len(last))
         keep.sort()
         table = table.take(pa.array(keep))
-        ids = [ids[i] for i in keep]
+        ids_arr = ids_arr.take(pa.array(keep))
+        source = source[keep]
     present = set(table.column_names)
     columns = {name: table.column(name) for name in group.feature_names if name in present}
     cat, dense = group.encode_columns(columns, table.num_rows)
@@ -140,7 +183,26 @@ def encode_table(
     records["written_at"] = written_at
     records["cat"] = cat
     records["dense"] = dense
-    return EncodedGroup(group.entity, ids, records, n_null, n_dup, absent)
+    n_list = n_unknown = 0
+    if group.lists:
+        try:
+            records["list"], n_unknown = group.encode_lists(columns, table.num_rows)
+        except (ListTooLongError, ListColumnError) as e:
+            raise BadListError(f"{group.entity} table: {e}") from e
+        n_list = sum(_list_ids(columns[f.name]) for f in group.lists if f.name in columns)
+        if n_list and n_unknown > max_unknown_list_share * n_list:
+            raise BadListError(
+                f"{group.entity} table: {n_unknown} of the {n_list} ids in its list features "
+                f"are unknown to the model's vocabulary (more than {max_unknown_list_share:.0%}"
+                "): are they spelled as the ids the model was trained on?")
+    return EncodedGroup(group.entity, ids_arr, records, n_null, n_dup, absent, n_list, n_unknown,
+                        source if (n_null or n_dup) else None)
+
+
+def _list_ids(column: pa.Array | pa.ChunkedArray) -> int:
+    """Present (non-null) ids in a list column."""
+    flat = pc.list_flatten(column)
+    return len(flat) - flat.null_count
 
 
 def content_load_id(schema: FeatureSchema, groups: list[EncodedGroup]) -> str:
@@ -152,12 +214,21 @@ def content_load_id(schema: FeatureSchema, groups: list[EncodedGroup]) -> str:
         # hash the features, not the write time, so a re-load keeps its id
         h.update(np.ascontiguousarray(g.records["cat"]).tobytes())
         h.update(np.ascontiguousarray(g.records["dense"]).tobytes())
+        if "list" in (g.records.dtype.names or ()):
+            h.update(np.ascontiguousarray(g.records["list"]).tobytes())
     return h.hexdigest()[:12]
 
 
-def _batches(n: int, size: int) -> Iterator[tuple[int, int]]:
-    for start in range(0, n, size):
-        yield start, min(n, start + size)
+def progress_key(prefix: str, schema_version: str, load_id: str, entity: str) -> str:
+    """Rows of one entity's source a load has written so far (the resume marker): beside the
+    load's records, never matched by their SCAN pattern, deleted when the load goes live."""
+    return f"{prefix}:{schema_version}:{load_id}:progress:{ENTITY_CODES[entity]}"
+
+
+def written_rows(client: SyncClient, key: str) -> int:
+    """The progress marker's value: rows already written by an earlier run of this load."""
+    raw = client.get(key)
+    return int(raw) if raw is not None else 0
 
 
 def write_group(
@@ -168,18 +239,24 @@ def write_group(
     ttl_s: int | None,
     batch_size: int,
     progress: Callable[[int], None] | None = None,
+    progress_key: str | None = None,
+    start: int = 0,
 ) -> int:
-    """Pipelined SETs of one group's records in batches; returns the bytes written."""
+    """One group's records from row `start` on, in batches (`service.featurestore.bulk`), each
+    batch with its progress marker when `progress_key` is given; returns the bytes written."""
     size = enc.records.dtype.itemsize
     blob = enc.records.tobytes()
-    for start, stop in _batches(len(enc.ids), batch_size):
-        pipe = client.pipeline(transaction=False)
-        for row in range(start, stop):
-            pipe.set(key_prefix + enc.ids[row], blob[row * size : (row + 1) * size], ex=ttl_s)
-        pipe.execute()
-        if progress is not None:
-            progress(stop - start)
-    return len(blob)
+    writer = BatchWriter(client, ttl_s)
+    try:
+        for lo in range(start, len(enc), batch_size):
+            hi = min(len(enc), lo + batch_size)
+            writer.write(key_prefix, enc.id_array[lo:hi], blob[lo * size : hi * size], size,
+                         None if progress_key is None else (progress_key, hi))
+            if progress is not None:
+                progress(hi - lo)
+    finally:
+        writer.close()
+    return max(0, len(enc) - start) * size
 
 
 def expire_load(client: SyncClient, pattern: str, grace_s: int, batch_size: int) -> int:
@@ -220,15 +297,17 @@ def load_tables(
     now: float | None = None,
     allow_missing_columns: bool = False,
     replicate_items: bool | None = None,
+    max_unknown_list_share: float = DEFAULT_MAX_UNKNOWN_LIST_SHARE,
 ) -> LoadReport:
     """Encode and write the tables as a new load, then switch the pointers of its entities to it.
 
     Only the entities given move: a load of the items alone leaves the users' pointer (and
     their records) as they were. Every table is encoded before anything is written, so a refused
-    table (`MissingColumnsError`) writes nothing. `old_load_grace_s=None` leaves the previous
-    load untouched (e.g. to roll back by hand); `now` overrides the records' write time (tests
-    of staleness). On a cluster (`replicate_items=None` or True) the item records and the
-    pointers are also copied to every master (`write_copies`, `switch_copies`).
+    table (`MissingColumnsError`, `BadListError`) writes nothing. `old_load_grace_s=None`
+    leaves the previous load untouched (e.g. to roll back by hand); `now` overrides the
+    records' write time (tests of staleness). On a cluster (`replicate_items=None` or True) the
+    item records and the pointers are also copied to every master (`write_copies`,
+    `switch_copies`).
     """
     started = time.perf_counter()
     written_at = time.time() if now is None else now
@@ -238,36 +317,62 @@ def load_tables(
         if group is None or table is None:
             continue
         encoded.append(
-            encode_table(group, table, written_at, allow_missing_columns=allow_missing_columns)
+            encode_table(group, table, written_at, allow_missing_columns=allow_missing_columns,
+                         max_unknown_list_share=max_unknown_list_share)
         )
     if not encoded:
         raise ValueError("nothing to load: no table for an entity of this schema")
     lid = load_id or content_load_id(schema, encoded)
     report = LoadReport(schema.version, lid, {}, ttl_s=ttl_s)
     report.replica_tags = copy_tags(client, replicate_items)  # {}: a single node, or not asked
+    keys = {e.entity: progress_key(prefix, schema.version, lid, e.entity) for e in encoded}
+    done = {e.entity: min(written_rows(client, keys[e.entity]), len(e.ids)) for e in encoded}
     total = sum(len(e.ids) for e in encoded)
-    bar = _progress_bar(total, f"load {lid}") if progress else None
+    bar = _progress_bar(total, f"load {lid}", sum(done.values())) if progress else None
+    writing = time.perf_counter()
     try:
         for enc in encoded:
             key_prefix = record_key_prefix(prefix, schema.version, lid, enc.entity)
             report.bytes_written += write_group(
                 client, key_prefix, enc, ttl_s=ttl_s, batch_size=batch_size,
                 progress=bar.update if bar is not None else None,
+                progress_key=keys[enc.entity], start=done[enc.entity],
             )  # fmt: skip
             write_copies(client, prefix, schema.version, lid, enc, report.replica_tags,
                          ttl_s=ttl_s, batch_size=batch_size)
             setattr(report, f"{enc.entity}s", len(enc.ids))
             report.skipped_null_ids += enc.skipped_null_ids
             report.duplicate_ids += enc.duplicate_ids
+            report.list_ids += enc.list_ids
+            report.list_unknown_ids += enc.list_unknown_ids
+            report.resumed_rows += done[enc.entity]
+            report.records_written += len(enc.ids) - done[enc.entity]
             if enc.defaulted_columns:
                 report.defaulted_columns[enc.entity] = list(enc.defaulted_columns)
+            report.redis_bytes_per_record[enc.entity] = sample_memory_usage(
+                client, key_prefix, enc.ids)
     finally:
         if bar is not None:
             bar.close()
-    # the atomic switch: readers see the new load from their next request
-    entities = [enc.entity for enc in encoded]
+    _rate(report, time.perf_counter() - writing)
+    return _go_live(client, schema, report, list(keys), keys, prefix, old_load_grace_s,
+                    batch_size, started)
+
+
+def _rate(report: LoadReport, seconds: float) -> None:
+    report.records_per_s = report.records_written / seconds if seconds > 0 else 0.0
+
+
+def _go_live(client: SyncClient, schema: FeatureSchema, report: LoadReport, entities: list[str],
+             progress_keys: dict[str, str], prefix: str, old_load_grace_s: int | None,
+             batch_size: int, started: float) -> LoadReport:
+    """The atomic switch (readers see the new load from their next request), then the resume
+    markers go and the loads the switch left expire."""
+    lid = report.load_id
     pointers = [pointer_key(prefix, schema.version, entity) for entity in entities]
     previous = client.eval(_SWITCH, len(pointers), *pointers, lid)
+    for key in progress_keys.values():
+        client.delete(key)
     for entity, prev in zip(entities, previous, strict=True):
         prev_id = prev.decode() if isinstance(prev, bytes) else prev
         report.previous_load_ids[entity] = prev_id
@@ -292,10 +397,229 @@ def load_tables(
     return report
 
 
-def _progress_bar(total: int, desc: str) -> Any:
+MEMORY_SAMPLE = 64  # records whose MEMORY USAGE a load reports the mean of
+
+
+def sample_memory_usage(client: SyncClient, key_prefix: str, ids: list[str],
+                        n: int = MEMORY_SAMPLE) -> float:
+    """Mean `MEMORY USAGE` (bytes Redis holds per key, key and overhead included) of up to n
+    of these records, spread evenly over them; 0.0 with no ids."""
+    if not ids:
+        return 0.0
+    picks = sorted({ids[int(i)] for i in np.linspace(0, len(ids) - 1, min(n, len(ids)))})
+    sizes = [client.memory_usage(key_prefix + i, samples=0) for i in picks]
+    got = [int(x) for x in sizes if x is not None]
+    return float(np.mean(got)) if got else 0.0
+
+
+def prefetched(items: Iterator[T], depth: int = 2) -> Iterator[T]:
+    """`items`, produced on a thread up to `depth` ahead; its exception re-raised here. The
+    consumer stopping early (an error) stops the producer at its next item."""
+    q: queue.Queue[tuple[str, Any]] = queue.Queue(depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(("item", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(("end", None))
+        except BaseException as e:  # handed to the consumer
+            q.put(("error", e))
+
+    thread = threading.Thread(target=produce, name="load-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                q.get_nowait()
+        thread.join(timeout=5)
+
+
+def _id_hashes(ids: pa.Array) -> np.ndarray:
+    """64-bit hashes of the ids (to count an id repeated in two batches without keeping the
+    ids): pyarrow's dictionary of a batch is distinct already, so hashed per distinct id."""
+    return np.fromiter(map(hash, ids.to_pylist()), np.int64, len(ids))
+
+
+def file_load_id(schema: FeatureSchema, sources: dict[str, Path]) -> str:
+    """Deterministic load id of a streamed load: the schema version and the files' sha256, so
+    the same files give the same id (a killed load's rerun finds its progress)."""
+    from ranker.manifest import sha256_file
+
+    h = hashlib.sha256(schema.version.encode())
+    for entity in sorted(sources):
+        h.update(entity.encode())
+        h.update(sha256_file(Path(sources[entity])).encode())
+    return "f" + h.hexdigest()[:11]
+
+
+DEFAULT_STREAM_ROWS = 5_000  # records per command (MSET): Redis blocks other clients for one
+DEFAULT_READ_ROWS = 50_000  # rows of Parquet read and encoded per step (several commands):
+# encoding a vocabulary lookup costs per call, so larger steps amortise it
+
+
+def load_files(
+    client: SyncClient,
+    schema: FeatureSchema,
+    users_path: Path | None,
+    items_path: Path | None,
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    ttl_s: int | None = None,
+    batch_size: int = DEFAULT_STREAM_ROWS,
+    load_id: str | None = None,
+    old_load_grace_s: int | None = DEFAULT_OLD_LOAD_GRACE_S,
+    progress: bool = False,
+    now: float | None = None,
+    allow_missing_columns: bool = False,
+    max_unknown_list_share: float = DEFAULT_MAX_UNKNOWN_LIST_SHARE,
+    read_rows: int = DEFAULT_READ_ROWS,
+) -> LoadReport:
+    """`load_tables` for Parquet files too large to hold: each file is read `read_rows` rows
+    at a time (`iter_batches`, only the columns the schema needs), encoded, and written in
+    commands of `batch_size` records, so memory stays bounded by a step whatever the file's
+    size.
+
+    The load id comes from the files' bytes (`file_load_id`). Every batch is written with its
+    progress marker in one atomic command, so a killed load, run again on the same files,
+    resumes after its last applied batch (`resumed_rows`). A missing column is refused before
+    anything is written; a bad list (`BadListError`) met midway stops the load before the
+    switch (nothing goes live) and expires what it wrote. Duplicate ids: the last row wins, as
+    with `load_tables`.
+    """
+    started = time.perf_counter()
+    written_at = time.time() if now is None else now
+    sources: dict[str, Path] = {}
+    for entity, path in (("user", users_path), ("item", items_path)):
+        group = schema.group(entity)
+        if group is None or path is None:
+            continue
+        names = pq.read_schema(path).names
+        if group.key not in names:
+            raise ValueError(f"{entity} table needs its key column {group.key!r}")
+        absent = [n for n in group.feature_names if n not in names]
+        if absent and not allow_missing_columns:
+            raise MissingColumnsError(
+                f"{entity} table lacks the feature column(s) {', '.join(absent)} of the schema "
+                f"(every {entity} would get their default); add them, or allow the defaults "
+                "explicitly")
+        sources[entity] = Path(path)
+    if not sources:
+        raise ValueError("nothing to load: no table for an entity of this schema")
+    lid = load_id or file_load_id(schema, sources)
+    report = LoadReport(schema.version, lid, {}, ttl_s=ttl_s)
+    keys = {e: progress_key(prefix, schema.version, lid, e) for e in sources}
+    files = {e: pq.ParquetFile(p) for e, p in sources.items()}
+    done = {e: min(written_rows(client, keys[e]), files[e].metadata.num_rows) for e in sources}
+    total = sum(f.metadata.num_rows for f in files.values())
+    bar = _progress_bar(total, f"load {lid}", sum(done.values())) if progress else None
+    writing = time.perf_counter()
+    try:
+        for entity, pf in files.items():
+            group = schema.group(entity)
+            assert group is not None and group.key is not None
+            key_prefix = record_key_prefix(prefix, schema.version, lid, entity)
+            columns = [group.key, *[n for n in group.feature_names if n in pf.schema_arrow.names]]
+            seen: list[np.ndarray] = []
+            sample: list[str] = []
+            size = group.record_dtype().itemsize
+            writer = BatchWriter(client, ttl_s)
+            rows = 0
+            try:
+                def encoded(pf: pq.ParquetFile = pf, group: GroupSchema = group,
+                            skip: int = done[entity], columns: list[str] = columns,
+                            ) -> Iterator[tuple[EncodedGroup, int, int]]:
+                    """(step encoded, the file row of its first row, its rows) from row
+                    `skip` on."""
+                    consumed = 0
+                    for batch in pf.iter_batches(batch_size=max(read_rows, batch_size),
+                                                 columns=columns):
+                        start, consumed = consumed, consumed + batch.num_rows
+                        if consumed <= skip:
+                            continue  # written by the killed run
+                        table = pa.Table.from_batches([batch])
+                        if start < skip:
+                            table = table.slice(skip - start)
+                        yield (encode_table(group, table, written_at,
+                                            allow_missing_columns=allow_missing_columns,
+                                            max_unknown_list_share=max_unknown_list_share),
+                               consumed - table.num_rows, table.num_rows)
+
+                # the next batch is read and encoded (pyarrow and numpy, mostly without the
+                # GIL) on a thread while this one packs and sends the current one
+                for enc, first, n_read in prefetched(encoded()):
+                    blob = enc.records.tobytes()
+                    for lo in range(0, len(enc), batch_size):
+                        hi = min(len(enc), lo + batch_size)
+                        # the marker: rows of the file up to this command's last record (the
+                        # rest of the step if it is the last command: skipped rows included)
+                        src = enc.source_rows
+                        done_to = (first + n_read if hi == len(enc) else
+                                   first + (hi if src is None else int(src[hi - 1]) + 1))
+                        writer.write(key_prefix, enc.id_array[lo:hi],
+                                     blob[lo * size : hi * size], size, (keys[entity], done_to))
+                    if not len(enc):  # a step of null ids only: its rows are done too (the
+                        # marker alone, in order after the commands in flight)
+                        writer.write(key_prefix, [], b"", size, (keys[entity], first + n_read))
+                    rows += len(enc)
+                    report.skipped_null_ids += enc.skipped_null_ids
+                    report.duplicate_ids += enc.duplicate_ids
+                    report.list_ids += enc.list_ids
+                    report.list_unknown_ids += enc.list_unknown_ids
+                    report.bytes_written += len(enc) * size
+                    if enc.defaulted_columns:
+                        report.defaulted_columns[entity] = list(enc.defaulted_columns)
+                    seen.append(_id_hashes(enc.id_array))
+                    sample.extend(enc.id_array[:: max(1, len(enc) // 8)][:8].to_pylist())
+                    if bar is not None:
+                        bar.update(n_read)
+            finally:
+                writer.close()
+            ids_hashed = np.concatenate(seen) if seen else np.zeros(0, np.int64)
+            ids_hashed.sort()  # the same id in two batches: equal neighbours (np.unique: slower)
+            across = int(np.count_nonzero(ids_hashed[1:] == ids_hashed[:-1]))
+            report.duplicate_ids += across
+            # entities loaded: this run's, and (resumed) one a row the killed run wrote
+            setattr(report, f"{entity}s", rows - across + done[entity])
+            report.resumed_rows += done[entity]
+            report.records_written += rows
+            report.redis_bytes_per_record[entity] = sample_memory_usage(client, key_prefix,
+                                                                        sample)
+    except BadListError:
+        for entity in sources:  # nothing went live; what this load wrote goes
+            expire_load(client, load_pattern(prefix, schema.version, lid, entity),
+                        DEFAULT_OLD_LOAD_GRACE_S if old_load_grace_s is None else
+                        old_load_grace_s, 2000)
+            client.delete(keys[entity])
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    _rate(report, time.perf_counter() - writing)
+    return _go_live(client, schema, report, list(sources), keys, prefix, old_load_grace_s,
+                    2000, started)
+
+
+def _progress_bar(total: int, desc: str, initial: int = 0) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="rec", unit_scale=True)
+    return tqdm(total=total, desc=desc, unit="rec", unit_scale=True, initial=initial)
 
 
 def make_sync_client(

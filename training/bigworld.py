@@ -1,0 +1,227 @@
+"""The production-size world, generated in chunks: bounded memory at 10 M impressions (issue 20).
+
+The same model of the world as `training.synthetic` (the same `World`, score functions and
+label rule), drawn in another order so that it can stream: the users and items first (they are
+the world, and are held), the score parameters, then the standardisation constants and the
+intercepts on a calibration sample of impressions (constants of the world, as there), then the
+impressions chunk by chunk, each chunk from its own seeded stream and split into train / val /
+test row by row, appended to three Parquet files. Memory is the entity tables plus one chunk;
+the result depends on the config and the chunk size (`CHUNK` unless told).
+
+`write_dataset` sends every wide config (`SyntheticConfig.is_wide`: the production profile)
+here; the default world keeps its in-memory generator and its exact bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from training.metrics import auc
+from training.synthetic import (
+    COUNTRIES,
+    DATASET_FILE,
+    DEVICES,
+    SCORES,
+    SPLITS,
+    SURFACE_P,
+    SURFACES,
+    TASKS,
+    WORLD_NPZ,
+    SyntheticConfig,
+    World,
+    _draw_score_params,
+    _sigmoid,
+    _solve_intercept,
+    _standardize,
+    _zipf,
+    hour_probabilities,
+    widen_tables,
+)
+
+CHUNK = 1_000_000  # impressions drawn and written per step
+CALIBRATION = 1_000_000  # impressions the constants of the world are computed on
+
+
+def draw_world(cfg: SyntheticConfig) -> tuple[World, pa.Table, pa.Table]:
+    """The users, items and score parameters; constants from a calibration sample."""
+    if cfg.position_bias > 0:
+        raise ValueError("the streamed world has no position bias (use the default world)")
+    rng = np.random.default_rng([cfg.seed, 30])
+    nu, ni = cfg.n_users, cfg.n_items
+    country = rng.choice(len(COUNTRIES), nu, p=_zipf(len(COUNTRIES), 1.0))
+    device = rng.choice(len(DEVICES), nu, p=[0.55, 0.35, 0.10])
+    interest = rng.integers(0, cfg.n_interests, nu)
+    activity = np.floor(rng.lognormal(3.0, 1.0, nu))
+    tenure = np.floor(rng.exponential(400.0, nu))
+    category = rng.choice(cfg.n_categories, ni, p=_zipf(cfg.n_categories, 0.6))
+    age_days = np.floor(rng.exponential(30.0, ni))
+    duration = np.round(rng.lognormal(3.8, 0.7, ni), 1)
+    interest_vec = rng.normal(size=(cfg.n_interests, cfg.latent_dim))
+    category_vec = rng.normal(size=(cfg.n_categories, cfg.latent_dim))
+    u_lat = interest_vec[interest] + cfg.id_noise * rng.normal(size=(nu, cfg.latent_dim))
+    i_lat = category_vec[category] + cfg.id_noise * rng.normal(size=(ni, cfg.latent_dim))
+    pi = rng.lognormal(0.0, 0.5, ni)
+    params = [_draw_score_params(rng, cfg, cfg.id_bias if k == "shared" else 0.0, nu, ni)
+              for k in SCORES]
+    world = World(
+        config=cfg, country=country, device=device, interest=interest, activity=activity,
+        tenure=tenure, category=category, age_days=age_days, duration=duration, popularity=pi,
+        user_latent=u_lat, item_latent=i_lat,
+        activity_z=_standardize(np.log1p(activity)), tenure_z=_standardize(np.log1p(tenure)),
+        age_z=_standardize(np.log1p(age_days)), duration_z=_standardize(np.log1p(duration)),
+        **{key: np.stack([np.asarray(p[key], dtype=np.float64) for p in params])
+           for key in params[0]},
+        score_mean=np.zeros(len(SCORES)), score_std=np.ones(len(SCORES)),
+        intercept=np.zeros(len(TASKS)), rho=float(np.clip(cfg.relatedness, 0.0, 1.0)),
+        leak=cfg.leak,
+    )
+    idx = draw_impressions(world, np.random.default_rng([cfg.seed, 31]),
+                           min(cfg.n_impressions, CALIBRATION))
+    for k in range(len(SCORES)):
+        raw = world._raw_score(k, *idx)
+        world.score_mean[k], world.score_std[k] = raw.mean(), raw.std()
+    z = world.logits(*idx)
+    world.intercept[0] = _solve_intercept(z["click"], cfg.click_rate)
+    p_click = _sigmoid(z["click"] + world.intercept[0])
+    reach = p_click + cfg.leak * (1 - p_click)
+    for j, (t, rate) in enumerate((("like", cfg.like_rate), ("share", cfg.share_rate)), 1):
+        world.intercept[j] = _solve_intercept(z[t], rate, reach)
+    users = pa.table({
+        "user_id": pa.array(np.char.add("u", np.arange(nu).astype(str))),
+        "country": pa.array(np.asarray(COUNTRIES)[country]),
+        "device": pa.array(np.asarray(DEVICES)[device]),
+        "interest": pa.array(np.char.add("g", interest.astype(str))),
+        "activity_30d": activity,
+        "tenure_days": tenure,
+    })
+    items = pa.table({
+        "item_id": pa.array(np.char.add("i", np.arange(ni).astype(str))),
+        "category": pa.array(np.char.add("c", category.astype(str))),
+        "age_days": age_days,
+        "duration_s": duration,
+    })
+    users, items = widen_tables(cfg, users, items, u_lat, i_lat, category, pi,
+                                world.affinity[0])
+    return world, users, items
+
+
+def draw_impressions(world: World, rng: np.random.Generator, n: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(user, item, hour, surface) indices of n impressions, drawn as the default world's."""
+    uid = rng.choice(world.n_users, n, p=world.user_weights())
+    iid = rng.choice(world.n_items, n, p=world.item_weights())
+    hour = rng.choice(24, n, p=hour_probabilities())
+    surface = rng.choice(len(SURFACES), n, p=list(SURFACE_P))
+    return uid, iid, hour, surface
+
+
+def impressions_chunk(world: World, users: pa.Table, items: pa.Table, c: int, n: int
+                      ) -> tuple[pa.Table, np.ndarray]:
+    """Chunk c of the log (n rows) and each row's split (0 train, 1 val, 2 test)."""
+    cfg = world.config
+    rng = np.random.default_rng([cfg.seed, 32, c])
+    uid, iid, hour, surface = draw_impressions(world, rng, n)
+    q = world.conditionals(uid, iid, hour, surface)
+    click = rng.random(n) < q["click"]
+    gate = np.where(click, 1.0, cfg.leak)
+    like = rng.random(n) < q["like"] * gate
+    share = rng.random(n) < q["share"] * gate
+    reach = q["click"] + cfg.leak * (1 - q["click"])
+    split = rng.choice(len(SPLITS), n, p=list(cfg.split))
+    log = pa.table({
+        "user_id": pc.take(users["user_id"], pa.array(uid)),
+        "item_id": pc.take(items["item_id"], pa.array(iid)),
+        "hour": hour.astype(np.int32),
+        "surface": pa.array(np.asarray(SURFACES)[surface]),
+        "click": click.astype(np.int8),
+        "like": like.astype(np.int8),
+        "share": share.astype(np.int8),
+        "p_click": q["click"].astype(np.float32),
+        "p_like": (q["like"] * reach).astype(np.float32),
+        "p_share": (q["share"] * reach).astype(np.float32),
+    })
+    return log, split
+
+
+def write_streamed(cfg: SyntheticConfig, out: Path, chunk: int = CHUNK,
+                   progress: bool = False) -> dict[str, Any]:
+    """Generate and write the world as `write_dataset` does (same files, same dataset.json
+    keys), the impressions `chunk` at a time."""
+    started = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    world, users, items = draw_world(cfg)
+    pq.write_table(users, out / "users.parquet")
+    pq.write_table(items, out / "items.parquet")
+    writers: dict[str, pq.ParquetWriter] = {}
+    sizes = dict.fromkeys(SPLITS, 0)
+    positives = {s: np.zeros(len(TASKS)) for s in SPLITS}
+    clicked_and = np.zeros(2)  # train: like / share rows that were clicked
+    task_rows = np.zeros(2)
+    test_y: list[np.ndarray] = []
+    test_p: list[np.ndarray] = []
+    chunks = range(0, cfg.n_impressions, chunk)
+    try:
+        for c, start in enumerate(chunks):
+            log, split = impressions_chunk(world, users, items, c,
+                                           min(chunk, cfg.n_impressions - start))
+            for j, name in enumerate(SPLITS):
+                part = log.filter(pa.array(split == j))
+                if name not in writers:
+                    writers[name] = pq.ParquetWriter(out / f"impressions_{name}.parquet",
+                                                     part.schema)
+                writers[name].write_table(part)
+                sizes[name] += part.num_rows
+                y = np.stack([part[t].to_numpy() for t in TASKS], 1)  # (n, T)
+                positives[name] += y.sum(0)
+                if name == "train":
+                    for k in (1, 2):
+                        task_rows[k - 1] += y[:, k].sum()
+                        clicked_and[k - 1] += (y[:, k] * y[:, 0]).sum()
+                if name == "test":
+                    test_y.append(y.astype(np.int8))
+                    test_p.append(np.stack([part[f"p_{t}"].to_numpy() for t in TASKS], 1))
+            if progress:
+                print(f"impressions {start + len(split):,} / {cfg.n_impressions:,} "
+                      f"({time.perf_counter() - started:.0f} s)", flush=True)
+    finally:
+        for w in writers.values():
+            w.close()
+    ty, tp = np.concatenate(test_y), np.concatenate(test_p)
+    h = hashlib.sha256()
+    names = ["items", *(f"impressions_{s}" for s in SPLITS), "users"]
+    for name in sorted(names):
+        path = out / f"{name}.parquet"
+        h.update(name.encode())
+        with open(path, "rb") as f:  # the generator's recipe: the name, then the bytes
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+    info: dict[str, Any] = {
+        "dataset": "synthetic",
+        "seed": cfg.seed,
+        "config": asdict(cfg),
+        "sizes": {"users": users.num_rows, "items": items.num_rows,
+                  **{f"impressions_{s}": sizes[s] for s in SPLITS}},
+        "rates": {s: {t: float(positives[s][j] / max(sizes[s], 1))
+                      for j, t in enumerate(TASKS)} for s in SPLITS},
+        "after_click": {t: float(clicked_and[k] / max(task_rows[k], 1))
+                        for k, t in enumerate(("like", "share"))},
+        "oracle_auc": {t: auc(ty[:, j], tp[:, j]) for j, t in enumerate(TASKS)},
+        "sha256": h.hexdigest(),
+        "streamed": {"chunk": chunk, "calibration": min(cfg.n_impressions, CALIBRATION),
+                     "seconds": round(time.perf_counter() - started, 1)},
+    }
+    world.save(out)
+    info["world_sha256"] = hashlib.sha256((out / WORLD_NPZ).read_bytes()).hexdigest()
+    (out / DATASET_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return info
