@@ -274,10 +274,17 @@ def render(page: Page, root: Path, docs: Path) -> str:
     if page.plots:
         out += ["## Plots (seed 0's run of each arm)", ""]
         for run, png, name in page.plots:
-            src = root / run / png
-            if src.exists():
-                shutil.copyfile(src, docs / page.name / name)
-                out.append(f"![{name}]({name})")
+            if png.startswith("reliability:"):  # drawn from the report: any model, seed 0
+                from training.report import plot_reliability
+
+                model = png.split(":", 1)[1]
+                rel = load_report(root / run)["models"][model]["test"]["reliability"]
+                plot_reliability(rel, docs / page.name / name, f"{run}: {model}, reliability")
+            elif (root / run / png).exists():
+                shutil.copyfile(root / run / png, docs / page.name / name)
+            else:
+                continue
+            out.append(f"![{name}]({name})")
         out.append("")
     out += _provenance(root, page.jobs)
     return "\n".join(out) + "\n"
