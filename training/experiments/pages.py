@@ -202,6 +202,31 @@ def paired_rows(pooled: Pooled, labels: Sequence[str], ref: str, tasks: Sequence
     return lines
 
 
+def verdicts(pooled: Pooled, labels: Sequence[str], ref: str, tasks: Sequence[str],
+             metric: str, alpha: float = 0.05) -> list[str]:
+    """One line per arm: each task's mean difference to the reference, called better / worse
+    when the paired t test's p < alpha, else "no significant difference"."""
+    d = DIGITS.get(metric, 4)
+    hib = HIGHER_BETTER.get(metric, True)
+    out = []
+    for lab in labels:
+        if lab == ref:
+            continue
+        seeds = common_seeds(pooled, [lab, ref])
+        two = {s: {lab: pooled[lab][s], ref: pooled[ref][s]} for s in seeds}
+        parts = []
+        for r in paired_tests(two, list(tasks), lab, metric):
+            p = r["ttest_rel_p"]
+            if p is not None and p < alpha:
+                word = "better" if (r["mean_diff"] > 0) == hib else "worse"
+            else:
+                word = "no significant difference"
+            parts.append(f"{r['task']} {r['mean_diff']:+.{d}f} ({word}, p {_p(p)})")
+        if parts:
+            out.append(f"- **{lab}** − {ref}: " + "; ".join(parts))
+    return out
+
+
 def _p(x: float | None) -> str:
     return "—" if x is None else f"{x:.3g}"
 
@@ -266,7 +291,12 @@ def render(page: Page, root: Path, docs: Path) -> str:
     for m in page.metrics:
         out += [f"## {METRIC_NAMES.get(m, m)}", ""]
         out += mean_std_table(pooled, labels, page.tasks, m, oracle)
-        out += ["", f"Paired over seeds ({METRIC_NAMES.get(m, m)}):", ""]
+        out += ["", f"In short (paired t test over the common seeds, p < 0.05, not corrected for "
+                "the number of comparisons on the page; "
+                f"{'higher' if HIGHER_BETTER.get(m, True) else 'lower'} is better):", ""]
+        out += verdicts(pooled, labels, page.reference, page.tasks, m)
+        out += ["", f"Paired over seeds ({METRIC_NAMES.get(m, m)}; with 5 seeds the exact "
+                "Wilcoxon p cannot go below 0.0625, with 3 not below 0.25):", ""]
         out += paired_rows(pooled, labels, page.reference, page.tasks, m)
         out.append("")
     if page.notes:
