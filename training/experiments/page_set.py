@@ -67,31 +67,30 @@ FIELD_PAGE = Page(
 
 DEFAULT_WORLD = Page(
     name="default-world",
-    title="The default synthetic world (500k impressions): MMoE with the defaults, 5 seeds",
+    title="The default synthetic world (500k impressions): MMoE and the baselines, 5 seeds",
     intro="""
 Issue 17: mean ± std over 5 seeds on the default world, `ranker data` with its defaults (1,000
-users, 500 items, 500,000 impressions split 350k / 50k / 100k, relatedness 0.7), the trainer's
-defaults. For time (a loaded shared machine), the 5-seed runs are MMoE and Shared-Bottom only
-(`--no-baselines`, one run each); the single-task models and OMoE have **seed 0 only**, from the
-first timing run of all six models (`time/default-s0`; its MMoE and Shared-Bottom are seed 0 of
-the same code path and appear as the separate "seed 0" arms, so the seed-0 figures can be
-compared with the 5-seed runs' seed 0: they must be equal, see below). The oracle row is the AUC
-of the world's true probabilities on the same test rows. A first attempt at running PLE and
-every baseline over 5 seeds here (`field`, in the jobs table) was stopped after 454 s, when
-PLE's seed 0 alone had taken about 6.5 minutes: PLE / CGC were measured on the 100k world
-([ple-cgc](../ple-cgc/README.md)).
+users, 500 items, 500,000 impressions split 350k / 50k / 100k, relatedness 0.7), `ranker train`
+with its defaults (MMoE: 8 experts `[32, 16]`, towers `[16]`, Adam lr 2e-3, weight decay 1e-5,
+batch 1024, at most 20 epochs, early stopping with patience 2 on the validation loss) and all
+its baselines sized alike. The oracle row is the AUC of the world's true probabilities on the
+same test rows. "seed 0 run" is the first timing run (`--seed 0`, the same command without
+`--seeds`): it must equal seed 0 of the 5-seed run, which checks that a seed fixes a run. A
+first attempt at running PLE and every baseline over 5 seeds here (`field` in the jobs table)
+was stopped after 454 s, when PLE's seed 0 alone had taken about 6.5 minutes at load 5-6; PLE
+and CGC were measured on the 100k world ([ple-cgc](../ple-cgc/README.md)).
 """,
     tasks=SYN,
     arms=[Arm("MMoE (defaults)", "default/mmoe", "mmoe"),
-          Arm("Shared-Bottom", "default/shared_bottom", "shared_bottom"),
-          Arm("MMoE, seed 0 run", "time/default-s0", "mmoe"),
-          Arm("Shared-Bottom, seed 0 run", "time/default-s0", "shared_bottom"),
-          Arm("OMoE (seed 0)", "time/default-s0", "omoe"),
-          Arm("single-task (seed 0)", "time/default-s0", "single_*")],
+          Arm("Shared-Bottom", "default/mmoe", "shared_bottom"),
+          Arm("OMoE", "default/mmoe", "omoe"),
+          Arm("single-task", "default/mmoe", "single_*"),
+          Arm("MMoE, seed 0 run", "time/default-s0", "mmoe")],
     reference="MMoE (defaults)",
     jobs=["dworld", "time-default", "field$"],
-    plots=[("time/default-s0", "gate_heatmap.png", "mmoe_gates.png"),
-           ("time/default-s0", "training_curves.png", "training_curves.png")],
+    plots=[("default/mmoe", "gate_heatmap.png", "mmoe_gates.png"),
+           ("default/mmoe", "training_curves.png", "training_curves.png"),
+           ("default/mmoe", "reliability.png", "reliability.png")],
     oracle_run="default/mmoe",
 )
 
@@ -184,7 +183,8 @@ adds `--position-tower 10` (position dropout 10 %). At evaluation the position i
 (as at serving). NDCG@10: per test user (about 20 test impressions each), the user's test items
 ranked by the model's probability, gains = the world's true probability of the task without the
 examination factor (`p_click`, `p_like`, `p_share`), divided by the DCG of the true order; the
-mean over users (`pages.ndcg_at`, computed from each run's model.pt by `pages ndcg`). The AUC
+mean over users (`pages.ndcg_at`, from each run's model.pt: `python -m
+training.experiments.pages ndcg --pos runs/exp/small/pos --data data/synthetic-100k-pos`). The AUC
 rows are against the logged, position-biased labels, so they are not the target here.
 """,
     tasks=SYN,
@@ -214,7 +214,7 @@ PAGES = [FIELD_PAGE, DEFAULT_WORLD, CENSUS_PAGE, BALANCE, ESMM, CALIBRATION, POS
 
 WORLDS = [
     World("default", 1000, 500, 500_000, 0.7, ("default/mmoe", "mmoe"),
-          ("default/shared_bottom", "shared_bottom")),
+          ("default/mmoe", "shared_bottom")),
     World("r0", 1000, 500, 500_000, 0.0),
     World("r1", 1000, 500, 500_000, 1.0),
     World("issue17", 30_000, 3000, 1_000_000, 0.3),

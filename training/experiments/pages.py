@@ -4,7 +4,8 @@ Every figure on those pages comes from a `ranker train` run directory under `--r
 report.json (one seed's "models", or "seeds" -> "runs" for `--seeds`), plus `ndcg.json` where
 `ndcg` wrote one. Nothing is typed by hand; regenerate with
 
-    python -m training.experiments.pages ndcg --runs runs/exp      # position page: NDCG@10
+    python -m training.experiments.pages ndcg --pos runs/exp/small/pos \
+        --data data/synthetic-100k-pos                             # position page: NDCG@10
     python -m training.experiments.pages write --runs runs/exp --docs docs/experiments \
         --readme README.md --training docs/training.md
 
@@ -202,6 +203,28 @@ def paired_rows(pooled: Pooled, labels: Sequence[str], ref: str, tasks: Sequence
     return lines
 
 
+def training_table(pooled: Pooled, labels: Sequence[str]) -> list[str]:
+    """Per arm: the best (early-stopping) epoch and the epochs run per seed, training seconds,
+    and the loss weights of the last epoch (mean over seeds) where a balancer learned them."""
+    lines = ["## Training", "",
+             "| arm | best epoch / epochs run, per seed | training s (mean) | loss weights at "
+             "the last epoch (mean over seeds) |", "|---|---|---:|---|"]
+    for lab in labels:
+        runs = [pooled[lab][s] for s in sorted(pooled[lab])]
+        if not all("history" in r for r in runs):
+            lines.append(f"| {lab} | — | — | — |")  # a joined arm (single-task)
+            continue
+        hist: list[dict[str, Any]] = [r["history"] for r in runs]
+        eps = ", ".join(f"{h['best_epoch']}/{len(h['val_loss'])}" for h in hist)
+        secs = float(np.mean([h.get("seconds", float("nan")) for h in hist]))
+        tw = [h["task_weights"][-1] for h in hist if h.get("task_weights")]
+        w = "—"
+        if tw and any(abs(v - 1.0) > 1e-9 for d in tw for v in d.values()):
+            w = ", ".join(f"{t} {np.mean([d[t] for d in tw]):.3f}" for t in tw[0])
+        lines.append(f"| {lab} | {eps} | {secs:.0f} | {w} |")
+    return [*lines, ""]
+
+
 def verdicts(pooled: Pooled, labels: Sequence[str], ref: str, tasks: Sequence[str],
              metric: str, alpha: float = 0.05) -> list[str]:
     """One line per arm: each task's mean difference to the reference, called better / worse
@@ -299,6 +322,7 @@ def render(page: Page, root: Path, docs: Path) -> str:
                 "Wilcoxon p cannot go below 0.0625, with 3 not below 0.25):", ""]
         out += paired_rows(pooled, labels, page.reference, page.tasks, m)
         out.append("")
+    out += training_table(pooled, labels)
     if page.notes:
         out += [page.notes.strip(), ""]
     if page.plots:
@@ -471,12 +495,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     w.add_argument("--docs", type=Path, default=Path("docs/experiments"))
     w.add_argument("--readme", type=Path)
     w.add_argument("--training", type=Path)
-    n = sub.add_parser("ndcg", help="NDCG@10 of every position run (writes ndcg.json)")
-    n.add_argument("--runs", type=Path, default=Path("runs/exp"))
-    n.add_argument("--data", type=Path, default=Path("data/synthetic-pos"))
+    n = sub.add_parser("ndcg", help="NDCG@10 of every run directory under --pos (ndcg.json)")
+    n.add_argument("--pos", type=Path, default=Path("runs/exp/small/pos"))
+    n.add_argument("--data", type=Path, default=Path("data/synthetic-100k-pos"))
     a = p.parse_args(argv)
     if a.cmd == "ndcg":
-        for run in sorted((a.runs / "pos").glob("*/report.json")):
+        for run in sorted(a.pos.glob("*/report.json")):
             print(run.parent, write_ndcg(run.parent, a.data))
         return 0
     from training.experiments import page_set
