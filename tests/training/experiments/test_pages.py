@@ -125,3 +125,18 @@ def test_ndcg_is_one_for_the_true_order_and_matches_a_hand_count() -> None:
     g0 = (np.array([0.1, 0.5, 0.9]) @ disc) / (np.array([0.9, 0.5, 0.1]) @ disc)
     assert ndcg_at(pred, gain, groups) == pytest.approx((g0 + 1.0) / 2)
     assert ndcg_at(pred, gain, groups, k=1) == pytest.approx((0.1 / 0.9 + 1.0) / 2)
+
+
+def test_write_all_on_missing_runs_says_not_run(tmp_path: Path) -> None:
+    from training.experiments.page_set import write_all
+
+    readme = tmp_path / "README.md"
+    readme.write_text("x\n<!-- pages:results -->\n<!-- /pages:results -->\n")
+    training = tmp_path / "training.md"
+    training.write_text("<!-- pages:comparisons -->\n<!-- /pages:comparisons -->\n"
+                        "<!-- pages:grid -->\n<!-- /pages:grid -->\n")
+    write_all(tmp_path / "runs", tmp_path / "docs", readme, training)
+    assert "not run before the deadline" in readme.read_text()
+    assert "**not run**" in (tmp_path / "docs" / "README.md").read_text()
+    assert "Not run before the deadline: default" in (
+        tmp_path / "docs" / "world-grid" / "README.md").read_text()
