@@ -268,11 +268,13 @@ def jobs_table(root: Path, prefixes: Sequence[str]) -> list[str]:
 
 
 def commands(root: Path, prefixes: Sequence[str]) -> list[str]:
-    """The exact commands of the page's jobs (from the queue the runner ran), nice -n 19 each."""
+    """The exact commands of the page's jobs that ran (in jobs.tsv; from the queue the runner
+    ran, under nice -n 19 each)."""
+    ran = {line.split("\t")[0] for line in _lines(root, "jobs.tsv", "jobs-manual.tsv")}
     out = []
     for line in _lines(root, "queue.txt", "queue-manual.txt"):
         name, _, cmd = line.partition("\t")
-        if _matches(name, prefixes):
+        if _matches(name, prefixes) and name in ran:
             out.append(cmd)
     return out
 
@@ -403,7 +405,7 @@ def grid_rows(root: Path, worlds: Sequence[World], tasks: Sequence[str]) -> list
                 "world": w, "task": t, "n": len(mm), "oracle": oracle[t], "mmoe": mm, "sb": sb,
                 "gap": gap, "gap_met": bool(np.mean(gap) <= GAP),
                 "diff": diff, "spread": spread,
-                "sb_met": None if diff is None else bool(np.mean(diff) >= -spread),
+                "sb_met": None if diff is None or len(mm) < 2 else bool(np.mean(diff) >= -spread),
             })
     return rows
 
