@@ -146,8 +146,8 @@ METRIC_NAMES = {"auc": "test AUC", "log_loss": "test log loss", "ece": "test ECE
                 "ndcg10": "NDCG@10 against the true probabilities",
                 "gate_entropy": "gate entropy (normalised, 1 = uniform)",
                 "gate_max_util": "largest expert utilisation"}
-HIGHER_BETTER = {"auc": True, "log_loss": False, "ece": False, "ndcg10": True,
-                 "gate_entropy": True, "gate_max_util": False}
+# no entry (the gate's health): neither direction is better in itself, so no bold, no verdict word
+HIGHER_BETTER = {"auc": True, "log_loss": False, "ece": False, "ndcg10": True}
 DIGITS = {"auc": 4, "log_loss": 4, "ece": 4, "ndcg10": 4, "gate_entropy": 3, "gate_max_util": 3}
 
 
@@ -166,8 +166,8 @@ def mean_std_table(pooled: Pooled, labels: Sequence[str], tasks: Sequence[str], 
     best: dict[str, float] = {}
     for t in tasks:
         means = [float(np.mean(v)) for lab in labels if (v := values(pooled, lab, t, metric))]
-        if means:
-            best[t] = max(means) if HIGHER_BETTER.get(metric, True) else min(means)
+        if means and metric in HIGHER_BETTER:
+            best[t] = max(means) if HIGHER_BETTER[metric] else min(means)
     lines = ["| arm | seeds | " + " | ".join(tasks) + " |",
              "|---|---:" + "|---:" * len(tasks) + "|"]
     for lab in labels:
@@ -230,7 +230,7 @@ def verdicts(pooled: Pooled, labels: Sequence[str], ref: str, tasks: Sequence[st
     """One line per arm: each task's mean difference to the reference, called better / worse
     when the paired t test's p < alpha, else "no significant difference"."""
     d = DIGITS.get(metric, 4)
-    hib = HIGHER_BETTER.get(metric, True)
+    hib = HIGHER_BETTER.get(metric)
     out = []
     for lab in labels:
         if lab == ref:
@@ -241,7 +241,9 @@ def verdicts(pooled: Pooled, labels: Sequence[str], ref: str, tasks: Sequence[st
         for r in paired_tests(two, list(tasks), lab, metric):
             p = r["ttest_rel_p"]
             if p is not None and p < alpha:
-                word = "better" if (r["mean_diff"] > 0) == hib else "worse"
+                up = r["mean_diff"] > 0
+                word = ("higher" if up else "lower") if hib is None else (
+                    "better" if up == hib else "worse")
             else:
                 word = "no significant difference"
             parts.append(f"{r['task']} {r['mean_diff']:+.{d}f} ({word}, p {_p(p)})")
@@ -316,9 +318,10 @@ def render(page: Page, root: Path, docs: Path) -> str:
     for m in page.metrics:
         out += [f"## {METRIC_NAMES.get(m, m)}", ""]
         out += mean_std_table(pooled, labels, page.tasks, m, oracle)
-        out += ["", f"In short (paired t test over the common seeds, p < 0.05, not corrected for "
-                "the number of comparisons on the page; "
-                f"{'higher' if HIGHER_BETTER.get(m, True) else 'lower'} is better):", ""]
+        direction = "" if m not in HIGHER_BETTER else (
+            "; higher is better" if HIGHER_BETTER[m] else "; lower is better")
+        out += ["", "In short (paired t test over the common seeds, p < 0.05, not corrected for "
+                f"the number of comparisons on the page{direction}):", ""]
         out += verdicts(pooled, labels, page.reference, page.tasks, m)
         out += ["", f"Paired over seeds ({METRIC_NAMES.get(m, m)}; with 5 seeds the exact "
                 "Wilcoxon p cannot go below 0.0625, with 3 not below 0.25):", ""]
