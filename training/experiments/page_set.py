@@ -65,6 +65,22 @@ FIELD_PAGE = Page(
     oracle_run=SMALL,
 )
 
+def _same_seed_check(root: Path) -> list[str]:
+    """Does seed 0 of the 5-seed run equal the separate `--seed 0` run (every model, task)?"""
+    a = pool(root, [Arm("a", "time/default-s0", "mmoe")])["a"].get(0)
+    runs = load_report(root / "default/mmoe").get("seeds", {}).get("runs", {}).get("0", {})
+    b = runs.get("mmoe")
+    if not a or not b:
+        return []
+    same = all(a["test"][t]["auc"] == b["test"][t]["auc"] and
+               a["history"]["val_loss"] == b["history"]["val_loss"] for t in SYN)
+    return ["## Same seed, same run", "",
+            "MMoE's test AUC and per-epoch validation losses of the separate `--seed 0` run "
+            f"against seed 0 of the 5-seed run: **{'identical' if same else 'DIFFERENT'}** "
+            f"(click AUC {a['test']['click']['auc']:.6f} vs {b['test']['click']['auc']:.6f}).",
+            ""]
+
+
 DEFAULT_WORLD = Page(
     name="default-world",
     title="The default synthetic world (500k impressions): MMoE and the baselines, 5 seeds",
@@ -92,6 +108,7 @@ and CGC were measured on the 100k world ([ple-cgc](../ple-cgc/README.md)).
            ("default/mmoe", "training_curves.png", "training_curves.png"),
            ("default/mmoe", "reliability.png", "reliability.png")],
     oracle_run="default/mmoe",
+    extra=_same_seed_check,
 )
 
 CENSUS_PAGE = Page(

@@ -25,7 +25,7 @@ import argparse
 import json
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,7 @@ class Page:
     plots: list[tuple[str, str, str]] = field(default_factory=list)  # (run, png, copy as)
     notes: str = ""
     oracle_run: str | None = None  # a run whose report has "oracle_auc" (same data)
+    extra: Callable[[Path], list[str]] | None = None  # more generated lines (checks)
 
 
 # ---------------------------------------------------------------------------------- loading
@@ -328,6 +329,8 @@ def render(page: Page, root: Path, docs: Path) -> str:
         out += paired_rows(pooled, labels, page.reference, page.tasks, m)
         out.append("")
     out += training_table(pooled, labels)
+    if page.extra:
+        out += page.extra(root)
     if page.notes:
         out += [page.notes.strip(), ""]
     if page.plots:
