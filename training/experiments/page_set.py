@@ -65,50 +65,34 @@ FIELD_PAGE = Page(
     oracle_run=SMALL,
 )
 
-def _same_seed_check(root: Path) -> list[str]:
-    """Does seed 0 of the 5-seed run equal the separate `--seed 0` run (every model, task)?"""
-    a = pool(root, [Arm("a", "time/default-s0", "mmoe")])["a"].get(0)
-    runs = load_report(root / "default/mmoe").get("seeds", {}).get("runs", {}).get("0", {})
-    b = runs.get("mmoe")
-    if not a or not b:
-        return []
-    same = all(a["test"][t]["auc"] == b["test"][t]["auc"] and
-               a["history"]["val_loss"] == b["history"]["val_loss"] for t in SYN)
-    return ["## Same seed, same run", "",
-            "MMoE's test AUC and per-epoch validation losses of the separate `--seed 0` run "
-            f"against seed 0 of the 5-seed run: **{'identical' if same else 'DIFFERENT'}** "
-            f"(click AUC {a['test']['click']['auc']:.6f} vs {b['test']['click']['auc']:.6f}).",
-            ""]
-
-
 DEFAULT_WORLD = Page(
     name="default-world",
-    title="The default synthetic world (500k impressions): MMoE and the baselines, 5 seeds",
+    title="The default synthetic world (500k impressions): MMoE and the baselines over seeds",
     intro="""
-Issue 17: mean ± std over 5 seeds on the default world, `ranker data` with its defaults (1,000
+Issue 17: mean ± std over seeds on the default world, `ranker data` with its defaults (1,000
 users, 500 items, 500,000 impressions split 350k / 50k / 100k, relatedness 0.7), `ranker train`
 with its defaults (MMoE: 8 experts `[32, 16]`, towers `[16]`, Adam lr 2e-3, weight decay 1e-5,
 batch 1024, at most 20 epochs, early stopping with patience 2 on the validation loss) and all
-its baselines sized alike. The oracle row is the AUC of the world's true probabilities on the
-same test rows. "seed 0 run" is the first timing run (`--seed 0`, the same command without
-`--seeds`): it must equal seed 0 of the 5-seed run, which checks that a seed fixes a run. A
-first attempt at running PLE and every baseline over 5 seeds here (`field` in the jobs table)
-was stopped after 454 s, when PLE's seed 0 alone had taken about 6.5 minutes at load 5-6; PLE
-and CGC were measured on the 100k world ([ple-cgc](../ple-cgc/README.md)).
+its baselines sized alike, one `ranker train --seed S` run directory per seed (`default/s*`;
+`default/s0` is the first timing run, `time/default-s0`, the same command). The oracle row is
+the AUC of the world's true probabilities on the same test rows. Two earlier attempts are in the
+jobs table with rc 143 (stopped): PLE and every baseline over `--seeds 0,1,2,3,4` (`field`,
+stopped after 454 s, when PLE's seed 0 alone had taken about 6.5 minutes at load 5-6; PLE and
+CGC were then measured on the 100k world, [ple-cgc](../ple-cgc/README.md)), and the six models
+over `--seeds 0,1,2,3,4` in one run (`dworld`, stopped after 359 s at load 10: a run that writes
+its report only at the end would have lost every seed at the deadline).
 """,
     tasks=SYN,
-    arms=[Arm("MMoE (defaults)", "default/mmoe", "mmoe"),
-          Arm("Shared-Bottom", "default/mmoe", "shared_bottom"),
-          Arm("OMoE", "default/mmoe", "omoe"),
-          Arm("single-task", "default/mmoe", "single_*"),
-          Arm("MMoE, seed 0 run", "time/default-s0", "mmoe")],
+    arms=[Arm("MMoE (defaults)", "default/s*", "mmoe"),
+          Arm("Shared-Bottom", "default/s*", "shared_bottom"),
+          Arm("OMoE", "default/s*", "omoe"),
+          Arm("single-task", "default/s*", "single_*")],
     reference="MMoE (defaults)",
     jobs=["dworld", "time-default", "field$"],
-    plots=[("default/mmoe", "gate_heatmap.png", "mmoe_gates.png"),
-           ("default/mmoe", "training_curves.png", "training_curves.png"),
-           ("default/mmoe", "reliability.png", "reliability.png")],
-    oracle_run="default/mmoe",
-    extra=_same_seed_check,
+    plots=[("time/default-s0", "gate_heatmap.png", "mmoe_gates.png"),
+           ("time/default-s0", "training_curves.png", "training_curves.png"),
+           ("time/default-s0", "reliability.png", "reliability.png")],
+    oracle_run="default/s*",
 )
 
 CENSUS_PAGE = Page(
@@ -230,8 +214,8 @@ PAGES = [FIELD_PAGE, DEFAULT_WORLD, CENSUS_PAGE, BALANCE, ESMM, CALIBRATION, POS
          GATE_DROPOUT]
 
 WORLDS = [
-    World("default", 1000, 500, 500_000, 0.7, ("default/mmoe", "mmoe"),
-          ("default/mmoe", "shared_bottom")),
+    World("default", 1000, 500, 500_000, 0.7, ("default/s*", "mmoe"),
+          ("default/s*", "shared_bottom")),
     World("issue17", 30_000, 3000, 1_000_000, 0.3),
     World("r0", 1000, 500, 500_000, 0.0),
     World("r1", 1000, 500, 500_000, 1.0),

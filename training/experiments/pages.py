@@ -297,10 +297,17 @@ def _lines(root: Path, *names: str) -> list[str]:
     return out
 
 
+def first_run(root: Path, run: str) -> Path | None:
+    """The run directory (or the first a glob matches) that has a report.json."""
+    found = sorted(p.parent for p in root.glob(f"{run}/report.json"))
+    return found[0] if found else None
+
+
 def oracle_of(root: Path, run: str | None) -> dict[str, float] | None:
-    if run is None:
+    d = first_run(root, run) if run else None
+    if d is None:
         return None
-    o = load_report(root / run).get("oracle_auc")
+    o = load_report(d).get("oracle_auc")
     return {str(k): float(v) for k, v in o.items()} if o else None
 
 
@@ -388,10 +395,10 @@ def grid_rows(root: Path, worlds: Sequence[World], tasks: Sequence[str]) -> list
     for w in worlds:
         mm_run, mm_model = w.mmoe or (f"grid/{w.name}/mmoe", "mmoe")
         sb_run, sb_model = w.sb or (f"grid/{w.name}/shared_bottom", "shared_bottom")
-        if not (root / mm_run / "report.json").exists():
+        if first_run(root, mm_run) is None:
             continue
         arms = [Arm("MMoE", mm_run, mm_model)]
-        has_sb = (root / sb_run / "report.json").exists()
+        has_sb = first_run(root, sb_run) is not None
         if has_sb:
             arms.append(Arm("Shared-Bottom", sb_run, sb_model))
         pooled = pool(root, arms)
