@@ -19,6 +19,7 @@ from training.experiments.pages import (
     grid_rows,
     grid_table,
     load_report,
+    oracle_of,
     pool,
     render,
     splice,
@@ -353,7 +354,7 @@ def readme_block(root: Path) -> str:
             lines += [f"**{title}**: not run before the deadline.", ""]
             continue
         pooled = pool(root, page.arms)
-        orc = load_report(root / page.oracle_run).get("oracle_auc") if page.oracle_run else None
+        orc = oracle_of(root, page.oracle_run)
         lines += [f"**{title}** ([page](docs/experiments/{page.name}/README.md)): the "
                   "trainer's defaults (MMoE) against the baselines", "",
                   "| model | seeds | " + " | ".join(tasks) + " |",
@@ -427,8 +428,8 @@ def write_all(root: Path, docs: Path, readme: Path | None, training: Path | None
         readme.write_text(splice(readme.read_text(), "results", readme_block(root)))
     if training:
         t = splice(training.read_text(), "comparisons", comparisons_block(root))
-        t = splice(t, "grid", "\n".join(table) + "\n\nThe whole report, with the search and "
-                   "the commands: [experiments/world-grid](experiments/world-grid/README.md).\n")
+        t = splice(t, "grid", "\n".join(table) + "\n\nThe whole report, with the commands, wall "
+                   "times and load: [experiments/world-grid](experiments/world-grid/README.md).\n")
         training.write_text(t)
 
 

@@ -77,7 +77,7 @@ def seed_runs(run_dir: Path) -> dict[int, Models]:
     `gate_entropy` (normalised entropy of the mean gate) and `gate_max_util`."""
     if "*" in run_dir.name:
         merged: dict[int, Models] = {}
-        for d in sorted(run_dir.parent.glob(run_dir.name)):
+        for d in sorted(r.parent for r in run_dir.parent.glob(f"{run_dir.name}/report.json")):
             for s, m in seed_runs(d).items():
                 if s in merged:
                     raise ValueError(f"{d}: seed {s} twice in {run_dir}")
@@ -245,6 +245,8 @@ def verdicts(pooled: Pooled, labels: Sequence[str], ref: str, tasks: Sequence[st
                 up = r["mean_diff"] > 0
                 word = ("higher" if up else "lower") if hib is None else (
                     "better" if up == hib else "worse")
+            elif p is None:
+                word = "not tested: fewer than 2 seeds or no difference"
             else:
                 word = "no significant difference"
             parts.append(f"{r['task']} {r['mean_diff']:+.{d}f} ({word}, p {_p(p)})")
