@@ -34,7 +34,7 @@ SMALL = "small/field/ple"  # `--model ple` + baselines (Shared-Bottom, single-ta
 SMALL_WORLD = """
 The comparisons of issue 18 ran on the **default world's configuration at 100,000 impressions**
 (`ranker data --impressions 100000`: 1,000 users, 500 items, relatedness 0.7; split 70k / 10k /
-20k), not the 500,000 of the default world: on the shared machine (load 5-7 on 2 cores from
+20k), not the 500,000 of the default world: on the shared machine (load 4-12 on 2 cores from
 other sessions' benchmarks) one PLE fit on the full world took about 6.5 minutes, so the full
 world would have allowed one comparison, not five. Differences between methods at this size
 need not be the same at 500k; the full-size default world has its own page
@@ -134,7 +134,7 @@ BALANCE = Page(
           Arm("gradnorm", "small/balance/gradnorm", "mmoe"),
           Arm("pcgrad", "small/balance/pcgrad", "mmoe")],
     reference="equal",
-    jobs=["sbalance", "sfield$"],
+    jobs=["sdata", "sbalance", "sfield$"],
 )
 
 ESMM = Page(
@@ -150,7 +150,7 @@ ESMM = Page(
     arms=[_ref("independent"), Arm("chain (ESMM)", "small/esmm/chain", "mmoe")],
     reference="independent",
     metrics=["auc", "log_loss", "ece"],
-    jobs=["sesmm", "sfield$"],
+    jobs=["sdata", "sesmm", "sfield$"],
 )
 
 CALIBRATION = Page(
@@ -167,7 +167,7 @@ CALIBRATION = Page(
           Arm("isotonic", "small/cal/isotonic", "mmoe")],
     reference="none",
     metrics=["ece", "log_loss", "auc"],
-    jobs=["scal", "sfield$"],
+    jobs=["sdata", "scal", "sfield$"],
     plots=[(SMALL, "reliability:mmoe", "reliability_none.png"),
            ("small/cal/platt", "reliability:mmoe", "reliability_platt.png"),
            ("small/cal/isotonic", "reliability:mmoe", "reliability_isotonic.png")],
@@ -208,7 +208,7 @@ GATE_DROPOUT = Page(
     arms=[_ref("gate dropout 0"), Arm("gate dropout 0.1", "small/gdrop/0.1", "mmoe")],
     reference="gate dropout 0",
     metrics=["auc", "gate_entropy", "gate_max_util"],
-    jobs=["sgdrop", "sfield$"],
+    jobs=["sdata", "sgdrop", "sfield$"],
 )
 
 PAGES = [FIELD_PAGE, DEFAULT_WORLD, CENSUS_PAGE, BALANCE, ESMM, CALIBRATION, POSITION,
@@ -294,7 +294,7 @@ def _tune_section(root: Path) -> list[str]:
     lines = ["## A short search on the issue's world",
              "",
              "`ranker tune --trials 12 --timeout-min 6` on `issue17` (Optuna TPE, median pruner, "
-             "validation loss), then the best configuration over seeds 0, 1 (MMoE only). "
+             "validation loss), then the best configuration trained with seed 0 (MMoE only). "
              f"Trials: {len(trials)} ({', '.join(f'{k}: {v}' for k, v in sorted(states.items()))}"
              f"). Best trial {tuning.get('best_trial')}, validation loss "
              f"{tuning.get('best_val_loss')}, parameters: `{tuning.get('best_params')}`.",
