@@ -156,6 +156,8 @@ def fmt(xs: list[float] | None, digits: int = 4) -> str:
     if not xs:
         return "—"
     s = stats(xs)
+    if len(xs) == 1:  # one seed: no spread to show
+        return f"{s['mean']:.{digits}f}"
     return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
 
 
@@ -384,8 +386,8 @@ class World:
     items: int
     impressions: int
     relatedness: float
-    mmoe: tuple[str, str] | None = None  # (run, model); default grid/<name>/mmoe, "mmoe"
-    sb: tuple[str, str] | None = None  # default grid/<name>/shared_bottom, "shared_bottom"
+    mmoe: tuple[str, str] | None = None  # (run, model); default grid/<name>/mmoe*, "mmoe"
+    sb: tuple[str, str] | None = None  # default grid/<name>/shared_bottom*, "shared_bottom"
 
 
 GAP = 0.02  # the issue's goal: within 0.02 AUC of the oracle on every task
@@ -395,8 +397,9 @@ def grid_rows(root: Path, worlds: Sequence[World], tasks: Sequence[str]) -> list
     """Per world and task: oracle AUC, MMoE and Shared-Bottom mean ± std, the gap and checks."""
     rows = []
     for w in worlds:
-        mm_run, mm_model = w.mmoe or (f"grid/{w.name}/mmoe", "mmoe")
-        sb_run, sb_model = w.sb or (f"grid/{w.name}/shared_bottom", "shared_bottom")
+        # grid/<name>/mmoe, and mmoe-s1 ... when seeds were added as runs of their own
+        mm_run, mm_model = w.mmoe or (f"grid/{w.name}/mmoe*", "mmoe")
+        sb_run, sb_model = w.sb or (f"grid/{w.name}/shared_bottom*", "shared_bottom")
         if first_run(root, mm_run) is None:
             continue
         arms = [Arm("MMoE", mm_run, mm_model)]
@@ -434,10 +437,11 @@ def grid_table(rows: list[dict[str, Any]]) -> list[str]:
         w = r["world"]
         yn = "met" if r["gap_met"] else "**not met**"
         sb_yn = "—" if r["sb_met"] is None else ("met" if r["sb_met"] else "**not met**")
+        spread = "—" if r["n"] < 2 else f"{r['spread']:.4f}"
         lines.append(
             f"| {w.name} ({w.users:,} / {w.items:,} / {w.impressions:,} / {w.relatedness:g}) "
             f"| {r['task']} | {r['n']} | {r['oracle']:.4f} | {fmt(r['mmoe'])} | {fmt(r['gap'])} "
-            f"| {yn} | {fmt(r['sb'])} | {fmt(r['diff'])} | {r['spread']:.4f} | {sb_yn} |")
+            f"| {yn} | {fmt(r['sb'])} | {fmt(r['diff'])} | {spread} | {sb_yn} |")
     return lines
 
 
