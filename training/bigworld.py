@@ -41,6 +41,8 @@ from training.synthetic import (
     _assemble_world,
     _calibrate,
     _draw_entities,
+    _draw_labels,
+    _log_table,
     hour_probabilities,
     widen_tables,
 )
@@ -94,24 +96,11 @@ def impressions_chunk(world: World, users: pa.Table, items: pa.Table, c: int, n:
     rng = np.random.default_rng([cfg.seed, 32, c])
     uid, iid, hour, surface = draw_impressions(world, rng, n)
     q = world.conditionals(uid, iid, hour, surface)
-    click = rng.random(n) < q["click"]
-    gate = np.where(click, 1.0, cfg.leak)
-    like = rng.random(n) < q["like"] * gate
-    share = rng.random(n) < q["share"] * gate
+    labels = _draw_labels(rng, q, cfg.leak)
     reach = q["click"] + cfg.leak * (1 - q["click"])
     split = rng.choice(len(SPLITS), n, p=list(cfg.split))
-    log = pa.table({
-        "user_id": pc.take(users["user_id"], pa.array(uid)),
-        "item_id": pc.take(items["item_id"], pa.array(iid)),
-        "hour": hour.astype(np.int32),
-        "surface": pa.array(np.asarray(SURFACES)[surface]),
-        "click": click.astype(np.int8),
-        "like": like.astype(np.int8),
-        "share": share.astype(np.int8),
-        "p_click": q["click"].astype(np.float32),
-        "p_like": (q["like"] * reach).astype(np.float32),
-        "p_share": (q["share"] * reach).astype(np.float32),
-    })
+    log = _log_table(pc.take(users["user_id"], pa.array(uid)),
+                     pc.take(items["item_id"], pa.array(iid)), hour, surface, labels, q, reach)
     return log, split
 
 

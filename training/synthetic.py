@@ -423,6 +423,34 @@ def _calibrate(world: World, uid: np.ndarray, iid: np.ndarray, hour: np.ndarray,
     return reach
 
 
+def _draw_labels(rng: np.random.Generator, q: dict[str, np.ndarray], leak: float,
+                 examination: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Each impression's click (of an examined item, where `examination` is given), like and
+    share, drawn from the true conditionals `q`; like and share mostly after a click (`leak`)."""
+    n = len(q["click"])
+    click = rng.random(n) < (q["click"] if examination is None else q["click"] * examination)
+    gate = np.where(click, 1.0, leak)
+    like = rng.random(n) < q["like"] * gate
+    share = rng.random(n) < q["share"] * gate
+    return {"click": click, "like": like, "share": share}
+
+
+def _log_table(user_id: Any, item_id: Any, hour: np.ndarray, surface: np.ndarray,
+               labels: dict[str, np.ndarray], q: dict[str, np.ndarray], reach: np.ndarray
+               ) -> pa.Table:
+    """The impression log: ids, context, the drawn labels and the true probabilities."""
+    return pa.table({
+        "user_id": user_id,
+        "item_id": item_id,
+        "hour": hour.astype(np.int32),
+        "surface": pa.array(np.asarray(SURFACES)[surface]),
+        **{t: labels[t].astype(np.int8) for t in TASKS},
+        "p_click": q["click"].astype(np.float32),
+        "p_like": (q["like"] * reach).astype(np.float32),
+        "p_share": (q["share"] * reach).astype(np.float32),
+    })
+
+
 def generate_world(cfg: SyntheticConfig) -> tuple[World, dict[str, pa.Table]]:
     """Draw the world and the users, items and impression tables (labels, true probabilities)."""
     rng = np.random.default_rng(cfg.seed)
@@ -445,12 +473,7 @@ def generate_world(cfg: SyntheticConfig) -> tuple[World, dict[str, pa.Table]]:
     if cfg.position_bias > 0:
         # its own stream: the draws of the default dataset stay exactly as they were
         position, examination = _positions(cfg, iid, ni)
-        click = rng.random(n) < q["click"] * examination
-    else:
-        click = rng.random(n) < q["click"]
-    gate = np.where(click, 1.0, cfg.leak)
-    like = rng.random(n) < q["like"] * gate
-    share = rng.random(n) < q["share"] * gate
+    labels = _draw_labels(rng, q, cfg.leak, examination)
 
     users = pa.table(
         {
@@ -473,20 +496,8 @@ def generate_world(cfg: SyntheticConfig) -> tuple[World, dict[str, pa.Table]]:
     if cfg.is_wide:  # their own streams: the default world's draws stay exactly as they were
         users, items = widen_tables(cfg, users, items, world.user_latent, world.item_latent,
                                     world.category, world.popularity, world.affinity[0])
-    log = pa.table(
-        {
-            "user_id": pa.array(np.asarray(users["user_id"])[uid]),
-            "item_id": pa.array(np.asarray(items["item_id"])[iid]),
-            "hour": hour.astype(np.int32),
-            "surface": pa.array(np.asarray(SURFACES)[surface]),
-            "click": click.astype(np.int8),
-            "like": like.astype(np.int8),
-            "share": share.astype(np.int8),
-            "p_click": q["click"].astype(np.float32),
-            "p_like": (q["like"] * reach).astype(np.float32),
-            "p_share": (q["share"] * reach).astype(np.float32),
-        }
-    )
+    log = _log_table(pa.array(np.asarray(users["user_id"])[uid]),
+                     pa.array(np.asarray(items["item_id"])[iid]), hour, surface, labels, q, reach)
     if position is not None and examination is not None:
         log = log.append_column("position", pa.array(position.astype(np.int32)))
         log = log.append_column("examination", pa.array(examination.astype(np.float32)))
