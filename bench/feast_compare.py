@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from bench.report import save_figure, write_files
+from bench.report import publish, save_figure, write_files
 from ranker.schema import FeatureSchema, GroupSchema
 
 VIEW_NAMES = {"user": "user_features", "item": "item_features"}
@@ -412,11 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     report["runs"] = runs
     report["headline"] = headline(runs)
     report["loadavg_end"] = os.getloadavg()[0]
-    text = markdown(report)
-    print(text)
-    if args.out_dir is not None:
-        for path in write(report, args.out_dir, args.name or f"feast-{report['date']}"):
-            print(path, file=sys.stderr)
+    publish(report, args.out_dir, args.name or f"feast-{report['date']}", markdown=markdown,
+            write=write)
     return 0
 
 

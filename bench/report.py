@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -400,6 +401,17 @@ def write_files(
     if plot(results, paths[2]) is False:
         paths.pop()
     return paths
+
+
+def publish(results: dict[str, Any], out_dir: Path | None, stem: str, *,
+            markdown: Callable[[dict[str, Any]], str],
+            write: Callable[[dict[str, Any], Path, str], list[Path]]) -> None:
+    """A bench run's end: its Markdown on stdout and, with an `out_dir`, its files written
+    there as <stem>.* (their paths on stderr)."""
+    print(markdown(results))
+    if out_dir is not None:
+        for path in write(results, out_dir, stem):
+            print(path, file=sys.stderr)
 
 
 def write(results: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:

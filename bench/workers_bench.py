@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from bench.procs import Processes
-from bench.report import save_figure, write_files
+from bench.report import publish, save_figure, write_files
 from launch.procs import HOST, free_port, wait_http
 
 DESIGNS = ("wrk", "wrk-pinned", "pyloadgen")
@@ -489,11 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     report["ratios"] = ratios(report["points"])
     report["cpu_ceiling"] = cpu_ceiling(report["points"])
-    text = markdown(report)
-    print(text)
-    if args.out_dir is not None:
-        for path in write(report, args.out_dir, args.name or f"workers-{report['date']}"):
-            print(path, file=sys.stderr)
+    publish(report, args.out_dir, args.name or f"workers-{report['date']}", markdown=markdown,
+            write=write)
     return 0
 
 
