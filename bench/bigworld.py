@@ -167,33 +167,39 @@ def ratios(small: dict[str, Any], big: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _table_head(title: str, *columns: str) -> list[str]:
+    """A Markdown section's title and its table's header and rule."""
+    return ["", f"## {title}", "", "| " + " | ".join(columns) + " |",
+            "|" + "---|" * len(columns)]
+
+
 def markdown(results: dict[str, Any]) -> str:
     worlds = results["worlds"]
     lines = [f"# The service at production size ({results['date']})", "",
              f"Machine: {results['machine']['cpus']} CPUs, load average at the start "
              f"{results['machine']['loadavg_start']}, at the end "
              f"{results['machine']['loadavg_end']} (a shared VM: other jobs ran meanwhile).",
-             "", "Command:", "", "```", results["command"], "```", ""]
-    lines += ["## Worlds", "", "| world | users | items | impressions | model inputs | "
-              "model.onnx |", "|---|---|---|---|---|---|"]
+             "", "Command:", "", "```", results["command"], "```"]
+    lines += _table_head("Worlds", "world", "users", "items", "impressions", "model inputs",
+                         "model.onnx")
     for name, w in worlds.items():
         sizes = w["dataset"] or {}
         imp = sum(v for k, v in sizes.items() if k.startswith("impressions_"))
         ins = ", ".join(f"{i['name']} {i['shape'][-1]}" for i in w["inputs"])
         lines.append(f"| {name} | {sizes.get('users', 0):,} | {sizes.get('items', 0):,} | "
                      f"{imp:,} | {ins} | {w['model_bytes'] / 1e6:.1f} MB |")
-    lines += ["", "## Loading the features (`ranker features load`, streamed)", "",
-              "| world | records | records/s | wall s | peak RSS | MEMORY USAGE per record | "
-              "Redis used memory |", "|---|---|---|---|---|---|---|"]
+    lines += _table_head("Loading the features (`ranker features load`, streamed)", "world",
+                         "records", "records/s", "wall s", "peak RSS",
+                         "MEMORY USAGE per record", "Redis used memory")
     for name, w in worlds.items():
         ld = w["load"]
         per = ", ".join(f"{e} {v:.0f} B" for e, v in ld["memory_usage_bytes_per_record"].items())
         rss = f"{ld['peak_rss_mb']:.0f} MB" if ld["peak_rss_mb"] else "n/a"
         lines.append(f"| {name} | {ld['records']:,} | {ld['records_per_s']:,.0f} | "
                      f"{ld['wall_s']:.1f} | {rss} | {per} | {ld['redis_used_memory_mb']:.0f} MB |")
-    lines += ["", "## /rank, one worker, concurrency 1", "",
-              "| world | N | p50 | p99 | MGET floor | inference floor | noop HTTP | "
-              "sum of floors | overhead | req/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += _table_head("/rank, one worker, concurrency 1", "world", "N", "p50", "p99",
+                         "MGET floor", "inference floor", "noop HTTP", "sum of floors",
+                         "overhead", "req/s")
     for name, w in worlds.items():
         for n in map(str, NS):
             s, fl = w["service"][n], w["floors"][n]
@@ -202,19 +208,18 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{fl['mget']['p50_ms']:.3f} | {fl['inference']['p50_ms']:.3f} | "
                 f"{fl['noop_http']['p50_ms']:.3f} | {s['floor_sum_ms']:.2f} | "
                 f"{s['overhead_ratio']:.2f}x | {s['rps']:.0f} |")
-    lines += ["", "## Where the time goes (mean ms per request, from the stage histograms)", ""]
     stages = sorted({k for w in worlds.values() for s in w["service"].values()
                      for k in s["stages_ms"]})
-    lines += ["| world | N | " + " | ".join(stages) + " |",
-              "|---|---|" + "---|" * len(stages)]
+    lines += _table_head("Where the time goes (mean ms per request, from the stage histograms)",
+                         "world", "N", *stages)
     for name, w in worlds.items():
         for n in map(str, NS):
             st = w["service"][n]["stages_ms"]
             lines.append(f"| {name} | {n} | " + " | ".join(f"{st.get(k, 0):.3f}" for k in stages)
                          + " |")
     if "ratios" in results:
-        lines += ["", "## Production over small (same run)", "",
-                  "| N | p50 | p99 | overhead ratio |", "|---|---|---|---|"]
+        lines += _table_head("Production over small (same run)", "N", "p50", "p99",
+                             "overhead ratio")
         for n, r in results["ratios"].items():
             lines.append(f"| {n} | {r['p50']:.2f}x | {r['p99']:.2f}x | "
                          f"{r['overhead_ratio']:.2f}x |")

@@ -21,37 +21,17 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from bench.inprocess import (
-    add_ab_arguments,
-    alternating,
-    latency_ms,
-    request_bodies,
-    run_on_default_model,
-    timed_calls,
-)
+from bench.inprocess import ab_runs, add_ab_arguments, latency_ms, run_on_default_model, timed_calls
 
 
 def load_cluster_features(url: str, version_dir: Path, n_items: int) -> dict[str, str]:
     """bench.measure's tables (same seed, so the same features) into the cluster."""
-    import pyarrow as pa
-
-    from ranker.manifest import load_manifest, load_schema
+    from bench.measure import feature_tables
     from service.featurestore.writer import load_tables, make_sync_client
 
-    rng = np.random.default_rng(0)
-    schema = load_schema(version_dir, load_manifest(version_dir))
-    users = pa.table({"user_id": [f"u{i}" for i in range(1000)],
-                      "country": rng.choice(["us", "de", "br", "in"], 1000).tolist(),
-                      "activity": rng.uniform(0, 20, 1000)})
-    items = pa.table({"item_id": [f"i{i}" for i in range(n_items)],
-                      "category": rng.choice([f"c{i}" for i in range(8)], n_items).tolist(),
-                      "age_days": rng.uniform(0, 90, n_items),
-                      "duration": rng.uniform(5, 200, n_items)})
     client = make_sync_client(url, cluster=True)
     try:
-        return load_tables(client, schema, users, items).replica_tags
+        return load_tables(client, *feature_tables(version_dir, n_items)).replica_tags
     finally:
         client.close()
 
@@ -67,7 +47,6 @@ async def measure(args: argparse.Namespace, repo: Path, url: str) -> dict[str, A
     base = {"model_repo": repo, "model_name": "mmoe", "request_timeout_s": 5.0,
             "redis_socket_timeout_s": 1.0, "redis_connect_timeout_s": 1.0,
             "max_candidates": max(args.candidates, 1000)}
-    rng = np.random.default_rng(1)
     out: dict[str, Any] = {"runs": []}
     with RedisClusterServer(masters=3) as cluster:
         out["replica_tags"] = load_cluster_features(cluster.url, version_dir, args.items)
@@ -75,15 +54,11 @@ async def measure(args: argparse.Namespace, repo: Path, url: str) -> dict[str, A
                 "on": create_app(Settings(**base, redis_url=cluster.url, redis_cluster=True))}
         async with LifespanManager(apps["off"]) as m_off, LifespanManager(apps["on"]) as m_on:
             managed = {"off": m_off.app, "on": m_on.app}
-            for run in range(args.warmup_runs + args.runs):
-                bodies = request_bodies(rng, args.requests, args.items, args.candidates)
 
-                async def block(name: str, part: list[bytes]) -> dict[str, Any]:
-                    return {"times": await timed_calls(managed[name], part, args.gap_ms / 1e3)}
+            async def block(name: str, part: list[bytes]) -> dict[str, Any]:
+                return {"times": await timed_calls(managed[name], part, args.gap_ms / 1e3)}
 
-                got = await alternating(bodies, args.block, block)
-                if run < args.warmup_runs:
-                    continue
+            async for got in ab_runs(args, block):
                 row: dict[str, Any] = {("single" if k == "off" else "cluster"):
                        latency_ms([t for b in blocks for t in b["times"]])
                        for k, blocks in got.items()}

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from bench.report import publish, save_figure, write_files
 from ranker.schema import FeatureSchema, GroupSchema
 
 VIEW_NAMES = {"user": "user_features", "item": "item_features"}
@@ -222,21 +223,13 @@ def plot(report: dict[str, Any], path: Path) -> bool:
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
 def write(report: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
     """JSON, Markdown and (with matplotlib) PNG of a report."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
-    paths[0].write_text(json.dumps(report, indent=2) + "\n")
-    paths[1].write_text(markdown(report))
-    if plot(report, out_dir / f"{stem}.png"):
-        paths.append(out_dir / f"{stem}.png")
-    return paths
+    return write_files(report, out_dir, stem, markdown=markdown, plot=plot, indent=2)
 
 
 async def timed_ours(fs: Any, user: str, ids: list[str]) -> tuple[int, int]:
@@ -419,11 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     report["runs"] = runs
     report["headline"] = headline(runs)
     report["loadavg_end"] = os.getloadavg()[0]
-    text = markdown(report)
-    print(text)
-    if args.out_dir is not None:
-        for path in write(report, args.out_dir, args.name or f"feast-{report['date']}"):
-            print(path, file=sys.stderr)
+    publish(report, args.out_dir, args.name or f"feast-{report['date']}", markdown=markdown,
+            write=write)
     return 0
 
 

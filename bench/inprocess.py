@@ -1,10 +1,10 @@
 """Two in-process instances of the app measured on the same requests, taking turns.
 
 The shared part of the bench scripts that compare one setting against another in one process
-(bench.servedlog_cost, bench.shadow_cost): a POST /rank called at the ASGI level (no HTTP
-client in the measured process, so its CPU is the app's), the run's request bodies, timed calls
-with an idle gap after each response, and short blocks of the two settings alternating
-(A B B A ...) so the machine's drift (other processes) falls on both alike.
+(bench.servedlog_cost, bench.shadow_cost, bench.cluster_rank_cost): a POST /rank called at the
+ASGI level (no HTTP client in the measured process, so its CPU is the app's), the run's request
+bodies, timed calls with an idle gap after each response, and short blocks of the two settings
+alternating (A B B A ...) so the machine's drift (other processes) falls on both alike.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import argparse
 import asyncio
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,20 @@ async def alternating(bodies: list[bytes], size: int,
         for name in (("off", "on") if b % 2 == 0 else ("on", "off")):
             got[name].append(await block(name, part))
     return got
+
+
+async def ab_runs(args: argparse.Namespace,
+                  block: Callable[[str, list[bytes]], Awaitable[dict[str, Any]]],
+                  seed: int = 1, **extra: Any) -> AsyncIterator[dict[str, list[dict[str, Any]]]]:
+    """The runs of an `add_ab_arguments` comparison: per run fresh `request_bodies` (`extra`
+    fields in each) called `alternating` in `--block`s; the block results of every run after
+    the `--warmup-runs`."""
+    rng = np.random.default_rng(seed)
+    for run in range(args.warmup_runs + args.runs):
+        bodies = request_bodies(rng, args.requests, args.items, args.candidates, **extra)
+        got = await alternating(bodies, args.block, block)
+        if run >= args.warmup_runs:
+            yield got
 
 
 def latency_ms(times: list[float]) -> dict[str, float]:

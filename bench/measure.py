@@ -36,12 +36,12 @@ def export_model(repo: Path, n_items: int) -> Path:  # needs torch (the train ex
     return export(MultiTaskModel(cfg), schema, repo, "mmoe", golden_inputs(schema))
 
 
-def load_features(url: str, version_dir: Path, n_items: int) -> None:
+def feature_tables(version_dir: Path, n_items: int) -> tuple[Any, Any, Any]:
+    """(schema, users, items) of an exported version: 1000 users and `n_items` items of random
+    features, seed 0 (every bench that loads them gets the same features)."""
     import pyarrow as pa
-    import redis
 
     from ranker.manifest import load_manifest, load_schema
-    from service.featurestore.writer import load_tables
 
     rng = np.random.default_rng(0)
     schema = load_schema(version_dir, load_manifest(version_dir))
@@ -52,9 +52,17 @@ def load_features(url: str, version_dir: Path, n_items: int) -> None:
                       "category": rng.choice([f"c{i}" for i in range(8)], n_items).tolist(),
                       "age_days": rng.uniform(0, 90, n_items),
                       "duration": rng.uniform(5, 200, n_items)})
+    return schema, users, items
+
+
+def load_features(url: str, version_dir: Path, n_items: int) -> None:
+    import redis
+
+    from service.featurestore.writer import load_tables
+
     client = redis.Redis.from_url(url)
     try:
-        load_tables(client, schema, users, items)
+        load_tables(client, *feature_tables(version_dir, n_items))
     finally:
         client.close()
 

@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -387,16 +388,30 @@ def save_figure(fig: Any, path: Path) -> None:
 def write_files(
     results: dict[str, Any], out_dir: Path, stem: str, *,
     markdown: Callable[[dict[str, Any]], str],
-    plot: Callable[[dict[str, Any], Path], None],
+    plot: Callable[[dict[str, Any], Path], bool | None],
     png: str = "{stem}.png",
+    indent: int = 1,
 ) -> list[Path]:
-    """A bench's result as <stem>.json, <stem>.md and a figure (named by `png`) in out_dir."""
+    """A bench's result as <stem>.json, <stem>.md and a figure (named by `png`) in out_dir; a
+    `plot` that returns False drew nothing (no matplotlib where it ran) and its path is left out."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / png.format(stem=stem)]
-    paths[0].write_text(json.dumps(results, indent=1, default=str) + "\n")
+    paths[0].write_text(json.dumps(results, indent=indent, default=str) + "\n")
     paths[1].write_text(markdown(results))
-    plot(results, paths[2])
+    if plot(results, paths[2]) is False:
+        paths.pop()
     return paths
+
+
+def publish(results: dict[str, Any], out_dir: Path | None, stem: str, *,
+            markdown: Callable[[dict[str, Any]], str],
+            write: Callable[[dict[str, Any], Path, str], list[Path]]) -> None:
+    """A bench run's end: its Markdown on stdout and, with an `out_dir`, its files written
+    there as <stem>.* (their paths on stderr)."""
+    print(markdown(results))
+    if out_dir is not None:
+        for path in write(results, out_dir, stem):
+            print(path, file=sys.stderr)
 
 
 def write(results: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:

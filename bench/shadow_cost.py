@@ -26,16 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from bench.inprocess import (
-    add_ab_arguments,
-    alternating,
-    latency_ms,
-    request_bodies,
-    run_on_default_model,
-    timed_calls,
-)
+from bench.inprocess import ab_runs, add_ab_arguments, latency_ms, run_on_default_model, timed_calls
 
 
 async def block(app: Any, shadow: Any, bodies: list[bytes], gap_s: float) -> dict[str, Any]:
@@ -75,19 +66,15 @@ async def measure(args: argparse.Namespace, repo: Path, url: str) -> dict[str, A
             "request_timeout_s": 5.0, "max_candidates": max(args.candidates, 1000)}
     apps = {"off": create_app(Settings(**base)),
             "on": create_app(Settings(**base, experiments_file=exp))}
-    rng = np.random.default_rng(1)
     out: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
     async with LifespanManager(apps["off"]) as m_off, LifespanManager(apps["on"]) as m_on:
         managed = {"off": m_off.app, "on": m_on.app}
         shadows = {"off": None, "on": apps["on"].state.ranker.pipeline.shadow}
         assert shadows["on"] is not None
-        for run in range(args.warmup_runs + args.runs):
-            bodies = request_bodies(rng, args.requests, args.items, args.candidates)
-            got = await alternating(bodies, args.block, lambda name, part: block(
-                managed[name], shadows[name], part, args.gap_ms / 1e3))
-            if run >= args.warmup_runs:
-                for name in out:
-                    out[name].append(merged(got[name]))
+        async for got in ab_runs(args, lambda name, part: block(
+                managed[name], shadows[name], part, args.gap_ms / 1e3)):
+            for name in out:
+                out[name].append(merged(got[name]))
 
     def runs(result: str) -> float:
         return REGISTRY.get_sample_value("ranker_shadow_runs_total", {"result": result}) or 0.0

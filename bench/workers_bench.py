@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from bench.procs import Processes
+from bench.report import publish, save_figure, write_files
 from launch.procs import HOST, free_port, wait_http
 
 DESIGNS = ("wrk", "wrk-pinned", "pyloadgen")
@@ -385,21 +386,13 @@ def plot(report: dict[str, Any], path: Path) -> bool:
                  "what the cores allow if nothing else ran", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
 def write(report: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
     """JSON, Markdown and (with matplotlib) PNG of a report."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
-    paths[0].write_text(json.dumps(report, indent=2) + "\n")
-    paths[1].write_text(markdown(report))
-    if plot(report, out_dir / f"{stem}.png"):
-        paths.append(out_dir / f"{stem}.png")
-    return paths
+    return write_files(report, out_dir, stem, markdown=markdown, plot=plot, indent=2)
 
 
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -496,11 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     report["ratios"] = ratios(report["points"])
     report["cpu_ceiling"] = cpu_ceiling(report["points"])
-    text = markdown(report)
-    print(text)
-    if args.out_dir is not None:
-        for path in write(report, args.out_dir, args.name or f"workers-{report['date']}"):
-            print(path, file=sys.stderr)
+    publish(report, args.out_dir, args.name or f"workers-{report['date']}", markdown=markdown,
+            write=write)
     return 0
 
 

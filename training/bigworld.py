@@ -31,7 +31,6 @@ from training.synthetic import (
     COUNTRIES,
     DATASET_FILE,
     DEVICES,
-    SCORES,
     SPLITS,
     SURFACE_P,
     SURFACES,
@@ -39,11 +38,11 @@ from training.synthetic import (
     WORLD_NPZ,
     SyntheticConfig,
     World,
-    _draw_score_params,
-    _sigmoid,
-    _solve_intercept,
-    _standardize,
-    _zipf,
+    _assemble_world,
+    _calibrate,
+    _draw_entities,
+    _draw_labels,
+    _log_table,
     hour_probabilities,
     widen_tables,
 )
@@ -58,60 +57,25 @@ def draw_world(cfg: SyntheticConfig) -> tuple[World, pa.Table, pa.Table]:
         raise ValueError("the streamed world has no position bias (use the default world)")
     rng = np.random.default_rng([cfg.seed, 30])
     nu, ni = cfg.n_users, cfg.n_items
-    country = rng.choice(len(COUNTRIES), nu, p=_zipf(len(COUNTRIES), 1.0))
-    device = rng.choice(len(DEVICES), nu, p=[0.55, 0.35, 0.10])
-    interest = rng.integers(0, cfg.n_interests, nu)
-    activity = np.floor(rng.lognormal(3.0, 1.0, nu))
-    tenure = np.floor(rng.exponential(400.0, nu))
-    category = rng.choice(cfg.n_categories, ni, p=_zipf(cfg.n_categories, 0.6))
-    age_days = np.floor(rng.exponential(30.0, ni))
-    duration = np.round(rng.lognormal(3.8, 0.7, ni), 1)
-    interest_vec = rng.normal(size=(cfg.n_interests, cfg.latent_dim))
-    category_vec = rng.normal(size=(cfg.n_categories, cfg.latent_dim))
-    u_lat = interest_vec[interest] + cfg.id_noise * rng.normal(size=(nu, cfg.latent_dim))
-    i_lat = category_vec[category] + cfg.id_noise * rng.normal(size=(ni, cfg.latent_dim))
-    pi = rng.lognormal(0.0, 0.5, ni)
-    params = [_draw_score_params(rng, cfg, cfg.id_bias if k == "shared" else 0.0, nu, ni)
-              for k in SCORES]
-    world = World(
-        config=cfg, country=country, device=device, interest=interest, activity=activity,
-        tenure=tenure, category=category, age_days=age_days, duration=duration, popularity=pi,
-        user_latent=u_lat, item_latent=i_lat,
-        activity_z=_standardize(np.log1p(activity)), tenure_z=_standardize(np.log1p(tenure)),
-        age_z=_standardize(np.log1p(age_days)), duration_z=_standardize(np.log1p(duration)),
-        **{key: np.stack([np.asarray(p[key], dtype=np.float64) for p in params])
-           for key in params[0]},
-        score_mean=np.zeros(len(SCORES)), score_std=np.ones(len(SCORES)),
-        intercept=np.zeros(len(TASKS)), rho=float(np.clip(cfg.relatedness, 0.0, 1.0)),
-        leak=cfg.leak,
-    )
-    idx = draw_impressions(world, np.random.default_rng([cfg.seed, 31]),
-                           min(cfg.n_impressions, CALIBRATION))
-    for k in range(len(SCORES)):
-        raw = world._raw_score(k, *idx)
-        world.score_mean[k], world.score_std[k] = raw.mean(), raw.std()
-    z = world.logits(*idx)
-    world.intercept[0] = _solve_intercept(z["click"], cfg.click_rate)
-    p_click = _sigmoid(z["click"] + world.intercept[0])
-    reach = p_click + cfg.leak * (1 - p_click)
-    for j, (t, rate) in enumerate((("like", cfg.like_rate), ("share", cfg.share_rate)), 1):
-        world.intercept[j] = _solve_intercept(z[t], rate, reach)
+    world = _assemble_world(cfg, rng, _draw_entities(cfg, rng))
+    _calibrate(world, *draw_impressions(world, np.random.default_rng([cfg.seed, 31]),
+                                        min(cfg.n_impressions, CALIBRATION)))
     users = pa.table({
         "user_id": pa.array(np.char.add("u", np.arange(nu).astype(str))),
-        "country": pa.array(np.asarray(COUNTRIES)[country]),
-        "device": pa.array(np.asarray(DEVICES)[device]),
-        "interest": pa.array(np.char.add("g", interest.astype(str))),
-        "activity_30d": activity,
-        "tenure_days": tenure,
+        "country": pa.array(np.asarray(COUNTRIES)[world.country]),
+        "device": pa.array(np.asarray(DEVICES)[world.device]),
+        "interest": pa.array(np.char.add("g", world.interest.astype(str))),
+        "activity_30d": world.activity,
+        "tenure_days": world.tenure,
     })
     items = pa.table({
         "item_id": pa.array(np.char.add("i", np.arange(ni).astype(str))),
-        "category": pa.array(np.char.add("c", category.astype(str))),
-        "age_days": age_days,
-        "duration_s": duration,
+        "category": pa.array(np.char.add("c", world.category.astype(str))),
+        "age_days": world.age_days,
+        "duration_s": world.duration,
     })
-    users, items = widen_tables(cfg, users, items, u_lat, i_lat, category, pi,
-                                world.affinity[0])
+    users, items = widen_tables(cfg, users, items, world.user_latent, world.item_latent,
+                                world.category, world.popularity, world.affinity[0])
     return world, users, items
 
 
@@ -132,24 +96,11 @@ def impressions_chunk(world: World, users: pa.Table, items: pa.Table, c: int, n:
     rng = np.random.default_rng([cfg.seed, 32, c])
     uid, iid, hour, surface = draw_impressions(world, rng, n)
     q = world.conditionals(uid, iid, hour, surface)
-    click = rng.random(n) < q["click"]
-    gate = np.where(click, 1.0, cfg.leak)
-    like = rng.random(n) < q["like"] * gate
-    share = rng.random(n) < q["share"] * gate
+    labels = _draw_labels(rng, q, cfg.leak)
     reach = q["click"] + cfg.leak * (1 - q["click"])
     split = rng.choice(len(SPLITS), n, p=list(cfg.split))
-    log = pa.table({
-        "user_id": pc.take(users["user_id"], pa.array(uid)),
-        "item_id": pc.take(items["item_id"], pa.array(iid)),
-        "hour": hour.astype(np.int32),
-        "surface": pa.array(np.asarray(SURFACES)[surface]),
-        "click": click.astype(np.int8),
-        "like": like.astype(np.int8),
-        "share": share.astype(np.int8),
-        "p_click": q["click"].astype(np.float32),
-        "p_like": (q["like"] * reach).astype(np.float32),
-        "p_share": (q["share"] * reach).astype(np.float32),
-    })
+    log = _log_table(pc.take(users["user_id"], pa.array(uid)),
+                     pc.take(items["item_id"], pa.array(iid)), hour, surface, labels, q, reach)
     return log, split
 
 

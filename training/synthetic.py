@@ -359,11 +359,10 @@ def _draw_score_params(rng: np.random.Generator, cfg: SyntheticConfig, id_bias: 
             "surface_effect": surface, "dense_weight": w}
 
 
-def generate_world(cfg: SyntheticConfig) -> tuple[World, dict[str, pa.Table]]:
-    """Draw the world and the users, items and impression tables (labels, true probabilities)."""
-    rng = np.random.default_rng(cfg.seed)
-    nu, ni, n = cfg.n_users, cfg.n_items, cfg.n_impressions
-
+def _draw_entities(cfg: SyntheticConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The users, items, their latent vectors and the items' popularity, in the generator's draw
+    order; keyed by World's field names."""
+    nu, ni = cfg.n_users, cfg.n_items
     # users: categorical and dense raw features, a latent interest vector
     country = rng.choice(len(COUNTRIES), nu, p=_zipf(len(COUNTRIES), 1.0))
     device = rng.choice(len(DEVICES), nu, p=[0.55, 0.35, 0.10])
@@ -379,87 +378,126 @@ def generate_world(cfg: SyntheticConfig) -> tuple[World, dict[str, pa.Table]]:
     category_vec = rng.normal(size=(cfg.n_categories, cfg.latent_dim))
     u_lat = interest_vec[interest] + cfg.id_noise * rng.normal(size=(nu, cfg.latent_dim))  # (U,L)
     i_lat = category_vec[category] + cfg.id_noise * rng.normal(size=(ni, cfg.latent_dim))  # (I,L)
-
-    # impressions: active users see more; items have a popularity spread
-    pu = activity + 1.0
+    # items have a popularity spread (their chance to be shown)
     pi = rng.lognormal(0.0, 0.5, ni)
-    uid = rng.choice(nu, n, p=pu / pu.sum())
-    iid = rng.choice(ni, n, p=pi / pi.sum())
-    hour = rng.choice(24, n, p=hour_probabilities())
-    surface = rng.choice(len(SURFACES), n, p=list(SURFACE_P))
+    return {"country": country, "device": device, "interest": interest, "activity": activity,
+            "tenure": tenure, "category": category, "age_days": age_days, "duration": duration,
+            "popularity": pi, "user_latent": u_lat, "item_latent": i_lat}
 
-    # the score parameters are drawn after the impressions: that order fixes the dataset
-    rho = float(np.clip(cfg.relatedness, 0.0, 1.0))
-    params = [_draw_score_params(rng, cfg, cfg.id_bias if k == "shared" else 0.0, nu, ni)
-              for k in SCORES]
-    world = World(
-        config=cfg, country=country, device=device, interest=interest, activity=activity,
-        tenure=tenure, category=category, age_days=age_days, duration=duration, popularity=pi,
-        user_latent=u_lat, item_latent=i_lat,
-        activity_z=_standardize(np.log1p(activity)), tenure_z=_standardize(np.log1p(tenure)),
-        age_z=_standardize(np.log1p(age_days)), duration_z=_standardize(np.log1p(duration)),
+
+def _assemble_world(cfg: SyntheticConfig, rng: np.random.Generator,
+                    entities: dict[str, np.ndarray]) -> World:
+    """The World of `entities`: its score parameters drawn now (after everything else the
+    generator draws first: that order fixes the dataset), its constants still to `_calibrate`."""
+    params = [_draw_score_params(rng, cfg, cfg.id_bias if k == "shared" else 0.0,
+                                 cfg.n_users, cfg.n_items) for k in SCORES]
+    e = entities
+    return World(
+        config=cfg, **e,
+        activity_z=_standardize(np.log1p(e["activity"])),
+        tenure_z=_standardize(np.log1p(e["tenure"])),
+        age_z=_standardize(np.log1p(e["age_days"])),
+        duration_z=_standardize(np.log1p(e["duration"])),
         **{key: np.stack([np.asarray(p[key], dtype=np.float64) for p in params])
            for key in params[0]},
         score_mean=np.zeros(len(SCORES)), score_std=np.ones(len(SCORES)),
-        intercept=np.zeros(len(TASKS)), rho=rho, leak=cfg.leak,
+        intercept=np.zeros(len(TASKS)), rho=float(np.clip(cfg.relatedness, 0.0, 1.0)),
+        leak=cfg.leak,
     )
-    # standardisation constants and intercepts: computed on the sampled impressions
+
+
+def _calibrate(world: World, uid: np.ndarray, iid: np.ndarray, hour: np.ndarray,
+               surface: np.ndarray) -> np.ndarray:
+    """The standardisation constants and intercepts of `world`, computed on these impressions;
+    the impressions' chance of engaging enough to like/share (`reach`)."""
+    cfg = world.config
     for k in range(len(SCORES)):
         raw = world._raw_score(k, uid, iid, hour, surface)
         world.score_mean[k], world.score_std[k] = raw.mean(), raw.std()
     z = world.logits(uid, iid, hour, surface)
     world.intercept[0] = _solve_intercept(z["click"], cfg.click_rate)
     p_click = _sigmoid(z["click"] + world.intercept[0])
-    reach = p_click + cfg.leak * (1 - p_click)  # chance the user engaged enough to like/share
+    reach: np.ndarray = p_click + cfg.leak * (1 - p_click)
     for j, (t, rate) in enumerate((("like", cfg.like_rate), ("share", cfg.share_rate)), 1):
         world.intercept[j] = _solve_intercept(z[t], rate, reach)
+    return reach
+
+
+def _draw_labels(rng: np.random.Generator, q: dict[str, np.ndarray], leak: float,
+                 examination: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Each impression's click (of an examined item, where `examination` is given), like and
+    share, drawn from the true conditionals `q`; like and share mostly after a click (`leak`)."""
+    n = len(q["click"])
+    click = rng.random(n) < (q["click"] if examination is None else q["click"] * examination)
+    gate = np.where(click, 1.0, leak)
+    like = rng.random(n) < q["like"] * gate
+    share = rng.random(n) < q["share"] * gate
+    return {"click": click, "like": like, "share": share}
+
+
+def _log_table(user_id: Any, item_id: Any, hour: np.ndarray, surface: np.ndarray,
+               labels: dict[str, np.ndarray], q: dict[str, np.ndarray], reach: np.ndarray
+               ) -> pa.Table:
+    """The impression log: ids, context, the drawn labels and the true probabilities."""
+    return pa.table({
+        "user_id": user_id,
+        "item_id": item_id,
+        "hour": hour.astype(np.int32),
+        "surface": pa.array(np.asarray(SURFACES)[surface]),
+        **{t: labels[t].astype(np.int8) for t in TASKS},
+        "p_click": q["click"].astype(np.float32),
+        "p_like": (q["like"] * reach).astype(np.float32),
+        "p_share": (q["share"] * reach).astype(np.float32),
+    })
+
+
+def generate_world(cfg: SyntheticConfig) -> tuple[World, dict[str, pa.Table]]:
+    """Draw the world and the users, items and impression tables (labels, true probabilities)."""
+    rng = np.random.default_rng(cfg.seed)
+    nu, ni, n = cfg.n_users, cfg.n_items, cfg.n_impressions
+    e = _draw_entities(cfg, rng)
+
+    # impressions: active users see more, popular items are shown more
+    pu = e["activity"] + 1.0
+    uid = rng.choice(nu, n, p=pu / pu.sum())
+    iid = rng.choice(ni, n, p=e["popularity"] / e["popularity"].sum())
+    hour = rng.choice(24, n, p=hour_probabilities())
+    surface = rng.choice(len(SURFACES), n, p=list(SURFACE_P))
+
+    # the score parameters are drawn after the impressions: that order fixes the dataset
+    world = _assemble_world(cfg, rng, e)
+    # standardisation constants and intercepts: computed on the sampled impressions
+    reach = _calibrate(world, uid, iid, hour, surface)
     q = world.conditionals(uid, iid, hour, surface)
     position = examination = None
     if cfg.position_bias > 0:
         # its own stream: the draws of the default dataset stay exactly as they were
         position, examination = _positions(cfg, iid, ni)
-        click = rng.random(n) < q["click"] * examination
-    else:
-        click = rng.random(n) < q["click"]
-    gate = np.where(click, 1.0, cfg.leak)
-    like = rng.random(n) < q["like"] * gate
-    share = rng.random(n) < q["share"] * gate
+    labels = _draw_labels(rng, q, cfg.leak, examination)
 
     users = pa.table(
         {
             "user_id": [f"u{i}" for i in range(nu)],
-            "country": [COUNTRIES[c] for c in country],
-            "device": [DEVICES[d] for d in device],
-            "interest": [f"g{g}" for g in interest],
-            "activity_30d": activity,
-            "tenure_days": tenure,
+            "country": [COUNTRIES[c] for c in world.country],
+            "device": [DEVICES[d] for d in world.device],
+            "interest": [f"g{g}" for g in world.interest],
+            "activity_30d": world.activity,
+            "tenure_days": world.tenure,
         }
     )
     items = pa.table(
         {
             "item_id": [f"i{i}" for i in range(ni)],
-            "category": [f"c{c}" for c in category],
-            "age_days": age_days,
-            "duration_s": duration,
+            "category": [f"c{c}" for c in world.category],
+            "age_days": world.age_days,
+            "duration_s": world.duration,
         }
     )
     if cfg.is_wide:  # their own streams: the default world's draws stay exactly as they were
-        users, items = widen_tables(cfg, users, items, u_lat, i_lat, category, pi,
-                                    world.affinity[0])
-    log = pa.table(
-        {
-            "user_id": pa.array(np.asarray(users["user_id"])[uid]),
-            "item_id": pa.array(np.asarray(items["item_id"])[iid]),
-            "hour": hour.astype(np.int32),
-            "surface": pa.array(np.asarray(SURFACES)[surface]),
-            "click": click.astype(np.int8),
-            "like": like.astype(np.int8),
-            "share": share.astype(np.int8),
-            "p_click": q["click"].astype(np.float32),
-            "p_like": (q["like"] * reach).astype(np.float32),
-            "p_share": (q["share"] * reach).astype(np.float32),
-        }
-    )
+        users, items = widen_tables(cfg, users, items, world.user_latent, world.item_latent,
+                                    world.category, world.popularity, world.affinity[0])
+    log = _log_table(pa.array(np.asarray(users["user_id"])[uid]),
+                     pa.array(np.asarray(items["item_id"])[iid]), hour, surface, labels, q, reach)
     if position is not None and examination is not None:
         log = log.append_column("position", pa.array(position.astype(np.int32)))
         log = log.append_column("examination", pa.array(examination.astype(np.float32)))

@@ -107,11 +107,18 @@ async def send_on_node(node: ClusterNode, command: bytes, replies: int) -> list[
     """
     conn = node.acquire_connection()
     try:
+        return await exchange_packed(conn, command, replies)
+    finally:
+        node.release(conn)
+
+
+async def exchange_packed(conn: Any, command: bytes, replies: int) -> list[Any]:
+    """Packed commands written on `conn` in one write, then their `replies` replies; on any
+    error or cancellation the connection is closed (before the caller gives it back), so no
+    reply is left half-read on it."""
+    try:
         await conn.send_packed_command(command, check_health=False)
-        out = [await conn.read_response() for _ in range(replies)]
+        return [await conn.read_response() for _ in range(replies)]
     except BaseException:
         await conn.disconnect()
         raise
-    finally:
-        node.release(conn)
-    return out

@@ -40,7 +40,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ranker.schema import FeatureSchema, GroupSchema
 from service.featurestore import metrics
-from service.featurestore.cluster import ReplicaRouter, send_on_node
+from service.featurestore.cluster import ReplicaRouter, exchange_packed, send_on_node
 from service.featurestore.keys import (
     DEFAULT_PREFIX,
     ENTITY_CODES,
@@ -608,16 +608,7 @@ async def mget_packed(client: aredis.Redis, command: bytes) -> list[Any]:
     An error or a cancellation mid-command can leave a half-read reply, so the connection is
     closed before it goes back to the pool.
     """
-    pool = client.connection_pool
-    conn = await pool.get_connection()
-    try:
-        await conn.send_packed_command(command, check_health=False)
-        reply = await conn.read_response()
-    except BaseException:
-        await conn.disconnect()
-        raise
-    finally:
-        await pool.release(conn)
+    (reply,) = await send_packed(client, command, 1)
     return list(reply)
 
 
@@ -639,14 +630,9 @@ async def send_packed(client: aredis.Redis, command: bytes, replies: int) -> lis
     pool = client.connection_pool
     conn = await pool.get_connection()
     try:
-        await conn.send_packed_command(command, check_health=False)
-        out = [await conn.read_response() for _ in range(replies)]
-    except BaseException:
-        await conn.disconnect()
-        raise
+        return await exchange_packed(conn, command, replies)
     finally:
         await pool.release(conn)
-    return out
 
 
 def _maybe_codec(group: GroupSchema | None) -> _GroupCodec | None:

@@ -63,3 +63,12 @@ def rank_body(i: int, n: int = 20, n_users: int = 10, n_items: int = 60) -> dict
     rng = np.random.default_rng(i)
     items = rng.choice(n_items, size=min(n, n_items), replace=False)
     return {"user_id": f"u{i % n_users}", "candidates": [f"i{j}" for j in items]}
+
+
+class SentBodies(dict[int, dict[str, Any]]):
+    """The `rank_body(i)` of every request sent, by i: called as a load's `body_of`, so the
+    check of an answer can read the request it answers."""
+
+    def __call__(self, i: int) -> dict[str, Any]:
+        self[i] = rank_body(i)
+        return self[i]

@@ -16,7 +16,6 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -27,7 +26,7 @@ from launch.local_redis import RedisClusterServer, RedisSentinelServer, RedisSer
 from ranker.manifest import load_manifest, load_schema
 from service.featurestore.keys import key_slot, record_key_prefix
 from service.featurestore.writer import load_tables, make_sync_client
-from tests.reliability.conftest import rank_body
+from tests.reliability.conftest import SentBodies
 from tests.reliability.oracle import Oracle
 from tests.reliability.procs import metric_value, post_json, run_load, wait_for
 from tests.support import ServerProcess, service_env
@@ -104,12 +103,8 @@ async def failover_under_load(env: dict[str, str], oracle: Oracle, kill: Callabl
     connections held on each of `nodes`."""
     timeout, max_conns = float(env["RANKER_REQUEST_TIMEOUT_S"]), int(
         env["RANKER_REDIS_MAX_CONNECTIONS"])
-    sent: dict[int, dict[str, Any]] = {}
+    sent = SentBodies()
     seen: list[tuple[float, int]] = []
-
-    def body_of(i: int) -> dict[str, Any]:
-        sent[i] = rank_body(i)
-        return sent[i]
 
     def check(i: int, resp: httpx.Response) -> None:
         body = resp.json()
@@ -130,7 +125,7 @@ async def failover_under_load(env: dict[str, str], oracle: Oracle, kill: Callabl
         conns: dict[int, int] = {}
         poller = asyncio.create_task(service_connections(nodes, conns, stop))
         load = asyncio.create_task(run_load(
-            server.url, post_json("/rank", body_of), total=20_000, concurrency=6,
+            server.url, post_json("/rank", sent), total=20_000, concurrency=6,
             duration_s=90.0, timeout_s=5.0, check=check, stop=done))
         await wait_for(lambda: answers_after(0) >= 40, "answers before the kill", 30)
         assert {s for _, s in seen} == {200}, "all served before the kill"

@@ -4,12 +4,16 @@ metrics, API keys, and the operator port for /metrics and /admin."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 from prometheus_client import CollectorRegistry
@@ -39,32 +43,42 @@ def sigterm_server(model_repo: Path, redis_server: RedisServer, grace_s: int) ->
     return ServerProcess(env, cli=True)
 
 
-async def sigterm_during(
-    server: ServerProcess, client: httpx.AsyncClient, n: int
-) -> tuple[list[asyncio.Task[httpx.Response]], float]:
-    """`n` requests in flight (Redis stalled by the caller), then SIGTERM; and when it was sent."""
-    inflight = [asyncio.create_task(client.post("/rank", json=rank_body(i))) for i in range(n)]
-    await wait_inflight(server.url, n)
-    t_term = time.monotonic()
-    server.signal(signal.SIGTERM)
-    return inflight, t_term
+@dataclass
+class Sigterm:
+    inflight: list[asyncio.Task[httpx.Response]]  # the requests in flight at the SIGTERM
+    t_term: float  # when it was sent (time.monotonic)
+    outcome: list[Any] = field(default_factory=list)  # each request's response or error
+
+
+@contextlib.asynccontextmanager
+async def sigterm_while_stalled(server: ServerProcess, redis_server: RedisServer, n: int
+                                ) -> AsyncIterator[Sigterm]:
+    """`n` requests in flight on `server` while `redis_server` is stalled, then SIGTERM. Redis
+    stays stalled for the block; after it, the requests' outcomes are gathered (on the client
+    they were sent from) into `outcome`."""
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        with stalled(redis_server):
+            inflight = [asyncio.create_task(client.post("/rank", json=rank_body(i)))
+                        for i in range(n)]
+            await wait_inflight(server.url, n)
+            term = Sigterm(inflight, time.monotonic())
+            server.signal(signal.SIGTERM)
+            yield term
+        term.outcome = await asyncio.gather(*inflight, return_exceptions=True)
 
 
 async def test_sigterm_finishes_inflight_refuses_new_exits_zero(
     model_repo: Path, live_redis: RedisServer
 ) -> None:
-    server = sigterm_server(model_repo, live_redis, grace_s=5)
-    with server:
-        async with httpx.AsyncClient(base_url=server.url, timeout=10) as c:
-            with stalled(live_redis):  # the in-flight requests wait on Redis
-                inflight, t_term = await sigterm_during(server, c, 4)
-                await wait_for(lambda: not port_open(server.port), "new connections refused")
-                still_running = [not t.done() for t in inflight]
-            done = await asyncio.gather(*inflight)
+    with sigterm_server(model_repo, live_redis, grace_s=5) as server:
+        async with sigterm_while_stalled(server, live_redis, 4) as term:  # they wait on Redis
+            await wait_for(lambda: not port_open(server.port), "new connections refused")
+            still_running = [not t.done() for t in term.inflight]
         code = await asyncio.to_thread(server.wait, 10.0)
-        took = time.monotonic() - t_term
+        took = time.monotonic() - term.t_term
     assert still_running == [True] * 4  # refused new ones while these were still being served
-    assert [r.status_code for r in done] == [200] * 4, [r.text[:100] for r in done]
+    statuses = [getattr(r, "status_code", None) for r in term.outcome]
+    assert statuses == [200] * 4, [getattr(r, "text", repr(r))[:100] for r in term.outcome]
     assert code == 0, server.log_tail()
     assert took < 5 + 2
 
@@ -98,18 +112,15 @@ async def test_sigterm_closes_every_redis_connection_before_exit(
 async def test_sigterm_cuts_requests_beyond_the_grace_time(
     model_repo: Path, live_redis: RedisServer
 ) -> None:
-    server = sigterm_server(model_repo, live_redis, grace_s=1)
-    with server:
-        async with httpx.AsyncClient(base_url=server.url, timeout=10) as c:
-            with stalled(live_redis):  # for longer than the grace time: until the exit
-                stuck, t_term = await sigterm_during(server, c, 1)
-                code = await asyncio.to_thread(server.wait, 10.0)
-                took = time.monotonic() - t_term
-            outcome = await asyncio.gather(*stuck, return_exceptions=True)
+    with sigterm_server(model_repo, live_redis, grace_s=1) as server:
+        # Redis stalled for longer than the grace time: until the exit
+        async with sigterm_while_stalled(server, live_redis, 1) as term:
+            code = await asyncio.to_thread(server.wait, 10.0)
+            took = time.monotonic() - term.t_term
     # grace 1 s + shutdown work; uncut, the stalled requests would run to their 8 s deadline
     # (2.50 s was seen once at load 6 with two suites running, against a bound of 2.5 s)
     assert code == 0 and took < 1 + 3.0, f"exit {code} after {took:.2f}s"
-    cut = outcome[0]
+    cut = term.outcome[0]
     assert isinstance(cut, httpx.HTTPError) or (
         isinstance(cut, httpx.Response) and cut.status_code >= 500), cut
 

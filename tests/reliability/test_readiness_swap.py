@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 
 from launch.local_redis import RedisServer
-from tests.reliability.conftest import rank_body
+from tests.reliability.conftest import SentBodies, rank_body
 from tests.reliability.oracle import Oracle
 from tests.reliability.procs import (
     LoadResult,
@@ -84,12 +83,8 @@ async def test_swap_under_load_zero_failures_one_version_each(
 ) -> None:
     env = service_env(model_repo, live_redis.url, model_watch_interval_s=0.1)
     with ServerProcess(env) as server:
-        bodies: dict[int, dict[str, Any]] = {}
+        bodies = SentBodies()
         versions: list[tuple[float, int]] = []
-
-        def body_of(i: int) -> dict[str, Any]:
-            bodies[i] = rank_body(i)
-            return bodies[i]
 
         def check(i: int, resp: httpx.Response) -> None:
             assert resp.status_code == 200, resp.text[:200]
@@ -120,7 +115,7 @@ async def test_swap_under_load_zero_failures_one_version_each(
 
         done = asyncio.Event()
         load = asyncio.create_task(run_load(
-            server.url, post_json("/rank", body_of), total=50_000, concurrency=4,
+            server.url, post_json("/rank", bodies), total=50_000, concurrency=4,
             duration_s=60.0, check=check, stop=done))
         try:
             await installer()
