@@ -49,6 +49,15 @@ def _ref(label: str) -> Arm:
     return Arm(label, SMALL, "mmoe")
 
 
+def _against_defaults(name: str, title: str, intro: str, reference: str, arms: list[Arm],
+                      job: str, **kw: Any) -> Page:
+    """A page of options on the small world against the MMoE defaults of the ple-cgc run (the
+    reference arm), built by the data job, `job` and the field job."""
+    return Page(name=name, title=title, intro=intro + SMALL_WORLD, tasks=SYN,
+                arms=[_ref(reference), *arms], reference=reference,
+                jobs=["sdata", job, "sfield$"], **kw)
+
+
 FIELD_PAGE = Page(
     name="ple-cgc",
     title="PLE and CGC against MMoE and the baselines (synthetic, 5 seeds)",
@@ -121,23 +130,22 @@ data).
     plots=[("census/ple", "gate_heatmap.png", "ple_gates.png")],
 )
 
-BALANCE = Page(
+BALANCE = _against_defaults(
     name="loss-balancing",
     title="Loss balancing on the sparse tasks: equal vs uncertainty vs GradNorm vs PCGrad",
     intro="Issue 18: `--loss-balance` uncertainty (Kendall et al. 2018), gradnorm (Chen et al. "
           "2018, `--gradnorm-alpha 1.5`), pcgrad (Yu et al. 2020) against equal weights, MMoE "
           "with the defaults otherwise. like (≈ 2 % positive) and share (≈ 0.4 %) are the sparse "
           "tasks. The equal arm is the MMoE of the [ple-cgc](../ple-cgc/README.md) run "
-          "(`--loss-balance equal` is the default; same seeds).\n" + SMALL_WORLD,
-    tasks=SYN,
-    arms=[_ref("equal"), Arm("uncertainty", "small/balance/uncertainty", "mmoe"),
+          "(`--loss-balance equal` is the default; same seeds).\n",
+    reference="equal",
+    arms=[Arm("uncertainty", "small/balance/uncertainty", "mmoe"),
           Arm("gradnorm", "small/balance/gradnorm", "mmoe"),
           Arm("pcgrad", "small/balance/pcgrad", "mmoe")],
-    reference="equal",
-    jobs=["sdata", "sbalance", "sfield$"],
+    job="sbalance",
 )
 
-ESMM = Page(
+ESMM = _against_defaults(
     name="esmm-chain",
     title="The click → like / share chain (ESMM) vs independent towers",
     intro="Issue 18: `--chain like:click,share:click` makes p(like) = p(click) · p(like | click) "
@@ -145,29 +153,25 @@ ESMM = Page(
           "the independent arm is the default MMoE of the [ple-cgc](../ple-cgc/README.md) run "
           "(each task its own sigmoid). That p(like) ≤ p(click) for every candidate in the "
           "exported graph is proven by `tests/training/test_field.py` on the onnxruntime "
-          "session, not here.\n" + SMALL_WORLD,
-    tasks=SYN,
-    arms=[_ref("independent"), Arm("chain (ESMM)", "small/esmm/chain", "mmoe")],
+          "session, not here.\n",
     reference="independent",
+    arms=[Arm("chain (ESMM)", "small/esmm/chain", "mmoe")],
+    job="sesmm",
     metrics=["auc", "log_loss", "ece"],
-    jobs=["sdata", "sesmm", "sfield$"],
 )
 
-CALIBRATION = Page(
+CALIBRATION = _against_defaults(
     name="calibration",
     title="Calibration: none vs Platt vs isotonic (ECE per task)",
     intro="Issue 18: `--calibration platt|isotonic` is fitted on the validation split after "
           "training and becomes part of the exported graph. The model before calibration is the "
           "same in every arm (same seed, same training), so the differences are the "
           "calibrator's. ECE: expected calibration error over 10 equal-width bins on the test "
-          "split. The none arm is the MMoE of the [ple-cgc](../ple-cgc/README.md) run.\n"
-          + SMALL_WORLD,
-    tasks=SYN,
-    arms=[_ref("none"), Arm("platt", "small/cal/platt", "mmoe"),
-          Arm("isotonic", "small/cal/isotonic", "mmoe")],
+          "split. The none arm is the MMoE of the [ple-cgc](../ple-cgc/README.md) run.\n",
     reference="none",
+    arms=[Arm("platt", "small/cal/platt", "mmoe"), Arm("isotonic", "small/cal/isotonic", "mmoe")],
+    job="scal",
     metrics=["ece", "log_loss", "auc"],
-    jobs=["sdata", "scal", "sfield$"],
     plots=[(SMALL, "reliability:mmoe", "reliability_none.png"),
            ("small/cal/platt", "reliability:mmoe", "reliability_platt.png"),
            ("small/cal/isotonic", "reliability:mmoe", "reliability_isotonic.png")],
@@ -197,18 +201,17 @@ rows are against the logged, position-biased labels, so they are not the target 
     jobs=["sposdata", "spos"],
 )
 
-GATE_DROPOUT = Page(
+GATE_DROPOUT = _against_defaults(
     name="gate-dropout",
     title="Gate dropout 0 vs 0.1: AUC and gate health",
+    reference="gate dropout 0",
+    arms=[Arm("gate dropout 0.1", "small/gdrop/0.1", "mmoe")],
+    job="sgdrop",
+    metrics=["auc", "gate_entropy", "gate_max_util"],
     intro="Issue 18: `--gate-dropout 0.1` (YouTube's 10 %) against none, MMoE defaults "
           "otherwise. Gate health per task: the normalised entropy of the mean gate (1 = uniform "
           "over the experts) and the largest expert utilisation; a gate is flagged polarised "
-          "when one expert takes ≥ 0.9.\n" + SMALL_WORLD,
-    tasks=SYN,
-    arms=[_ref("gate dropout 0"), Arm("gate dropout 0.1", "small/gdrop/0.1", "mmoe")],
-    reference="gate dropout 0",
-    metrics=["auc", "gate_entropy", "gate_max_util"],
-    jobs=["sdata", "sgdrop", "sfield$"],
+          "when one expert takes ≥ 0.9.\n",
 )
 
 PAGES = [FIELD_PAGE, DEFAULT_WORLD, CENSUS_PAGE, BALANCE, ESMM, CALIBRATION, POSITION,
