@@ -60,7 +60,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from service.ranking import InvalidWeights, resolve_weights
+from service.ranking import InvalidWeights, resolve_weights, unit_hash
 from service.settings import Settings
 
 SCORINGS: tuple[str, ...] = typing.get_args(Settings.model_fields["scoring"].annotation)
@@ -85,15 +85,6 @@ class ExperimentsError(ValueError):
 
 class ForcedArmError(ValueError):
     """A forced-arm header value that names no declared experiment and arm."""
-
-
-def unit_hash(salt: str, user_id: str) -> float:
-    """A stable hash of (salt, user id) in [0, 1): the first 64 bits of sha256, over 2**64.
-
-    The salt is length-prefixed, so no (salt, user id) pair collides with another by
-    concatenation ("ab" + "c" vs "a" + "bc")."""
-    digest = hashlib.sha256(f"{len(salt)}:{salt}{user_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
 @dataclass(frozen=True)

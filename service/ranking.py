@@ -90,29 +90,30 @@ def sample_positions(n: int, k: int) -> np.ndarray:
     return np.linspace(0, n - 1, num=k).astype(np.int64)
 
 
-def stable_draw(request_id: str, rate: float, salt: bytes = b"") -> bool:
-    """True for a share `rate` of request ids, by a stable hash of the id (the same answer on
-    every worker and every run; Python's own `hash` is salted per process). Decisions with
-    different `salt`s are independent: the explored requests are not the logged ones."""
-    if rate >= 1.0:
-        return True
-    if rate <= 0.0:
-        return False
-    digest = hashlib.blake2b(request_id.encode(), digest_size=8, person=salt).digest()
-    return int.from_bytes(digest, "big") < rate * 2.0**64
+def unit_hash(salt: str, user_id: str) -> float:
+    """A stable hash of (salt, user id) in [0, 1): the first 64 bits of sha256, over 2**64.
+
+    The salt is length-prefixed, so no (salt, user id) pair collides with another by
+    concatenation ("ab" + "c" vs "a" + "bc")."""
+    digest = hashlib.sha256(f"{len(salt)}:{salt}{user_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-EXPLORE_SALT = b"explore"
+EXPLORE_SALT = "explore"  # of `unit_hash`: independent of the log sampling's and the arms'
+
+
+def explores(request_id: str, rate: float) -> bool:
+    """Whether a request explores: a share `rate` of request ids, the same on every worker."""
+    return rate > 0.0 and unit_hash(EXPLORE_SALT, request_id) < rate
 
 
 def explore_order(request_id: str, n: int, k: int, rate: float) -> np.ndarray | None:
     """The served order of an exploring request: `k` of the `n` candidate positions drawn
     uniformly without replacement, in a random order; None for a request that does not explore
     (a share `rate` does, by its id). Seeded by the id: a retried request gets the same list."""
-    if not stable_draw(request_id, rate, EXPLORE_SALT):
+    if not explores(request_id, rate):
         return None
-    seed = int.from_bytes(hashlib.blake2b(request_id.encode(), digest_size=8,
-                                          person=EXPLORE_SALT + b"-order").digest(), "big")
+    seed = int(unit_hash(EXPLORE_SALT + "-order", request_id) * 2.0**53)
     return np.random.default_rng(seed).permutation(n)[:k]
 
 

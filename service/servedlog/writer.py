@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections import OrderedDict
@@ -41,7 +42,6 @@ from ranker.servedlog import (
 )
 from service import metrics
 from service.featurestore.reader import close_client, make_client
-from service.ranking import stable_draw
 from service.registry import LoadedModel
 from service.settings import Settings
 
@@ -69,7 +69,12 @@ V = TypeVar("V")
 def sampled(request_id: str, rate: float) -> bool:
     """Whether a request is logged: a stable hash of its id below `rate` (same on every
     worker and every run; Python's own `hash` is salted per process)."""
-    return stable_draw(request_id, rate)
+    if rate >= 1.0:
+        return True
+    if rate <= 0.0:
+        return False
+    digest = hashlib.blake2b(request_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < rate * 2.0**64
 
 
 class RecentVersions(Generic[V]):

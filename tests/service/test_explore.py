@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.ranking import explore_order, propensities, rank_order, stable_draw
+from service.ranking import explore_order, explores, propensities, rank_order
 from service.servedlog.writer import sampled
 from tests.service.helpers import load_features, metric, running_app
 from tests.service.test_servedlog import CANDS, rank, served_records, wait_for, xlen
@@ -17,7 +17,7 @@ IDS = [f"req-{i}" for i in range(20_000)]
 
 
 def test_the_explored_share_follows_the_rate_and_not_the_log_sampling() -> None:
-    explored = np.array([stable_draw(i, 0.2, b"explore") for i in IDS])
+    explored = np.array([explores(i, 0.2) for i in IDS])
     logged = np.array([sampled(i, 0.2) for i in IDS])
     sd = (0.2 * 0.8 / len(IDS)) ** 0.5
     assert abs(explored.mean() - 0.2) < 4 * sd
@@ -49,19 +49,19 @@ async def test_explored_responses_and_their_logged_propensities(model_repo: Path
     load_features(redis_url, model_repo / "mmoe" / "1")
     settings = settings_for(model_repo, redis_url, log_sample_rate=1.0, explore_rate=0.5)
     rids = [f"req-{i}" for i in range(30)]
-    explores = {r for r in rids if stable_draw(r, 0.5, b"explore")}
-    assert 0 < len(explores) < 30
+    exploring = {r for r in rids if explores(r, 0.5)}
+    assert 0 < len(exploring) < 30
     before = metric("ranker_explored_requests_total")
     async with running_app(settings) as client:
         bodies = {rid: await rank(client, rid, top_k=4) for rid in rids}
         await wait_for(lambda: xlen(redis_url) == 30, what="the records")
-    assert metric("ranker_explored_requests_total") - before == len(explores)
+    assert metric("ranker_explored_requests_total") - before == len(exploring)
     recs = {r.request_id: r for r in served_records(redis_url)}
     for rid, body in bodies.items():
         rec, finals = recs[rid], [it["score"] for it in body["items"]]
         assert rec.item_ids == [it["id"] for it in body["items"]]
         assert rec.propensity is not None
-        if rid in explores:  # the drawn order, not the scores'
+        if rid in exploring:  # the drawn order, not the scores'
             assert rec.item_ids == [CANDS[j] for j in explore_order(rid, 30, 4, 0.5)]  # type: ignore[union-attr]
         else:
             assert finals == sorted(finals, reverse=True)
