@@ -128,9 +128,8 @@ async def one_run(model: Any, url: str, n: int, requests: int, top_k: int | None
 
 
 def main(argv: list[str] | None = None) -> int:
-    from service.featurestore.embedded import RedisServer
-
     from bench.measure import export_model, load_features
+    from launch.local_redis import RedisServer
     from service.registry import load_version, time_runs
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

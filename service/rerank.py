@@ -459,24 +459,25 @@ def apply(rules: Rules, final: np.ndarray, candidates: Sequence[str],
             applied.append("boost")
             if explain:
                 steps.append(("boost", order))
-    drop = np.zeros(n, dtype=bool)
+    drop: np.ndarray | None = None  # [N] dropped by a filter; None: nothing dropped
     filtered = 0
     if rules.exclude:
         hits = set(rules.exclude).intersection(candidates)  # C loops; usually few or none
         if len(hits) == 1:
+            drop = np.zeros(n, dtype=bool)
             drop[_find(candidates, next(iter(hits)))] = True
         elif hits:  # one C-level membership test per candidate, as the bool array's bytes
-            drop = np.frombuffer(bytes(map(hits.__contains__, candidates)), dtype=bool).copy()
+            drop = np.frombuffer(bytes(map(hits.__contains__, candidates)), dtype=bool)
         if hits:
             applied.append("filter")
     relaxed: list[dict[str, Any]] = []
     if rules.seen and seen_mask is None:  # degraded: no feature store answer, no seen set
         relaxed.append({"rule": "seen", "reason": "unavailable"})
     if rules.seen and seen_mask is not None and seen_mask.any():
-        drop |= seen_mask
+        drop = seen_mask if drop is None else drop | seen_mask
         applied.append("seen")
-    if drop.any():
-        filtered = int(drop.sum())
+    if drop is not None:
+        filtered = int(np.count_nonzero(drop))
         order = order[~drop[order]]
         if explain:
             steps.append(("filter", order))
@@ -494,7 +495,7 @@ def apply(rules: Rules, final: np.ndarray, candidates: Sequence[str],
         index = {c: i for i, c in enumerate(candidates)}
         for pin in rules.pins:
             i = index[pin.id]
-            if drop[i]:
+            if drop is not None and drop[i]:
                 relaxed.append({"rule": "pin", "id": pin.id, "reason": "filtered"})
                 continue
             pinned[pin.position] = i
@@ -512,10 +513,9 @@ def apply(rules: Rules, final: np.ndarray, candidates: Sequence[str],
     if rules.diversity is not None and length > 1:
         d = rules.diversity
         codes = raw_column(attrs[d.attribute], cat, dense)
-        served, stuck = diversify(order, codes, d.max_per_window, d.window, length, pinned,
-                                  d.depth)
-        plain = _insert_pins(order, pinned, length)
-        if not np.array_equal(served, plain):
+        served, stuck, changed = diversify(order, codes, d.max_per_window, d.window, length,
+                                           pinned, d.depth)
+        if changed:
             applied.append("diversity")
         if stuck:
             applied.append("diversity_relaxed")
@@ -613,19 +613,22 @@ def violations(codes: Sequence[int], k: int, w: int) -> list[int]:
 
 
 def diversify(order: np.ndarray, codes: np.ndarray, k: int, w: int, length: int,
-              pinned: Mapping[int, int], depth: int | None = None) -> tuple[np.ndarray, list[int]]:
+              pinned: Mapping[int, int], depth: int | None = None
+              ) -> tuple[np.ndarray, list[int], bool]:
     """`length` positions, the first `depth` filled best-first under "at most k of a value in
     any w consecutive", pinned items at their positions, the rest in order; (served order,
-    positions where it had to relax)."""
+    positions where it had to relax, whether it differs from the plain order with the pins)."""
     full = length
     length = full if depth is None else min(depth, full)
-    if pinned:
-        stream, code = order.tolist(), codes.tolist()
-        served, stuck = _fill(stream, code, k, w, length, pinned, relax=True)
-        head = np.asarray(served, dtype=np.int64)
+    if not pinned:
+        served, stuck, changed = _diversify_plain(order, codes, k, w, length, full)
+        if not stuck:
+            return served, stuck, changed
+        head = served[:length]
     else:
-        taken, stuck = _fill_fast(codes[order].tolist(), k, w, length)
-        head = order[np.asarray(taken, dtype=np.int64)]
+        stream, code = order.tolist(), codes.tolist()
+        taken, stuck = _fill(stream, code, k, w, length, pinned, relax=True)
+        head = np.asarray(taken, dtype=np.int64)
     if stuck:
         stream, code = order.tolist(), codes.tolist()
         if _could_fit(stream, code, k, w, length, pinned):
@@ -636,17 +639,39 @@ def diversify(order: np.ndarray, codes: np.ndarray, k: int, w: int, length: int,
             if found is not None:
                 head, stuck = np.asarray(found, dtype=np.int64), []
     if length == full:
-        return head, stuck
-    # below the depth: the pins there, and the items not placed in order
-    keep = np.ones(codes.shape[0], dtype=bool)
-    keep[head] = False
-    rest = order[keep[order]]
-    below = {p - length: i for p, i in pinned.items() if p >= length}
-    if below:
-        keep[list(below.values())] = False
+        served = head
+    else:  # below the depth: the pins there, and the items not placed in order
+        keep = np.ones(codes.shape[0], dtype=bool)
+        keep[head] = False
         rest = order[keep[order]]
-    tail = _insert_pins(rest, below, full - length)
-    return np.concatenate([head, tail]), stuck
+        below = {p - length: i for p, i in pinned.items() if p >= length}
+        if below:
+            keep[list(below.values())] = False
+            rest = order[keep[order]]
+        served = np.concatenate([head, _insert_pins(rest, below, full - length)])
+    return served, stuck, not np.array_equal(served, _insert_pins(order, pinned, full))
+
+
+def _diversify_plain(order: np.ndarray, codes: np.ndarray, k: int, w: int, length: int,
+                     full: int) -> tuple[np.ndarray, list[int], bool]:
+    """`diversify` without pins: the best-first fill of `length` positions over the stream's
+    values, then the items it did not place in order, cut to `full`.
+
+    The fill reads the stream only as far as it gets: first its first 2·length + w values (it
+    rarely holds back more); only when that runs dry before the positions are filled is it
+    run again on the whole stream, so the answer is the same as over the whole stream."""
+    m = order.size
+    head = min(m, 2 * length + w)
+    taken, stuck, i, left = _fill_fast(codes[order[:head]].tolist(), k, w, length)
+    if head < m and (stuck or len(taken) < length):
+        taken, stuck, i, left = _fill_fast(codes[order].tolist(), k, w, length)
+    if taken == list(range(len(taken))):  # every position took the stream's next item
+        return order[:full], stuck, False
+    idx = np.asarray(taken + left if left else taken, dtype=np.int64)[:full]
+    served = order[idx]
+    if idx.size < full:
+        served = np.concatenate([served, order[i:i + full - idx.size]])
+    return served, stuck, True
 
 
 def _fits(c: int, p: int, placed: Mapping[int, list[int]], k: int, w: int,
@@ -725,11 +750,16 @@ def _fill(stream: list[int], code: list[int], k: int, w: int, length: int,
     return out, stuck
 
 
-def _fill_fast(scode: list[int], k: int, w: int, length: int) -> tuple[list[int], list[int]]:
+def _fill_fast(scode: list[int], k: int, w: int, length: int
+               ) -> tuple[list[int], list[int], int, list[int]]:
     """`_fill` without pins, over the stream's values `scode` (stream order): the stream
-    indices taken for each position, and the stuck positions. O(log) per position: a value may
-    be placed again from `ready[value]` on; held-back values wait in a heap by that position,
-    and once ready in a heap by their best item's rank (they outrank the stream's next item)."""
+    indices taken for each position, the stuck positions, how far the stream was read and the
+    items read but not taken (ascending).
+
+    While nothing is held back, a tight loop takes the stream's items as long as they fit.
+    Otherwise O(log) per position: a value may be placed again from `ready[value]` on;
+    held-back values wait in a heap by that position, and once ready in a heap by their best
+    item's rank (they outrank the stream's next item)."""
     out: list[int] = []
     append = out.append
     ready = dict.fromkeys(scode, 0)  # value -> first position it may take (OOV stays 0)
@@ -740,7 +770,23 @@ def _fill_fast(scode: list[int], k: int, w: int, length: int) -> tuple[list[int]
     stuck: list[int] = []
     push, pop = heapq.heappush, heapq.heappop
     i, n = 0, len(scode)
-    for p in range(length):
+    p = 0
+    while p < length:
+        if not held:  # the common case: take the stream's items while they fit
+            while i < n and p < length:
+                c = scode[i]
+                if ready[c] > p:
+                    break
+                append(i)
+                i += 1
+                if c != OOV_INDEX:
+                    if k == 1:
+                        ready[c] = p + w
+                    else:
+                        _placed(c, p, k, w, ready, history)
+                p += 1
+            if p == length or i == n:
+                break  # filled, or nothing left to serve
         while waiting and waiting[0][0] <= p:
             t, c = pop(waiting)
             if c in held and ready[c] == t:  # else a stale entry
@@ -777,6 +823,7 @@ def _fill_fast(scode: list[int], k: int, w: int, length: int) -> tuple[list[int]
                 _placed(c, p, k, w, ready, history)
                 if c in held:
                     push(waiting, (ready[c], c))
+                p += 1
                 continue
             item = i
             i += 1
@@ -788,7 +835,9 @@ def _fill_fast(scode: list[int], k: int, w: int, length: int) -> tuple[list[int]
                 _placed(c, p, k, w, ready, history)
             if c in held:
                 push(waiting, (ready[c], c))
-    return out, stuck
+        p += 1
+    left = sorted(itertools.chain.from_iterable(held.values())) if held else []
+    return out, stuck, i, left
 
 
 def _placed(c: int, p: int, k: int, w: int, ready: dict[int, int],
