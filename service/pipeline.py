@@ -34,7 +34,7 @@ from service.featurestore.reader import FeatureStore, FeatureStoreUnavailable
 from service.ranking import combine as combine_scores
 from service.ranking import explore_order, propensities, rank_order, sample_positions
 from service.registry import LoadedModel
-from service.rerank import Outcome, Rules, attributes
+from service.rerank import Outcome, ResolvedCache, Rules, attributes
 from service.rerank import apply as apply_rules
 from service.rerank_rules import RulesFile
 from service.schemas import RankRequest
@@ -115,6 +115,7 @@ class RankingPipeline:
         self.rerank_bounds = rerank_bounds(settings)
         self.rules = RulesFile(settings.rerank_rules_file, self.rerank_bounds,
                                settings.rerank_rules_poll_s)
+        self.resolved = ResolvedCache()  # the rules resolved per rule set (service.rerank)
         self.log: ServedLog | None = None  # the served log (set by the lifespan)
         self.active = 0  # requests inside rank() on this event loop
         self.arms: Arms | None = None  # the experiments in force (set by the lifespan)
@@ -227,7 +228,7 @@ class RankingPipeline:
         """Check the request against the settings and the model's tasks (InvalidRequest)."""
         weights = check_rank_request(req, self.settings, model.tasks, model.dense_context)
         rules = check_rerank(req, self.settings, model.schema, self.rules.current(),
-                             self.rerank_bounds)
+                             self.rerank_bounds, self.resolved)
         return Scoring(weights, req.scoring or self.settings.scoring, rules)
 
     async def fetch(self, serving: Serving, req: RankRequest, deadline: float,

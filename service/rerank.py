@@ -30,7 +30,7 @@ import heapq
 import itertools
 import math
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -222,6 +222,45 @@ def resolve(
         pins = _pins(*parts["pins"], candidates, length, bounds, adjusted)
     rules = Rules(name, diversity, mmr, exclude, seen, boosts, pins, tuple(adjusted))
     return None if rules.empty and not adjusted else rules
+
+
+class ResolvedCache:
+    """Resolved rules by request key (the caller's: the list's length and the request's rules
+    minus `filters.exclude`), for one `scope` (the rules file version, the schema's
+    attributes and the bounds, compared by identity): requests repeat a few rule sets, and
+    resolving checks every field again (docs/benchmarks.md, "Re-rank stage"). An entry is
+    (rules, whether the request's own exclude list goes back in); only successes are kept."""
+
+    def __init__(self, size: int = 256) -> None:
+        self.size = size
+        self._scope: tuple[object, ...] = ()
+        self._entries: dict[Hashable, tuple[Rules | None, bool]] = {}
+
+    def get(self, key: Hashable, scope: tuple[object, ...]) -> tuple[Rules | None, bool] | None:
+        if len(scope) != len(self._scope) or any(
+                a is not b for a, b in zip(scope, self._scope, strict=True)):
+            self._scope, self._entries = scope, {}  # a reload, another model or other bounds
+            return None
+        return self._entries.get(key)
+
+    def put(self, key: Hashable, scope: tuple[object, ...], rules: Rules | None,
+            preset: str | None, own_exclude: bool) -> None:
+        """Keep `rules`, resolved from the whole request, for `key`; with `own_exclude` (the
+        request gave `filters`) they are kept without its exclude list (`with_exclude`)."""
+        if self.get(key, scope) is None and len(self._entries) >= self.size:
+            self._entries.clear()
+        if own_exclude:
+            r = rules or Rules(preset)
+            rules = Rules(r.preset, r.diversity, r.mmr, (), r.seen, r.boosts, r.pins, r.adjusted)
+        self._entries[key] = (rules, own_exclude)
+
+
+def with_exclude(rules: Rules, exclude: Sequence[str], bounds: Bounds) -> Rules | None:
+    """Cached rules with this request's `filters.exclude`, checked as `resolve` checks it."""
+    ex, _ = _filters({"exclude": exclude}, "rerank.filters", True, bounds)
+    r = Rules(rules.preset, rules.diversity, rules.mmr, ex, rules.seen, rules.boosts,
+              rules.pins, rules.adjusted)
+    return None if r.empty and not r.adjusted else r
 
 
 def _attr(attrs: Mapping[str, Attribute], where: str, name: Any, kind: str | None) -> Attribute:

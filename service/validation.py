@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 from ranker.schema import DenseFeature, FeatureSchema
 from service.errors import InvalidRequest
 from service.ranking import InvalidWeights, resolve_weights
-from service.rerank import Bounds, InvalidRules, Rules, attributes, resolve
+from service.rerank import (
+    Bounds,
+    InvalidRules,
+    ResolvedCache,
+    Rules,
+    attributes,
+    resolve,
+    with_exclude,
+)
 from service.rerank_rules import RulesConfig
-from service.schemas import RankRequest
+from service.schemas import RankRequest, RerankSpec
 from service.settings import Settings
 
 # the largest magnitude a dense context value may have (stated in the OpenAPI schema); the
@@ -94,18 +102,74 @@ def check_dense_context(context: Mapping[str, Any],
 
 
 def check_rerank(req: RankRequest, settings: Settings, schema: FeatureSchema,
-                 config: RulesConfig, bounds: Bounds | None = None) -> Rules | None:
+                 config: RulesConfig, bounds: Bounds | None = None,
+                 cache: ResolvedCache | None = None) -> Rules | None:
     """The request's re-rank rules (its `rerank` over the rules file's preset), checked against
-    the serving model's item attributes and the settings' bounds; None when no rule applies."""
+    the serving model's item attributes and the settings' bounds; None when no rule applies.
+
+    With `cache`, rules without pins or request boosts are resolved once per rules version,
+    schema, bounds, list length and request rules minus `filters.exclude` (the same answer,
+    without re-checking every field per request: tests/service/test_rerank_fast.py)."""
     if req.rerank is None and config.default_preset is None:
         return None
-    spec = None if req.rerank is None else req.rerank.model_dump(exclude_unset=True,
-                                                                 by_alias=True)
+    bounds = bounds or rerank_bounds(settings)
+    attrs = attributes(schema)
+    spec = req.rerank
+    key = None if cache is None else _cache_key(req, config)
+    scope = (config, attrs, bounds)
     try:
-        return resolve(spec, config.presets, config.default_preset, attributes(schema),
-                       req.candidates, req.top_k, bounds or rerank_bounds(settings))
+        if key is not None and cache is not None:
+            hit = cache.get(key, scope)
+            if hit is not None:
+                rules, own_exclude = hit
+                if own_exclude and rules is not None and spec is not None and spec.filters:
+                    return with_exclude(rules, spec.filters.exclude, bounds)
+                return rules
+        rules = resolve(None if spec is None else spec.model_dump(exclude_unset=True,
+                                                                  by_alias=True),
+                        config.presets, config.default_preset, attrs, req.candidates,
+                        req.top_k, bounds)
     except InvalidRules as e:
         raise InvalidRequest([{"field": e.field, "message": e.message}]) from e
+    if key is not None and cache is not None:
+        cache.put(key, scope, rules, _preset_name(spec, config),
+                  spec is not None and spec.filters is not None)
+    return rules
+
+
+_UNSET = ("unset",)  # a field the request did not set (null turns a preset's section off)
+
+
+def _preset_name(spec: RerankSpec | None, config: RulesConfig) -> str | None:
+    if spec is not None and "preset" in spec.model_fields_set:
+        return spec.preset
+    return config.default_preset
+
+
+def _cache_key(req: RankRequest, config: RulesConfig) -> Hashable | None:
+    """What resolved rules depend on besides the scope: the list's length and the request's
+    rules as set, minus `filters.exclude`; None (not cached) when pins are in play (they
+    depend on the candidates) or the request gives boosts (lists: a longer key than work)."""
+    spec = req.rerank
+    length = len(req.candidates) if req.top_k is None else min(req.top_k, len(req.candidates))
+    fields = spec.model_fields_set if spec is not None else set()
+    if "boosts" in fields or ("pins" in fields and spec is not None and spec.pins is not None):
+        return None
+    if "pins" not in fields and "pins" in config.presets.get(_preset_name(spec, config) or "",
+                                                             {}):
+        return None
+    if spec is None:
+        return (length,)
+    parts: list[Hashable] = [length, spec.preset if "preset" in fields else _UNSET]
+    for name in ("diversity", "mmr", "filters"):
+        rule = getattr(spec, name)
+        if name not in fields or rule is None:
+            parts.append(None if name in fields else _UNSET)
+            continue
+        values = rule.__dict__  # the schema's checked, typed values
+        parts.append(tuple([(f, values[f]) for f in sorted(rule.model_fields_set)
+                            if f != "exclude"]))
+    return tuple(parts)
 
 
 def rerank_bounds(settings: Settings) -> Bounds:

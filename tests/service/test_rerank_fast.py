@@ -1,16 +1,24 @@
-"""The re-rank stage's fast path equals its slow reference, by hypothesis: the pin-free
+"""The re-rank stage's fast paths equal their slow references, by hypothesis: the pin-free
 diversity fill (the stream read only as far as it gets, a tight loop while nothing is held
-back) against the general fill that pins use."""
+back) against the general fill that pins use, and the resolved-rules cache against
+resolving every request."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service import rerank as rr
+from service.errors import InvalidRequest
+from service.rerank_rules import RulesConfig
+from service.schemas import RankRequest
+from service.settings import Settings
+from service.validation import check_rerank
+from tests.tiny import tiny_schema
 
 
 def reference(order: np.ndarray, codes: np.ndarray, k: int, w: int, full: int,
@@ -51,3 +59,95 @@ def test_the_pin_free_fill_equals_the_general_fill(case: Any) -> None:
         got, got_stuck, changed = rr.diversify(order, codes, k, w, full, {}, depth)
         assert got.tolist() == served and got_stuck == []
         assert changed == (served != order[:full].tolist())
+
+
+# ---- the resolved-rules cache --------------------------------------------------------------
+
+BOUNDS = rr.Bounds(max_pinned_share=0.5, max_exclude=6)
+SETTINGS = Settings()
+SCHEMA = tiny_schema()
+N = 12
+ATTR = st.sampled_from(["category", "age_days", "colour"])
+diversity_spec = st.fixed_dictionaries(
+    {"attribute": ATTR, "window": st.integers(2, 14)},
+    optional={"max_per_window": st.integers(1, 4),
+              "depth": st.one_of(st.none(), st.integers(2, 20))})
+filters_spec = st.fixed_dictionaries({}, optional={
+    "exclude": st.lists(st.sampled_from([f"i{i}" for i in range(N + 3)]), max_size=8,
+                        unique=True),
+    "seen": st.booleans()})
+mmr_spec = st.fixed_dictionaries({"attribute": ATTR},
+                                 optional={"lambda": st.sampled_from([0, 0.5, 1, 1.0])})
+boost_spec = st.one_of(
+    st.fixed_dictionaries({"attribute": st.just("category"),
+                           "values": st.dictionaries(st.sampled_from(["c0", "c1", "zz"]),
+                                                     st.sampled_from([0.05, 1, 2.0, 20]),
+                                                     max_size=2)}),
+    st.fixed_dictionaries({"attribute": st.just("age_days"),
+                           "edges": st.sampled_from([[7], [7, 30], [30, 7]]),
+                           "factors": st.sampled_from([[1.2, 1.0], [1.2, 1.0, 0.8]])}))
+pin_spec = st.lists(st.fixed_dictionaries({"id": st.sampled_from(["i1", "i2", "zz"]),
+                                           "position": st.integers(0, 14)}), max_size=2)
+rerank_spec = st.fixed_dictionaries({}, optional={
+    "preset": st.one_of(st.none(), st.sampled_from(["feed", "pinned", "boosted", "nope"])),
+    "diversity": st.one_of(st.none(), diversity_spec),
+    "filters": st.one_of(st.none(), filters_spec),
+    "mmr": st.one_of(st.none(), mmr_spec),
+    "boosts": st.one_of(st.none(), st.lists(boost_spec, max_size=2)),
+    "pins": st.one_of(st.none(), pin_spec),
+})
+CONFIGS = [
+    RulesConfig({"feed": {"diversity": {"attribute": "category", "window": 20},
+                          "filters": {"exclude": ["i3"], "seen": True}},
+                 "pinned": {"pins": [{"id": "i2", "position": 0}]},
+                 "boosted": {"boosts": [{"attribute": "category", "values": {"c1": 2.0}}]}},
+                "feed"),
+    RulesConfig({"feed": {"mmr": {"attribute": "category", "lambda": 0.3}}}, None),
+]
+
+
+def outcome(req: RankRequest, config: RulesConfig, cache: rr.ResolvedCache | None) -> Any:
+    try:
+        return check_rerank(req, SETTINGS, SCHEMA, config, BOUNDS, cache)
+    except InvalidRequest as e:
+        return ("invalid", e.detail)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(st.one_of(st.none(), rerank_spec), st.sampled_from([None, 3, 8, 20]),
+                          st.integers(0, 1)), min_size=1, max_size=6))
+def test_cached_rules_equal_the_rules_resolved_per_request(
+        requests: list[tuple[dict[str, Any] | None, int | None, int]]) -> None:
+    cache = rr.ResolvedCache(size=4)  # small: entries are dropped on the way too
+    for spec, top_k, c in requests * 2:  # each request twice: the second from the cache
+        body: dict[str, Any] = {"user_id": "u", "candidates": [f"i{i}" for i in range(N)],
+                                "top_k": top_k}
+        if spec is not None:
+            body["rerank"] = spec
+        try:
+            req = RankRequest.model_validate(body)
+        except ValueError:
+            continue  # the schema refuses it before any rule is resolved
+        assert outcome(req, CONFIGS[c], cache) == outcome(req, CONFIGS[c], None), spec
+
+
+def test_the_cache_keeps_each_requests_own_exclude() -> None:
+    cache = rr.ResolvedCache()
+    config = RulesConfig()
+
+    def check(rerank: dict[str, Any]) -> rr.Rules | None:
+        req = RankRequest.model_validate({"user_id": "u", "rerank": rerank,
+                                          "candidates": [f"i{i}" for i in range(N)]})
+        return check_rerank(req, SETTINGS, SCHEMA, config, BOUNDS, cache)
+
+    div = {"attribute": "category", "window": 3}
+    a = check({"diversity": div, "filters": {"exclude": ["i1"]}})
+    b = check({"diversity": div, "filters": {"exclude": ["i2", "i4"]}})
+    assert a is not None and b is not None and a.exclude == ("i1",)
+    assert b.exclude == ("i2", "i4") and b.diversity == a.diversity
+    assert check({"filters": {"exclude": []}}) is None
+    hit = check({"filters": {"exclude": ["i5"]}})
+    assert hit is not None and hit.exclude == ("i5",)
+    with pytest.raises(InvalidRequest) as e:  # the bound on exclude holds on a cache hit too
+        check({"filters": {"exclude": [f"i{i}" for i in range(7)]}})
+    assert e.value.detail is not None and e.value.detail[0]["field"] == "rerank.filters.exclude"
