@@ -226,8 +226,8 @@ def resolve(
 
 class ResolvedCache:
     """Resolved rules by request key (the caller's: the list's length and the request's rules
-    minus `filters.exclude`), for one `scope` (the rules file version, the schema's
-    attributes and the bounds, compared by identity): requests repeat a few rule sets, and
+    minus `filters.exclude`), for one `scope` (the rules file version, the schema and the
+    bounds, compared by identity): requests repeat a few rule sets, and
     resolving checks every field again (docs/benchmarks.md, "Re-rank stage"). An entry is
     (rules, whether the request's own exclude list goes back in); only successes are kept."""
 

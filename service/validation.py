@@ -113,22 +113,21 @@ def check_rerank(req: RankRequest, settings: Settings, schema: FeatureSchema,
     if req.rerank is None and config.default_preset is None:
         return None
     bounds = bounds or rerank_bounds(settings)
-    attrs = attributes(schema)
     spec = req.rerank
     key = None if cache is None else _cache_key(req, config)
-    scope = (config, attrs, bounds)
+    scope = (config, schema, bounds)
     try:
         if key is not None and cache is not None:
             hit = cache.get(key, scope)
             if hit is not None:
                 rules, own_exclude = hit
-                if own_exclude and rules is not None and spec is not None and spec.filters:
+                if own_exclude and rules is not None and spec is not None and (
+                        spec.filters is not None):
                     return with_exclude(rules, spec.filters.exclude, bounds)
                 return rules
-        rules = resolve(None if spec is None else spec.model_dump(exclude_unset=True,
-                                                                  by_alias=True),
-                        config.presets, config.default_preset, attrs, req.candidates,
-                        req.top_k, bounds)
+        raw = None if spec is None else spec.model_dump(exclude_unset=True, by_alias=True)
+        rules = resolve(raw, config.presets, config.default_preset, attributes(schema),
+                        req.candidates, req.top_k, bounds)
     except InvalidRules as e:
         raise InvalidRequest([{"field": e.field, "message": e.message}]) from e
     if key is not None and cache is not None:
