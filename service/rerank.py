@@ -227,33 +227,36 @@ def resolve(
 
 class ResolvedCache:
     """Resolved rules by request key (the caller's: the list's length and the request's rules
-    minus `filters.exclude`), for one `scope` (the rules file version, the schema and the
-    bounds, compared by identity): requests repeat a few rule sets, and
-    resolving checks every field again (docs/benchmarks.md, "Re-rank stage"). An entry is
-    (rules, whether the request's own exclude list goes back in); only successes are kept."""
+    minus `filters.exclude`) within a `scope` (the rules file version, the schema and the
+    bounds, compared by identity, so experiment arms serving two models share it): requests
+    repeat a few rule sets, and resolving checks every field again (docs/benchmarks.md,
+    "Re-rank stage"). An entry is (rules, whether the request's own exclude list goes back
+    in); only successes are kept, at most `size` (then it starts over)."""
 
     def __init__(self, size: int = 256) -> None:
         self.size = size
-        self._scope: tuple[object, ...] = ()
-        self._entries: dict[Hashable, tuple[Rules | None, bool]] = {}
+        # (key, ids of the scope) -> (scope, rules, own exclude); the scope is kept (alive, and
+        # to check an id reused after a reload)
+        self._entries: dict[Hashable, tuple[tuple[object, ...], Rules | None, bool]] = {}
 
     def get(self, key: Hashable, scope: tuple[object, ...]) -> tuple[Rules | None, bool] | None:
-        if len(scope) != len(self._scope) or any(
-                a is not b for a, b in zip(scope, self._scope, strict=True)):
-            self._scope, self._entries = scope, {}  # a reload, another model or other bounds
+        hit = self._entries.get((key, *map(id, scope)))
+        # tuples compare items by identity first; an object that took a dropped one's id
+        # matches only if equal to it (the same rules, schema, bounds: the same answer)
+        if hit is None or hit[0] != scope:
             return None
-        return self._entries.get(key)
+        return hit[1], hit[2]
 
     def put(self, key: Hashable, scope: tuple[object, ...], rules: Rules | None,
             preset: str | None, own_exclude: bool) -> None:
         """Keep `rules`, resolved from the whole request, for `key`; with `own_exclude` (the
         request gave `filters`) they are kept without its exclude list (`with_exclude`)."""
-        if self.get(key, scope) is None and len(self._entries) >= self.size:
-            self._entries.clear()
+        if len(self._entries) >= self.size:
+            self._entries.clear()  # old rules versions go with it
         if own_exclude:
             r = rules or Rules(preset)
             rules = Rules(r.preset, r.diversity, r.mmr, (), r.seen, r.boosts, r.pins, r.adjusted)
-        self._entries[key] = (rules, own_exclude)
+        self._entries[(key, *map(id, scope))] = (scope, rules, own_exclude)
 
 
 def with_exclude(rules: Rules, exclude: Sequence[str], bounds: Bounds) -> Rules | None:

@@ -151,3 +151,15 @@ def test_the_cache_keeps_each_requests_own_exclude() -> None:
     with pytest.raises(InvalidRequest) as e:  # the bound on exclude holds on a cache hit too
         check({"filters": {"exclude": [f"i{i}" for i in range(7)]}})
     assert e.value.detail is not None and e.value.detail[0]["field"] == "rerank.filters.exclude"
+
+
+def test_the_cache_serves_two_rules_versions_apart() -> None:
+    cache = rr.ResolvedCache()
+    old = RulesConfig({"feed": {"diversity": {"attribute": "category", "window": 3}}}, "feed")
+    new = RulesConfig({"feed": {"diversity": {"attribute": "category", "window": 4}}}, "feed")
+    req = RankRequest.model_validate({"user_id": "u", "candidates": [f"i{i}" for i in range(N)]})
+    for _ in range(2):  # e.g. two arms' models, or a reload: each answer from its own version
+        for config, window in ((old, 3), (new, 4)):
+            rules = check_rerank(req, SETTINGS, SCHEMA, config, BOUNDS, cache)
+            assert rules is not None and rules.diversity is not None
+            assert rules.diversity.window == window
