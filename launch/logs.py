@@ -97,6 +97,9 @@ def add_from_logs_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--with-data", type=Path, metavar="DATA_DIR",
                    help="train and validate on the log plus this offline dataset (e.g. the one "
                         "the serving model was trained on), encoded with the serving schema")
+    g.add_argument("--with-data-position", type=int, metavar="P",
+                   help="with --position-tower: the position the --with-data rows get (0, the "
+                        "top, for an offline log without position effect)")
     g.add_argument("--with-spec", default=DEFAULT_WITH_SPEC, metavar="SPEC",
                    help="the dataset spec of --with-data (default %(default)s)")
 
@@ -113,7 +116,8 @@ def train_from_logs(p: argparse.ArgumentParser, a: argparse.Namespace, model_kw:
         report = run_training_from_logs(a.from_logs, out, model_kw, tc, repo=a.model_repo,
                                         window_s=a.window_s, baselines=a.baselines,
                                         ips_clip=a.ips_clip, init_from=a.init_from,
-                                        with_data=a.with_data, with_spec=a.with_spec)
+                                        with_data=a.with_data, with_spec=a.with_spec,
+                                        with_data_position=a.with_data_position)
     except LogError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -276,9 +276,14 @@ def offline_splits(data_dir: Path, schema: FeatureSchema, tasks: Sequence[str],
     return out, info
 
 
-def union(log: Encoded, offline: Encoded) -> Encoded:
+def union(log: Encoded, offline: Encoded, position: int | None = None) -> Encoded:
     """The log's rows then the offline rows, on the inputs both have (the served position is
-    the log's only: it goes when the offline data has none)."""
+    the log's only: it goes when the offline data has none, unless `position` gives the offline
+    rows one: 0, the top, examined always, is right for an unbiased offline log)."""
+    if position is not None and POSITION_INPUT in log.inputs:
+        offline = Encoded({**offline.inputs, POSITION_INPUT: np.full(len(offline), position,
+                                                                     np.int64)},
+                          offline.labels, offline.oracle)
     names = [k for k in log.inputs if k in offline.inputs]
     missing = set(log.inputs) - set(names) - {POSITION_INPUT}
     if missing:
@@ -378,13 +383,15 @@ def run_training_from_logs(
     init_from: Path | None = None,
     with_data: Path | None = None,
     with_spec: str = DEFAULT_WITH_SPEC,
+    with_data_position: int | None = None,
 ) -> dict[str, Any]:
     """Train on a served log, evaluate per task on its latest requests, write a run directory
     (`ranker export --run` exports it as the next version of the serving model's name). A log
     of an exploring service trains and early-stops on inverse-propensity resampled train and
     validation splits (`ips_resample`; `ips_clip` 0 = off); the test split is as logged.
     `init_from`: warm-start the main model from this run directory's checkpoint (or file);
-    `with_data`: train and validate on the union of the log and this dataset (`with_spec`)."""
+    `with_data`: train and validate on the union of the log and this dataset (`with_spec`;
+    `with_data_position`: the position its rows get, for a position tower)."""
     torch.set_num_threads(threads)  # as run_training: small matmuls on a shared 2-core box
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -399,11 +406,13 @@ def run_training_from_logs(
     main_cfg = ModelConfig(inputs=inputs_from_schema(served.schema), tasks=tasks, **model_kw)
     extra: dict[str, Any] = {}
     if with_data is not None:
-        if main_cfg.position_buckets:
+        if main_cfg.position_buckets and with_data_position is None:
             raise LogError("--with-data: the offline data has no served positions for "
-                           "--position-tower")
+                           "--position-tower (--with-data-position gives its rows one)")
         offline, extra["with_data"] = offline_splits(with_data, served.schema, tasks, with_spec)
-        train, val = union(train, offline["train"]), union(val, offline["val"])
+        extra["with_data"]["position"] = with_data_position
+        train = union(train, offline["train"], with_data_position)
+        val = union(val, offline["val"], with_data_position)
     init_state = None
     if init_from is not None:
         init_state, extra["init_from"] = warm_start_state(init_from, served.schema, main_cfg)

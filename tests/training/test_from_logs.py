@@ -513,3 +513,11 @@ def test_with_data_trains_on_the_log_plus_the_offline_data_encoded_with_the_serv
         run_training_from_logs(log_dir, tmp_path / "pos", {**TINY, "position_buckets": 3},
                                TrainConfig(epochs=1, progress=False), repo=repo,
                                baselines=False, with_data=small_data)
+    # unless the offline rows are given a position: the log's positions, then theirs
+    seen.clear()
+    run_training_from_logs(log_dir, tmp_path / "pos0", {**TINY, "position_buckets": 3},
+                           TrainConfig(epochs=1, progress=False), repo=repo, baselines=False,
+                           with_data=small_data, with_data_position=0)
+    (train, _), = seen
+    np.testing.assert_array_equal(train.inputs["position"][:4], [0, 1, 0, 1])
+    assert len(train) == 32 + n_off["train"] and not train.inputs["position"][32:].any()
