@@ -16,6 +16,21 @@ def _f(x: float | None, d: int = 4) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{d}f}"
 
 
+def _v2_data(f: dict[str, Any]) -> str:
+    """What v2 was trained on, and from which weights."""
+    if "with_data" in f:
+        d = f["with_data"]
+        what = (f"log of v1's training traffic **plus v1's own offline training data** "
+                f"(`--with-data`: {d['rows']['train']} train and {d['rows']['val']} validation "
+                "rows of the world's offline log, encoded with v1's schema)")
+    else:
+        what = "log of v1's training traffic only"
+    if "init_from" in f:
+        what += (", **warm-started from v1's weights** (`--init-from`: "
+                 f"`{f['init_from']['checkpoint']}`)")
+    return what
+
+
 def markdown(r: dict[str, Any]) -> str:
     cfg, on, held = r["config"], r["online"], r["heldout_auc"]
     v1, v2 = r["versions"]["v1"], r["versions"]["v2"]
@@ -27,7 +42,8 @@ def markdown(r: dict[str, Any]) -> str:
         "`python -m bench.loop " + " ".join(r.get("argv", [])) + "`: one `ranker serve` worker, "
         "the served log at 100 %, a real redis-server, all on loopback. v1 is the main job's "
         "model (trained on the world's offline log); v2 is `ranker train --from-logs` on the "
-        "log of v1's training traffic only, then `ranker export` and `POST /admin/reload`.",
+        + _v2_data(r["from_logs"])
+        + ", then `ranker export` and `POST /admin/reload`.",
         "",
         f"- training traffic: {train['answered']} requests, **{train['impressions']} impressions**"
         f" ({cfg['candidates']} candidates, top {cfg['top_k']}), "

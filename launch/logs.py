@@ -79,7 +79,7 @@ def export_main(argv: list[str]) -> int:
 
 def add_from_logs_args(p: argparse.ArgumentParser) -> None:
     """`ranker train`'s flags for training on an exported served log."""
-    from training.from_logs import DEFAULT_IPS_CLIP, DEFAULT_WINDOW_S
+    from training.from_logs import DEFAULT_IPS_CLIP, DEFAULT_WINDOW_S, DEFAULT_WITH_SPEC
 
     g = p.add_argument_group("training from a served log (ranker logs export --out DIR)")
     g.add_argument("--from-logs", type=Path, metavar="DIR",
@@ -91,6 +91,17 @@ def add_from_logs_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ips-clip", type=nonnegative_finite, default=DEFAULT_IPS_CLIP,
                    help="a log of an exploring service (RANKER_EXPLORE_RATE): inverse-propensity "
                         "weights clipped at this (default %(default)s; 0 = no weighting)")
+    g.add_argument("--init-from", type=Path, metavar="RUN_DIR",
+                   help="warm-start from the serving model's run directory (its model.pt, or "
+                        "that file): continual training; the same architecture")
+    g.add_argument("--with-data", type=Path, metavar="DATA_DIR",
+                   help="train and validate on the log plus this offline dataset (e.g. the one "
+                        "the serving model was trained on), encoded with the serving schema")
+    g.add_argument("--with-data-position", type=int, metavar="P",
+                   help="with --position-tower: the position the --with-data rows get (0, the "
+                        "top, for an offline log without position effect)")
+    g.add_argument("--with-spec", default=DEFAULT_WITH_SPEC, metavar="SPEC",
+                   help="the dataset spec of --with-data (default %(default)s)")
 
 
 def train_from_logs(p: argparse.ArgumentParser, a: argparse.Namespace, model_kw: dict[str, Any],
@@ -104,7 +115,9 @@ def train_from_logs(p: argparse.ArgumentParser, a: argparse.Namespace, model_kw:
     try:
         report = run_training_from_logs(a.from_logs, out, model_kw, tc, repo=a.model_repo,
                                         window_s=a.window_s, baselines=a.baselines,
-                                        ips_clip=a.ips_clip)
+                                        ips_clip=a.ips_clip, init_from=a.init_from,
+                                        with_data=a.with_data, with_spec=a.with_spec,
+                                        with_data_position=a.with_data_position)
     except LogError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,6 +13,13 @@ one rule the experiment report measures rates with too.
 
 The split is by time: requests ordered by their ts, the first 80 % train, the next 10 %
 validation, the last 10 % test, so validation and test are later than training.
+
+Two ways to train the next model as production systems do rather than from the log alone:
+`init_from` warm-starts the main model from the serving model's checkpoint (its run
+directory's `model.pt`: continual training), and `with_data` adds an offline dataset's train
+and validation splits (a spec's data directory, e.g. the one the serving model was trained on:
+the accumulated data), encoded with the serving model's schema and vocabularies so that its
+rows are the inputs the service would have sent for them. The test split stays the log's.
 """
 
 from __future__ import annotations
@@ -47,11 +54,12 @@ from ranker.servedlog import (
     part_files,
     served_inputs,
 )
-from training.data import Encoded
+from training.data import Encoded, encode_split, load_raw
 from training.distributed import current
-from training.model import POSITION_INPUT, ModelConfig, inputs_from_schema
+from training.model import POSITION_INPUT, ModelConfig, MultiTaskModel, inputs_from_schema
 from training.pipeline import CHECKPOINT, golden_from, train_models
 from training.report import REPORT_MD, markdown, write_report
+from training.spec import SpecError, load_spec
 from training.train import TrainConfig, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -206,6 +214,83 @@ def load_served_log(
 
 
 DEFAULT_IPS_CLIP = 10.0
+DEFAULT_WITH_SPEC = "synthetic"
+
+
+def checkpoint_path(init_from: Path) -> Path:
+    """A run directory's checkpoint, or the checkpoint file itself."""
+    p = Path(init_from)
+    return p / CHECKPOINT if p.is_dir() else p
+
+
+def warm_start_state(init_from: Path, schema: FeatureSchema, main_cfg: ModelConfig
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The weights to start from: a checkpoint of the same feature schema whose parameters
+    are the main model's (same architecture; dropout and regularisation may differ)."""
+    path = checkpoint_path(init_from)
+    if not path.is_file():
+        raise LogError(f"--init-from {init_from}: no {CHECKPOINT} (the serving model's run "
+                       "directory, as `ranker train --out` wrote it, or its checkpoint)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    got = ckpt.get("features", {}).get("version")
+    if got != schema.version:
+        raise LogError(f"--init-from {path}: feature schema {got}, the log was served with "
+                       f"{schema.version}; warm-start from the serving model's run")
+    state: dict[str, torch.Tensor] = ckpt["state_dict"]
+    try:
+        MultiTaskModel(main_cfg).load_state_dict(state)
+    except RuntimeError as e:
+        raise LogError(f"--init-from {path}: its weights do not fit the model to train "
+                       f"(train the same architecture as the checkpoint's "
+                       f"{ckpt['config'].get('model_type')}): {str(e).splitlines()[0]}") from e
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return state, {"checkpoint": str(path), "sha256": digest,
+                   "model_type": ckpt["config"].get("model_type"),
+                   "training_data": ckpt.get("training_data", {}).get("dataset")}
+
+
+def offline_splits(data_dir: Path, schema: FeatureSchema, tasks: Sequence[str],
+                   spec_name: str = DEFAULT_WITH_SPEC) -> tuple[dict[str, Encoded], dict[str, Any]]:
+    """An offline dataset's train and validation splits encoded with the serving schema (its
+    vocabularies and dense statistics, not refitted), with the log's input names."""
+    try:
+        spec = load_spec(spec_name)
+        raw = load_raw(spec, data_dir)
+    except (SpecError, FileNotFoundError, OSError) as e:
+        raise LogError(f"--with-data {data_dir}: {e}") from e
+    if list(spec.task_names) != list(tasks):
+        raise LogError(f"--with-data {data_dir}: spec {spec.name} has tasks {spec.task_names}, "
+                       f"the serving model {list(tasks)}")
+    want = {g.entity: set(g.feature_names) for g in schema.groups}
+    have = {e: {f.name for f in spec.features_of(e)} for e in want}
+    if want != have:
+        raise LogError(f"--with-data {data_dir}: spec {spec.name}'s features {have} are not the "
+                       f"serving schema's {want}")
+    out = {}
+    for split in ("train", "val"):
+        enc = encode_split(spec, schema, raw, split)
+        out[split] = Encoded({k: np.ascontiguousarray(np.asarray(v))  # a Gathered materialises
+                              for k, v in enc.inputs.items()}, enc.labels, None)
+    info = {"data_dir": str(data_dir), "dataset": spec.name, "sha256": raw.sha256,
+            "rows": {s: len(e) for s, e in out.items()}}
+    return out, info
+
+
+def union(log: Encoded, offline: Encoded, position: int | None = None) -> Encoded:
+    """The log's rows then the offline rows, on the inputs both have (the served position is
+    the log's only: it goes when the offline data has none, unless `position` gives the offline
+    rows one: 0, the top, examined always, is right for an unbiased offline log)."""
+    if position is not None and POSITION_INPUT in log.inputs:
+        offline = Encoded({**offline.inputs, POSITION_INPUT: np.full(len(offline), position,
+                                                                     np.int64)},
+                          offline.labels, offline.oracle)
+    names = [k for k in log.inputs if k in offline.inputs]
+    missing = set(log.inputs) - set(names) - {POSITION_INPUT}
+    if missing:
+        raise LogError(f"--with-data: the offline data lacks the inputs {sorted(missing)}")
+    return Encoded({k: np.concatenate([log.inputs[k], offline.inputs[k].astype(
+                        log.inputs[k].dtype, copy=False)]) for k in names},
+                   np.concatenate([log.labels, offline.labels]), None)
 
 
 def ips_resample(data: Encoded, propensity: np.ndarray, clip: float, seed: int
@@ -256,6 +341,16 @@ def log_markdown(report: dict[str, Any]) -> str:
         + ".",
         "",
     ]
+    if "init_from" in f:
+        w = f["init_from"]
+        lines += [f"Warm-started from `{w['checkpoint']}` ({w['model_type']}, trained on "
+                  f"{w['training_data']}; sha256 {w['sha256'][:12]}).", ""]
+    if "with_data" in f:
+        d, rows = f["with_data"], report["training_data"].get("trained_on", {})
+        lines += [f"Trained on the union of the log and `{d['data_dir']}` ({d['dataset']}, "
+                  f"encoded with the serving schema): {d['rows']['train']} offline train and "
+                  f"{d['rows']['val']} validation rows added, {rows.get('train')} train and "
+                  f"{rows.get('val')} validation rows in all; the test split is the log's.", ""]
     ips = f.get("ips", {})
     if ips.get("applied"):
         lines += [
@@ -285,11 +380,18 @@ def run_training_from_logs(
     baselines: bool = True,
     threads: int = 1,
     ips_clip: float = DEFAULT_IPS_CLIP,
+    init_from: Path | None = None,
+    with_data: Path | None = None,
+    with_spec: str = DEFAULT_WITH_SPEC,
+    with_data_position: int | None = None,
 ) -> dict[str, Any]:
     """Train on a served log, evaluate per task on its latest requests, write a run directory
     (`ranker export --run` exports it as the next version of the serving model's name). A log
     of an exploring service trains and early-stops on inverse-propensity resampled train and
-    validation splits (`ips_resample`; `ips_clip` 0 = off); the test split is as logged."""
+    validation splits (`ips_resample`; `ips_clip` 0 = off); the test split is as logged.
+    `init_from`: warm-start the main model from this run directory's checkpoint (or file);
+    `with_data`: train and validate on the union of the log and this dataset (`with_spec`;
+    `with_data_position`: the position its rows get, for a position tower)."""
     torch.set_num_threads(threads)  # as run_training: small matmuls on a shared 2-core box
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -302,13 +404,28 @@ def run_training_from_logs(
     train, ips = ips_resample(train, served.propensity["train"], ips_clip, train_cfg.seed)
     val, _ = ips_resample(val, served.propensity["val"], ips_clip, train_cfg.seed + 1)
     main_cfg = ModelConfig(inputs=inputs_from_schema(served.schema), tasks=tasks, **model_kw)
-    models, main_model = train_models(main_cfg, train, val, test, train_cfg, baselines=baselines)
+    extra: dict[str, Any] = {}
+    if with_data is not None:
+        if main_cfg.position_buckets and with_data_position is None:
+            raise LogError("--with-data: the offline data has no served positions for "
+                           "--position-tower (--with-data-position gives its rows one)")
+        offline, extra["with_data"] = offline_splits(with_data, served.schema, tasks, with_spec)
+        extra["with_data"]["position"] = with_data_position
+        train = union(train, offline["train"], with_data_position)
+        val = union(val, offline["val"], with_data_position)
+    init_state = None
+    if init_from is not None:
+        init_state, extra["init_from"] = warm_start_state(init_from, served.schema, main_cfg)
+    models, main_model = train_models(main_cfg, train, val, test, train_cfg, baselines=baselines,
+                                      init_state=init_state)
     info: dict[str, Any] = {
         "dataset": DATASET,
         "sha256": served.sha256,
         "rows": {s: len(served.splits[s]) for s in SPLITS},
         "window_s": window_s,
         "served_by": served.served_by,
+        **({"trained_on": {"train": len(train), "val": len(val)}} if with_data else {}),
+        **extra,
     }
     report: dict[str, Any] = {
         "dataset": DATASET,
@@ -328,6 +445,7 @@ def run_training_from_logs(
             "split_ts": served.ts,
             "split": list(fractions),
             "ips": ips,
+            **extra,
         },
     }
     save_checkpoint(

@@ -197,8 +197,10 @@ def train_models(
     train_cfg: TrainConfig,
     *,
     baselines: bool = True,
+    init_state: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, Any], MultiTaskModel]:
     """Fit the main model (and its baselines) on train/val, evaluate each on test.
+    `init_state`: the main model starts from these weights (warm start); baselines start cold.
 
     Returns the report's "models" entry (per model: type, tasks, history, test metrics) and the
     trained main model.
@@ -215,7 +217,11 @@ def train_models(
             tc = dataclasses.replace(
                 train_cfg, loss_weights={t: train_cfg.loss_weights.get(t, 1.0) for t in cfg.tasks}
             )
-        model, hist = fit(cfg, _select(train, main_cfg, cfg), _select(val, main_cfg, cfg), tc)
+        sel_train, sel_val = _select(train, main_cfg, cfg), _select(val, main_cfg, cfg)
+        if init_state is not None and cfg is main_cfg:
+            model, hist = fit(cfg, sel_train, sel_val, tc, init_state=init_state)
+        else:
+            model, hist = fit(cfg, sel_train, sel_val, tc)
         models[name] = {
             "model_type": cfg.model_type,
             "tasks": cfg.tasks,

@@ -254,8 +254,10 @@ def fit(
     val: Encoded,
     cfg: TrainConfig,
     on_epoch: EpochCallback | None = None,
+    init_state: dict[str, torch.Tensor] | None = None,
 ) -> tuple[MultiTaskModel, History]:
-    """Train from a seeded init; keep the weights of the epoch with the best validation loss.
+    """Train from a seeded init (or from `init_state`, a model's weights of the same config:
+    warm-starting); keep the weights of the epoch with the best validation loss.
 
     Inside a torch.distributed group (`distributed.process_group`) this is data-parallel: every
     rank calls it with the same arguments and returns the same model. `on_epoch` sees every
@@ -265,7 +267,9 @@ def fit(
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     model = MultiTaskModel(mcfg)
-    if mcfg.task_kind == "binary":
+    if init_state is not None:
+        model.load_state_dict(init_state)  # strict: the same parameters, or it raises
+    elif mcfg.task_kind == "binary":
         model.init_output_bias(train.labels.mean(axis=0).tolist())
     model.to(dist.device)
     net = wrap(model, dist)  # DDP broadcasts rank 0's initial weights (they are equal anyway)

@@ -11,6 +11,7 @@ report of `python -m bench.loop` at the default size.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,11 @@ def loop(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     work = tmp_path_factory.mktemp("loop")
     cfg = LoopConfig(workdir=work, data_dir=work / "data", small=True, train_requests=600,
                      eval_requests=150, eval_seeds=2, candidates=40, top_k=8, concurrency=3,
-                     max_seconds=120.0, epochs=2, explore_rate=0.2)
-    return run_loop(cfg)  # exploring training traffic: the restart and IPS paths run too
+                     max_seconds=120.0, epochs=2, explore_rate=0.2,
+                     model_args=("--init-from", "{v1_run}", "--with-data", "{data_dir}"))
+    # exploring training traffic: the restart and IPS paths run too; v2 warm-starts from v1's
+    # checkpoint (kept in WORKDIR/runs/v1) and trains on the log plus v1's offline data
+    return run_loop(cfg)
 
 
 def failed(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -69,6 +73,19 @@ def test_the_training_traffic_explored_and_v2_was_trained_on_its_propensities(
     # the greedy top 8 of 40: 0.8 + 0.2 * 8/40; an item only the exploring 20 % shows: 0.04
     assert ips["applied"] == 1.0 and ips["propensity_min"] == pytest.approx(0.04)
     assert 0 < ips["effective_rows"] < loop["v2_rows"]["train"]
+
+
+def test_v2_warm_started_from_v1_and_trained_on_the_union(loop: dict[str, Any]) -> None:
+    work = Path(loop["config"]["workdir"])
+    f = loop["from_logs"]
+    assert f["init_from"]["checkpoint"] == str(work / "runs" / "v1" / "model.pt")
+    assert f["init_from"]["training_data"] == "synthetic"
+    offline = f["with_data"]["rows"]
+    assert f["with_data"]["data_dir"] == loop["config"]["data_dir"] and offline["train"] > 0
+    rows = json.loads((work / "runs" / "v2" / "report.json").read_text())["training_data"]
+    # the log's train split is resampled (IPS) to its own size: the union adds the offline rows
+    assert rows["trained_on"] == {"train": loop["v2_rows"]["train"] + offline["train"],
+                                  "val": loop["v2_rows"]["val"] + offline["val"]}
 
 
 def test_v2_is_served_after_the_reload(loop: dict[str, Any]) -> None:

@@ -382,3 +382,142 @@ def test_records_exporter_train_export_serve(
     scores, _ = loaded.run(dict(records[-1].inputs))
     assert scores.shape == (4, 3) and np.isfinite(scores).all()
     assert json.loads((run / "report.json").read_text())["from_logs"]["counts"]["late"] > 0
+
+
+# --- warm start and the union with the offline data --------------------------------------------
+
+
+def _v1_checkpoint(run: Path, schema: FeatureSchema, seed: int = 5, **model_kw: Any) -> Any:
+    """A run directory holding a model.pt of the serving schema (as `ranker train` writes)."""
+    import torch
+
+    from training.model import ModelConfig, MultiTaskModel, inputs_from_schema
+    from training.train import save_checkpoint
+
+    torch.manual_seed(seed)
+    model = MultiTaskModel(ModelConfig(inputs=inputs_from_schema(schema), tasks=TASKS,
+                                       **{**TINY, **model_kw}))
+    run.mkdir(parents=True)
+    save_checkpoint(run / pipeline.CHECKPOINT, model, features=schema.describe(),
+                    vocab=schema.vocabularies(), model_name=MODEL_NAME,
+                    training_data={"dataset": "synthetic"})
+    return model.state_dict()
+
+
+def _clicky_log(out: Path, n: int = 30) -> Path:
+    recs = [record(f"r{i}", T0 + 10 * i, ["i1", "i2", "i3"]) for i in range(n)]
+    return write_log(out, recs, [ev(f"r{i}", "i1", "click", T0 + 10 * i + 1)
+                                 for i in range(0, n, 2)])
+
+
+def test_init_from_warm_starts_the_model_from_the_serving_models_weights(
+    pristine_models: Path, tmp_path: Path
+) -> None:
+    import torch
+
+    schema = load_schema(version_dir(pristine_models, MODEL_NAME, 1),
+                         load_manifest(version_dir(pristine_models, MODEL_NAME, 1)))
+    v1 = _v1_checkpoint(tmp_path / "v1", schema)
+    log_dir = _clicky_log(tmp_path / "log")
+
+    def trained(out: str, lr: float, **kw: Any) -> dict[str, torch.Tensor]:
+        report = run_training_from_logs(log_dir, tmp_path / out, TINY,
+                                        TrainConfig(epochs=1, lr=lr, progress=False),
+                                        repo=pristine_models, baselines=False, **kw)
+        assert ("init_from" in report["from_logs"]) == ("init_from" in kw)
+        state: dict[str, torch.Tensor] = torch.load(tmp_path / out / "model.pt",
+                                                    weights_only=True)["state_dict"]
+        return state
+
+    def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # lr 0: training leaves the weights where they started -- v1's, when warm-started
+    assert same(trained("warm0", 0.0, init_from=tmp_path / "v1"), v1)
+    assert not same(trained("cold0", 0.0), v1)  # a cold start is another init
+    warm = trained("warm", 2e-3, init_from=tmp_path / "v1" / "model.pt")  # the file works too
+    assert not same(warm, v1)  # and it trains from there
+    md = (tmp_path / "warm" / "report.md").read_text()
+    assert "Warm-started from" in md and "trained on synthetic" in md
+
+
+def test_init_from_refuses_another_architecture_or_schema(
+    pristine_models: Path, tmp_path: Path
+) -> None:
+    schema = load_schema(version_dir(pristine_models, MODEL_NAME, 1),
+                         load_manifest(version_dir(pristine_models, MODEL_NAME, 1)))
+    _v1_checkpoint(tmp_path / "v1", schema)
+    _v1_checkpoint(tmp_path / "wider", tiny_schema(n_users=60))
+    log_dir = _clicky_log(tmp_path / "log")
+    tc = TrainConfig(epochs=1, progress=False)
+    with pytest.raises(LogError, match="do not fit the model"):
+        run_training_from_logs(log_dir, tmp_path / "a", {**TINY, "n_experts": 3}, tc,
+                               repo=pristine_models, baselines=False, init_from=tmp_path / "v1")
+    with pytest.raises(LogError, match="feature schema"):
+        run_training_from_logs(log_dir, tmp_path / "b", TINY, tc, repo=pristine_models,
+                               baselines=False, init_from=tmp_path / "wider")
+    with pytest.raises(LogError, match=r"no model\.pt"):
+        run_training_from_logs(log_dir, tmp_path / "c", TINY, tc, repo=pristine_models,
+                               baselines=False, init_from=tmp_path / "nothing")
+
+
+def test_with_data_trains_on_the_log_plus_the_offline_data_encoded_with_the_serving_schema(
+    small_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.tiny import export_tiny_model
+    from training.data import build_schema, encode_split, load_raw
+    from training.spec import load_spec
+
+    spec = load_spec("synthetic")
+    raw = load_raw(spec, small_data)
+    repo = tmp_path / "models"
+    export_tiny_model(repo, name=MODEL_NAME, schema=build_schema(spec, raw))
+    served_schema = load_schema(version_dir(repo, MODEL_NAME, 1),
+                                load_manifest(version_dir(repo, MODEL_NAME, 1)))
+    users = raw.users
+    assert users is not None
+    uids = users["user_id"].to_pylist()[:5]
+    recs = [record(f"r{i}", T0 + 10 * i, ["i1", "i2"], user=uids[i % 5], schema=served_schema)
+            for i in range(20)]
+    log_dir = write_log(tmp_path / "log", recs, [ev("r0", "i1", "click", T0 + 1)])
+
+    seen: list[tuple[Encoded, Encoded]] = []
+    fit = pipeline.fit
+
+    def recording_fit(cfg: Any, train: Encoded, val: Encoded, tc: TrainConfig) -> Any:
+        seen.append((train, val))
+        return fit(cfg, train, val, tc)
+
+    monkeypatch.setattr(pipeline, "fit", recording_fit)
+    report = run_training_from_logs(log_dir, tmp_path / "run", TINY,
+                                    TrainConfig(epochs=1, progress=False), repo=repo,
+                                    baselines=False, with_data=small_data)
+    (train, val), = seen
+    n_off = {s: raw.splits[s].num_rows for s in ("train", "val")}
+    log_rows = report["training_data"]["rows"]
+    assert (log_rows["train"], log_rows["val"]) == (32, 4)  # 16 and 2 requests of 2 items
+    assert len(train) == 32 + n_off["train"] and len(val) == 4 + n_off["val"]
+    assert report["training_data"]["trained_on"] == {"train": len(train), "val": len(val)}
+    assert report["from_logs"]["with_data"]["rows"] == n_off
+    assert report["models"]["mmoe"]["test"]  # the test split is the log's: 4 rows
+    # the log's rows first, as logged; then the offline rows, encoded with the served schema
+    offline = encode_split(spec, served_schema, raw, "train")
+    for name in served_schema.input_names():
+        np.testing.assert_array_equal(train.inputs[name][:32], logged_rows(recs[:16], name))
+        np.testing.assert_array_equal(train.inputs[name][32:], np.asarray(offline.inputs[name]),
+                                      err_msg=name)
+    np.testing.assert_array_equal(train.labels[32:], offline.labels)
+    assert "position" not in train.inputs  # the offline log has no served positions
+    assert "Trained on the union" in (tmp_path / "run" / "report.md").read_text()
+    with pytest.raises(LogError, match="position"):
+        run_training_from_logs(log_dir, tmp_path / "pos", {**TINY, "position_buckets": 3},
+                               TrainConfig(epochs=1, progress=False), repo=repo,
+                               baselines=False, with_data=small_data)
+    # unless the offline rows are given a position: the log's positions, then theirs
+    seen.clear()
+    run_training_from_logs(log_dir, tmp_path / "pos0", {**TINY, "position_buckets": 3},
+                           TrainConfig(epochs=1, progress=False), repo=repo, baselines=False,
+                           with_data=small_data, with_data_position=0)
+    (train, _), = seen
+    np.testing.assert_array_equal(train.inputs["position"][:4], [0, 1, 0, 1])
+    assert len(train) == 32 + n_off["train"] and not train.inputs["position"][32:].any()
