@@ -271,8 +271,28 @@ def write_group(
     return max(0, len(enc) - start) * size
 
 
+# EXPIRE every key of a SCAN page in one call (one node: the page's keys need not share a slot)
+_EXPIRE_ALL = """
+for _, key in ipairs(KEYS) do redis.call('EXPIRE', key, ARGV[1]) end
+return #KEYS
+"""
+EXPIRE_SCAN_COUNT = 10_000  # keys a SCAN call looks at on one node
+
+
 def expire_load(client: SyncClient, pattern: str, grace_s: int, batch_size: int) -> int:
-    """Give every key matching `pattern` an expiry of `grace_s` (SCAN + pipelined EXPIRE)."""
+    """Give every key matching `pattern` an expiry of `grace_s`: on one node SCAN pages of
+    `EXPIRE_SCAN_COUNT` and one script call per page (a redis-py pipeline of one EXPIRE per key
+    cost ~13 us of Python per key: 15 s for the previous load of the production world); on a
+    cluster SCAN + pipelined EXPIRE per key (the keys span slots)."""
+    if isinstance(client, redis.Redis):
+        count, cursor = 0, 0
+        expire_all = client.register_script(_EXPIRE_ALL)
+        while True:
+            cursor, keys = client.scan(cursor, match=pattern, count=EXPIRE_SCAN_COUNT)
+            if keys:
+                count += int(expire_all(keys=keys, args=[grace_s]))
+            if cursor == 0:
+                return count
     count = 0
     batch: list[bytes] = []
 
