@@ -572,7 +572,7 @@ def load_files(
     lid = load_id or file_load_id(schema, sources)
     report = LoadReport(schema.version, lid, {}, ttl_s=ttl_s)
     keys = {e: progress_key(prefix, schema.version, lid, e) for e in sources}
-    files = {e: pq.ParquetFile(p, read_dictionary=_dictionary_columns(p, schema.group(e)))
+    files = {e: pq.ParquetFile(p, read_dictionary=dictionary_columns(p, schema.group(e)))
              for e, p in sources.items()}
     done = {e: min(written_rows(client, keys[e]), files[e].metadata.num_rows) for e in sources}
     total = sum(f.metadata.num_rows for f in files.values())
@@ -665,7 +665,7 @@ def load_files(
                     2000, started)
 
 
-def _dictionary_columns(path: Path, group: GroupSchema | None) -> list[str]:
+def dictionary_columns(path: Path, group: GroupSchema | None) -> list[str]:
     """The string columns of a file's categorical and list features (not its key), to be read
     as dictionaries: the reader keeps Parquet's own dictionary instead of a string per value,
     and the vocabulary looks up each distinct value once per step (`Vocabulary.encode`)."""
