@@ -82,3 +82,14 @@ def test_a_list_column_read_as_dictionaries_encodes_as_the_plain_one() -> None:
         out, unknown = feature.encode(column, len(rows))
         np.testing.assert_array_equal(out, want)
         assert unknown == 1  # "zz"
+
+
+def test_a_hashed_vocabulary_takes_a_dictionary_column_too() -> None:
+    from ranker.schema import HashedVocabulary
+
+    hashed = HashedVocabulary(1000)
+    column = pa.array(["a", None, "b", "a"])
+    want = hashed.encode(column)
+    np.testing.assert_array_equal(hashed.encode(column.dictionary_encode()), want)
+    np.testing.assert_array_equal(hashed.encode(pa.chunked_array([column.dictionary_encode()])),
+                                  want)
