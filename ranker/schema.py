@@ -165,7 +165,8 @@ class Vocabulary:
     @functools.cached_property
     def _sorted(self) -> _SortedIndex | None:
         """The vocabulary as fixed-width bytes, sorted (built on first use); None when a value
-        holds a NUL byte (fixed-width bytes would not tell "a" from "a\\0")."""
+        holds a NUL byte (fixed-width bytes would not tell "a" from "a\\0") or the copy would
+        be too large (`fixed_width`): the dict lookup then."""
         return _SortedIndex.build(self._array)
 
 
@@ -185,8 +186,8 @@ class _SortedIndex(NamedTuple):
         return _SortedIndex(keys[order], (order + 1).astype(np.int32))
 
     def lookup(self, values: pa.Array) -> np.ndarray | None:
-        """Indices of string `values` (unknown and null -> OOV_INDEX); None when a value holds
-        a NUL byte."""
+        """Indices of string `values` (unknown and null -> OOV_INDEX); None when `fixed_width`
+        cannot copy them."""
         width = self.keys.dtype.itemsize
         fixed = fixed_width(values, width)
         if fixed is None:
@@ -199,10 +200,14 @@ class _SortedIndex(NamedTuple):
         return np.where(hit, self.codes[pos], OOV_INDEX).astype(np.int32)
 
 
+FIXED_WIDTH_MAX_BYTES = 64 << 20  # a fixed-width copy larger than this: None (callers fall back)
+
+
 def fixed_width(values: pa.Array, width: int | None) -> tuple[np.ndarray, np.ndarray] | None:
     """A pyarrow string array as (n,) numpy S<width> (zero-padded; width None = the longest
-    value) and which values fit in `width`; None when a value holds a NUL byte. No Python object
-    per value: the values are copied by length, one block per length."""
+    value) and which values fit in `width`; None when a value holds a NUL byte or the copy would
+    exceed `FIXED_WIDTH_MAX_BYTES` (one long value among many short ones). No Python object per
+    value: the values are copied by length, one block per length."""
     if pa.types.is_large_string(values.type):
         values = values.cast(pa.string())
     n = len(values)
@@ -216,6 +221,8 @@ def fixed_width(values: pa.Array, width: int | None) -> tuple[np.ndarray, np.nda
         return None
     lengths = np.diff(offsets)
     w = max(1, int(lengths.max()) if width is None else width)
+    if n * w > FIXED_WIDTH_MAX_BYTES:
+        return None
     out = np.zeros((n, w), np.uint8)
     fits = lengths <= w
     for k in np.flatnonzero(np.bincount(lengths[fits], minlength=1)).tolist():

@@ -93,3 +93,13 @@ def test_a_hashed_vocabulary_takes_a_dictionary_column_too() -> None:
     np.testing.assert_array_equal(hashed.encode(column.dictionary_encode()), want)
     np.testing.assert_array_equal(hashed.encode(pa.chunked_array([column.dictionary_encode()])),
                                   want)
+
+
+def test_one_long_value_falls_back_instead_of_a_huge_copy(monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    import ranker.schema as schema
+
+    monkeypatch.setattr(schema, "FIXED_WIDTH_MAX_BYTES", 10_000)
+    vocab = Vocabulary(("x" * 5_000, *map(str, range(100))))
+    assert vocab._sorted is None  # 101 x 5 000 bytes: over the limit
+    np.testing.assert_array_equal(vocab.encode(pa.array(["x" * 5_000, "7", "y"])), [1, 9, 0])
