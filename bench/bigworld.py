@@ -5,7 +5,9 @@
 
 For each world, in turn, on one private redis-server each (loopback):
   load     `ranker features load` as a process on the world's Parquet files (streamed):
-           records/s, its peak RSS, MEMORY USAGE per record (sampled) and Redis's used memory
+           records/s, its peak RSS and CPU, the redis-server's CPU, MEMORY USAGE per record
+           (sampled) and Redis's used memory; `--load-runs K` K times (the median),
+           `--load-only` nothing else
   floors   one raw MGET of the request's keys and one onnxruntime run (in process), and a
            FastAPI POST that does nothing (the noop app under uvicorn), each p50 per N
   service  one `ranker serve` worker, closed loop at concurrency 1 for each N: p50 / p99, the
@@ -20,6 +22,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,8 +41,19 @@ from ranker.manifest import MODEL_FILE, load_manifest, load_schema
 NS = (100, 500, 1000)
 
 
-def load_features(version_dir: Path, users: Path, items: Path, url: str) -> dict[str, Any]:
-    """`ranker features load` as its own process, timed, its peak RSS (GNU time if present)."""
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a process so far (Linux /proc), None elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load_features(version_dir: Path, users: Path, items: Path, url: str,
+                  redis_pid: int | None = None) -> dict[str, Any]:
+    """`ranker features load` as its own process, timed: its peak RSS and CPU (GNU time if
+    present) and the redis-server's CPU meanwhile (`redis_pid`)."""
     cmd = [sys.executable, "-m", "launch.cli", "features", "load", "--model-dir",
            str(version_dir), "--users", str(users), "--items", str(items), "--redis-url", url,
            "--no-progress"]
@@ -47,14 +61,18 @@ def load_features(version_dir: Path, users: Path, items: Path, url: str) -> dict
                                         else None)
     rss_file = Path(tempfile.mkstemp(prefix="rss-")[1])
     if gnu_time:
-        cmd = [gnu_time, "-f", "%M", "-o", str(rss_file), *cmd]
+        cmd = [gnu_time, "-f", "%M %U %S", "-o", str(rss_file), *cmd]
+    load_start = round(os.getloadavg()[0], 2)
+    redis_cpu = process_cpu_s(redis_pid) if redis_pid else None
     t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, check=False)
     wall = time.perf_counter() - t0
     if out.returncode != 0:
         raise RuntimeError(f"features load failed: {out.stderr[-2000:]}")
+    redis_after = process_cpu_s(redis_pid) if redis_pid else None
     report = json.loads(out.stdout.strip().splitlines()[-1])
-    rss_kb = rss_file.read_text().strip().splitlines()[-1] if gnu_time else ""
+    timed = rss_file.read_text().strip().splitlines()[-1].split() if gnu_time else []
+    rss_kb = timed[0] if timed else ""
     rss_file.unlink(missing_ok=True)
     client = redis.Redis.from_url(url)
     try:
@@ -69,7 +87,10 @@ def load_features(version_dir: Path, users: Path, items: Path, url: str) -> dict
             "memory_usage_bytes_per_record": report["redis_bytes_per_record"],
             "redis_used_memory_mb": mem["used_memory"] / 2**20, "keys": keys,
             "used_memory_bytes_per_key": mem["used_memory"] / max(keys, 1),
-            "load_id": report["load_id"]}
+            "load_id": report["load_id"], "loadavg_1m_start": load_start,
+            "loader_cpu_s": float(timed[1]) + float(timed[2]) if len(timed) == 3 else None,
+            "redis_cpu_s": (redis_after - redis_cpu if redis_after is not None
+                            and redis_cpu is not None else None)}
 
 
 def items_file(schema: Any, data_dir: Path, workdir: Path) -> Path:
@@ -100,8 +121,8 @@ def request_files(workdir: Path, users_path: Path, items_path: Path, schema: Any
     return files, reqs
 
 
-def measure_world(name: str, version_dir: Path, data_dir: Path, plan: Plan, workdir: Path
-                  ) -> dict[str, Any]:
+def measure_world(name: str, version_dir: Path, data_dir: Path, plan: Plan, workdir: Path,
+                  load_runs: int = 1, load_only: bool = False) -> dict[str, Any]:
     from launch.local_redis import RedisServer
     from service.registry import load_version
 
@@ -118,9 +139,21 @@ def measure_world(name: str, version_dir: Path, data_dir: Path, plan: Plan, work
         log(f"{name}: loading the features of {data_dir}")
         items = items_file(schema, data_dir, wdir)
         out["items_generated"] = items != data_dir / "items.parquet"
-        out["load"] = load_features(version_dir, data_dir / "users.parquet", items, rs.url)
-        log(f"  {out['load']['records']} records at {out['load']['records_per_s']:,.0f}/s, "
-            f"peak RSS {out['load']['peak_rss_mb']} MB")
+        runs = []
+        for run in range(max(1, load_runs)):  # each into an empty Redis: the last one stays
+            if run:
+                redis.Redis.from_url(rs.url, socket_timeout=300).flushall()
+            runs.append(load_features(version_dir, data_dir / "users.parquet", items, rs.url,
+                                      rs.pid))
+            log(f"  {runs[-1]['records']} records at {runs[-1]['records_per_s']:,.0f}/s, "
+                f"peak RSS {runs[-1]['peak_rss_mb']} MB, load {runs[-1]['loadavg_1m_start']}")
+        out["load"] = dict(runs[-1], records_per_s=statistics.median(
+            r["records_per_s"] for r in runs), runs=[r["records_per_s"] for r in runs],
+            loader_cpu_s_runs=[r["loader_cpu_s"] for r in runs],
+            redis_cpu_s_runs=[r["redis_cpu_s"] for r in runs],
+            loadavg_runs=[r["loadavg_1m_start"] for r in runs])
+        if load_only:
+            return out
         env = Env(version_dir, schema, rs.url, wdir, procs, plan, redis_pid=rs.pid)
         env.body_files, reqs = request_files(wdir, data_dir / "users.parquet", items, schema,
                                              plan.bodies_per_n)
@@ -175,7 +208,8 @@ def _table_head(title: str, *columns: str) -> list[str]:
 
 def markdown(results: dict[str, Any]) -> str:
     worlds = results["worlds"]
-    lines = [f"# The service at production size ({results['date']})", "",
+    what = ("The service" if all("service" in w for w in worlds.values()) else "The loader")
+    lines = [f"# {what} at production size ({results['date']})", "",
              f"Machine: {results['machine']['cpus']} CPUs, load average at the start "
              f"{results['machine']['loadavg_start']}, at the end "
              f"{results['machine']['loadavg_end']} (a shared VM: other jobs ran meanwhile).",
@@ -189,14 +223,22 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {name} | {sizes.get('users', 0):,} | {sizes.get('items', 0):,} | "
                      f"{imp:,} | {ins} | {w['model_bytes'] / 1e6:.1f} MB |")
     lines += _table_head("Loading the features (`ranker features load`, streamed)", "world",
-                         "records", "records/s", "wall s", "peak RSS",
+                         "records", "records/s (median)", "each run", "load avg at each",
+                         "loader CPU s", "redis-server CPU s", "wall s", "peak RSS",
                          "MEMORY USAGE per record", "Redis used memory")
     for name, w in worlds.items():
         ld = w["load"]
         per = ", ".join(f"{e} {v:.0f} B" for e, v in ld["memory_usage_bytes_per_record"].items())
         rss = f"{ld['peak_rss_mb']:.0f} MB" if ld["peak_rss_mb"] else "n/a"
-        lines.append(f"| {name} | {ld['records']:,} | {ld['records_per_s']:,.0f} | "
-                     f"{ld['wall_s']:.1f} | {rss} | {per} | {ld['redis_used_memory_mb']:.0f} MB |")
+        runs = ", ".join(f"{r:,.0f}" for r in ld.get("runs", [ld["records_per_s"]]))
+        loads = ", ".join(f"{x:.1f}" for x in ld.get("loadavg_runs", []))
+        cpu = ", ".join(f"{x:.1f}" for x in ld.get("loader_cpu_s_runs", []) if x is not None)
+        rcpu = ", ".join(f"{x:.1f}" for x in ld.get("redis_cpu_s_runs", []) if x is not None)
+        lines.append(f"| {name} | {ld['records']:,} | {ld['records_per_s']:,.0f} | {runs} | "
+                     f"{loads} | {cpu} | {rcpu} | {ld['wall_s']:.1f} | {rss} | {per} | "
+                     f"{ld['redis_used_memory_mb']:.0f} MB |")
+    if not all("service" in w for w in worlds.values()):
+        return "\n".join(lines) + "\n"
     lines += _table_head("/rank, one worker, concurrency 1", "world", "N", "p50", "p99",
                          "MGET floor", "inference floor", "noop HTTP", "sum of floors",
                          "overhead", "req/s")
@@ -259,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bodies", type=int, default=200)
     p.add_argument("--out-dir", default=str(RESULTS_DIR))
     p.add_argument("--name", default="bigworld")
+    p.add_argument("--load-runs", type=int, default=1,
+                   help="measure the load this many times per world (median reported)")
+    p.add_argument("--load-only", action="store_true", help="the loads only (no /rank)")
     a = p.parse_args(argv)
     plan = Plan(ns=list(NS), concurrencies=[1], workers=[1], duration_s=a.duration,
                 warmup_s=1.0, bodies_per_n=a.bodies, key_n=500, service_knobs=False)
@@ -275,10 +320,11 @@ def main(argv: list[str] | None = None) -> int:
         "worlds": {}}
     with tempfile.TemporaryDirectory(prefix="bigworld-") as tmp:
         for name, (vdir, ddir) in worlds.items():
-            results["worlds"][name] = measure_world(name, vdir, ddir, plan, Path(tmp))
+            results["worlds"][name] = measure_world(name, vdir, ddir, plan, Path(tmp),
+                                                    a.load_runs, a.load_only)
     results["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     names = list(results["worlds"])
-    if len(names) > 1:
+    if len(names) > 1 and not a.load_only:
         results["ratios"] = ratios(results["worlds"][names[0]], results["worlds"][names[-1]])
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)

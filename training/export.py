@@ -85,6 +85,24 @@ def check_parity(session: ort.InferenceSession, expected: dict[str, np.ndarray],
     return worst
 
 
+def flush_subnormals(model: torch.nn.Module) -> int:
+    """Set the parameters' subnormal floats to zero, in place; returns how many there were.
+    Weight decay shrinks the embedding rows of rarely seen ids below the smallest normal float
+    (the production world's user-id table after one epoch: 624 k of its 6.4 M weights), and
+    onnxruntime's CPU kernels run ~2.4x slower on such a graph (N = 500: 3.09 -> 1.30 ms); each
+    weight moves by less than 1.2e-38."""
+    flushed = 0
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.is_floating_point():
+                sub = (param != 0) & (param.abs() < torch.finfo(param.dtype).tiny)
+                count = int(sub.sum())
+                if count:
+                    param[sub] = 0
+                    flushed += count
+    return flushed
+
+
 def export_model(
     model: MultiTaskModel,
     schema: FeatureSchema,
@@ -104,6 +122,7 @@ def export_model(
     written into a staging directory that is renamed into place last.
     """
     model = model.eval()
+    flush_subnormals(model)
     cfg = model.config
     if schema.input_specs() != cfg.input_specs():
         raise ValueError("model inputs do not match the feature schema")

@@ -32,7 +32,13 @@ import pyarrow.parquet as pq
 import redis
 from redis.cluster import RedisCluster
 
-from ranker.schema import FeatureSchema, GroupSchema, ListColumnError, ListTooLongError
+from ranker.schema import (
+    FeatureSchema,
+    GroupSchema,
+    ListColumnError,
+    ListTooLongError,
+    fixed_width,
+)
 from service.featurestore.bulk import BatchWriter
 from service.featurestore.keys import (
     DEFAULT_PREFIX,
@@ -118,6 +124,7 @@ class EncodedGroup:
     list_ids: int = 0
     list_unknown_ids: int = 0
     source_rows: np.ndarray | None = None  # each record's row in the encoded table (None: all)
+    id_hashes: np.ndarray | None = None  # (n,) uint64 `id_hashes` of the ids
 
     @functools.cached_property
     def ids(self) -> list[str]:
@@ -166,8 +173,12 @@ def encode_table(
     if n_null:
         table, ids_arr = table.filter(valid), ids_arr.filter(valid)
         source = source[np.asarray(valid.to_numpy(zero_copy_only=False), dtype=bool)]
-    # Duplicate ids: the last row wins, as it would with repeated SETs; count them.
-    n_dup = len(ids_arr) - pc.count_distinct(ids_arr).as_py()
+    # Duplicate ids: the last row wins, as it would with repeated SETs; count them (exactly,
+    # when the ids' hashes say there may be any).
+    hashes = id_hashes(ids_arr)
+    ordered = np.sort(hashes)
+    n_dup = (len(ids_arr) - pc.count_distinct(ids_arr).as_py()
+             if np.any(ordered[1:] == ordered[:-1]) else 0)
     if n_dup:
         ids = ids_arr.to_pylist()
         last = {entity_id: row for row, entity_id in enumerate(ids)}
@@ -176,6 +187,7 @@ def encode_table(
         table = table.take(pa.array(keep))
         ids_arr = ids_arr.take(pa.array(keep))
         source = source[keep]
+        hashes = id_hashes(ids_arr)
     present = set(table.column_names)
     columns = {name: table.column(name) for name in group.feature_names if name in present}
     cat, dense = group.encode_columns(columns, table.num_rows)
@@ -196,7 +208,7 @@ def encode_table(
                 f"are unknown to the model's vocabulary (more than {max_unknown_list_share:.0%}"
                 "): are they spelled as the ids the model was trained on?")
     return EncodedGroup(group.entity, ids_arr, records, n_null, n_dup, absent, n_list, n_unknown,
-                        source if (n_null or n_dup) else None)
+                        source if (n_null or n_dup) else None, hashes)
 
 
 def _list_ids(column: pa.Array | pa.ChunkedArray) -> int:
@@ -259,8 +271,28 @@ def write_group(
     return max(0, len(enc) - start) * size
 
 
+# EXPIRE every key of a SCAN page in one call (one node: the page's keys need not share a slot)
+_EXPIRE_ALL = """
+for _, key in ipairs(KEYS) do redis.call('EXPIRE', key, ARGV[1]) end
+return #KEYS
+"""
+EXPIRE_SCAN_COUNT = 10_000  # keys a SCAN call looks at on one node
+
+
 def expire_load(client: SyncClient, pattern: str, grace_s: int, batch_size: int) -> int:
-    """Give every key matching `pattern` an expiry of `grace_s` (SCAN + pipelined EXPIRE)."""
+    """Give every key matching `pattern` an expiry of `grace_s`: on one node SCAN pages of
+    `EXPIRE_SCAN_COUNT` and one script call per page (a redis-py pipeline of one EXPIRE per key
+    cost ~13 us of Python per key: 15 s for the previous load of the production world); on a
+    cluster SCAN + pipelined EXPIRE per key (the keys span slots)."""
+    if isinstance(client, redis.Redis):
+        count, cursor = 0, 0
+        expire_all = client.register_script(_EXPIRE_ALL)
+        while True:
+            cursor, keys = client.scan(cursor, match=pattern, count=EXPIRE_SCAN_COUNT)
+            if keys:
+                count += int(expire_all(keys=keys, args=[grace_s]))
+            if cursor == 0:
+                return count
     count = 0
     batch: list[bytes] = []
 
@@ -451,10 +483,25 @@ def prefetched(items: Iterator[T], depth: int = 2) -> Iterator[T]:
         thread.join(timeout=5)
 
 
-def _id_hashes(ids: pa.Array) -> np.ndarray:
-    """64-bit hashes of the ids (to count an id repeated in two batches without keeping the
-    ids): pyarrow's dictionary of a batch is distinct already, so hashed per distinct id."""
-    return np.fromiter(map(hash, ids.to_pylist()), np.int64, len(ids))
+_HASH_MULT = np.uint64(0x100000001B3)  # FNV-1a's 64-bit prime: (h ^ x) * it is a bijection in x
+
+
+def id_hashes(ids: pa.Array) -> np.ndarray:
+    """(n,) uint64 hashes of string ids (to count an id repeated in two batches without keeping
+    the ids; equal ids, equal hashes): the ids as fixed-width bytes, folded 8 bytes at a time,
+    vectorised, whatever the batch's longest id (ids of at most 8 bytes cannot collide). Ids
+    holding a NUL byte: Python's hash."""
+    fixed = fixed_width(ids, None)
+    if fixed is None:
+        return np.fromiter(map(hash, ids.to_pylist()), np.int64, len(ids)).view(np.uint64)
+    keys = fixed[0]
+    width = keys.dtype.itemsize
+    words = np.zeros((len(keys), -(-width // 8) * 8), np.uint8)
+    words[:, :width] = keys.view(np.uint8).reshape(len(keys), width)
+    h = np.full(len(keys), 0xCBF29CE484222325, np.uint64)
+    for column in words.view(np.uint64).T:  # the padding's words (all zero: no NUL in an id)
+        h = np.where(column != 0, (h ^ column) * _HASH_MULT, h)  # leave h as it is: any width
+    return h
 
 
 def file_load_id(schema: FeatureSchema, sources: dict[str, Path]) -> str:
@@ -525,7 +572,8 @@ def load_files(
     lid = load_id or file_load_id(schema, sources)
     report = LoadReport(schema.version, lid, {}, ttl_s=ttl_s)
     keys = {e: progress_key(prefix, schema.version, lid, e) for e in sources}
-    files = {e: pq.ParquetFile(p) for e, p in sources.items()}
+    files = {e: pq.ParquetFile(p, read_dictionary=dictionary_columns(p, schema.group(e)))
+             for e, p in sources.items()}
     done = {e: min(written_rows(client, keys[e]), files[e].metadata.num_rows) for e in sources}
     total = sum(f.metadata.num_rows for f in files.values())
     bar = _progress_bar(total, f"load {lid}", sum(done.values())) if progress else None
@@ -585,7 +633,8 @@ def load_files(
                     report.bytes_written += len(enc) * size
                     if enc.defaulted_columns:
                         report.defaulted_columns[entity] = list(enc.defaulted_columns)
-                    seen.append(_id_hashes(enc.id_array))
+                    seen.append(enc.id_hashes if enc.id_hashes is not None else
+                                id_hashes(enc.id_array))
                     sample.extend(enc.id_array[:: max(1, len(enc) // 8)][:8].to_pylist())
                     if bar is not None:
                         bar.update(n_read)
@@ -614,6 +663,20 @@ def load_files(
     _rate(report, time.perf_counter() - writing)
     return _go_live(client, schema, report, list(sources), keys, prefix, old_load_grace_s,
                     2000, started)
+
+
+def dictionary_columns(path: Path, group: GroupSchema | None) -> list[str]:
+    """The string columns of a file's categorical and list features (not its key), to be read
+    as dictionaries: the reader keeps Parquet's own dictionary instead of a string per value,
+    and the vocabulary looks up each distinct value once per step (`Vocabulary.encode`)."""
+    if group is None:
+        return []
+    names = {f.name for f in group.categorical} | {f.name for f in group.lists}
+    names.discard(group.key)
+    leaves = pq.ParquetFile(path).schema
+    return [leaves.column(i).path for i in range(len(leaves))
+            if leaves.column(i).path.split(".")[0] in names
+            and leaves.column(i).physical_type == "BYTE_ARRAY"]
 
 
 def _progress_bar(total: int, desc: str, initial: int = 0) -> Any:

@@ -98,3 +98,16 @@ def test_export_writes_a_complete_version(tmp_path: Path) -> None:
     for k, v in m.golden.outputs.items():
         np.testing.assert_allclose(got[k], np.asarray(v), atol=m.golden.atol, rtol=0)
     assert json.loads((vdir / "vocab.json").read_text()) == schema.vocabularies()
+
+
+def test_export_flushes_subnormal_weights_to_zero() -> None:
+    import torch
+
+    from training.export import flush_subnormals
+
+    layer = torch.nn.Embedding(4, 2)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1e-39, 0.5], [0.0, -1e-40], [1e-30, 2.0], [3.0, 4.0]]))
+    assert flush_subnormals(layer) == 2
+    assert layer.weight.tolist()[0][0] == 0.0 and layer.weight.tolist()[1][1] == 0.0
+    assert layer.weight.tolist()[2][0] == pytest.approx(1e-30)  # normal: kept

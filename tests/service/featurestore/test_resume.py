@@ -152,3 +152,29 @@ def test_prefetched_hands_over_the_producers_error() -> None:
             got.append(x)
     assert got == [1, 2]
     assert list(prefetched(iter(range(5)), depth=1)) == [0, 1, 2, 3, 4]
+
+
+def test_a_streamed_load_counts_duplicates_within_and_across_steps(
+        list_model: Path, tmp_path: Path, redis_url: str) -> None:
+    from service.featurestore.writer import id_hashes, load_files
+
+    schema = load_schema(list_model, load_manifest(list_model))
+    ids = [f"u{k}" for k in range(25)] + ["u3", "u3", "u24", "a-long-user-id-of-many-bytes"] * 2
+    path = tmp_path / "users.parquet"
+    pq.write_table(pa.table({"user_id": ids, "country": ["us"] * len(ids),
+                             "activity": [float(k) for k in range(len(ids))],
+                             HISTORY_FEATURE: pa.array([["i1"]] * len(ids),
+                                                       pa.list_(pa.string()))}), path)
+    raw = redis.Redis.from_url(redis_url, socket_timeout=5)
+    report = load_files(raw, schema, path, None, batch_size=10, read_rows=10)
+    assert report.users == 26 and report.duplicate_ids == len(ids) - 26
+    user = schema.group("user")
+    assert user is not None
+    rec = np.frombuffer(raw.get(record_key_prefix("rk", schema.version, report.load_id, "user")
+                                + "u3"), user.record_dtype())
+    last = pq.read_table(path).slice(len(ids) - 3, 1)  # the last row of "u3" won
+    np.testing.assert_array_equal(rec["dense"], encode_table(user, last, 0.0).records["dense"])
+    hashes = id_hashes(pa.array(ids))
+    assert len(set(hashes.tolist())) == 26  # equal ids, equal hashes; short ids never collide
+    assert id_hashes(pa.array(["u3"]))[0] == hashes[3]  # whatever the longest id beside it
+    raw.close()
