@@ -50,43 +50,53 @@ def process_cpu_s(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _cpu_sum(pids: tuple[int | None, ...]) -> float | None:
+    """The processes' CPU seconds summed; None when there are none or one cannot be read."""
+    cpu = [process_cpu_s(pid) if pid else None for pid in pids]
+    return None if not cpu or None in cpu else sum(c for c in cpu if c is not None)
+
+
 def load_features(version_dir: Path, users: Path, items: Path, url: str,
-                  redis_pid: int | None = None) -> dict[str, Any]:
+                  redis_pids: tuple[int | None, ...] = (), nodes: list[str] | None = None,
+                  ) -> dict[str, Any]:
     """`ranker features load` as its own process, timed: its peak RSS and CPU (GNU time if
-    present) and the redis-server's CPU meanwhile (`redis_pid`)."""
+    present) and the redis-servers' CPU meanwhile (`redis_pids`, summed). With `nodes` (the
+    URLs of a cluster's masters) it loads with `--cluster`, memory and keys summed over them."""
     cmd = [sys.executable, "-m", "launch.cli", "features", "load", "--model-dir",
            str(version_dir), "--users", str(users), "--items", str(items), "--redis-url", url,
-           "--no-progress"]
+           "--no-progress", *(["--cluster"] if nodes else [])]
     gnu_time = shutil.which("time") or ("/usr/bin/time" if Path("/usr/bin/time").exists()
                                         else None)
     rss_file = Path(tempfile.mkstemp(prefix="rss-")[1])
     if gnu_time:
         cmd = [gnu_time, "-f", "%M %U %S", "-o", str(rss_file), *cmd]
     load_start = round(os.getloadavg()[0], 2)
-    redis_cpu = process_cpu_s(redis_pid) if redis_pid else None
+    redis_cpu = _cpu_sum(redis_pids)
     t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, check=False)
     wall = time.perf_counter() - t0
     if out.returncode != 0:
         raise RuntimeError(f"features load failed: {out.stderr[-2000:]}")
-    redis_after = process_cpu_s(redis_pid) if redis_pid else None
+    redis_after = _cpu_sum(redis_pids)
     report = json.loads(out.stdout.strip().splitlines()[-1])
     timed = rss_file.read_text().strip().splitlines()[-1].split() if gnu_time else []
     rss_kb = timed[0] if timed else ""
     rss_file.unlink(missing_ok=True)
-    client = redis.Redis.from_url(url)
-    try:
-        mem = client.info("memory")
-        keys = client.dbsize()
-    finally:
-        client.close()
+    used_memory, keys = 0, 0
+    for node in nodes or [url]:
+        client = redis.Redis.from_url(node)
+        try:
+            used_memory += client.info("memory")["used_memory"]
+            keys += client.dbsize()
+        finally:
+            client.close()
     records = report["users"] + report["items"]
     return {"command": " ".join(cmd), "wall_s": wall, "records": records,
             "records_per_s": report["records_per_s"], "report_seconds": report["seconds"],
             "peak_rss_mb": int(rss_kb) / 1024 if rss_kb.isdigit() else None,
             "memory_usage_bytes_per_record": report["redis_bytes_per_record"],
-            "redis_used_memory_mb": mem["used_memory"] / 2**20, "keys": keys,
-            "used_memory_bytes_per_key": mem["used_memory"] / max(keys, 1),
+            "redis_used_memory_mb": used_memory / 2**20, "keys": keys,
+            "used_memory_bytes_per_key": used_memory / max(keys, 1),
             "load_id": report["load_id"], "loadavg_1m_start": load_start,
             "loader_cpu_s": float(timed[1]) + float(timed[2]) if len(timed) == 3 else None,
             "redis_cpu_s": (redis_after - redis_cpu if redis_after is not None
@@ -121,8 +131,31 @@ def request_files(workdir: Path, users_path: Path, items_path: Path, schema: Any
     return files, reqs
 
 
+def load_runs_into(version_dir: Path, data_dir: Path, items: Path, nodes: list[str],
+                   load_runs: int, pids: tuple[int | None, ...], name: str, cluster: bool = False,
+                   ) -> dict[str, Any]:
+    """`load_runs` loads, each into an empty Redis (`nodes`: one server's URL, or a cluster's
+    masters; the last load stays): the last run's figures with the median records/s."""
+    log(f"{name}: loading the features of {data_dir} into {len(nodes)} node(s)")
+    runs = []
+    for run in range(max(1, load_runs)):
+        if run:
+            for node in nodes:
+                redis.Redis.from_url(node, socket_timeout=300).flushall()
+        runs.append(load_features(version_dir, data_dir / "users.parquet", items, nodes[0],
+                                  pids, nodes if cluster else None))
+        log(f"  {runs[-1]['records']} records at {runs[-1]['records_per_s']:,.0f}/s, "
+            f"peak RSS {runs[-1]['peak_rss_mb']} MB, load {runs[-1]['loadavg_1m_start']}")
+    return dict(runs[-1], records_per_s=statistics.median(r["records_per_s"] for r in runs),
+                runs=[r["records_per_s"] for r in runs],
+                loader_cpu_s_runs=[r["loader_cpu_s"] for r in runs],
+                redis_cpu_s_runs=[r["redis_cpu_s"] for r in runs],
+                loadavg_runs=[r["loadavg_1m_start"] for r in runs])
+
+
 def measure_world(name: str, version_dir: Path, data_dir: Path, plan: Plan, workdir: Path,
-                  load_runs: int = 1, load_only: bool = False) -> dict[str, Any]:
+                  load_runs: int = 1, load_only: bool = False, cluster: int = 0,
+                  ) -> dict[str, Any]:
     from launch.local_redis import RedisServer
     from service.registry import load_version
 
@@ -135,23 +168,20 @@ def measure_world(name: str, version_dir: Path, data_dir: Path, plan: Plan, work
                            .get("sizes"),
                            "inputs": [t.model_dump() for t in manifest.inputs],
                            "model_bytes": (version_dir / MODEL_FILE).stat().st_size}
+    items = items_file(schema, data_dir, wdir)
+    out["items_generated"] = items != data_dir / "items.parquet"
+    if cluster:  # the loads only, into a cluster of `cluster` masters
+        from launch.local_redis import RedisClusterServer
+
+        with RedisClusterServer(cluster) as rc:
+            nodes = [n.url for n in rc.nodes]
+            out["load"] = load_runs_into(version_dir, data_dir, items, nodes, load_runs,
+                                         tuple(n.pid for n in rc.nodes), name, cluster=True)
+            out["load"]["cluster_masters"] = cluster
+        return out
     with RedisServer() as rs, Processes(wdir / "logs") as procs:
-        log(f"{name}: loading the features of {data_dir}")
-        items = items_file(schema, data_dir, wdir)
-        out["items_generated"] = items != data_dir / "items.parquet"
-        runs = []
-        for run in range(max(1, load_runs)):  # each into an empty Redis: the last one stays
-            if run:
-                redis.Redis.from_url(rs.url, socket_timeout=300).flushall()
-            runs.append(load_features(version_dir, data_dir / "users.parquet", items, rs.url,
-                                      rs.pid))
-            log(f"  {runs[-1]['records']} records at {runs[-1]['records_per_s']:,.0f}/s, "
-                f"peak RSS {runs[-1]['peak_rss_mb']} MB, load {runs[-1]['loadavg_1m_start']}")
-        out["load"] = dict(runs[-1], records_per_s=statistics.median(
-            r["records_per_s"] for r in runs), runs=[r["records_per_s"] for r in runs],
-            loader_cpu_s_runs=[r["loader_cpu_s"] for r in runs],
-            redis_cpu_s_runs=[r["redis_cpu_s"] for r in runs],
-            loadavg_runs=[r["loadavg_1m_start"] for r in runs])
+        out["load"] = load_runs_into(version_dir, data_dir, items, [rs.url], load_runs,
+                                     (rs.pid,), name)
         if load_only:
             return out
         env = Env(version_dir, schema, rs.url, wdir, procs, plan, redis_pid=rs.pid)
@@ -234,7 +264,9 @@ def markdown(results: dict[str, Any]) -> str:
         loads = ", ".join(f"{x:.1f}" for x in ld.get("loadavg_runs", []))
         cpu = ", ".join(f"{x:.1f}" for x in ld.get("loader_cpu_s_runs", []) if x is not None)
         rcpu = ", ".join(f"{x:.1f}" for x in ld.get("redis_cpu_s_runs", []) if x is not None)
-        lines.append(f"| {name} | {ld['records']:,} | {ld['records_per_s']:,.0f} | {runs} | "
+        where = (f" (cluster, {ld['cluster_masters']} masters)" if ld.get("cluster_masters")
+                 else "")
+        lines.append(f"| {name}{where} | {ld['records']:,} | {ld['records_per_s']:,.0f} | {runs} | "
                      f"{loads} | {cpu} | {rcpu} | {ld['wall_s']:.1f} | {rss} | {per} | "
                      f"{ld['redis_used_memory_mb']:.0f} MB |")
     if not all("service" in w for w in worlds.values()):
@@ -304,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load-runs", type=int, default=1,
                    help="measure the load this many times per world (median reported)")
     p.add_argument("--load-only", action="store_true", help="the loads only (no /rank)")
+    p.add_argument("--cluster", type=int, default=0, metavar="MASTERS",
+                   help="load into a local Redis Cluster of this many masters (implies "
+                        "--load-only)")
     a = p.parse_args(argv)
     plan = Plan(ns=list(NS), concurrencies=[1], workers=[1], duration_s=a.duration,
                 warmup_s=1.0, bodies_per_n=a.bodies, key_n=500, service_knobs=False)
@@ -321,10 +356,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bigworld-") as tmp:
         for name, (vdir, ddir) in worlds.items():
             results["worlds"][name] = measure_world(name, vdir, ddir, plan, Path(tmp),
-                                                    a.load_runs, a.load_only)
+                                                    a.load_runs, a.load_only or bool(a.cluster),
+                                                    a.cluster)
     results["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     names = list(results["worlds"])
-    if len(names) > 1 and not a.load_only:
+    if len(names) > 1 and not (a.load_only or a.cluster):
         results["ratios"] = ratios(results["worlds"][names[0]], results["worlds"][names[-1]])
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -8,9 +8,13 @@ killed at any moment resumes exactly after its last applied batch: nothing lost,
 written twice. Up to `window` batches are in flight on one connection (the next batch is
 packed while Redis applies the previous one).
 
-On a cluster the batch's keys span slots, so it goes through the cluster client's pipeline
-and the progress key is set after the batch's replies: a kill between the two rewrites that
-one batch on resume (the same values: idempotent, but not exactly once).
+On a cluster the batch's keys span slots: its records are grouped by the master that owns
+each key's slot, and each master gets its group as packed `SET`s on its own connection (all
+groups are sent before any reply is read, so the masters apply them at once). A `MOVED` or
+`ASK` reply (slots migrating) or a lost connection refreshes the slot map and rewrites the
+batch through the cluster client's pipeline, which follows redirections and retries. The
+progress key is set after the batch's replies: a kill between the two rewrites that one batch
+on resume (the same values: idempotent, but not exactly once).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import redis
 from redis.cluster import RedisCluster
+from redis.crc import key_slot
 
 SyncClient = redis.Redis | RedisCluster
 
@@ -157,11 +162,14 @@ class BatchWriter:
               progress: tuple[str, int] | None = None) -> None:
         if self.cluster:
             names: list[str] = ids.to_pylist() if isinstance(ids, pa.Array) else list(ids)
-            pipe = self.client.pipeline(transaction=False)
-            for row, entity_id in enumerate(names):
-                pipe.set(key_prefix + entity_id, blob[row * size : (row + 1) * size],
-                         ex=self.ttl_s)
-            pipe.execute()
+            keys = [(key_prefix + entity_id).encode() for entity_id in names]
+            try:
+                self._write_by_node(keys, blob, size)
+            except (redis.ResponseError, redis.ConnectionError, redis.TimeoutError):
+                # slots moving or a master lost: the pipeline follows MOVED/ASK and retries
+                assert isinstance(self.client, RedisCluster)
+                self.client.nodes_manager.initialize()
+                self._write_pipelined(keys, blob, size)
             if progress is not None:
                 self.client.set(progress[0], progress[1])
             return
@@ -174,6 +182,54 @@ class BatchWriter:
         except BaseException:
             self._drop()
             raise
+
+    def _write_by_node(self, keys: list[bytes], blob: bytes, size: int) -> None:
+        """Each master's records as packed SETs on its connection: every group sent, then
+        every reply read (an error reply raises after all replies are read, so no
+        connection is left with unread replies; a lost connection is closed)."""
+        assert isinstance(self.client, RedisCluster)
+        nodes = self.client.nodes_manager
+        by_node: dict[str, tuple[Any, list[bytes]]] = {}
+        ex = (b"" if self.ttl_s is None
+              else b"$2\r\nEX\r\n$%d\r\n%d\r\n" % (len(str(int(self.ttl_s))), self.ttl_s))
+        head = b"*3\r\n$3\r\nSET\r\n" if self.ttl_s is None else b"*5\r\n$3\r\nSET\r\n"
+        val_head = b"$%d\r\n" % size
+        for row, key in enumerate(keys):
+            node = nodes.get_node_from_slot(key_slot(key))
+            group = by_node.get(node.name)
+            if group is None:
+                group = by_node[node.name] = (node, [])
+            group[1].append(b"%b$%d\r\n%b\r\n%b%b\r\n%b" % (
+                head, len(key), key, val_head, blob[row * size : (row + 1) * size], ex))
+        sent: list[tuple[Any, Any, int]] = []
+        try:
+            for node, commands in by_node.values():
+                pool = self.client.get_redis_connection(node).connection_pool
+                conn = pool.get_connection()
+                sent.append((pool, conn, len(commands)))
+                conn.send_packed_command([b"".join(commands)], check_health=False)
+            error: redis.ResponseError | None = None
+            for _, conn, replies in sent:
+                for _ in range(replies):
+                    try:
+                        conn.read_response()
+                    except redis.ResponseError as e:  # MOVED / ASK: read on, then raise
+                        error = error or e
+            if error is not None:
+                raise error
+        except (redis.ConnectionError, redis.TimeoutError):
+            for _, conn, _ in sent:
+                conn.disconnect()  # replies may be half read
+            raise
+        finally:
+            for pool, conn, _ in sent:
+                pool.release(conn)
+
+    def _write_pipelined(self, keys: list[bytes], blob: bytes, size: int) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for row, key in enumerate(keys):
+            pipe.set(key, blob[row * size : (row + 1) * size], ex=self.ttl_s)
+        pipe.execute()
 
     def _read_one(self) -> None:
         for _ in range(self._pending.popleft()):

@@ -380,3 +380,45 @@ async def test_no_node_reachable_is_a_typed_error(
             node.start()  # same ports and nodes.conf: the cluster comes back as it was
         await fs.aclose()
     cluster.wait_ok()
+
+
+def test_a_batch_on_a_stale_slot_map_follows_moved_and_loses_nothing(
+    cluster: RedisClusterServer, cluster_client: RedisCluster
+) -> None:
+    """The loader's writer sends each master its records as packed SETs on the slot map it
+    holds; a slot moved behind its back (MOVED replies) makes it refresh the map and rewrite
+    the batch through the pipeline: every record lands, on the master that now owns it."""
+    from service.featurestore.bulk import BatchWriter
+    from service.featurestore.keys import key_slot
+
+    ids = [f"e{i}" for i in range(200)]
+    blob = b"".join(i.encode().ljust(8, b".") for i in ids)
+    moved = (b"stale:" + ids[0].encode())
+    source = cluster_client.get_node_from_key(moved).port
+    target = next(n.port for n in cluster.nodes if n.port != source)
+    writer = BatchWriter(cluster_client, None)
+    writer.write("stale:", ids[:100], blob[:800], 8, progress=("stale:progress", 100))
+    _migrate_slot(cluster, key_slot(moved), source, target)  # cluster_client does not know
+    writer.write("stale:", ids, blob, 8, progress=("stale:progress", 200))
+    writer.close()
+    owner = redis.Redis(host="127.0.0.1", port=target, socket_timeout=5)
+    try:
+        assert owner.get(moved) == b"e0......"  # written where the slot lives now
+    finally:
+        owner.close()
+    fresh = make_sync_client(cluster.url)
+    try:
+        assert [fresh.get("stale:" + i) for i in ids] == [
+            i.encode().ljust(8, b".") for i in ids]
+        assert fresh.get("stale:progress") == b"200"
+    finally:
+        fresh.close()
+
+
+def test_a_load_with_a_ttl_sets_it_on_every_master(cluster_client: RedisCluster) -> None:
+    rep = load_tables(cluster_client, SCHEMA, users_table(), items_table(), ttl_s=600)
+    prefix = record_key_prefix("rk", SCHEMA.version, rep.load_id, "item")
+    owners = {cluster_client.get_node_from_key(prefix + i).port for i in ITEMS}
+    assert len(owners) == 3
+    ttls = [cluster_client.ttl(prefix + i) for i in ITEMS]
+    assert all(0 < t <= 600 for t in ttls), ttls
