@@ -102,6 +102,12 @@ class ModelConfig:
     # so the exported graph (traced in eval mode) carries none of it.
     dropout: float = 0.0  # after every hidden layer of the experts / bottom and the towers
     embedding_dropout: float = 0.0  # on every embedding lookup
+    # explicit pairwise interactions between the feature groups (issue 17; 0 = off): each
+    # group's x_g is projected to this many dims, and the elementwise product of every pair of
+    # groups' projections (user * item, user * context, item * context) enters the first layer
+    # next to the concatenation, so a user-item bilinear term u^T A_k i is one linear map away
+    # (an MLP on a concatenation learns products poorly: Rendle et al., RecSys 2020)
+    interaction_dim: int = 0
     # ple / cgc: experts per task, shared experts, extraction levels (cgc is always 1)
     task_experts: int = 2
     shared_experts: int = 2
@@ -143,6 +149,13 @@ class ModelConfig:
     def hidden(self) -> list[int]:
         """Widths of the shared part: each expert's layers, or the bottom's."""
         return self.bottom_hidden if self.model_type == "shared_bottom" else self.expert_hidden
+
+    @property
+    def interaction_pairs(self) -> list[tuple[int, int]]:
+        """Index pairs (into `inputs`) of the groups whose projections are multiplied."""
+        if self.interaction_dim <= 0:
+            return []
+        return list(itertools.combinations(range(len(self.inputs)), 2))
 
     @property
     def is_ple(self) -> bool:
@@ -292,6 +305,16 @@ class MultiTaskModel(nn.Module):
             }
         )
         self.first_bias = _uniform_(nn.Parameter(torch.empty(self.first_width)), fan_in)
+        pairs = c.interaction_pairs
+        if pairs:
+            d = c.interaction_dim
+            self.interaction_proj = nn.ParameterDict(
+                {g.entity: _uniform_(nn.Parameter(torch.empty(g.width, d)), g.width)
+                 for g in c.inputs}
+            )
+            self.interaction_first = _uniform_(
+                nn.Parameter(torch.empty(len(pairs) * d, self.first_width)), len(pairs) * d
+            )
         # layers after the first, of each expert (or the bottom): (U, B, h0) -> (U, B, E)
         self.shared = BatchedMLP(c.n_units, c.hidden, last_activation=True, dropout=c.dropout)
         self.towers = BatchedMLP(
@@ -326,20 +349,33 @@ class MultiTaskModel(nn.Module):
         A group with list features has x_g = [base_g, pooled list_1, ...]; each block is its
         own product with its rows of W_g (the same sum), so a mean-pooled user history is
         computed once per request and broadcast like the rest of the user's share."""
+        c = self.config
+        weights = [self.first[g.entity] for g in c.inputs]
+        if c.interaction_pairs:  # one pass per group: its first-layer share and its projection
+            weights = [torch.cat([w, self.interaction_proj[g.entity]], dim=1)
+                       for w, g in zip(weights, c.inputs, strict=True)]
         h: Tensor = self.first_bias
-        for g in self.config.inputs:
+        projections = []
+        for g, w in zip(c.inputs, weights, strict=True):
             x_g = self.encoders[g.entity](
                 inputs.get(input_name(g.entity, "cat")), inputs.get(input_name(g.entity, "dense"))
             )  # (B_g, base_width_g), B_g in {1, B}
             if not g.list_lengths:
-                h = h + x_g @ self.first[g.entity]  # (B, first_width)
-                continue
-            w = self.first[g.entity]  # (width_g, first_width)
-            h = h + x_g @ w[: g.base_width]
-            row = g.base_width
-            for j, pooled in enumerate(self.pooled_lists(g, inputs)):  # (B_g or B, d_j)
-                h = h + pooled @ w[row : row + g.list_dims[j]]
-                row += g.list_dims[j]
+                hg = x_g @ w  # (B_g, first_width [+ D])
+            else:
+                hg = x_g @ w[: g.base_width]
+                row = g.base_width
+                for j, pooled in enumerate(self.pooled_lists(g, inputs)):  # (B_g or B, d_j)
+                    hg = hg + pooled @ w[row : row + g.list_dims[j]]
+                    row += g.list_dims[j]
+            if c.interaction_pairs:
+                projections.append(hg[:, self.first_width :])  # (B_g, D)
+                hg = hg[:, : self.first_width]
+            h = h + hg  # (B, first_width)
+        if c.interaction_pairs:
+            # products of the groups' projections; a group of batch 1 broadcasts: (B, P * D)
+            prods = [projections[a] * projections[b] for a, b in c.interaction_pairs]
+            h = h + torch.cat(torch.broadcast_tensors(*prods), dim=1) @ self.interaction_first
         return h
 
     def pooled_lists(self, g: InputGroup, inputs: dict[str, Tensor]) -> list[Tensor]:
