@@ -108,6 +108,10 @@ class ModelConfig:
     # next to the concatenation, so a user-item bilinear term u^T A_k i is one linear map away
     # (an MLP on a concatenation learns products poorly: Rendle et al., RecSys 2020)
     interaction_dim: int = 0
+    # a wide part (Wide & Deep, DeepFM; issue 17; off by default): one linear logit per task
+    # over the concatenation and the interaction products, added to the task's tower logit, so
+    # additive and bilinear terms need not pass through the experts' ReLUs
+    wide: bool = False
     # ple / cgc: experts per task, shared experts, extraction levels (cgc is always 1)
     task_experts: int = 2
     shared_experts: int = 2
@@ -296,7 +300,7 @@ class MultiTaskModel(nn.Module):
         )
         h0 = c.hidden[0]
         # first layer of every expert (or of the bottom) and every gate, split by input group
-        self.first_width = c.n_units * h0 + c.first_gate_width
+        self.first_width = c.n_units * h0 + c.first_gate_width + (len(c.tasks) if c.wide else 0)
         fan_in = sum(g.width for g in c.inputs)
         self.first = nn.ParameterDict(
             {
@@ -315,6 +319,13 @@ class MultiTaskModel(nn.Module):
             self.interaction_first = _uniform_(
                 nn.Parameter(torch.empty(len(pairs) * d, self.first_width)), len(pairs) * d
             )
+        if c.wide:  # the wide logits start at 0: the towers' base-rate bias alone
+            with torch.no_grad():
+                wide_cols = [*self.first.values(), self.first_bias.unsqueeze(0)]
+                if pairs:
+                    wide_cols.append(self.interaction_first)
+                for w in wide_cols:
+                    w[:, -len(c.tasks):] = 0.0
         # layers after the first, of each expert (or the bottom): (U, B, h0) -> (U, B, E)
         self.shared = BatchedMLP(c.n_units, c.hidden, last_activation=True, dropout=c.dropout)
         self.towers = BatchedMLP(
@@ -411,6 +422,7 @@ class MultiTaskModel(nn.Module):
         h = self.first_layer(inputs)  # (B, U*h0 + first gate logits)
         h0 = c.hidden[0]
         split = c.n_units * h0
+        gate_end = split + c.first_gate_width  # then the wide logits (T of them), if any
         units = torch.relu(h[:, :split].reshape(-1, c.n_units, h0)).transpose(0, 1)  # (U, B, h0)
         units = _dropout(units, c.dropout, self.training)
         units = self.shared(units)  # remaining layers: (U, B, E)
@@ -418,17 +430,19 @@ class MultiTaskModel(nn.Module):
         if c.model_type == "shared_bottom":
             task_in = units.expand(len(c.tasks), -1, -1)  # (T, B, E)
         elif c.is_ple:
-            task_in, levels = self._ple(units, h[:, split:])
+            task_in, levels = self._ple(units, h[:, split:gate_end])
             out[GATES_OUTPUT] = levels[-1]  # (B, T, K): the last level's task gates
             if c.model_type == "ple":
                 out[GATES_LEVELS_OUTPUT] = torch.stack(levels, dim=1)  # (B, L, T, K)
         else:
-            logits = h[:, split:].reshape(-1, c.n_gates, c.n_experts)  # (B, G, M)
+            logits = h[:, split:gate_end].reshape(-1, c.n_gates, c.n_experts)  # (B, G, M)
             gates = self._gate(logits).expand(-1, len(c.tasks), -1)  # (B, T, M)
             mixed = torch.bmm(gates, units.transpose(0, 1))  # (B, T, M) @ (B, M, E) -> (B, T, E)
             task_in = mixed.transpose(0, 1)  # (T, B, E)
             out[GATES_OUTPUT] = gates
         z = self.towers(task_in).squeeze(-1)  # (T, B)
+        if c.wide:
+            z = z + h[:, gate_end:].T  # (T, B)
         if c.position_buckets:
             pos = self.position(inputs.get(POSITION_INPUT) if self.training else None,
                                 c.position_dropout if self.training else 0.0)  # (B,) or (1,)

@@ -13,11 +13,12 @@ TASKS = ["click", "like", "share"]
 
 
 def make_model(model_type: ModelType = "mmoe", seed: int = 0,
-               interaction_dim: int = 0) -> MultiTaskModel:
+               interaction_dim: int = 0, wide: bool = False) -> MultiTaskModel:
     torch.manual_seed(seed)
     cfg = ModelConfig(inputs=inputs_from_schema(tiny_schema()), tasks=TASKS,
                       model_type=model_type, n_experts=4, expert_hidden=[8, 6],
-                      bottom_hidden=[12, 6], tower_hidden=[4], interaction_dim=interaction_dim)
+                      bottom_hidden=[12, 6], tower_hidden=[4], interaction_dim=interaction_dim,
+                      wide=wide)
     return MultiTaskModel(cfg).eval()
 
 
@@ -56,9 +57,9 @@ def test_gates_are_distributions(model_type: ModelType) -> None:
         assert not torch.allclose(gates[:, 0], gates[:, 2])
 
 
-@pytest.mark.parametrize("interaction_dim", [0, 5])
-def test_user_broadcast_equals_tiled_user(interaction_dim: int) -> None:
-    model = make_model(interaction_dim=interaction_dim)
+@pytest.mark.parametrize(("interaction_dim", "wide"), [(0, False), (5, False), (5, True)])
+def test_user_broadcast_equals_tiled_user(interaction_dim: int, wide: bool) -> None:
+    model = make_model(interaction_dim=interaction_dim, wide=wide)
     x = golden_inputs(tiny_schema(), n=9)
     with torch.no_grad():
         a = model({k: torch.from_numpy(v) for k, v in x.items()})
@@ -102,6 +103,22 @@ def test_interactions_are_products_of_the_groups_projections() -> None:
         want = plain + prods @ model.interaction_first
         torch.testing.assert_close(model.first_layer(x), want, atol=1e-6, rtol=1e-6)
     assert model.interaction_first.shape == (3 * 5, model.first_width)
+
+
+@pytest.mark.parametrize("model_type", ["mmoe", "shared_bottom", "ple"])
+def test_wide_logits_start_at_zero_and_add_to_the_towers(model_type: ModelType) -> None:
+    """`wide` appends T first-layer columns, initialised to 0 (the same outputs as the towers
+    alone at init) and added to each task's logit."""
+    model = make_model(model_type, interaction_dim=5, wide=True)
+    x = tiled(golden_inputs(tiny_schema(), n=8, seed=1), 8)
+    with torch.no_grad():
+        h = model.first_layer(x)
+        torch.testing.assert_close(h[:, -len(TASKS):], torch.zeros(8, len(TASKS)))
+        before = model(x)["like"]
+        model.first_bias[-2] += 1.0  # the like column of the wide part
+        after = model(x)["like"]
+    torch.testing.assert_close(torch.logit(after) - torch.logit(before), torch.ones(8),
+                               atol=1e-4, rtol=0)
 
 
 def test_first_layer_feeds_experts_and_gates() -> None:
