@@ -107,6 +107,11 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("--tower-hidden", type=_ints, default=m.tower_hidden)
     add_default_flags(p, m, "dropout", "embedding_dropout", "gate_dropout",
                       dropout="dropout after the hidden layers of experts/bottom and towers")
+    add_default_flags(p, m, "interaction_dim",
+                      interaction_dim="products of the feature groups' projections of this "
+                                      "width in the first layer (0: none)")
+    p.add_argument("--wide", action=argparse.BooleanOptionalAction, default=m.wide,
+                   help="a linear logit per task over the inputs (and the interactions)")
     add_default_flags(p, t, "epochs", "patience", "lr", "weight_decay", "embedding_lr_mult",
                       "gradnorm_alpha", embedding_lr_mult="embedding learning rate = --lr x this")
     p.add_argument("--embedding-weight-decay", type=float, default=t.embedding_weight_decay,
@@ -173,6 +178,8 @@ def train_main(argv: list[str]) -> int:
         "position_buckets": a.position_tower,
         "dropout": a.dropout,
         "embedding_dropout": a.embedding_dropout,
+        "interaction_dim": a.interaction_dim,
+        "wide": a.wide,
     }
     tc = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, patience=a.patience,
                      weight_decay=a.weight_decay,

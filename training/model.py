@@ -102,6 +102,16 @@ class ModelConfig:
     # so the exported graph (traced in eval mode) carries none of it.
     dropout: float = 0.0  # after every hidden layer of the experts / bottom and the towers
     embedding_dropout: float = 0.0  # on every embedding lookup
+    # explicit pairwise interactions between the feature groups (issue 17; 0 = off): each
+    # group's x_g is projected to this many dims, and the elementwise product of every pair of
+    # groups' projections (user * item, user * context, item * context) enters the first layer
+    # next to the concatenation, so a user-item bilinear term u^T A_k i is one linear map away
+    # (an MLP on a concatenation learns products poorly: Rendle et al., RecSys 2020)
+    interaction_dim: int = 0
+    # a wide part (Wide & Deep, DeepFM; issue 17; off by default): one linear logit per task
+    # over the concatenation and the interaction products, added to the task's tower logit, so
+    # additive and bilinear terms need not pass through the experts' ReLUs
+    wide: bool = False
     # ple / cgc: experts per task, shared experts, extraction levels (cgc is always 1)
     task_experts: int = 2
     shared_experts: int = 2
@@ -143,6 +153,13 @@ class ModelConfig:
     def hidden(self) -> list[int]:
         """Widths of the shared part: each expert's layers, or the bottom's."""
         return self.bottom_hidden if self.model_type == "shared_bottom" else self.expert_hidden
+
+    @property
+    def interaction_pairs(self) -> list[tuple[int, int]]:
+        """Index pairs (into `inputs`) of the groups whose projections are multiplied."""
+        if self.interaction_dim <= 0:
+            return []
+        return list(itertools.combinations(range(len(self.inputs)), 2))
 
     @property
     def is_ple(self) -> bool:
@@ -283,7 +300,7 @@ class MultiTaskModel(nn.Module):
         )
         h0 = c.hidden[0]
         # first layer of every expert (or of the bottom) and every gate, split by input group
-        self.first_width = c.n_units * h0 + c.first_gate_width
+        self.first_width = c.n_units * h0 + c.first_gate_width + (len(c.tasks) if c.wide else 0)
         fan_in = sum(g.width for g in c.inputs)
         self.first = nn.ParameterDict(
             {
@@ -292,6 +309,23 @@ class MultiTaskModel(nn.Module):
             }
         )
         self.first_bias = _uniform_(nn.Parameter(torch.empty(self.first_width)), fan_in)
+        pairs = c.interaction_pairs
+        if pairs:
+            d = c.interaction_dim
+            self.interaction_proj = nn.ParameterDict(
+                {g.entity: _uniform_(nn.Parameter(torch.empty(g.width, d)), g.width)
+                 for g in c.inputs}
+            )
+            self.interaction_first = _uniform_(
+                nn.Parameter(torch.empty(len(pairs) * d, self.first_width)), len(pairs) * d
+            )
+        if c.wide:  # the wide logits start at 0: the towers' base-rate bias alone
+            with torch.no_grad():
+                wide_cols = [*self.first.values(), self.first_bias.unsqueeze(0)]
+                if pairs:
+                    wide_cols.append(self.interaction_first)
+                for w in wide_cols:
+                    w[:, -len(c.tasks):] = 0.0
         # layers after the first, of each expert (or the bottom): (U, B, h0) -> (U, B, E)
         self.shared = BatchedMLP(c.n_units, c.hidden, last_activation=True, dropout=c.dropout)
         self.towers = BatchedMLP(
@@ -326,20 +360,33 @@ class MultiTaskModel(nn.Module):
         A group with list features has x_g = [base_g, pooled list_1, ...]; each block is its
         own product with its rows of W_g (the same sum), so a mean-pooled user history is
         computed once per request and broadcast like the rest of the user's share."""
+        c = self.config
+        weights = [self.first[g.entity] for g in c.inputs]
+        if c.interaction_pairs:  # one pass per group: its first-layer share and its projection
+            weights = [torch.cat([w, self.interaction_proj[g.entity]], dim=1)
+                       for w, g in zip(weights, c.inputs, strict=True)]
         h: Tensor = self.first_bias
-        for g in self.config.inputs:
+        projections = []
+        for g, w in zip(c.inputs, weights, strict=True):
             x_g = self.encoders[g.entity](
                 inputs.get(input_name(g.entity, "cat")), inputs.get(input_name(g.entity, "dense"))
             )  # (B_g, base_width_g), B_g in {1, B}
             if not g.list_lengths:
-                h = h + x_g @ self.first[g.entity]  # (B, first_width)
-                continue
-            w = self.first[g.entity]  # (width_g, first_width)
-            h = h + x_g @ w[: g.base_width]
-            row = g.base_width
-            for j, pooled in enumerate(self.pooled_lists(g, inputs)):  # (B_g or B, d_j)
-                h = h + pooled @ w[row : row + g.list_dims[j]]
-                row += g.list_dims[j]
+                hg = x_g @ w  # (B_g, first_width [+ D])
+            else:
+                hg = x_g @ w[: g.base_width]
+                row = g.base_width
+                for j, pooled in enumerate(self.pooled_lists(g, inputs)):  # (B_g or B, d_j)
+                    hg = hg + pooled @ w[row : row + g.list_dims[j]]
+                    row += g.list_dims[j]
+            if c.interaction_pairs:
+                projections.append(hg[:, self.first_width :])  # (B_g, D)
+                hg = hg[:, : self.first_width]
+            h = h + hg  # (B, first_width)
+        if c.interaction_pairs:
+            # products of the groups' projections; a group of batch 1 broadcasts: (B, P * D)
+            prods = [projections[a] * projections[b] for a, b in c.interaction_pairs]
+            h = h + torch.cat(torch.broadcast_tensors(*prods), dim=1) @ self.interaction_first
         return h
 
     def pooled_lists(self, g: InputGroup, inputs: dict[str, Tensor]) -> list[Tensor]:
@@ -375,6 +422,7 @@ class MultiTaskModel(nn.Module):
         h = self.first_layer(inputs)  # (B, U*h0 + first gate logits)
         h0 = c.hidden[0]
         split = c.n_units * h0
+        gate_end = split + c.first_gate_width  # then the wide logits (T of them), if any
         units = torch.relu(h[:, :split].reshape(-1, c.n_units, h0)).transpose(0, 1)  # (U, B, h0)
         units = _dropout(units, c.dropout, self.training)
         units = self.shared(units)  # remaining layers: (U, B, E)
@@ -382,17 +430,19 @@ class MultiTaskModel(nn.Module):
         if c.model_type == "shared_bottom":
             task_in = units.expand(len(c.tasks), -1, -1)  # (T, B, E)
         elif c.is_ple:
-            task_in, levels = self._ple(units, h[:, split:])
+            task_in, levels = self._ple(units, h[:, split:gate_end])
             out[GATES_OUTPUT] = levels[-1]  # (B, T, K): the last level's task gates
             if c.model_type == "ple":
                 out[GATES_LEVELS_OUTPUT] = torch.stack(levels, dim=1)  # (B, L, T, K)
         else:
-            logits = h[:, split:].reshape(-1, c.n_gates, c.n_experts)  # (B, G, M)
+            logits = h[:, split:gate_end].reshape(-1, c.n_gates, c.n_experts)  # (B, G, M)
             gates = self._gate(logits).expand(-1, len(c.tasks), -1)  # (B, T, M)
             mixed = torch.bmm(gates, units.transpose(0, 1))  # (B, T, M) @ (B, M, E) -> (B, T, E)
             task_in = mixed.transpose(0, 1)  # (T, B, E)
             out[GATES_OUTPUT] = gates
         z = self.towers(task_in).squeeze(-1)  # (T, B)
+        if c.wide:
+            z = z + h[:, gate_end:].T  # (T, B)
         if c.position_buckets:
             pos = self.position(inputs.get(POSITION_INPUT) if self.training else None,
                                 c.position_dropout if self.training else 0.0)  # (B,) or (1,)

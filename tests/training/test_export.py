@@ -21,12 +21,14 @@ ATOL = 1e-5
 TASKS = ["click", "like", "share"]
 
 
-def trained_like_model(model_type: ModelType) -> MultiTaskModel:
+def trained_like_model(model_type: ModelType, interaction_dim: int = 0,
+                       wide: bool = False) -> MultiTaskModel:
     """A model with weights far from init (scaled up) so parity is tested on non-trivial values."""
     torch.manual_seed(7)
     cfg = ModelConfig(inputs=inputs_from_schema(tiny_schema()), tasks=TASKS,
                       model_type=model_type, n_experts=4, expert_hidden=[16, 8],
-                      bottom_hidden=[16, 8], tower_hidden=[8])
+                      bottom_hidden=[16, 8], tower_hidden=[8], interaction_dim=interaction_dim,
+                      wide=wide)
     model = MultiTaskModel(cfg)
     with torch.no_grad():
         for p in model.parameters():
@@ -34,9 +36,11 @@ def trained_like_model(model_type: ModelType) -> MultiTaskModel:
     return model.eval()
 
 
-@pytest.fixture(scope="module", params=["mmoe", "shared_bottom"])
+@pytest.fixture(scope="module", params=[("mmoe", 0, False), ("shared_bottom", 0, False),
+                                        ("mmoe", 6, True), ("shared_bottom", 6, False)],
+                ids=lambda p: f"{p[0]}-int{p[1]}{'-wide' if p[2] else ''}")
 def exported(request: pytest.FixtureRequest) -> tuple[MultiTaskModel, ort.InferenceSession]:
-    model = trained_like_model(request.param)
+    model = trained_like_model(*request.param)
     data = onnx_bytes(model, golden_inputs(tiny_schema(), n=4))
     return model, ort.InferenceSession(data, providers=["CPUExecutionProvider"])
 

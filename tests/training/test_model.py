@@ -12,11 +12,13 @@ from training.model import ModelConfig, ModelType, MultiTaskModel, inputs_from_s
 TASKS = ["click", "like", "share"]
 
 
-def make_model(model_type: ModelType = "mmoe", seed: int = 0) -> MultiTaskModel:
+def make_model(model_type: ModelType = "mmoe", seed: int = 0,
+               interaction_dim: int = 0, wide: bool = False) -> MultiTaskModel:
     torch.manual_seed(seed)
     cfg = ModelConfig(inputs=inputs_from_schema(tiny_schema()), tasks=TASKS,
                       model_type=model_type, n_experts=4, expert_hidden=[8, 6],
-                      bottom_hidden=[12, 6], tower_hidden=[4])
+                      bottom_hidden=[12, 6], tower_hidden=[4], interaction_dim=interaction_dim,
+                      wide=wide)
     return MultiTaskModel(cfg).eval()
 
 
@@ -55,8 +57,9 @@ def test_gates_are_distributions(model_type: ModelType) -> None:
         assert not torch.allclose(gates[:, 0], gates[:, 2])
 
 
-def test_user_broadcast_equals_tiled_user() -> None:
-    model = make_model()
+@pytest.mark.parametrize(("interaction_dim", "wide"), [(0, False), (5, False), (5, True)])
+def test_user_broadcast_equals_tiled_user(interaction_dim: int, wide: bool) -> None:
+    model = make_model(interaction_dim=interaction_dim, wide=wide)
     x = golden_inputs(tiny_schema(), n=9)
     with torch.no_grad():
         a = model({k: torch.from_numpy(v) for k, v in x.items()})
@@ -81,6 +84,41 @@ def test_split_first_layer_equals_one_linear_over_the_concatenation() -> None:
         linear.bias.copy_(model.first_bias)
         torch.testing.assert_close(split, linear(concat), atol=1e-6, rtol=1e-6)
     assert concat.shape[1] == sum(g.width for g in model.config.inputs)
+
+
+def test_interactions_are_products_of_the_groups_projections() -> None:
+    """With `interaction_dim` D the first layer gains, for every pair of groups (a, b),
+    ((x_a @ P_a) * (x_b @ P_b)) @ W_ab: the split layer plus exactly that term."""
+    model = make_model(interaction_dim=5)
+    c = model.config
+    assert c.interaction_pairs == [(0, 1), (0, 2), (1, 2)]
+    x = tiled(golden_inputs(tiny_schema(), n=16, seed=3), 16)
+    with torch.no_grad():
+        parts = [model.encoders[g.entity](x.get(f"{g.entity}_cat"), x.get(f"{g.entity}_dense"))
+                 for g in c.inputs]
+        plain = model.first_bias + sum(p @ model.first[g.entity]
+                                       for p, g in zip(parts, c.inputs, strict=True))
+        proj = [p @ model.interaction_proj[g.entity] for p, g in zip(parts, c.inputs, strict=True)]
+        prods = torch.cat([proj[a] * proj[b] for a, b in c.interaction_pairs], dim=1)
+        want = plain + prods @ model.interaction_first
+        torch.testing.assert_close(model.first_layer(x), want, atol=1e-6, rtol=1e-6)
+    assert model.interaction_first.shape == (3 * 5, model.first_width)
+
+
+@pytest.mark.parametrize("model_type", ["mmoe", "shared_bottom", "ple"])
+def test_wide_logits_start_at_zero_and_add_to_the_towers(model_type: ModelType) -> None:
+    """`wide` appends T first-layer columns, initialised to 0 (the same outputs as the towers
+    alone at init) and added to each task's logit."""
+    model = make_model(model_type, interaction_dim=5, wide=True)
+    x = tiled(golden_inputs(tiny_schema(), n=8, seed=1), 8)
+    with torch.no_grad():
+        h = model.first_layer(x)
+        torch.testing.assert_close(h[:, -len(TASKS):], torch.zeros(8, len(TASKS)))
+        before = model(x)["like"]
+        model.first_bias[-2] += 1.0  # the like column of the wide part
+        after = model(x)["like"]
+    torch.testing.assert_close(torch.logit(after) - torch.logit(before), torch.ones(8),
+                               atol=1e-4, rtol=0)
 
 
 def test_first_layer_feeds_experts_and_gates() -> None:

@@ -268,6 +268,10 @@ def grid_page(root: Path) -> tuple[str, list[str]]:
         f"Worlds with every task within 0.02 of the oracle: {', '.join(met) or 'none'} "
         f"({len(met)} of {len(done)}).",
         "",
+        "Where the gap comes from (the id embeddings on sparse worlds; a floor on share from "
+        "the data), and the interaction options measured against it: "
+        "[diagnosis](diagnosis.md).",
+        "",
     ]
     lines += _tune_section(root)
     from training.experiments.pages import commands, jobs_table
