@@ -195,6 +195,19 @@ def logged_rows(records: Sequence[ServedRecord], name: str) -> np.ndarray:
                            if r.inputs[name].shape[0] == 1 else r.inputs[name] for r in records])
 
 
+def record_fits(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Encoded, Encoded]]:
+    """The (train, val) splits each `pipeline.fit` call of the test gets, in order."""
+    seen: list[tuple[Encoded, Encoded]] = []
+    fit = pipeline.fit
+
+    def recording_fit(cfg: Any, train: Encoded, val: Encoded, tc: TrainConfig) -> Any:
+        seen.append((train, val))
+        return fit(cfg, train, val, tc)
+
+    monkeypatch.setattr(pipeline, "fit", recording_fit)
+    return seen
+
+
 def test_trains_on_the_logged_inputs_never_on_the_features_written_after(
     redis_url: str, pristine_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -213,14 +226,7 @@ def test_trains_on_the_logged_inputs_never_on_the_features_written_after(
     assert not np.array_equal(now["user_dense"], records[0].inputs["user_dense"])
     assert not np.array_equal(now["item_dense"], records[0].inputs["item_dense"])
 
-    seen: list[tuple[Encoded, Encoded]] = []
-    fit = pipeline.fit
-
-    def recording_fit(cfg: Any, train: Encoded, val: Encoded, tc: TrainConfig) -> Any:
-        seen.append((train, val))
-        return fit(cfg, train, val, tc)
-
-    monkeypatch.setattr(pipeline, "fit", recording_fit)
+    seen = record_fits(monkeypatch)
     report = run_training_from_logs(log_dir, tmp_path / "run", TINY,
                                     TrainConfig(epochs=1, progress=False), repo=pristine_models,
                                     baselines=False)
@@ -481,14 +487,7 @@ def test_with_data_trains_on_the_log_plus_the_offline_data_encoded_with_the_serv
             for i in range(20)]
     log_dir = write_log(tmp_path / "log", recs, [ev("r0", "i1", "click", T0 + 1)])
 
-    seen: list[tuple[Encoded, Encoded]] = []
-    fit = pipeline.fit
-
-    def recording_fit(cfg: Any, train: Encoded, val: Encoded, tc: TrainConfig) -> Any:
-        seen.append((train, val))
-        return fit(cfg, train, val, tc)
-
-    monkeypatch.setattr(pipeline, "fit", recording_fit)
+    seen = record_fits(monkeypatch)
     report = run_training_from_logs(log_dir, tmp_path / "run", TINY,
                                     TrainConfig(epochs=1, progress=False), repo=repo,
                                     baselines=False, with_data=small_data)
