@@ -217,11 +217,8 @@ def train_models(
             tc = dataclasses.replace(
                 train_cfg, loss_weights={t: train_cfg.loss_weights.get(t, 1.0) for t in cfg.tasks}
             )
-        sel_train, sel_val = _select(train, main_cfg, cfg), _select(val, main_cfg, cfg)
-        if init_state is not None and cfg is main_cfg:
-            model, hist = fit(cfg, sel_train, sel_val, tc, init_state=init_state)
-        else:
-            model, hist = fit(cfg, sel_train, sel_val, tc)
+        model, hist = fit(cfg, _select(train, main_cfg, cfg), _select(val, main_cfg, cfg), tc,
+                          init_state=init_state if cfg is main_cfg else None)
         models[name] = {
             "model_type": cfg.model_type,
             "tasks": cfg.tasks,

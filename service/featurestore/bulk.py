@@ -36,12 +36,18 @@ Ids: TypeAlias = Sequence[str] | pa.Array
 
 
 def pack_records(key_prefix: str, ids: Ids, blob: bytes, size: int, ttl_s: int | None,
-                 progress: tuple[str, int] | None = None) -> tuple[bytes, int]:
+                 progress: tuple[str, int] | None = None, *, sets: bool = False
+                 ) -> tuple[bytes, int]:
     """The RESP bytes of one batch and how many replies it gets.
 
     `blob` is the batch's records back to back (`size` bytes each), `ids` the entities' ids in
     the same order (a pyarrow string array is packed without a Python object per id);
-    `progress` = (key, value) rides in the same atomic command."""
+    `progress` = (key, value) rides in the same atomic command. `sets`: one `SET` per record
+    even without a TTL (keys of several slots, on a cluster master), never with `progress`."""
+    if sets:
+        assert progress is None, "per-record SETs carry no progress marker"
+        arr = ids if isinstance(ids, pa.Array) else pa.array(list(ids), pa.string())
+        return _pack_arrow(key_prefix, arr, blob, size, ttl_s, None, sets=True)
     if isinstance(ids, pa.Array):
         return _pack_arrow(key_prefix, ids, blob, size, ttl_s, progress)
     raw = "\x00".join(ids).encode().split(b"\x00") if ids else []
@@ -91,7 +97,7 @@ def _progress_resp(progress: tuple[str, int]) -> tuple[bytes, bytes]:
 
 
 def _pack_arrow(key_prefix: str, ids: pa.Array, blob: bytes, size: int, ttl_s: int | None,
-                progress: tuple[str, int] | None) -> tuple[bytes, int]:
+                progress: tuple[str, int] | None, sets: bool = False) -> tuple[bytes, int]:
     """`pack_records` with numpy: the records are grouped by id length (an MSET's pairs, and
     a transaction's SETs, may come in any order: the ids are distinct) and each group's
     commands are one (rows, width) byte matrix filled column block by column block."""
@@ -105,9 +111,13 @@ def _pack_arrow(key_prefix: str, ids: pa.Array, blob: bytes, size: int, ttl_s: i
     values = np.frombuffer(blob, np.uint8, n * size).reshape(n, size)
     pre = key_prefix.encode()
     mid = np.frombuffer(b"\r\n$%d\r\n" % size, np.uint8)
-    if ttl_s is None:
+    mset = ttl_s is None and not sets
+    if mset:
         tail = np.zeros(0, np.uint8)
         head_of = lambda k: b"\r\n$%d\r\n%b" % (len(pre) + k, pre)  # noqa: E731
+    elif ttl_s is None:  # SET key value
+        tail = np.frombuffer(b"\r\n", np.uint8)
+        head_of = lambda k: b"*3\r\n$3\r\nSET\r\n$%d\r\n%b" % (len(pre) + k, pre)  # noqa: E731
     else:
         ex = str(int(ttl_s)).encode()
         tail = np.frombuffer(b"\r\n$2\r\nEX\r\n$%d\r\n%b\r\n" % (len(ex), ex), np.uint8)
@@ -127,7 +137,7 @@ def _pack_arrow(key_prefix: str, ids: pa.Array, blob: bytes, size: int, ttl_s: i
         out[:, b + size :] = tail
         blocks.append(out.tobytes())
     body = b"".join(blocks)
-    if ttl_s is None:
+    if mset:
         tail_b = b""
         if progress is not None:
             pk, pv = _progress_resp(progress)
@@ -164,7 +174,7 @@ class BatchWriter:
             names: list[str] = ids.to_pylist() if isinstance(ids, pa.Array) else list(ids)
             keys = [(key_prefix + entity_id).encode() for entity_id in names]
             try:
-                self._write_by_node(keys, blob, size)
+                self._write_by_node(keys, names, key_prefix, blob, size)
             except (redis.ResponseError, redis.ConnectionError, redis.TimeoutError):
                 # slots moving or a master lost: the pipeline follows MOVED/ASK and retries
                 assert isinstance(self.client, RedisCluster)
@@ -183,31 +193,31 @@ class BatchWriter:
             self._drop()
             raise
 
-    def _write_by_node(self, keys: list[bytes], blob: bytes, size: int) -> None:
-        """Each master's records as packed SETs on its connection: every group sent, then
-        every reply read (an error reply raises after all replies are read, so no
-        connection is left with unread replies; a lost connection is closed)."""
+    def _write_by_node(self, keys: list[bytes], ids: list[str], key_prefix: str, blob: bytes,
+                       size: int) -> None:
+        """Each master's records as packed SETs (`pack_records(sets=True)`) on its connection:
+        every group sent, then every reply read (an error reply raises after all replies are
+        read, so no connection is left with unread replies; a lost connection is closed)."""
         assert isinstance(self.client, RedisCluster)
         nodes = self.client.nodes_manager
-        by_node: dict[str, tuple[Any, list[bytes]]] = {}
-        ex = (b"" if self.ttl_s is None
-              else b"$2\r\nEX\r\n$%d\r\n%d\r\n" % (len(str(int(self.ttl_s))), self.ttl_s))
-        head = b"*3\r\n$3\r\nSET\r\n" if self.ttl_s is None else b"*5\r\n$3\r\nSET\r\n"
-        val_head = b"$%d\r\n" % size
+        rows: dict[str, tuple[Any, list[int]]] = {}
         for row, key in enumerate(keys):
             node = nodes.get_node_from_slot(key_slot(key))
-            group = by_node.get(node.name)
+            group = rows.get(node.name)
             if group is None:
-                group = by_node[node.name] = (node, [])
-            group[1].append(b"%b$%d\r\n%b\r\n%b%b\r\n%b" % (
-                head, len(key), key, val_head, blob[row * size : (row + 1) * size], ex))
+                group = rows[node.name] = (node, [])
+            group[1].append(row)
+        records = np.frombuffer(blob, np.uint8, len(keys) * size).reshape(len(keys), size)
+        commands = [(node, pack_records(key_prefix, [ids[r] for r in at],
+                                        records[at].tobytes(), size, self.ttl_s, sets=True))
+                    for node, at in rows.values()]
         sent: list[tuple[Any, Any, int]] = []
         try:
-            for node, commands in by_node.values():
+            for node, (command, replies) in commands:
                 pool = self.client.get_redis_connection(node).connection_pool
                 conn = pool.get_connection()
-                sent.append((pool, conn, len(commands)))
-                conn.send_packed_command([b"".join(commands)], check_health=False)
+                sent.append((pool, conn, replies))
+                conn.send_packed_command([command], check_health=False)
             error: redis.ResponseError | None = None
             for _, conn, replies in sent:
                 for _ in range(replies):

@@ -118,13 +118,13 @@ class EncodedGroup:
     entity: str
     id_array: pa.Array  # string ids, null-free and distinct
     records: np.ndarray  # structured array of group.record_dtype()
+    id_hashes: np.ndarray  # (n,) uint64 `id_hashes` of the ids
     skipped_null_ids: int
     duplicate_ids: int
     defaulted_columns: tuple[str, ...] = ()  # absent from the table, written as their default
     list_ids: int = 0
     list_unknown_ids: int = 0
     source_rows: np.ndarray | None = None  # each record's row in the encoded table (None: all)
-    id_hashes: np.ndarray | None = None  # (n,) uint64 `id_hashes` of the ids
 
     @functools.cached_property
     def ids(self) -> list[str]:
@@ -207,8 +207,8 @@ def encode_table(
                 f"{group.entity} table: {n_unknown} of the {n_list} ids in its list features "
                 f"are unknown to the model's vocabulary (more than {max_unknown_list_share:.0%}"
                 "): are they spelled as the ids the model was trained on?")
-    return EncodedGroup(group.entity, ids_arr, records, n_null, n_dup, absent, n_list, n_unknown,
-                        source if (n_null or n_dup) else None, hashes)
+    return EncodedGroup(group.entity, ids_arr, records, hashes, n_null, n_dup, absent, n_list,
+                        n_unknown, source if (n_null or n_dup) else None)
 
 
 def _list_ids(column: pa.Array | pa.ChunkedArray) -> int:
@@ -633,8 +633,7 @@ def load_files(
                     report.bytes_written += len(enc) * size
                     if enc.defaulted_columns:
                         report.defaulted_columns[entity] = list(enc.defaulted_columns)
-                    seen.append(enc.id_hashes if enc.id_hashes is not None else
-                                id_hashes(enc.id_array))
+                    seen.append(enc.id_hashes)
                     sample.extend(enc.id_array[:: max(1, len(enc) // 8)][:8].to_pylist())
                     if bar is not None:
                         bar.update(n_read)

@@ -200,9 +200,10 @@ def record_fits(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Encoded, Encoded]
     seen: list[tuple[Encoded, Encoded]] = []
     fit = pipeline.fit
 
-    def recording_fit(cfg: Any, train: Encoded, val: Encoded, tc: TrainConfig) -> Any:
+    def recording_fit(cfg: Any, train: Encoded, val: Encoded, tc: TrainConfig,
+                      **kw: Any) -> Any:
         seen.append((train, val))
-        return fit(cfg, train, val, tc)
+        return fit(cfg, train, val, tc, **kw)
 
     monkeypatch.setattr(pipeline, "fit", recording_fit)
     return seen
