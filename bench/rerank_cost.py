@@ -4,11 +4,13 @@
 
 Needs the `train` extra (the default-size MMoE of bench.measure, exported with torch) and
 starts a private redis-server. Each request runs the ranking pipeline's public stage methods
-in order (validate, fetch, decode, infer, combine, rerank, encode), as `RankingPipeline.rank`
-does and `bench/floors.py:stages_in_process` times them; "off" and "on" requests alternate in
-the same run, so drift on a shared machine hits both alike. "on" is diversity (at most 1 item
-of a category in any 3 consecutive positions) plus filters (10 excluded ids and the user's
-seen set of 50 ids, read in the same round trip as the features).
+in order (validate, fetch, filter, decode, infer, combine, rerank, encode), as
+`RankingPipeline.rank` does and `bench/floors.py:stages_in_process` times them (the filter has
+its own column here; the service's stage metric counts it in decode); "off" and "on" requests
+alternate in the same run, so drift on a shared machine hits both alike. "on" is diversity (at
+most 1 item of a category in any 3 consecutive positions) plus filters (10 excluded ids and the
+user's seen set of 50 ids, read in the same round trip as the features; the filtered
+candidates are dropped before scoring, as the service does).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-STAGES = ("validate", "fetch", "decode", "inference", "combine", "rerank", "serialize")
+STAGES = ("validate", "fetch", "filter", "decode", "inference", "combine", "rerank",
+          "serialize")
 RULES_ON: dict[str, Any] = {
     "diversity": {"attribute": "category", "max_per_window": 1, "window": 3},
     "filters": {"seen": True},
@@ -81,9 +84,12 @@ async def one_run(model: Any, url: str, n: int, requests: int, top_k: int | None
         seen = scoring.rerank is not None and scoring.rerank.seen
         feats = await pipeline.fetch(serving, req, loop.time() + 60.0, seen=seen)
         t.append(time.perf_counter())
+        req, feats = pipeline.filter(model, req, scoring, feats)
+        t.append(time.perf_counter())
         inputs = pipeline.decode(model, req, feats)
         t.append(time.perf_counter())
-        scores, gates = await pipeline.infer(model, inputs, n, loop.time() + 60.0)
+        scores, gates = await pipeline.infer(model, inputs, len(req.candidates),
+                                             loop.time() + 60.0)
         t.append(time.perf_counter())
         ranking = pipeline.combine(model, scoring, scores, gates, req.top_k)
         t.append(time.perf_counter())
@@ -105,8 +111,10 @@ async def one_run(model: Any, url: str, n: int, requests: int, top_k: int | None
             req = request(True)
             scoring = pipeline.validate(model, req)
             feats = await pipeline.fetch(serving, req, loop.time() + 60.0, seen=True)
+            req, feats = pipeline.filter(model, req, scoring, feats)
             inputs = pipeline.decode(model, req, feats)
-            scores, gates = await pipeline.infer(model, inputs, n, loop.time() + 60.0)
+            scores, gates = await pipeline.infer(model, inputs, len(req.candidates),
+                                                 loop.time() + 60.0)
             ranking = pipeline.combine(model, scoring, scores, gates, req.top_k)
             t0 = time.perf_counter()
             pipeline.rerank(model, req, scoring, ranking, feats)

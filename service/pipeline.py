@@ -1,8 +1,10 @@
-"""The /rank request path as one object: validate, fetch, decode, infer, combine, rerank, encode.
+"""The /rank request path as one object: validate, fetch, filter, decode, infer, combine,
+rerank, encode.
 
 `RankingPipeline.rank` runs the stages in order under one deadline on the event loop's clock
 (the clock `asyncio.timeout_at` and the deadline middleware use) and records each stage's
-duration in `ranker_stage_duration_seconds` through one `metrics.StageTimer`. Every stage is a
+duration in `ranker_stage_duration_seconds` through one `metrics.StageTimer` (the re-rank
+filters, which drop candidates before scoring, count in the `decode` stage). Every stage is a
 public method, so the benchmark (`bench/floors.py`) times exactly what a request runs.
 """
 
@@ -11,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
+from itertools import compress
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -34,7 +37,7 @@ from service.featurestore.reader import FeatureStore, FeatureStoreUnavailable
 from service.ranking import combine as combine_scores
 from service.ranking import explore_order, propensities, rank_order, sample_positions
 from service.registry import LoadedModel
-from service.rerank import Outcome, ResolvedCache, Rules, attributes
+from service.rerank import Filtered, Outcome, ResolvedCache, Rules, attributes, filter_candidates
 from service.rerank import apply as apply_rules
 from service.rerank_rules import RulesFile
 from service.schemas import RankRequest
@@ -73,7 +76,8 @@ class Features:
     items_defaulted: int
     stale: int
     degraded_reason: str | None
-    seen_mask: np.ndarray | None = None  # [N] in the user's seen set (only when a rule asks)
+    seen: Collection[bytes] | None = None  # the user's seen set (only when a rule asks)
+    filtered: Filtered | None = None  # what the filters dropped (`RankingPipeline.filter`)
 
 
 @dataclass(frozen=True)
@@ -194,6 +198,8 @@ class RankingPipeline:
         feats = await self.fetch(serving, req, deadline - reserve,
                                  seen=scoring.rerank is not None and scoring.rerank.seen)
         timer.lap("fetch")
+        requested = len(req.candidates)
+        req, feats = self.filter(model, req, scoring, feats)
         inputs = self.decode(model, req, feats)
         timer.lap("decode")
         infer_deadline = max(deadline, loop.time() + settings.inference_budget_s)
@@ -205,7 +211,7 @@ class RankingPipeline:
         timer.lap("rerank")
         body = self.encode(req, model, request_id, scoring, ranking, feats, arm)
         timer.lap("serialize")
-        record_metrics(model, ranking, feats, settings.score_sample_size)
+        record_metrics(model, ranking, feats, settings.score_sample_size, requested)
         self.after(request_id, req, model, scoring, ranking, inputs, arm)
         return body
 
@@ -248,7 +254,7 @@ class RankingPipeline:
                 res = await store.fetch(req.user_id, req.candidates, timeout_s=remaining,
                                         seen=seen)
                 return Features(dict(res.inputs), int(res.user_defaulted),
-                                int(res.items_defaulted), int(res.stale), None, res.seen_mask)
+                                int(res.items_defaulted), int(res.stale), None, res.seen)
             except FeatureStoreUnavailable as e:
                 reason = "redis_timeout" if e.timed_out else "redis_unavailable"
             except (ConnectionError, OSError):
@@ -261,6 +267,25 @@ class RankingPipeline:
             f"feature store {reason.removeprefix('redis_')}; retry later",
             headers={"Retry-After": str(self.settings.retry_after_s)},
         )
+
+    def filter(self, model: LoadedModel, req: RankRequest, scoring: Scoring, feats: Features
+               ) -> tuple[RankRequest, Features]:
+        """The re-rank filters, before scoring: the excluded and seen candidates leave the
+        request and the fetched features' candidate rows, so they are neither scored nor
+        served, and every later stage (the response, the served log, the shadow) sees the
+        candidates kept. Without a filter rule the request is returned as it is."""
+        rules = scoring.rerank
+        if rules is None or not (rules.exclude or rules.seen):
+            return req, feats
+        f = filter_candidates(rules, req.candidates, feats.seen)
+        if f.keep is None or f.kept is None:
+            return req, replace(feats, filtered=f)
+        per_item, keep = model.candidate_inputs, f.keep
+        # np.take and compress: a fraction of fancy indexing's and a comprehension's cost here
+        inputs = {k: np.take(v, keep, axis=0) if k in per_item else v
+                  for k, v in feats.inputs.items()}
+        return (req.model_copy(update={"candidates": list(compress(req.candidates, f.kept))}),
+                replace(feats, inputs=inputs, filtered=f))
 
     def decode(self, model: LoadedModel, req: RankRequest, feats: Features
                ) -> dict[str, np.ndarray]:
@@ -279,6 +304,9 @@ class RankingPipeline:
         why longer runs go to the executor.
         """
         settings = self.settings
+        if n == 0:  # the filters left nothing: the outputs' shapes, never a graph run at batch 0
+            scores, gates = model.run(model.synthetic_inputs(1))
+            return scores[:0], None if gates is None else gates[:0]
         try:
             if model.estimated_run_s(n) * 1e3 <= settings.inline_inference_max_ms:
                 metrics.INFERENCE_RUNS_INLINE.inc()
@@ -307,14 +335,14 @@ class RankingPipeline:
 
     def rerank(self, model: LoadedModel, req: RankRequest, scoring: Scoring, ranking: Ranking,
                feats: Features) -> Ranking:
-        """Boosts, filters, MMR, pins and diversity on the combined scores (service.rerank);
-        without rules the ranking is returned as it is."""
+        """Boosts, MMR, pins and diversity on the combined scores of the candidates the
+        filters kept (service.rerank); without rules the ranking is returned as it is."""
         rules = scoring.rerank
         if rules is None:
             return ranking
         out = apply_rules(rules, ranking.final, req.candidates, attributes(model.schema),
-                          feats.inputs, feats.seen_mask, req.top_k, explain=req.explain,
-                          order=ranking.order)
+                          feats.inputs, req.top_k, filtered=feats.filtered,
+                          explain=req.explain, order=ranking.order)
         metrics.count_rerank(out.applied)
         return Ranking(ranking.scores, ranking.gates, out.final, out.order, out)
 
@@ -400,12 +428,14 @@ def add_rerank_explain(items: list[dict[str, Any]], out: Outcome) -> None:
         item["rerank"] = {"from": start, "rules": rules}
 
 
-def record_metrics(model: LoadedModel, ranking: Ranking, feats: Features, sample: int) -> None:
-    """Per-request model metrics: counts, a bounded score sample, gate sums."""
+def record_metrics(model: LoadedModel, ranking: Ranking, feats: Features, sample: int,
+                   requested: int) -> None:
+    """Per-request model metrics: counts (the request's candidates; those scored, which the
+    filters may have made fewer), a bounded score sample, gate sums."""
     scores, gates = ranking.scores, ranking.gates
     n = scores.shape[0]
     metrics.SCORED.inc(n)
-    metrics.CANDIDATES.observe(n)
+    metrics.CANDIDATES.observe(requested)
     if feats.user_defaulted:
         metrics.DEFAULTED.labels("user").inc(feats.user_defaulted)
     if feats.items_defaulted:

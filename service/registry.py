@@ -31,7 +31,7 @@ from ranker.manifest import (
     verify_files,
     version_dir,
 )
-from ranker.schema import DenseFeature, FeatureSchema
+from ranker.schema import CANDIDATE_ENTITY, DenseFeature, FeatureSchema
 
 log = logging.getLogger("ranker.registry")
 
@@ -96,6 +96,17 @@ class LoadedModel:
     @property
     def output_names(self) -> list[str]:
         return [*self.tasks, *([GATES_OUTPUT] if self.has_gates else [])]
+
+    @cached_property
+    def input_names(self) -> tuple[str, ...]:
+        """The model's inputs in order (kept: the schema walk is slow for a per-request path)."""
+        return tuple(s.name for s in self.schema.input_specs())
+
+    @cached_property
+    def candidate_inputs(self) -> frozenset[str]:
+        """The inputs with one row per candidate (the others have one row per request)."""
+        return frozenset(s.name for s in self.schema.input_specs()
+                         if s.entity == CANDIDATE_ENTITY)
 
     def run(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
         """One batched call: (per-task scores [N, T] float32, gates [N, T, M] or None)."""

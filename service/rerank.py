@@ -1,12 +1,16 @@
-"""The re-rank stage after scoring: boosts, filters, MMR, window diversity and pinned slots.
+"""The re-rank stage: filters before scoring; boosts, MMR, window diversity and pinned slots after.
 
 Pure functions, no I/O: `resolve` turns a preset plus a request's overrides into checked
-`Rules` (InvalidRules names the field), `apply` turns the final scores into the served order.
-The steps run in this order (docs/api.md, "Re-ranking"):
+`Rules` (InvalidRules names the field), `filter_candidates` says which candidates the filters
+keep, `apply` turns the final scores of those into the served order. The steps run in this
+order (docs/api.md, "Re-ranking"):
 
-1. **boosts**: the final score times a factor per item attribute value (categorical: a factor
+1. **filters**, before scoring: ids given in the request and ids in the user's seen set leave
+   the request, so they are neither scored nor served (the pipeline drops their rows from the
+   fetched features; X's home-mixer filters before scoring for the same reason: the model's
+   time is spent on candidates that can be served);
+2. **boosts**: the final score times a factor per item attribute value (categorical: a factor
    per vocabulary value; dense: a factor per bucket of the raw value), bounded;
-2. **filters**: ids given in the request and ids in the user's seen set are dropped;
 3. **mmr**: maximal marginal relevance with similarity = same attribute value (1 or 0), so
    the order is by `λ·rel − (1−λ)·[an item of the same value is ranked above]`, with `rel`
    the final score min-max scaled to [0, 1] over the candidates left;
@@ -30,7 +34,7 @@ import heapq
 import itertools
 import math
 from collections import deque
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,11 +42,13 @@ import numpy as np
 
 from ranker.schema import OOV_INDEX, FeatureSchema, input_name
 
-# rule names, the label values of ranker_rerank_rules_applied_total (a fixed set)
-RULES = ("boost", "filter", "seen", "mmr", "pin", "diversity", "diversity_relaxed")
+# rule names, the label values of ranker_rerank_rules_applied_total (a fixed set), in the
+# order the steps run (a response's `applied` keeps it)
+RULES = ("filter", "seen", "boost", "mmr", "pin", "diversity", "diversity_relaxed")
 SEARCH_BUDGET = 2000  # placements the diversity search may try before it relaxes
 SEARCH_BACK = 16  # the search re-arranges from this many positions before the first stuck one
 _KEEP = bytes([1, 0]) + bytes(254)  # bytes.translate: a dropped mask's bytes -> kept mask's
+_UNAVAILABLE = ({"rule": "seen", "reason": "unavailable"},)
 
 
 class InvalidRules(ValueError):
@@ -437,6 +443,51 @@ def _pins(value: Any, where: str, strict: bool, candidates: Sequence[str], lengt
 # applying: final scores -> served order
 
 
+@dataclass(frozen=True)
+class Filtered:
+    """What the filters did before scoring: the candidates they keep (None when they keep
+    every one), the rules that dropped something (in RULES order), how many were dropped, and
+    what could not apply."""
+
+    keep: np.ndarray | None  # positions of the kept candidates, ascending
+    kept: bytes | None  # the same as a mask of 0/1 bytes (an `itertools.compress` selector)
+    applied: tuple[str, ...] = ()
+    count: int = 0
+    relaxed: tuple[dict[str, Any], ...] = ()
+
+
+def filter_candidates(rules: Rules, candidates: Sequence[str],
+                      seen: Collection[bytes | str] | None) -> Filtered:
+    """Which candidates pass the filters: the excluded ids and, with `rules.seen`, the members
+    of the user's seen set (as Redis gives them; None when the fetch degraded, so the seen
+    filter cannot apply and the result says so) are dropped.
+
+    One membership pass over the candidates for both filters, only when one of them hits;
+    C loops throughout (`isdisjoint`, `map` of a set's `__contains__`, `bytes.translate`)."""
+    relaxed: tuple[dict[str, Any], ...] = ()
+    drop: set[str] = set()
+    applied: list[str] = []
+    if rules.exclude:
+        excluded = set(rules.exclude)
+        if not excluded.isdisjoint(candidates):
+            drop, applied = excluded, ["filter"]
+    if rules.seen:
+        if seen is None:  # degraded: no feature store answer, no seen set
+            relaxed = _UNAVAILABLE
+        elif seen:
+            members = {m.decode("utf-8", "replace") if isinstance(m, bytes) else str(m)
+                       for m in seen}
+            if not members.isdisjoint(candidates):
+                drop = members.union(drop)
+                applied.append("seen")
+    if not applied:
+        return Filtered(None, None, (), 0, relaxed)
+    # 1 = kept, as a bool array's bytes
+    kept = bytes(map(drop.__contains__, candidates)).translate(_KEEP)
+    keep = np.flatnonzero(np.frombuffer(kept, dtype=bool))
+    return Filtered(keep, kept, tuple(applied), len(candidates) - keep.size, relaxed)
+
+
 @dataclass
 class Outcome:
     """What the stage did: the scores and order served, and what to tell the client."""
@@ -480,15 +531,18 @@ def boost_factors(boosts: Sequence[Boost], attrs: Mapping[str, Attribute],
 
 def apply(rules: Rules, final: np.ndarray, candidates: Sequence[str],
           attrs: Mapping[str, Attribute], inputs: Mapping[str, np.ndarray],
-          seen_mask: np.ndarray | None, top_k: int | None, *, explain: bool = False,
+          top_k: int | None, *, filtered: Filtered | None = None, explain: bool = False,
           order: np.ndarray | None = None) -> Outcome:
-    """Re-rank the candidates: boosts, filters, MMR, pins, diversity (the module docstring).
+    """Re-rank the candidates the filters kept (`filter_candidates`; `filtered` says what they
+    did): boosts, MMR, pins, diversity (the module docstring).
 
-    `order` may pass today's full order of `final` when it is already known."""
+    `candidates`, `final` and `inputs` are of the kept candidates only; a pinned id that is not
+    among them was filtered. `order` may pass today's full order of `final` when it is known."""
     n = len(candidates)
     cat = inputs.get(input_name("item", "cat"))
     dense = inputs.get(input_name("item", "dense"))
-    applied: list[str] = []
+    applied: list[str] = [] if filtered is None else list(filtered.applied)
+    relaxed: list[dict[str, Any]] = [] if filtered is None else list(filtered.relaxed)
     steps: list[tuple[str, np.ndarray]] = []  # (rule, order after it) for explain
     base = order if order is not None and order.size == n else score_order(final)
     if explain:
@@ -502,33 +556,6 @@ def apply(rules: Rules, final: np.ndarray, candidates: Sequence[str],
             applied.append("boost")
             if explain:
                 steps.append(("boost", order))
-    # the filters' mask as the bool array's bytes (1 = dropped), None when nothing is dropped:
-    # bytes operations (C loops, no numpy call overhead) cost a fraction of numpy's here
-    drop: bytes | None = None
-    filtered = 0
-    if rules.exclude:
-        hits = set(rules.exclude).intersection(candidates)  # C loops; usually few or none
-        if len(hits) == 1:
-            one = bytearray(n)
-            one[_find(candidates, next(iter(hits)))] = 1
-            drop = bytes(one)
-        elif hits:  # one C-level membership test per candidate
-            drop = bytes(map(hits.__contains__, candidates))
-        if hits:
-            applied.append("filter")
-    relaxed: list[dict[str, Any]] = []
-    if rules.seen and seen_mask is None:  # degraded: no feature store answer, no seen set
-        relaxed.append({"rule": "seen", "reason": "unavailable"})
-    if rules.seen and seen_mask is not None:
-        seen = np.asarray(seen_mask, dtype=bool).tobytes()
-        if 1 in seen:
-            drop = seen if drop is None else _either(drop, seen)
-            applied.append("seen")
-    if drop is not None:
-        filtered = drop.count(1)
-        order = order[np.frombuffer(drop.translate(_KEEP), dtype=bool)[order]]
-        if explain:
-            steps.append(("filter", order))
     if rules.mmr is not None and order.size > 1:
         codes = raw_column(attrs[rules.mmr.attribute], cat, dense)
         new = mmr_order(order, final, codes, rules.mmr.lam)
@@ -542,8 +569,8 @@ def apply(rules: Rules, final: np.ndarray, candidates: Sequence[str],
     if rules.pins:
         index = {c: i for i, c in enumerate(candidates)}
         for pin in rules.pins:
-            i = index[pin.id]
-            if drop is not None and drop[i]:
+            i = index.get(pin.id, -1)
+            if i < 0:  # the checks made it a candidate: the filters dropped it
                 relaxed.append({"rule": "pin", "id": pin.id, "reason": "filtered"})
                 continue
             pinned[pin.position] = i
@@ -572,26 +599,16 @@ def apply(rules: Rules, final: np.ndarray, candidates: Sequence[str],
             steps.append(("diversity", served))
     else:
         served = _insert_pins(order, pinned, length)
-    out = Outcome(final, served, applied, filtered, relaxed)
+    out = Outcome(final, served, applied, 0 if filtered is None else filtered.count, relaxed)
     if explain:
         out.moved_from, out.moved_by = _attribution(steps, served, n)
     return out
-
-
-def _either(a: bytes, b: bytes) -> bytes:
-    """The OR of two masks of 0/1 bytes (as one big integer each: C loops)."""
-    return (int.from_bytes(a, "little") | int.from_bytes(b, "little")).to_bytes(len(a), "little")
 
 
 def score_order(final: np.ndarray) -> np.ndarray:
     """All positions by score descending, ties by position: `ranking.rank_order`, by a
     stable argsort (the same order, cheaper than its lexsort)."""
     return np.argsort(-np.asarray(final, dtype=np.float64), kind="stable")
-
-
-def _find(seq: Sequence[str], x: str) -> int:
-    """The position of an id known to be in `seq`."""
-    return list(seq).index(x) if not isinstance(seq, list) else seq.index(x)
 
 
 def mmr_order(order: np.ndarray, final: np.ndarray, codes: np.ndarray, lam: float) -> np.ndarray:

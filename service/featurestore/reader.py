@@ -17,7 +17,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -80,7 +80,8 @@ class FetchResult:
     items_defaulted: int
     item_defaulted_mask: np.ndarray
     stale: int
-    seen_mask: np.ndarray | None = None  # [N] in the user's seen set; None unless asked for
+    # the members of the user's seen set as Redis gave them (bytes); None unless asked for
+    seen: Collection[bytes] | None = None
 
 
 def make_client(
@@ -315,10 +316,12 @@ class FeatureStore:
         pointers name. That second round trip happens once per switch, within the deadline.
 
         With `seen`, an SMEMBERS of the user's seen set (`seen_key`) goes in the same write as
-        the MGET (one round trip; on a cluster concurrently with it), and `seen_mask` says which
-        candidates are in it. SMEMBERS, not SMISMEMBER of the N candidates: packing N more
-        arguments costs about as much as the MGET's own packing (docs/benchmarks.md); the reply
-        is the whole set, so its writer keeps it bounded.
+        the MGET (one round trip; on a cluster concurrently with it), and `seen` holds its
+        members (the re-rank filter, `service.rerank.filter_candidates`, matches them against
+        the candidates in the same pass as the request's excluded ids). SMEMBERS, not
+        SMISMEMBER of the N candidates: packing N more arguments costs about as much as the
+        MGET's own packing (docs/benchmarks.md); the reply is the whole set, so its writer
+        keeps it bounded.
         """
         start = time.perf_counter()
         deadline = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
@@ -334,11 +337,9 @@ class FeatureStore:
                 # Switched again in between: these values are of the loads that were live a
                 # moment ago (kept for the grace period); the next request reads the newer ones.
                 self._adopt(raw[:k])
-        seen_mask = None
+        members = None
         if seen:
-            # SMISMEMBER answers 0/1 per candidate: bytes() of them is the bool array's buffer
-            seen_mask = seen_candidates(raw[-1], item_ids)
-            raw = raw[:-1]
+            members, raw = raw[-1], raw[:-1]
         values = raw[k:]
         user_value = None
         if view.user_prefix is not None:
@@ -346,7 +347,7 @@ class FeatureStore:
         n = len(item_ids)
         item_values = values if view.item_prefix is not None else [None] * n
         result = self._decode(user_value, item_values)
-        result.seen_mask = seen_mask
+        result.seen = members
         metrics.FETCH_SECONDS.observe(time.perf_counter() - start)
         return result
 
@@ -610,15 +611,6 @@ async def mget_packed(client: aredis.Redis, command: bytes) -> list[Any]:
     """
     (reply,) = await send_packed(client, command, 1)
     return list(reply)
-
-
-def seen_candidates(members: Any, item_ids: Sequence[str]) -> np.ndarray:
-    """[N] bool: which candidates are among the seen set's members (bytes, as Redis gives)."""
-    if not members:
-        return np.zeros(len(item_ids), dtype=bool)
-    seen = {m.decode("utf-8", "replace") if isinstance(m, bytes) else str(m) for m in members}
-    # one C-level set lookup per candidate, written straight as the bool array's bytes
-    return np.frombuffer(bytes(map(seen.__contains__, item_ids)), dtype=bool)
 
 
 async def send_packed(client: aredis.Redis, command: bytes, replies: int) -> list[Any]:

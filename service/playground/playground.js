@@ -356,8 +356,9 @@ function currentRerank() {
 }
 
 function whyMoved(it, pos) {
-  // The rules that moved the item past others, and its place in the plain score order
-  // (an item can also shift with no rule of its own: an item above it was filtered or pinned).
+  // The rules that moved the item past others, and its place in the plain score order of the
+  // candidates the filters kept (they run before scoring), so an item can shift with no rule
+  // of its own only when a pin went in above it.
   const rr = it.rerank;
   if (!rr || !rr.rules.length) return null;
   const was = rr.from === pos ? "same place" : `was #${rr.from + 1}`;

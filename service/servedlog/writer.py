@@ -31,7 +31,6 @@ import numpy as np
 import redis.asyncio as aredis
 from redis.exceptions import RedisError
 
-from ranker.schema import CANDIDATE_ENTITY
 from ranker.servedlog import (
     FeedbackEvent,
     ServedRecord,
@@ -118,33 +117,15 @@ Entry = tuple[str, Any]  # (SERVED, Served) | (FEEDBACK, list[FeedbackEvent])
 Command = tuple[str, str, dict[Any, Any]]  # (stream kind, stream key, XADD fields: bytes -> bytes)
 
 
-_NAMES: dict[tuple[str, int], tuple[list[str], frozenset[str]]] = {}
-
-
-def input_names(model: LoadedModel) -> tuple[list[str], frozenset[str]]:
-    """The model's inputs in order, and those with one row per candidate (the others have one
-    row per request); kept per model version (the schema walk is slow for the writer's loop)."""
-    key = (model.name, model.version)
-    got = _NAMES.get(key)
-    if got is None:
-        specs = model.schema.input_specs()
-        got = ([s.name for s in specs],
-               frozenset(s.name for s in specs if s.entity == CANDIDATE_ENTITY))
-        if len(_NAMES) > 64:  # a long-lived process swapping many versions
-            _NAMES.clear()
-        _NAMES[key] = got
-    return got
-
-
 def served_record(ref: Served) -> ServedRecord:
     """The log record of one response: returned items in served order, their per-task and
     final scores, and the model inputs as served (item rows of the returned items, in served
     order; user and context rows once)."""
     model, ranking = ref.model, ref.ranking
     order = ranking.order
-    names, per_item = input_names(model)
+    per_item = model.candidate_inputs
     inputs = {name: ref.inputs[name][order] if name in per_item else ref.inputs[name]
-              for name in names}
+              for name in model.input_names}
     positions = order.tolist()
     ids = ref.req.candidates
     # itemgetter picks in C (a list comprehension is most of the record's cost at 500 items)

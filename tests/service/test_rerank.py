@@ -39,6 +39,18 @@ def rules_of(spec: dict[str, Any], n: int, top_k: int | None = None,
     return rr.resolve(spec, {}, None, ATTRS, cands(n), top_k, bounds)
 
 
+def filtered_apply(rules: rr.Rules, final: np.ndarray, candidates: list[str],
+                   inputs: dict[str, np.ndarray], seen: list[bytes] | None,
+                   top_k: int | None, explain: bool = False) -> tuple[rr.Outcome, np.ndarray]:
+    """What the pipeline does: the filters drop candidates before scoring, `apply` re-ranks
+    the kept ones; the outcome and its served order as positions of `candidates`."""
+    f = rr.filter_candidates(rules, candidates, seen)
+    keep = np.arange(len(candidates)) if f.keep is None else f.keep
+    out = rr.apply(rules, final[keep], [candidates[i] for i in keep], ATTRS,
+                   {k: v[keep] for k, v in inputs.items()}, top_k, filtered=f, explain=explain)
+    return out, keep[out.order]
+
+
 def diversity(k: int, w: int, depth: int | None = None) -> dict[str, Any]:
     d: dict[str, Any] = {"attribute": "category", "max_per_window": k, "window": w}
     if depth is not None:
@@ -103,7 +115,7 @@ def test_no_rules_is_exactly_todays_order(scores: list[float], top_k: int | None
     n = len(scores)
     assert rules_of({}, n, top_k) is None
     final = np.asarray(scores)
-    out = rr.apply(rr.Rules(), final, cands(n), ATTRS, inputs_for([1] * n), None, top_k)
+    out = rr.apply(rr.Rules(), final, cands(n), ATTRS, inputs_for([1] * n), top_k)
     np.testing.assert_array_equal(out.order, rank_order(final, top_k))
     assert out.applied == [] and out.relaxed == []
 
@@ -127,7 +139,7 @@ def test_a_section_set_to_null_turns_the_preset_off() -> None:
 @given(diversity_cases)
 def test_diversity_holds_whenever_the_candidates_allow_it(case: Case) -> None:
     codes, k, w, top_k = case.codes, case.k, case.w, case.top_k
-    out = rr.apply(case.rules, case.scores, cands(len(codes)), ATTRS, inputs_for(codes), None,
+    out = rr.apply(case.rules, case.scores, cands(len(codes)), ATTRS, inputs_for(codes),
                    top_k)
     served = [codes[i] for i in out.order.tolist()]
     assert len(set(out.order.tolist())) == len(served) == top_k
@@ -146,8 +158,8 @@ def test_diversity_holds_whenever_the_candidates_allow_it(case: Case) -> None:
 @given(diversity_cases)
 def test_diversity_keeps_the_score_order_within_a_value_and_is_deterministic(case: Case) -> None:
     codes, final, n = case.codes, case.scores, len(case.codes)
-    a = rr.apply(case.rules, final, cands(n), ATTRS, inputs_for(codes), None, case.top_k)
-    b = rr.apply(case.rules, final.copy(), cands(n), ATTRS, inputs_for(codes), None, case.top_k)
+    a = rr.apply(case.rules, final, cands(n), ATTRS, inputs_for(codes), case.top_k)
+    b = rr.apply(case.rules, final.copy(), cands(n), ATTRS, inputs_for(codes), case.top_k)
     np.testing.assert_array_equal(a.order, b.order)
     today = rank_order(final).tolist()
     for v in set(codes) - {0}:
@@ -162,7 +174,7 @@ def test_diversity_on_a_long_list_uses_the_items_below_the_cut() -> None:
     final = np.linspace(1, 0, 9)
     rules = rules_of(diversity(1, 3), 9, top_k=6)
     assert rules is not None
-    out = rr.apply(rules, final, cands(9), ATTRS, inputs_for(codes), None, 6)
+    out = rr.apply(rules, final, cands(9), ATTRS, inputs_for(codes), 6)
     assert [codes[i] for i in out.order] == [1, 2, 3, 1, 2, 3]
     assert out.order.tolist() == [0, 3, 6, 1, 4, 7]
     assert out.applied == ["diversity"]
@@ -173,7 +185,7 @@ def test_diversity_searches_when_best_first_gets_stuck() -> None:
     codes, final = [2, 1, 1], np.array([3.0, 2.0, 1.0])
     rules = rules_of(diversity(1, 2), 3)
     assert rules is not None
-    out = rr.apply(rules, final, cands(3), ATTRS, inputs_for(codes), None, None)
+    out = rr.apply(rules, final, cands(3), ATTRS, inputs_for(codes), None)
     assert out.order.tolist() == [1, 0, 2] and out.relaxed == []
 
 
@@ -184,7 +196,7 @@ def test_diversity_search_late_in_a_long_list_keeps_the_prefix() -> None:
     final = np.linspace(1, 0, 40)
     rules = rules_of(diversity(1, 2), 40)
     assert rules is not None
-    out = rr.apply(rules, final, cands(40), ATTRS, inputs_for(codes), None, None)
+    out = rr.apply(rules, final, cands(40), ATTRS, inputs_for(codes), None)
     served = out.order.tolist()
     assert out.relaxed == [] and rr.violations([codes[i] for i in served], 1, 2) == []
     assert served[:37] == list(range(37)) and served[37:] == [38, 37, 39]
@@ -194,7 +206,7 @@ def test_diversity_relaxes_where_nothing_fits_and_says_where() -> None:
     codes = [1, 1, 1, 2]  # three of c0 cannot be spread over 4 positions with 1 in any 2
     rules = rules_of(diversity(1, 2), 4)
     assert rules is not None
-    out = rr.apply(rules, np.array([4.0, 3, 2, 1]), cands(4), ATTRS, inputs_for(codes), None,
+    out = rr.apply(rules, np.array([4.0, 3, 2, 1]), cands(4), ATTRS, inputs_for(codes),
                    None)
     assert out.order.tolist() == [0, 3, 1, 2]
     assert out.relaxed == [{"rule": "diversity", "positions": [3]}]
@@ -206,7 +218,7 @@ def test_diversity_holds_over_its_depth_and_keeps_the_order_below() -> None:
     final = rng.random(300)
     rules = rules_of(diversity(1, 3, depth=50), 300)
     assert rules is not None and rules.diversity is not None and rules.diversity.depth == 50
-    out = rr.apply(rules, final, cands(300), ATTRS, inputs_for(codes), None, None)
+    out = rr.apply(rules, final, cands(300), ATTRS, inputs_for(codes), None)
     served = out.order.tolist()
     assert sorted(served) == list(range(300))
     assert rr.violations([codes[i] for i in served[:50]], 1, 3) == []
@@ -221,7 +233,7 @@ def test_unknown_values_are_not_constrained() -> None:
     codes = [0, 0, 0, 1]
     rules = rules_of(diversity(1, 2), 4)
     assert rules is not None
-    out = rr.apply(rules, np.array([4.0, 3, 2, 1]), cands(4), ATTRS, inputs_for(codes), None,
+    out = rr.apply(rules, np.array([4.0, 3, 2, 1]), cands(4), ATTRS, inputs_for(codes),
                    None)
     assert out.order.tolist() == [0, 1, 2, 3] and out.applied == []
 
@@ -253,7 +265,7 @@ def test_mmr_equals_the_greedy_of_the_paper(codes: list[int], data: Any, lam: fl
     final = np.asarray(data.draw(st.lists(st.integers(0, 5), min_size=n, max_size=n)), float)
     rules = rules_of({"mmr": {"attribute": "category", "lambda": lam}}, n)
     assert rules is not None
-    out = rr.apply(rules, final, cands(n), ATTRS, inputs_for(codes), None, None)
+    out = rr.apply(rules, final, cands(n), ATTRS, inputs_for(codes), None)
     assert out.order.tolist() == naive_mmr(final, codes, lam)
 
 
@@ -268,15 +280,32 @@ def test_mmr_with_lambda_one_is_no_rule() -> None:
 def test_filters_drop_exactly_the_excluded_and_seen_ids(scores: list[float], data: Any) -> None:
     n = len(scores)
     excluded = data.draw(st.sets(st.integers(0, n + 5)))
-    seen = np.asarray(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))
+    seen = data.draw(st.sets(st.integers(0, n + 5)))
     rules = rules_of({"filters": {"exclude": [f"i{i}" for i in sorted(excluded)], "seen": True}},
                      n)
     assert rules is not None
     final = np.asarray(scores)
-    out = rr.apply(rules, final, cands(n), ATTRS, inputs_for([1] * n), seen, None)
-    gone = {i for i in excluded if i < n} | set(np.flatnonzero(seen).tolist())
-    assert out.order.tolist() == [i for i in rank_order(final).tolist() if i not in gone]
+    out, served = filtered_apply(rules, final, cands(n), inputs_for([1] * n),
+                                 [f"i{i}".encode() for i in sorted(seen)], None)
+    gone = {i for i in (excluded | seen) if i < n}
+    assert served.tolist() == [i for i in rank_order(final).tolist() if i not in gone]
     assert out.filtered == len(gone)
+    expect = [r for r, hit in (("filter", excluded), ("seen", seen)) if {i for i in hit if i < n}]
+    assert out.applied == expect
+
+
+def test_filters_keep_every_candidate_when_nothing_hits_and_say_a_missing_seen_set() -> None:
+    rules = rules_of({"filters": {"exclude": ["i9"], "seen": True}}, 4)
+    assert rules is not None
+    f = rr.filter_candidates(rules, cands(4), [b"i7", b"x"])
+    assert f.keep is None and f.count == 0 and f.applied == () and f.relaxed == ()
+    degraded = rr.filter_candidates(rules, cands(4), None)  # the fetch degraded: no seen set
+    assert degraded.keep is None
+    assert degraded.relaxed == ({"rule": "seen", "reason": "unavailable"},)
+    both = rr.filter_candidates(rules_of({"filters": {"exclude": ["i2"], "seen": True}}, 4)
+                                or rr.Rules(), cands(4), {b"i0", b"i2"})
+    assert both.keep is not None and both.keep.tolist() == [1, 3]
+    assert both.count == 2 and both.applied == ("filter", "seen")
 
 
 def test_boosts_multiply_the_final_score_by_value_and_by_bucket() -> None:
@@ -287,7 +316,7 @@ def test_boosts_multiply_the_final_score_by_value_and_by_bucket() -> None:
     rules = rules_of(spec, 4)
     assert rules is not None
     final = np.array([1.0, 1.0, 1.0, 1.0])
-    out = rr.apply(rules, final, cands(4), ATTRS, inputs_for(codes, age), None, None)
+    out = rr.apply(rules, final, cands(4), ATTRS, inputs_for(codes, age), None)
     np.testing.assert_allclose(out.final, [3.0, 1.0, 0.5, 1.0], rtol=1e-5)
     assert out.order.tolist() == [0, 1, 3, 2] and out.applied == ["boost"]
 
@@ -296,7 +325,7 @@ def test_pins_take_their_positions_and_the_rest_keeps_its_order() -> None:
     final = np.linspace(1, 0, 10)
     rules = rules_of({"pins": [{"id": "i9", "position": 0}, {"id": "i5", "position": 3}]}, 10)
     assert rules is not None
-    out = rr.apply(rules, final, cands(10), ATTRS, inputs_for([1] * 10), None, None,
+    out = rr.apply(rules, final, cands(10), ATTRS, inputs_for([1] * 10), None,
                    explain=True)
     assert out.order.tolist() == [9, 0, 1, 5, 2, 3, 4, 6, 7, 8]
     assert out.moved_from is not None and out.moved_by is not None
@@ -310,7 +339,7 @@ def test_pins_and_diversity_together_pins_never_move() -> None:
     final = np.linspace(1, 0, 10)
     rules = rules_of({**diversity(1, 3), "pins": [{"id": "i9", "position": 2}]}, 10)
     assert rules is not None
-    out = rr.apply(rules, final, cands(10), ATTRS, inputs_for(codes), None, None)
+    out = rr.apply(rules, final, cands(10), ATTRS, inputs_for(codes), None)
     served = out.order.tolist()
     assert served[2] == 9
     assert rr.violations([codes[i] for i in served], 1, 3) == [] and out.relaxed == []
@@ -319,21 +348,23 @@ def test_pins_and_diversity_together_pins_never_move() -> None:
 def test_a_filtered_pin_is_dropped_and_said() -> None:
     rules = rules_of({"pins": [{"id": "i1", "position": 0}], "filters": {"exclude": ["i1"]}}, 4)
     assert rules is not None
-    out = rr.apply(rules, np.linspace(1, 0, 4), cands(4), ATTRS, inputs_for([1] * 4), None, None)
-    assert 1 not in out.order.tolist()
+    out, served = filtered_apply(rules, np.linspace(1, 0, 4), cands(4), inputs_for([1] * 4),
+                                 None, None)
+    assert served.tolist() == [0, 2, 3]
     assert out.relaxed == [{"rule": "pin", "id": "i1", "reason": "filtered"}]
 
 
 def test_explain_names_the_rule_that_moved_each_item() -> None:
-    codes = [1, 1, 2, 3]
-    rules = rules_of({**diversity(1, 2), "filters": {"exclude": ["i3"]}}, 4)
+    codes = [1, 1, 1, 2, 3]
+    rules = rules_of({**diversity(1, 2), "filters": {"exclude": ["i0"]}}, 5)
     assert rules is not None
-    out = rr.apply(rules, np.array([4.0, 3, 2, 1]), cands(4), ATTRS, inputs_for(codes), None,
-                   None, explain=True)
-    assert out.order.tolist() == [0, 2, 1]
+    out, served = filtered_apply(rules, np.array([5.0, 4, 3, 2, 1]), cands(5), inputs_for(codes),
+                                 None, None, explain=True)
+    assert served.tolist() == [1, 3, 2, 4]
+    # `from` counts the candidates the filters kept (i0 never was in the list)
     assert out.moved_from is not None
-    assert out.moved_from.tolist() == [0, 2, 1]
-    assert out.moved_by == [[], ["diversity"], ["diversity"]]
+    assert out.moved_from.tolist() == [0, 2, 1, 3]
+    assert out.moved_by == [[], ["diversity"], ["diversity"], []]
 
 
 # ---- invalid rules -----------------------------------------------------------------------

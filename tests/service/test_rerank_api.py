@@ -109,13 +109,28 @@ async def test_explain_says_from_where_and_by_which_rule(client: httpx.AsyncClie
                       rerank={"diversity": DIVERSITY, "filters": {"exclude": [plain[0]]}})
     items = body["items"]
     assert plain[0] not in {it["id"] for it in items} and len(items) == 12
+    kept = plain[1:]  # the filters run before scoring: `from` counts the candidates kept
     for pos, it in enumerate(items):
-        assert it["rerank"]["from"] == plain.index(it["id"])
-        # dropping the top item moves nobody past anybody: only diversity is named
+        assert it["rerank"]["from"] == kept.index(it["id"])
         assert set(it["rerank"]["rules"]) <= {"diversity"}
-        assert bool(it["rerank"]["rules"]) == (pos != it["rerank"]["from"] - 1), it
+        assert bool(it["rerank"]["rules"]) == (pos != it["rerank"]["from"]), it
         assert "gates" in it
     assert body["rerank"]["applied"] == ["filter", "diversity"]
+
+
+async def test_a_list_the_filters_empty_is_an_empty_ranking_not_an_error(
+        client: httpx.AsyncClient, redis_url: str) -> None:
+    r = redis.Redis.from_url(redis_url)
+    r.sadd(seen_key("rk", "u2"), *CANDS[1:])
+    r.close()
+    scored = metric("ranker_candidates_scored_total")
+    body = await rank(client, user_id="u2", explain=True,
+                      rerank={"diversity": DIVERSITY, "filters": {"seen": True,
+                                                                  "exclude": CANDS[:1]}})
+    assert body["items"] == []
+    assert body["rerank"]["applied"] == ["filter", "seen"]
+    assert body["rerank"]["filtered"] == len(CANDS)
+    assert metric("ranker_candidates_scored_total") == scored  # nothing was left to score
 
 
 async def test_seen_set_is_read_in_the_same_round_trip(client: httpx.AsyncClient,
@@ -136,6 +151,7 @@ async def test_seen_set_is_read_in_the_same_round_trip(client: httpx.AsyncClient
 
     monkeypatch.setattr(AbstractConnection, "send_packed_command", counted)
     mgets, smis = mget_calls(redis_url), command_calls(redis_url, "smembers")
+    scored = metric("ranker_candidates_scored_total")
     body = await rank(client, rerank={"filters": {"seen": True, "exclude": ["i9"]}})
     assert len(writes) == 1  # one write: MGET and SMEMBERS together, two replies read
     assert mget_calls(redis_url) == mgets + 1
@@ -143,6 +159,8 @@ async def test_seen_set_is_read_in_the_same_round_trip(client: httpx.AsyncClient
     ids = [it["id"] for it in body["items"]]
     assert set(ids) == set(CANDS) - {"i3", "i5", "i7", "i9"}
     assert body["rerank"]["applied"] == ["filter", "seen"] and body["rerank"]["filtered"] == 4
+    # the filtered candidates were never scored
+    assert metric("ranker_candidates_scored_total") == scored + len(CANDS) - 4
     # no seen rule: no SMEMBERS
     await rank(client, rerank={"diversity": DIVERSITY})
     assert command_calls(redis_url, "smembers") == smis + 1
