@@ -421,7 +421,8 @@ def rerank_summary(rules: Rules | None, out: Outcome) -> dict[str, Any]:
 
 
 def add_rerank_explain(items: list[dict[str, Any]], out: Outcome) -> None:
-    """With explain: each item's position in the plain score order and the rules that moved it."""
+    """With explain: each item's position in the plain score order of the candidates the filters
+    kept, and the rules that moved it."""
     if out.moved_from is None or out.moved_by is None:
         return
     for item, start, rules in zip(items, out.moved_from.tolist(), out.moved_by, strict=True):

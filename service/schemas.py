@@ -177,7 +177,8 @@ class ModelRef(BaseModel):
 
 
 class RerankedFrom(BaseModel):
-    """With explain: the item's position in the plain score order and the rules that moved it."""
+    """With explain: the item's position in the plain score order of the candidates the filters
+    kept, and the rules that moved it."""
 
     from_: int = Field(alias="from")
     rules: list[str]
