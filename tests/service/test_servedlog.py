@@ -12,11 +12,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import onnxruntime as ort
+import pytest
 import redis
 
 from launch.local_redis import RedisServer
 from ranker.manifest import MODEL_FILE, load_manifest, load_schema
 from ranker.servedlog import decode_served, served_stream
+from service.featurestore.keys import seen_key
 from service.featurestore.reader import FeatureStore, close_client, make_client
 from service.servedlog.writer import RecentVersions, sampled
 from tests.service.helpers import load_features, metric, running_app
@@ -92,18 +94,27 @@ def test_recent_versions_are_bounded_and_forget_the_oldest() -> None:
 # ---- through the app -------------------------------------------------------------------------
 
 
-async def test_a_logged_response_is_exactly_what_was_served(model_repo: Path,
-                                                            redis_url: str) -> None:
+@pytest.mark.parametrize("filters", [False, True], ids=["plain", "filtered"])
+async def test_a_logged_response_is_exactly_what_was_served(model_repo: Path, redis_url: str,
+                                                            filters: bool) -> None:
     vdir = model_repo / "mmoe" / "1"
     load_features(redis_url, vdir)
+    extra: dict = {}
+    if filters:  # the filters drop candidates before scoring: the log has the kept ones only
+        r = redis.Redis.from_url(redis_url)
+        r.sadd(seen_key("rk", "u3"), *CANDS[5:15])
+        r.close()
+        extra = {"rerank": {"filters": {"exclude": CANDS[:5], "seen": True}}}
     settings = settings_for(model_repo, redis_url, log_sample_rate=1.0)
     async with running_app(settings) as client:
         body = await rank(client, user_id="u3", top_k=7, context={"hour": 20, "surface": "home"},
                           weights={"click": 1.0, "like": 4.0, "share": 8.0},
-                          candidates=[*CANDS, "not_an_item"])
+                          candidates=[*CANDS, "not_an_item"], **extra)
         await wait_for(lambda: xlen(redis_url) == 1, what="the record")
     [rec] = served_records(redis_url)
     ids = [it["id"] for it in body["items"]]
+    if filters:
+        assert body["rerank"]["filtered"] == 15 and not set(ids) & set(CANDS[:15])
     assert rec.request_id == body["request_id"] and rec.user_id == "u3"
     assert (rec.model_name, rec.model_version) == ("mmoe", 1)
     assert rec.item_ids == ids and len(ids) == 7
