@@ -48,6 +48,15 @@ def _chain(s: str) -> dict[str, str]:
     return out
 
 
+def _crosses(s: str) -> list[str]:
+    """'interest:category,country:category' -> ['interest:category', 'country:category']."""
+    out = [part.strip() for part in s.split(",") if part.strip()]
+    for part in out:
+        if part.count(":") != 1:
+            raise argparse.ArgumentTypeError(f"want feature:feature, got {part!r}")
+    return out
+
+
 def data_main(argv: list[str]) -> int:
     """Generate the synthetic dataset."""
     from training.synthetic import SyntheticConfig, write_dataset
@@ -112,6 +121,17 @@ def train_main(argv: list[str]) -> int:
                                       "width in the first layer (0: none)")
     p.add_argument("--wide", action=argparse.BooleanOptionalAction, default=m.wide,
                    help="a linear logit per task over the inputs (and the interactions)")
+    p.add_argument("--cross", type=_crosses, default=m.crosses, metavar="A:B[,C:D]",
+                   help="cross features: a table per declared pair of categoricals, e.g. "
+                        "interest:category (or user.interest:item.category)")
+    add_default_flags(p, m, "cross_max", "cross_buckets", "cross_dim",
+                      cross_max="also every user x item pair of categoricals, ids excepted, "
+                                "whose vocabulary product is at most this (0: none)",
+                      cross_buckets="rows of a cross table; a larger pair space is hashed",
+                      cross_dim="with --cross-mode embedding: the cross vector's width")
+    p.add_argument("--cross-mode", choices=["wide", "embedding"], default=m.cross_mode,
+                   help="wide: a logit per task and pair; embedding: a vector into the "
+                        "first layer")
     add_default_flags(p, t, "epochs", "patience", "lr", "weight_decay", "embedding_lr_mult",
                       "gradnorm_alpha", embedding_lr_mult="embedding learning rate = --lr x this")
     p.add_argument("--embedding-weight-decay", type=float, default=t.embedding_weight_decay,
@@ -180,6 +200,11 @@ def train_main(argv: list[str]) -> int:
         "embedding_dropout": a.embedding_dropout,
         "interaction_dim": a.interaction_dim,
         "wide": a.wide,
+        "crosses": a.cross,
+        "cross_max": a.cross_max,
+        "cross_buckets": a.cross_buckets,
+        "cross_mode": a.cross_mode,
+        "cross_dim": a.cross_dim,
     }
     tc = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, patience=a.patience,
                      weight_decay=a.weight_decay,

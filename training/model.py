@@ -33,7 +33,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -68,6 +68,10 @@ class InputGroup:
     list_columns: list[int] = field(default_factory=list)
     list_dims: list[int] = field(default_factory=list)
     list_pooling: list[str] = field(default_factory=list)
+    # the categoricals' names, in order, and the entity table's key column (None: context):
+    # what a cross feature (ModelConfig.crosses) is declared by and what `cross_max` skips
+    names: list[str] = field(default_factory=list)
+    key: str | None = None
 
     @property
     def base_width(self) -> int:
@@ -112,6 +116,20 @@ class ModelConfig:
     # over the concatenation and the interaction products, added to the task's tower logit, so
     # additive and bilinear terms need not pass through the experts' ReLUs
     wide: bool = False
+    # cross features (Wide & Deep's cross-product transformation; issue 17; off by default):
+    # a pair of categoricals (a, b) of two groups indexes a table by a * |B| + b, hashed into
+    # `cross_buckets` rows when |A| * |B| is larger, computed in the graph from the categorical
+    # inputs it already has. `crosses` declares pairs, "interest:category" (feature names, or
+    # "user.interest:item.category"); `cross_max` > 0 adds every (user, item) pair of
+    # categoricals with |A| * |B| <= cross_max, the tables' keys (user_id, item_id) excepted.
+    # cross_mode "wide": the row is one logit per task added to the towers' logits (zero at
+    # init: a free table per pair and task, as the oracle-features fit has); "embedding": a
+    # `cross_dim`-wide vector that enters the first layer (experts, gates and `wide`).
+    crosses: list[str] = field(default_factory=list)
+    cross_max: int = 0
+    cross_buckets: int = 65536
+    cross_mode: Literal["wide", "embedding"] = "wide"
+    cross_dim: int = 8
     # ple / cgc: experts per task, shared experts, extraction levels (cgc is always 1)
     task_experts: int = 2
     shared_experts: int = 2
@@ -135,6 +153,11 @@ class ModelConfig:
                 raise ValueError(f"chain parent {parent!r} is itself chained")
         if self.chain and self.task_kind != "binary":
             raise ValueError("a task chain needs binary tasks")
+        if self.cross_mode not in ("wide", "embedding"):
+            raise ValueError(f"cross_mode: wide or embedding, got {self.cross_mode!r}")
+        if self.cross_buckets < 1 or self.cross_dim < 1:
+            raise ValueError("cross_buckets and cross_dim: at least 1")
+        _ = self.cross_pairs  # every declared cross resolves
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -160,6 +183,53 @@ class ModelConfig:
         if self.interaction_dim <= 0:
             return []
         return list(itertools.combinations(range(len(self.inputs)), 2))
+
+    @property
+    def cross_pairs(self) -> list[Cross]:
+        """The cross features, declared ones first, then the automatic ones (`cross_max`)."""
+        out: list[Cross] = []
+        seen: set[tuple[int, int, int, int]] = set()
+
+        def add(ga: int, ja: int, gb: int, jb: int) -> None:
+            if (ga, ja, gb, jb) in seen:
+                return
+            seen.add((ga, ja, gb, jb))
+            a, b = self.inputs[ga], self.inputs[gb]
+            size = a.vocab_sizes[ja] * b.vocab_sizes[jb]
+            out.append(Cross(f"{a.entity}.{a.names[ja]}:{b.entity}.{b.names[jb]}", ga, ja, gb,
+                             jb, b.vocab_sizes[jb], min(size, self.cross_buckets),
+                             size > self.cross_buckets))
+
+        for decl in self.crosses:
+            left, sep, right = decl.partition(":")
+            if not sep:
+                raise ValueError(f"cross {decl!r}: want feature:feature")
+            (ga, ja), (gb, jb) = self._categorical(left, decl), self._categorical(right, decl)
+            if ga == gb:
+                raise ValueError(f"cross {decl!r}: the two features are of one group")
+            add(ga, ja, gb, jb)
+        if self.cross_max > 0:
+            entities = [g.entity for g in self.inputs]
+            if "user" in entities and CANDIDATE_ENTITY in entities:
+                ga, gb = entities.index("user"), entities.index(CANDIDATE_ENTITY)
+                a, b = self.inputs[ga], self.inputs[gb]
+                for ja, jb in itertools.product(range(len(a.names)), range(len(b.names))):
+                    if a.names[ja] == a.key or b.names[jb] == b.key:
+                        continue
+                    if a.vocab_sizes[ja] * b.vocab_sizes[jb] <= self.cross_max:
+                        add(ga, ja, gb, jb)
+        return out
+
+    def _categorical(self, ref: str, decl: str) -> tuple[int, int]:
+        """(group index, column) of a categorical named "name" or "entity.name"."""
+        entity, _, name = ref.strip().rpartition(".")
+        hits = [(gi, g.names.index(name)) for gi, g in enumerate(self.inputs)
+                if name in g.names and entity in ("", g.entity)]
+        if len(hits) != 1:
+            where = "no" if not hits else "more than one"
+            raise ValueError(f"cross {decl!r}: {where} categorical feature {ref.strip()!r} "
+                             "(qualify it as entity.name)")
+        return hits[0]
 
     @property
     def is_ple(self) -> bool:
@@ -199,6 +269,23 @@ class ModelConfig:
         return len(self.tasks) * self.gate_width + shared_gate
 
 
+class Cross(NamedTuple):
+    """One resolved cross feature: groups and columns of its two categoricals, the second's
+    vocabulary size, the table's rows, and whether the pair index is hashed into them."""
+
+    name: str
+    group_a: int
+    column_a: int
+    group_b: int
+    column_b: int
+    size_b: int
+    rows: int
+    hashed: bool
+
+
+CROSS_HASH = 40503  # Knuth's multiplicative hash constant (16 bits): int64 never overflows
+
+
 def inputs_from_schema(schema: FeatureSchema) -> list[InputGroup]:
     out = []
     for g in schema.groups:
@@ -218,6 +305,8 @@ def inputs_from_schema(schema: FeatureSchema) -> list[InputGroup]:
             list_columns=columns,
             list_dims=[t.embedding_dim for t in tables],
             list_pooling=[f.pooling for f in g.lists],
+            names=[f.name for f in g.categorical],
+            key=g.key,
         ))
     return out
 
@@ -319,11 +408,27 @@ class MultiTaskModel(nn.Module):
             self.interaction_first = _uniform_(
                 nn.Parameter(torch.empty(len(pairs) * d, self.first_width)), len(pairs) * d
             )
+        crosses = self.crosses = c.cross_pairs  # resolved once
+        if crosses and c.cross_mode == "wide":  # a logit per task and pair, 0 at init
+            self.cross_tables = nn.ModuleList(nn.Embedding(x.rows, len(c.tasks)) for x in crosses)
+            for emb in self.cross_tables:
+                assert isinstance(emb, nn.Embedding)
+                nn.init.zeros_(emb.weight)
+        elif crosses:  # a vector per pair, into the first layer like the groups' embeddings
+            self.cross_tables = nn.ModuleList(nn.Embedding(x.rows, c.cross_dim) for x in crosses)
+            for emb in self.cross_tables:
+                assert isinstance(emb, nn.Embedding)
+                nn.init.normal_(emb.weight, std=0.05)
+            width = len(crosses) * c.cross_dim
+            self.cross_first = _uniform_(nn.Parameter(torch.empty(width, self.first_width)),
+                                         fan_in + width)
         if c.wide:  # the wide logits start at 0: the towers' base-rate bias alone
             with torch.no_grad():
                 wide_cols = [*self.first.values(), self.first_bias.unsqueeze(0)]
                 if pairs:
                     wide_cols.append(self.interaction_first)
+                if crosses and c.cross_mode == "embedding":
+                    wide_cols.append(self.cross_first)
                 for w in wide_cols:
                     w[:, -len(c.tasks):] = 0.0
         # layers after the first, of each expert (or the bottom): (U, B, h0) -> (U, B, E)
@@ -387,7 +492,26 @@ class MultiTaskModel(nn.Module):
             # products of the groups' projections; a group of batch 1 broadcasts: (B, P * D)
             prods = [projections[a] * projections[b] for a, b in c.interaction_pairs]
             h = h + torch.cat(torch.broadcast_tensors(*prods), dim=1) @ self.interaction_first
+        if self.crosses and c.cross_mode == "embedding":
+            rows = [_dropout(e, c.embedding_dropout, self.training)
+                    for e in self.cross_rows(inputs)]  # (B or 1, cross_dim) each
+            h = h + torch.cat(torch.broadcast_tensors(*rows), dim=1) @ self.cross_first
         return h
+
+    def cross_rows(self, inputs: dict[str, Tensor]) -> list[Tensor]:
+        """Each cross feature's table row: index a * |B| + b (hashed when the table is smaller
+        than the pair space), (B, T) in wide mode or (B, cross_dim); B is 1 when both groups
+        come once per request (a user x context cross)."""
+        c = self.config
+        out = []
+        for x, table in zip(self.crosses, self.cross_tables, strict=True):
+            a = inputs[input_name(c.inputs[x.group_a].entity, "cat")][:, x.column_a]  # (B_a,)
+            b = inputs[input_name(c.inputs[x.group_b].entity, "cat")][:, x.column_b]  # (B_b,)
+            k = a * x.size_b + b  # (B,): the pair's index, broadcast over a batch-1 group
+            if x.hashed:
+                k = torch.remainder(k * CROSS_HASH, x.rows)
+            out.append(table(k))
+        return out
 
     def pooled_lists(self, g: InputGroup, inputs: dict[str, Tensor]) -> list[Tensor]:
         """Each list feature of group g, embedded with its table and pooled: (B_g, d) for
@@ -443,6 +567,9 @@ class MultiTaskModel(nn.Module):
         z = self.towers(task_in).squeeze(-1)  # (T, B)
         if c.wide:
             z = z + h[:, gate_end:].T  # (T, B)
+        if self.crosses and c.cross_mode == "wide":
+            for row in self.cross_rows(inputs):  # (B or 1, T)
+                z = z + row.T
         if c.position_buckets:
             pos = self.position(inputs.get(POSITION_INPUT) if self.training else None,
                                 c.position_dropout if self.training else 0.0)  # (B,) or (1,)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -22,25 +23,39 @@ TASKS = ["click", "like", "share"]
 
 
 def trained_like_model(model_type: ModelType, interaction_dim: int = 0,
-                       wide: bool = False) -> MultiTaskModel:
-    """A model with weights far from init (scaled up) so parity is tested on non-trivial values."""
+                       wide: bool = False, **kw: Any) -> MultiTaskModel:
+    """A model with weights far from init (scaled up) so parity is tested on non-trivial values;
+    cross tables (zero at init in wide mode) get random values."""
     torch.manual_seed(7)
     cfg = ModelConfig(inputs=inputs_from_schema(tiny_schema()), tasks=TASKS,
                       model_type=model_type, n_experts=4, expert_hidden=[16, 8],
                       bottom_hidden=[16, 8], tower_hidden=[8], interaction_dim=interaction_dim,
-                      wide=wide)
+                      wide=wide, **kw)
     model = MultiTaskModel(cfg)
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(2.0)
+        for name, p in model.named_parameters():
+            if name.startswith("cross_tables."):
+                p.add_(torch.randn_like(p))
     return model.eval()
 
 
-@pytest.fixture(scope="module", params=[("mmoe", 0, False), ("shared_bottom", 0, False),
-                                        ("mmoe", 6, True), ("shared_bottom", 6, False)],
-                ids=lambda p: f"{p[0]}-int{p[1]}{'-wide' if p[2] else ''}")
+# cross features: a wide logit table (one hashed, one a user x context pair) and an embedding
+CROSSES = {"crosses": ["country:category", "user_id:item_id", "country:hour"],
+           "cross_buckets": 101}
+EMBEDDED = {"crosses": ["country:category"], "cross_mode": "embedding", "cross_dim": 4}
+
+
+@pytest.fixture(scope="module", params=[("mmoe", 0, False, {}), ("shared_bottom", 0, False, {}),
+                                        ("mmoe", 6, True, {}), ("shared_bottom", 6, False, {}),
+                                        ("mmoe", 0, False, CROSSES),
+                                        ("shared_bottom", 0, True, EMBEDDED)],
+                ids=lambda p: f"{p[0]}-int{p[1]}{'-wide' if p[2] else ''}"
+                              f"{'-' + p[3].get('cross_mode', 'wide') + '-cross' if p[3] else ''}")
 def exported(request: pytest.FixtureRequest) -> tuple[MultiTaskModel, ort.InferenceSession]:
-    model = trained_like_model(*request.param)
+    model_type, interaction_dim, wide, kw = request.param
+    model = trained_like_model(model_type, interaction_dim, wide, **kw)
     data = onnx_bytes(model, golden_inputs(tiny_schema(), n=4))
     return model, ort.InferenceSession(data, providers=["CPUExecutionProvider"])
 
