@@ -44,7 +44,8 @@ class SearchSpace:
 
     lr: tuple[float, float] = (3e-4, 1e-2)  # log
     weight_decay: tuple[float, float] = (1e-7, 1e-4)  # log; every weight but the embeddings
-    embedding_weight_decay: tuple[float, float] = (1e-7, 1e-3)  # log
+    # log; up to 1e-2: 1e-3 is what held the sparse worlds of the issue-17 grid
+    embedding_weight_decay: tuple[float, float] = (1e-7, 1e-2)
     embedding_lr_mult: tuple[float, float] = (0.1, 1.0)  # log
     dropout: tuple[float, float] = (0.0, 0.3)
     embedding_dropout: tuple[float, float] = (0.0, 0.2)
@@ -52,6 +53,9 @@ class SearchSpace:
     expert_width: tuple[int, ...] = (16, 32, 64)  # expert_hidden = [w, w // 2]
     min_count: tuple[int, ...] = (1, 2, 5, 10)  # every listed categorical (rare ids -> OOV)
     batch_size: tuple[int, ...] = (512, 1024, 2048)
+    # ModelConfig.cross_max: 0 = no automatic cross features; 1024 = every user x item pair of
+    # categoricals of at most 1,024 cells (docs/experiments/world-grid/diagnosis.md)
+    cross_max: tuple[int, ...] = (0, 1024)
 
     def suggest(self, trial: Any) -> dict[str, Any]:
         """One configuration from an Optuna trial: {name: value}."""
@@ -62,7 +66,7 @@ class SearchSpace:
         for name in ("dropout", "embedding_dropout"):
             lo, hi = getattr(self, name)
             p[name] = trial.suggest_float(name, lo, hi)
-        for name in ("n_experts", "expert_width", "min_count", "batch_size"):
+        for name in ("n_experts", "expert_width", "min_count", "batch_size", "cross_max"):
             choices = getattr(self, name)
             if choices:
                 p[name] = trial.suggest_categorical(name, list(choices))
@@ -78,7 +82,7 @@ def apply(
     """A trial's (or the best) parameters applied to the caller's configuration:
     (model kwargs, train config, min_count or None for the spec's)."""
     mkw = dict(model_kw)
-    for k in ("dropout", "embedding_dropout", "n_experts"):
+    for k in ("dropout", "embedding_dropout", "n_experts", "cross_max"):
         if k in params:
             mkw[k] = params[k]
     if "expert_width" in params:

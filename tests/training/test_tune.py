@@ -33,7 +33,7 @@ def test_tune_three_trials_then_train_and_export(small_data: Path, tmp_path: Pat
     assert tuning["budget"]["trials"] == 3 and tuning["trials_run"] == 3
     assert tuning["pruner"] == "MedianPruner" and tuning["sampler"] == "TPESampler(seed=0)"
     assert set(tuning["space"]) >= {"lr", "embedding_lr_mult", "dropout", "n_experts",
-                                    "expert_width", "min_count", "batch_size"}
+                                    "expert_width", "min_count", "batch_size", "cross_max"}
     assert all(t["val_loss_per_epoch"] for t in tuning["trials"])  # reported every epoch
     done = [t for t in tuning["trials"] if t["state"] == "complete"]
     assert tuning["best_val_loss"] == min(t["value"] for t in done)
@@ -43,6 +43,7 @@ def test_tune_three_trials_then_train_and_export(small_data: Path, tmp_path: Pat
     assert report["config"]["n_experts"] == p["n_experts"]
     assert report["config"]["expert_hidden"] == [p["expert_width"], p["expert_width"] // 2]
     assert report["config"]["dropout"] == p["dropout"]
+    assert report["config"]["cross_max"] == p["cross_max"]
     assert report["train_config"]["lr"] == p["lr"]
     assert report["train_config"]["batch_size"] == p["batch_size"]
     assert report["train_config"]["embedding_lr_mult"] == p["embedding_lr_mult"]
