@@ -278,9 +278,10 @@ class RankingPipeline:
         if rules is None or not (rules.exclude or rules.seen):
             return req, feats
         f = filter_candidates(rules, req.candidates, feats.seen)
-        if f.keep is None or f.kept is None:
+        keep = f.keep
+        if keep is None or f.kept is None:
             return req, replace(feats, filtered=f)
-        per_item, keep = model.candidate_inputs, f.keep
+        per_item = model.candidate_inputs
         # np.take and compress: a fraction of fancy indexing's and a comprehension's cost here
         inputs = {k: np.take(v, keep, axis=0) if k in per_item else v
                   for k, v in feats.inputs.items()}

@@ -30,6 +30,7 @@ deterministic; with no rules the order is exactly `ranking.rank_order`.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import math
@@ -48,7 +49,6 @@ RULES = ("filter", "seen", "boost", "mmr", "pin", "diversity", "diversity_relaxe
 SEARCH_BUDGET = 2000  # placements the diversity search may try before it relaxes
 SEARCH_BACK = 16  # the search re-arranges from this many positions before the first stuck one
 _KEEP = bytes([1, 0]) + bytes(254)  # bytes.translate: a dropped mask's bytes -> kept mask's
-_UNAVAILABLE = ({"rule": "seen", "reason": "unavailable"},)
 
 
 class InvalidRules(ValueError):
@@ -445,15 +445,22 @@ def _pins(value: Any, where: str, strict: bool, candidates: Sequence[str], lengt
 
 @dataclass(frozen=True)
 class Filtered:
-    """What the filters did before scoring: the candidates they keep (None when they keep
-    every one), the rules that dropped something (in RULES order), how many were dropped, and
-    what could not apply."""
+    """What the filters did before scoring: which candidates they keep (None when they keep
+    every one), the rules that dropped something (in RULES order), and what could not apply."""
 
-    keep: np.ndarray | None  # positions of the kept candidates, ascending
-    kept: bytes | None  # the same as a mask of 0/1 bytes (an `itertools.compress` selector)
+    kept: bytes | None  # per candidate 1 = kept, 0 = dropped (an `itertools.compress` selector)
     applied: tuple[str, ...] = ()
-    count: int = 0
     relaxed: tuple[dict[str, Any], ...] = ()
+
+    @functools.cached_property
+    def keep(self) -> np.ndarray | None:
+        """The positions of the kept candidates, ascending (None: every one)."""
+        return None if self.kept is None else np.flatnonzero(np.frombuffer(self.kept, bool))
+
+    @property
+    def count(self) -> int:
+        """How many candidates were dropped."""
+        return 0 if self.kept is None else self.kept.count(0)
 
 
 def filter_candidates(rules: Rules, candidates: Sequence[str],
@@ -473,7 +480,7 @@ def filter_candidates(rules: Rules, candidates: Sequence[str],
             drop, applied = excluded, ["filter"]
     if rules.seen:
         if seen is None:  # degraded: no feature store answer, no seen set
-            relaxed = _UNAVAILABLE
+            relaxed = ({"rule": "seen", "reason": "unavailable"},)
         elif seen:
             members = {m.decode("utf-8", "replace") if isinstance(m, bytes) else str(m)
                        for m in seen}
@@ -481,11 +488,10 @@ def filter_candidates(rules: Rules, candidates: Sequence[str],
                 drop = members.union(drop)
                 applied.append("seen")
     if not applied:
-        return Filtered(None, None, (), 0, relaxed)
+        return Filtered(None, (), relaxed)
     # 1 = kept, as a bool array's bytes
     kept = bytes(map(drop.__contains__, candidates)).translate(_KEEP)
-    keep = np.flatnonzero(np.frombuffer(kept, dtype=bool))
-    return Filtered(keep, kept, tuple(applied), len(candidates) - keep.size, relaxed)
+    return Filtered(kept, tuple(applied), relaxed)
 
 
 @dataclass

@@ -409,16 +409,19 @@ class MultiTaskModel(nn.Module):
                 nn.Parameter(torch.empty(len(pairs) * d, self.first_width)), len(pairs) * d
             )
         crosses = self.crosses = c.cross_pairs  # resolved once
-        if crosses and c.cross_mode == "wide":  # a logit per task and pair, 0 at init
-            self.cross_tables = nn.ModuleList(nn.Embedding(x.rows, len(c.tasks)) for x in crosses)
+        if crosses:
+            # wide: a logit per task and pair, 0 at init; embedding: a vector per pair, into
+            # the first layer like the groups' embeddings
+            wide_cross = c.cross_mode == "wide"
+            dim = len(c.tasks) if wide_cross else c.cross_dim
+            self.cross_tables = nn.ModuleList(nn.Embedding(x.rows, dim) for x in crosses)
             for emb in self.cross_tables:
                 assert isinstance(emb, nn.Embedding)
-                nn.init.zeros_(emb.weight)
-        elif crosses:  # a vector per pair, into the first layer like the groups' embeddings
-            self.cross_tables = nn.ModuleList(nn.Embedding(x.rows, c.cross_dim) for x in crosses)
-            for emb in self.cross_tables:
-                assert isinstance(emb, nn.Embedding)
-                nn.init.normal_(emb.weight, std=0.05)
+                if wide_cross:
+                    nn.init.zeros_(emb.weight)
+                else:
+                    nn.init.normal_(emb.weight, std=0.05)
+        if crosses and c.cross_mode == "embedding":
             width = len(crosses) * c.cross_dim
             self.cross_first = _uniform_(nn.Parameter(torch.empty(width, self.first_width)),
                                          fan_in + width)
